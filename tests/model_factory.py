@@ -1,0 +1,133 @@
+"""Tiny random-weight models built by transformers, saved as safetensors folders and as GGUF.
+
+The GGUF writer is the `gguf` package's; Q/K rows are permuted the way llama.cpp's converter does
+for llama-architecture files, so torchless must undo that layout to match transformers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+ARCHS = {
+    # GQA 4:1 and a sliding window shorter than the test sequences.
+    "mistral": dict(cls="MistralForCausalLM", cfg="MistralConfig", gguf_arch="llama",
+                    extra=dict(sliding_window=7)),
+    "llama": dict(cls="LlamaForCausalLM", cfg="LlamaConfig", gguf_arch="llama", extra={}),
+    "qwen2": dict(cls="Qwen2ForCausalLM", cfg="Qwen2Config", gguf_arch="qwen2", extra={}),
+}
+
+
+def tiny_config(arch: str, **overrides) -> dict:
+    cfg = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+               num_key_value_heads=2, vocab_size=300, max_position_embeddings=128,
+               rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    cfg.update(ARCHS[arch]["extra"])
+    cfg.update(overrides)
+    return cfg
+
+
+def make_hf_model(arch: str, seed: int = 0, **overrides):
+    """A transformers model with random weights (float32, eager attention, eval mode)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = getattr(transformers, ARCHS[arch]["cfg"])(**tiny_config(arch, **overrides))
+    config._attn_implementation = "eager"
+    model = getattr(transformers, ARCHS[arch]["cls"])(config).eval()
+    with torch.no_grad():  # larger norms than the default init, so errors are not hidden
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif "bias" in name:
+                p.normal_(0, 0.5)
+            else:
+                p.normal_(0, 0.08)
+    return model
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def save_hf_folder(model, folder: Path) -> Path:
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter: rotate-half pairs (i, i + d/2) become adjacent pairs (2i, 2i + 1)."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def write_gguf(model, path: Path, quant: str | None = None, tokenizer_metadata: dict | None = None) -> Path:
+    """Write `model` as GGUF. quant: a gguf quantization type name applied to 2-D weights."""
+    import gguf
+
+    cfg = model.config
+    arch_name = next(a for a, v in ARCHS.items() if v["cls"] == type(model).__name__)
+    arch = ARCHS[arch_name]["gguf_arch"]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    if getattr(cfg, "sliding_window", None) and arch_name == "mistral":
+        w.add_sliding_window(cfg.sliding_window)
+    for key, value in (tokenizer_metadata or {}).items():
+        _add_metadata(w, key, value)
+
+    from torchless.loader import hf_to_gguf_name
+
+    qtype = getattr(gguf.GGMLQuantizationType, quant) if quant else None
+    for name, tensor in model.state_dict().items():
+        gguf_name = hf_to_gguf_name(name)
+        if gguf_name is None or (cfg.tie_word_embeddings and gguf_name == "output.weight"):
+            continue
+        arr = tensor.float().numpy().astype(np.float32)
+        if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
+            arr = _permute_qk(arr, cfg.num_attention_heads)
+        elif arch == "llama" and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
+            arr = _permute_qk(arr, cfg.num_key_value_heads)
+        if qtype is not None and arr.ndim == 2:
+            w.add_tensor(gguf_name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gguf_name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _add_metadata(writer, key, value):
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    else:
+        values = list(value.tolist() if isinstance(value, np.ndarray) else value)
+        writer.add_array(key, values)
+
+
+def tokenizer_metadata_of(gguf_path: Path) -> dict:
+    """The tokenizer.* metadata of a GGUF file, for giving a tiny model a real vocabulary."""
+    from torchless.formats.gguf import GGUFFile
+
+    meta = GGUFFile(gguf_path).metadata
+    return {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
