@@ -1,0 +1,165 @@
+"""Choosing the next token: SamplingParams (validated), Sampler, and stop-string handling."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import TorchlessError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """llama.cpp's settings and defaults. temperature 0 means greedy; top_k 0 means no limit;
+    repeat_last_n -1 means the whole history; seed None means a fresh random seed."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def __post_init__(self):
+        def number(name, allowed, ok):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                raise TorchlessError(f"{name} must be a number {allowed}, got {value!r}")
+            if math.isnan(value) or not ok(float(value)):
+                raise TorchlessError(f"{name} must be {allowed}, got {value!r}")
+            object.__setattr__(self, name, float(value))
+
+        def integer(name, low):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise TorchlessError(f"{name} must be an integer >= {low}, got {value!r}")
+            object.__setattr__(self, name, int(value))
+
+        number("temperature", ">= 0 and finite (0 = greedy)", lambda v: 0 <= v < math.inf)
+        number("top_p", "in (0, 1]", lambda v: 0 < v <= 1)
+        number("min_p", "in [0, 1]", lambda v: 0 <= v <= 1)
+        number("repeat_penalty", "> 0 and finite (1 = off)", lambda v: 0 < v < math.inf)
+        integer("top_k", 0)
+        integer("repeat_last_n", -1)
+        if self.seed is not None:
+            integer("seed", 0)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Sampler:
+    """`sampler(logits, history) -> token id`, built once per request (mlx-lm's make_sampler).
+
+    The order is Hugging Face's: repetition penalty, top-k, temperature, softmax, top-p, min-p.
+    Only the top-k candidates are sorted, so with top_k set no vocab-sized sort runs per token.
+    """
+
+    def __init__(self, params: SamplingParams | None = None, rng: np.random.Generator | None = None):
+        self.params = params or SamplingParams()
+        self.rng = rng if rng is not None else np.random.default_rng(self.params.seed)
+        self._work: np.ndarray | None = None  # (vocab,) float32, reused across calls
+
+    def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        p = self.params
+        logits = self._penalized(logits, history)
+        if p.greedy:
+            return int(np.argmax(logits))
+
+        vocab = logits.shape[0]
+        if 0 < p.top_k < vocab:
+            candidates = np.argpartition(logits, vocab - p.top_k)[vocab - p.top_k:]
+        else:
+            candidates = np.arange(vocab)
+        candidates = candidates[np.argsort(-logits[candidates], kind="stable")]  # best first
+        scaled = logits[candidates].astype(np.float64) / p.temperature
+        probs = np.exp(scaled - scaled[0])
+        probs /= probs.sum()
+
+        keep = len(probs)
+        if p.top_p < 1.0:  # the smallest prefix whose mass reaches top_p (at least one token)
+            keep = min(keep, int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1)
+        if p.min_p > 0.0:  # tokens at least min_p times as likely as the best (sorted, so a prefix)
+            keep = min(keep, int(np.count_nonzero(probs >= p.min_p * probs[0])))
+        keep = max(keep, 1)
+
+        cumulative = np.cumsum(probs[:keep])
+        draw = self.rng.random() * cumulative[-1]
+        choice = min(int(np.searchsorted(cumulative, draw, side="right")), keep - 1)
+        return int(candidates[choice])
+
+    def _penalized(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """llama.cpp's repetition penalty over the last repeat_last_n tokens: positive logits are
+        divided by the penalty and negative ones multiplied, once per distinct token."""
+        p = self.params
+        n = len(history) if p.repeat_last_n == -1 else p.repeat_last_n
+        if p.repeat_penalty == 1.0 or n == 0 or len(history) == 0:
+            return logits
+        if self._work is None or self._work.shape != logits.shape:
+            self._work = np.empty(logits.shape, np.float32)
+        work = self._work
+        np.copyto(work, logits)  # the caller's logits stay untouched
+        recent = np.unique(np.asarray(history[-n:], dtype=np.int64))
+        values = work[recent]
+        work[recent] = np.where(values > 0, values / p.repeat_penalty, values * p.repeat_penalty)
+        return work
+
+
+def sample(logits: np.ndarray, history: Sequence[int] = (), **params) -> int:
+    """One-off convenience: `sample(logits, temperature=0.7, top_k=20, seed=1)`."""
+    return Sampler(SamplingParams(**params))(logits, history)
+
+
+class StopStrings:
+    """Cuts streamed text at the first stop string, holding back what may be the start of one.
+
+    "First" means the match that is complete earliest in the text (ties: the longest), which is
+    what a stream can know at that moment; so the output never depends on how the text was split.
+    """
+
+    def __init__(self, stops: Iterable[str] | str | None = None):
+        if isinstance(stops, str):
+            stops = [stops]
+        stops = list(stops or ())
+        for s in stops:
+            if not isinstance(s, str):
+                raise TorchlessError(f"stop strings must be strings, got {s!r}")
+        self.stops = [s for s in stops if s]
+        self.stopped = False
+        self._pending = ""
+
+    def push(self, text: str) -> str:
+        """Add text; return what can be emitted now. After a match, returns '' forever."""
+        if self.stopped:
+            return ""
+        buf = self._pending + text
+        best = None  # (end, -length) of the earliest-ending, then longest, match
+        for s in self.stops:
+            i = buf.find(s)
+            if i >= 0 and (best is None or (i + len(s), -len(s)) < best):
+                best = (i + len(s), -len(s))
+        if best is not None:
+            self.stopped, self._pending = True, ""
+            return buf[:best[0] + best[1]]
+        hold = self._held_suffix(buf)
+        self._pending = buf[len(buf) - hold:]
+        return buf[:len(buf) - hold]
+
+    def flush(self) -> str:
+        """The end of the text: what was held back is not a stop string after all."""
+        out, self._pending = self._pending, ""
+        return "" if self.stopped else out
+
+    def _held_suffix(self, buf: str) -> int:
+        """Length of the longest suffix of buf that is a proper prefix of some stop string."""
+        longest = max((len(s) for s in self.stops), default=1) - 1
+        for k in range(min(longest, len(buf)), 0, -1):
+            tail = buf[len(buf) - k:]
+            if any(s.startswith(tail) for s in self.stops):
+                return k
+        return 0

@@ -1,0 +1,270 @@
+"""SamplingParams validation, the Sampler's distributions, StopStrings, and the generation loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from torchless.errors import ContextOverflowError, TorchlessError
+from torchless.generate import generate_tokens
+from torchless.sampling import Sampler, SamplingParams, StopStrings, sample
+
+
+# -- validation --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value, words", [
+    ("temperature", -0.1, ">= 0"),
+    ("temperature", float("nan"), ">= 0"),
+    ("temperature", float("inf"), "finite"),
+    ("top_p", 0.0, "in (0, 1]"),
+    ("top_p", 1.5, "in (0, 1]"),
+    ("top_p", float("nan"), "in (0, 1]"),
+    ("top_k", -1, ">= 0"),
+    ("top_k", 2.5, "integer"),
+    ("min_p", -0.01, "in [0, 1]"),
+    ("min_p", 1.01, "in [0, 1]"),
+    ("min_p", float("nan"), "in [0, 1]"),
+    ("repeat_penalty", 0.0, "> 0"),
+    ("repeat_penalty", -1.0, "> 0"),
+    ("repeat_penalty", float("nan"), "> 0"),
+    ("repeat_last_n", -2, ">= -1"),
+    ("seed", -1, ">= 0"),
+    ("temperature", "hot", "number"),
+])
+def test_invalid_values_name_the_parameter_and_range(field, value, words):
+    with pytest.raises(TorchlessError) as info:
+        SamplingParams(**{field: value})
+    message = str(info.value)
+    assert message.startswith(field) and words in message, message
+
+
+def test_edge_values_are_valid():
+    SamplingParams(temperature=0, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1e-3, repeat_last_n=-1, seed=0)
+    SamplingParams(min_p=1.0, top_p=1e-9)
+
+
+# -- the sampler -------------------------------------------------------------------------------
+
+def _logits(seed=0, vocab=500):
+    return np.random.default_rng(seed).normal(0, 3, vocab).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_is_argmax(seed):
+    logits = _logits(seed)
+    assert Sampler(SamplingParams(temperature=0))(logits, [1, 2, 3]) == int(np.argmax(logits))
+
+
+def test_top_k_1_is_greedy_at_any_temperature():
+    for seed in range(5):
+        logits = _logits(seed)
+        s = Sampler(SamplingParams(temperature=5.0, top_k=1, top_p=1.0, min_p=0.0, seed=seed))
+        assert all(s(logits) == int(np.argmax(logits)) for _ in range(20))
+
+
+def test_seeded_draws_are_reproducible_and_seeds_differ():
+    logits = _logits(1)
+    params = dict(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
+    a = [Sampler(SamplingParams(**params, seed=7))(logits) for _ in range(1)]
+    s1, s2, s3 = (Sampler(SamplingParams(**params, seed=s)) for s in (7, 7, 8))
+    run1, run2, run3 = ([s(logits) for _ in range(50)] for s in (s1, s2, s3))
+    assert run1 == run2 and run1[0] == a[0]
+    assert run1 != run3
+
+
+def test_caller_logits_are_not_modified():
+    logits = _logits(2)
+    before = logits.copy()
+    Sampler(SamplingParams(repeat_penalty=1.5, seed=0))(logits, list(range(100)))
+    np.testing.assert_array_equal(logits, before)
+
+
+# A known distribution over 8 tokens, shuffled so that ids and ranks differ.
+PROBS = np.array([0.30, 0.22, 0.15, 0.12, 0.09, 0.06, 0.04, 0.02])
+ORDER = np.array([5, 2, 7, 0, 3, 6, 1, 4])  # token ORDER[i] has probability PROBS[i]
+
+
+def _known_logits():
+    logits = np.empty(8, np.float32)
+    logits[ORDER] = np.log(PROBS)
+    return logits
+
+
+def _frequencies(params: SamplingParams, n: int = 20000) -> np.ndarray:
+    s = Sampler(params)
+    logits = _known_logits()
+    return np.bincount([s(logits) for _ in range(n)], minlength=8) / n
+
+
+def _expected(keep_ranks: int) -> np.ndarray:
+    out = np.zeros(8)
+    out[ORDER[:keep_ranks]] = PROBS[:keep_ranks] / PROBS[:keep_ranks].sum()
+    return out
+
+
+@pytest.mark.parametrize("params, keep", [
+    (dict(top_k=0, top_p=1.0, min_p=0.0), 8),      # the distribution itself
+    (dict(top_k=3, top_p=1.0, min_p=0.0), 3),
+    (dict(top_k=0, top_p=0.67, min_p=0.0), 3),     # 0.30 + 0.22 = 0.52 < 0.67 <= 0.67
+    (dict(top_k=0, top_p=0.68, min_p=0.0), 4),
+    (dict(top_k=0, top_p=1.0, min_p=0.35), 4),     # p >= 0.35 * 0.30 = 0.105
+    (dict(top_k=0, top_p=1.0, min_p=0.45), 3),     # p >= 0.135 keeps 0.30, 0.22, 0.15
+])
+def test_support_and_frequencies_follow_the_renormalised_distribution(params, keep):
+    freq = _frequencies(SamplingParams(temperature=1.0, seed=3, **params))
+    expected = _expected(keep)
+    assert set(np.flatnonzero(freq)) <= set(ORDER[:keep])
+    # 20000 draws: binomial std <= 0.0036, so 0.015 is over 4 sigma.
+    np.testing.assert_allclose(freq, expected, atol=0.015)
+
+
+def test_temperature_sharpens_before_top_p():
+    # At temperature 0.5 the probabilities are p^2 renormalised; top_p then acts on those.
+    sq = PROBS ** 2 / (PROBS ** 2).sum()
+    keep = int(np.searchsorted(np.cumsum(sq), 0.8)) + 1
+    freq = _frequencies(SamplingParams(temperature=0.5, top_k=0, top_p=0.8, min_p=0.0, seed=4))
+    expected = np.zeros(8)
+    expected[ORDER[:keep]] = sq[:keep] / sq[:keep].sum()
+    np.testing.assert_allclose(freq, expected, atol=0.015)
+
+
+def test_repetition_penalty_follows_llama_cpp():
+    logits = np.array([2.0, -2.0, 1.0, 0.5, -0.5], np.float32)
+    s = Sampler(SamplingParams(temperature=0, repeat_penalty=2.0, repeat_last_n=3))
+    penalized = s._penalized(logits, [0, 0, 4, 1, 1])  # last 3: {4, 1}; token 0 is too old
+    np.testing.assert_allclose(penalized, [2.0, -4.0, 1.0, 0.5, -1.0])
+    penalized = s._penalized(np.array([2.0, 1.9, 0, 0, 0], np.float32), [0])
+    np.testing.assert_allclose(penalized[:2], [1.0, 1.9])  # positive: divided, once per token
+    assert s(np.array([2.0, 1.9, 0, 0, 0], np.float32), [0]) == 1  # and greedy sees it
+    whole = Sampler(SamplingParams(repeat_penalty=2.0, repeat_last_n=-1))
+    np.testing.assert_allclose(whole._penalized(logits, [0, 1, 2])[:3], [1.0, -4.0, 0.5])
+    off = Sampler(SamplingParams(repeat_penalty=2.0, repeat_last_n=0))
+    assert off._penalized(logits, [0]) is logits
+
+
+def test_sample_function():
+    logits = _logits(3)
+    assert sample(logits, temperature=0) == int(np.argmax(logits))
+    assert sample(logits, temperature=1, seed=1) == sample(logits, temperature=1, seed=1)
+
+
+# -- stop strings ------------------------------------------------------------------------------
+
+def _reference_cut(text: str, stops: list[str]) -> str:
+    """The text up to the stop string that is complete first (ties: the longest)."""
+    stops = [s for s in stops if s]
+    for end in range(1, len(text) + 1):
+        done = [s for s in stops if text[:end].endswith(s)]
+        if done:
+            return text[:end - max(map(len, done))]
+    return text
+
+
+def _run(pieces: list[str], stops: list[str]) -> str:
+    f = StopStrings(stops)
+    out = "".join(f.push(p) for p in pieces)
+    return out + f.flush()
+
+
+def test_stop_strings_examples():
+    assert _run(["Hello wor", "ld. Bye"], ["world"]) == "Hello "
+    assert _run(["a", "b", "c", "d"], ["abcd", "bc"]) == "a"
+    assert _run(["abc"], ["bc", "abc"]) == ""
+    assert _run(["no stop ", "here"], ["xyz"]) == "no stop here"
+    assert _run(["ends with partial st"], ["stop"]) == "ends with partial st"
+
+
+def test_stop_strings_hold_back_only_possible_starts():
+    f = StopStrings(["</s>"])
+    assert f.push("one <") == "one "
+    assert f.push("/") == ""
+    assert f.push("x") == "</x"  # not a stop after all: released at once
+    assert f.push("</s> more") == ""
+    assert f.stopped and f.push("again") == "" and f.flush() == ""
+
+
+alphabet = st.text(alphabet="ab\n", max_size=30)
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=alphabet, stops=st.lists(st.text(alphabet="ab\n", min_size=0, max_size=4), max_size=3),
+       cuts=st.lists(st.integers(0, 30), max_size=8))
+def test_any_split_gives_the_unsplit_output(text, stops, cuts):
+    bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    assert _run(pieces, stops) == _run([text], stops) == _reference_cut(text, stops)
+
+
+# -- the generation loop, on a fake model --------------------------------------------------------
+
+class FakeModel:
+    """Logits that favour (last token + 1) % vocab: the sequence counts up."""
+
+    class config:
+        context_length = 16
+        vocab_size = 10
+
+    def __init__(self):
+        self.calls = []
+
+    def _set(self, state, token):
+        state.logits[:] = 0
+        state.logits[(token + 1) % 10] = 10
+
+    def prefill(self, state, tokens):
+        self.calls.append(("prefill", list(tokens)))
+        state.pos += len(tokens)
+        self._set(state, tokens[-1])
+
+    def fast_forward(self, state, token):
+        self.calls.append(("forward", token))
+        assert state.pos < self.config.context_length
+        state.pos += 1
+        self._set(state, token)
+
+
+class FakeState:
+    def __init__(self, max_seq_len=16):
+        self.pos, self.logits, self.max_seq_len = 0, np.zeros(10, np.float32), max_seq_len
+
+
+def _collect(gen):
+    out = []
+    while True:
+        try:
+            out.append(next(gen))
+        except StopIteration as end:
+            return out, end.value
+
+
+def test_generate_counts_up_and_stops_at_max_tokens():
+    model, greedy = FakeModel(), Sampler(SamplingParams(temperature=0))
+    tokens, reason = _collect(generate_tokens(model, FakeState(), [1, 2], greedy, max_tokens=4))
+    assert tokens == [3, 4, 5, 6] and reason == "length"
+    assert model.calls == [("prefill", [1, 2]), ("forward", 3), ("forward", 4), ("forward", 5)]
+
+
+def test_generate_stops_on_eos_without_yielding_it():
+    tokens, reason = _collect(generate_tokens(FakeModel(), FakeState(), [1], Sampler(SamplingParams(temperature=0)),
+                                              max_tokens=100, eos_ids={5}))
+    assert tokens == [2, 3, 4] and reason == "stop"
+
+
+def test_generate_stops_when_the_context_is_full():
+    greedy = Sampler(SamplingParams(temperature=0))
+    tokens, reason = _collect(generate_tokens(FakeModel(), FakeState(8), [0, 1, 2], greedy, max_tokens=None))
+    assert len(tokens) == 5 and reason == "length"  # 3 prompt + 5 generated = the context of 8
+
+
+@pytest.mark.parametrize("n_prompt", [8, 9, 40])
+def test_generate_rejects_a_prompt_that_does_not_fit(n_prompt):
+    gen = generate_tokens(FakeModel(), FakeState(8), list(range(n_prompt)), Sampler(), max_tokens=1)
+    with pytest.raises(ContextOverflowError, match=f"prompt has {n_prompt} tokens but the context is 8"):
+        next(gen)
+
+
+def test_generate_rejects_an_empty_prompt():
+    with pytest.raises(TorchlessError, match="empty"):
+        next(generate_tokens(FakeModel(), FakeState(), [], Sampler(), max_tokens=1))
