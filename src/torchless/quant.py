@@ -1,0 +1,247 @@
+"""ggml's tensor types: block layouts, dequantization, and QTensor (a tensor as stored in a file).
+
+Every type is a table row (elements per block, bytes per block) and, if supported, a function
+from an (n_blocks, type_size) uint8 array to (n_blocks, block_size) float32, vectorised over
+blocks. The arithmetic follows gguf-py's `gguf/quants.py` step for step (scales are widened from
+float16 to float32 first, then multiplied in the same order), so results match it bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import IntEnum
+
+import numpy as np
+
+from .errors import UnsupportedModelError
+
+QK_K = 256  # elements per super-block of the k-quants
+
+
+class GGMLType(IntEnum):
+    """ggml's numeric type ids, as stored in GGUF tensor infos."""
+    F32 = 0
+    F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
+    Q8_0 = 8
+    Q8_1 = 9
+    Q2_K = 10
+    Q3_K = 11
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
+    Q8_K = 15
+    IQ2_XXS = 16
+    IQ2_XS = 17
+    IQ3_XXS = 18
+    IQ1_S = 19
+    IQ4_NL = 20
+    IQ3_S = 21
+    IQ2_S = 22
+    IQ4_XS = 23
+    I8 = 24
+    I16 = 25
+    I32 = 26
+    I64 = 27
+    F64 = 28
+    IQ1_M = 29
+    BF16 = 30
+    TQ1_0 = 34
+    TQ2_0 = 35
+    MXFP4 = 39
+
+
+# (elements per block, bytes per block), for the supported types only.
+BLOCK_LAYOUT: dict[GGMLType, tuple[int, int]] = {
+    GGMLType.F32: (1, 4),
+    GGMLType.F16: (1, 2),
+    GGMLType.BF16: (1, 2),
+    GGMLType.Q4_0: (32, 2 + 16),
+    GGMLType.Q4_1: (32, 2 + 2 + 16),
+    GGMLType.Q8_0: (32, 2 + 32),
+    GGMLType.Q4_K: (QK_K, 2 + 2 + 12 + QK_K // 2),
+    GGMLType.Q5_K: (QK_K, 2 + 2 + 12 + QK_K // 8 + QK_K // 2),
+    GGMLType.Q6_K: (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),
+}
+
+
+def supported_type(type_id: int, tensor_name: str | None = None) -> GGMLType:
+    """The supported GGMLType for `type_id`, or UnsupportedModelError naming it (and the tensor)."""
+    if type_id in BLOCK_LAYOUT:
+        return GGMLType(type_id)
+    try:
+        name = GGMLType(type_id).name
+    except ValueError:
+        name = "unknown"
+    where = f"tensor {tensor_name}: " if tensor_name is not None else ""
+    raise UnsupportedModelError(f"{where}quantization type {name} ({int(type_id)}) is not supported; "
+                                f"supported: {', '.join(t.name for t in BLOCK_LAYOUT)}")
+
+
+# -- dequantizers: (n_blocks, type_size) uint8 -> (n_blocks, block_size) float32 ----------------
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """(n, 2) uint8 -> (n, 1) float32: a block's float16 scale, widened as gguf-py does."""
+    return b.view(np.float16).astype(np.float32)
+
+
+def _bits(q: np.ndarray, group: int, shifts, mask: int) -> np.ndarray:
+    """Unpack bit fields: each run of `group` bytes yields len(shifts) runs of `group` values."""
+    n = q.shape[0]
+    shifts = np.array(shifts, dtype=np.uint8).reshape(1, 1, -1, 1)
+    return ((q.reshape(n, -1, 1, group) >> shifts) & np.uint8(mask)).reshape(n, -1)
+
+
+def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit mins, as float32 (n, 8, 1)."""
+    n = s.shape[0]
+    d, m, md = s.reshape(n, 3, 4).transpose(1, 0, 2)  # bytes 0-3, 4-7, 8-11
+    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.astype(np.float32).reshape(n, 8, 1), mn.astype(np.float32).reshape(n, 8, 1)
+
+
+def _q4_0(b):
+    d, qs = _f16(b[:, :2]), b[:, 2:]
+    return d * (_bits(qs, 16, [0, 4], 0x0F).astype(np.int8) - np.int8(8)).astype(np.float32)
+
+
+def _q4_1(b):
+    d, m, qs = _f16(b[:, :2]), _f16(b[:, 2:4]), b[:, 4:]
+    return d * _bits(qs, 16, [0, 4], 0x0F).astype(np.float32) + m
+
+
+def _q8_0(b):
+    return b[:, 2:].view(np.int8).astype(np.float32) * _f16(b[:, :2])
+
+
+def _q4_k(b):
+    n = b.shape[0]
+    d, dmin = _f16(b[:, :2]).reshape(n, 1, 1), _f16(b[:, 2:4]).reshape(n, 1, 1)
+    sc, mn = _k_scales(b[:, 4:16])
+    q = _bits(b[:, 16:], 32, [0, 4], 0x0F).reshape(n, 8, 32).astype(np.float32)
+    return ((d * sc) * q - dmin * mn).reshape(n, QK_K)
+
+
+def _q5_k(b):
+    n = b.shape[0]
+    d, dmin = _f16(b[:, :2]).reshape(n, 1, 1), _f16(b[:, 2:4]).reshape(n, 1, 1)
+    sc, mn = _k_scales(b[:, 4:16])
+    qh = _bits(b[:, 16:48], 32, range(8), 0x01)
+    q = (_bits(b[:, 48:], 32, [0, 4], 0x0F) | (qh << np.uint8(4))).reshape(n, 8, 32).astype(np.float32)
+    return ((d * sc) * q - dmin * mn).reshape(n, QK_K)
+
+
+def _q6_k(b):
+    n = b.shape[0]
+    ql, qh, scales, d = b[:, :128], b[:, 128:192], b[:, 192:208], _f16(b[:, 208:])
+    dl = (d * scales.view(np.int8).astype(np.float32)).reshape(n, 16, 1)
+    q = (_bits(ql, 64, [0, 4], 0x0F) | (_bits(qh, 32, [0, 2, 4, 6], 0x03) << np.uint8(4)))
+    q = (q.astype(np.int8) - np.int8(32)).reshape(n, 16, 16).astype(np.float32)
+    return (dl * q).reshape(n, QK_K)
+
+
+_DEQUANTIZE = {
+    GGMLType.F32: lambda b: b.view(np.float32),
+    GGMLType.F16: lambda b: b.view(np.float16).astype(np.float32),
+    GGMLType.BF16: lambda b: (b.view(np.int16).astype(np.int32) << 16).view(np.float32),
+    GGMLType.Q4_0: _q4_0,
+    GGMLType.Q4_1: _q4_1,
+    GGMLType.Q8_0: _q8_0,
+    GGMLType.Q4_K: _q4_k,
+    GGMLType.Q5_K: _q5_k,
+    GGMLType.Q6_K: _q6_k,
+}
+
+
+def dequantize_blocks(type_id: int, blocks: np.ndarray) -> np.ndarray:
+    """(n_blocks, type_size) uint8 -> (n_blocks, block_size) float32, bit-equal to gguf-py."""
+    t = supported_type(type_id)
+    block_size, type_size = BLOCK_LAYOUT[t]
+    blocks = np.ascontiguousarray(blocks, dtype=np.uint8)  # .view() needs contiguous rows
+    if blocks.ndim != 2 or blocks.shape[1] != type_size:
+        raise ValueError(f"{t.name} blocks must have shape (n_blocks, {type_size}), got {blocks.shape}")
+    if len(blocks) == 0:  # reshape(n, -1) cannot infer a size from zero blocks
+        return np.zeros((0, block_size), np.float32)
+    return _DEQUANTIZE[t](blocks).reshape(-1, block_size)
+
+
+# -- QTensor ------------------------------------------------------------------------------------
+
+_CHUNK_BYTES = 1 << 24  # dequantize big tensors in pieces to bound the temporaries
+
+
+class QTensor:
+    """A tensor as stored in a model file: its ggml type, its NumPy shape and its raw bytes.
+
+    `shape` is NumPy order: (rows, cols) for a 2-D weight (GGUF lists dims the other way round).
+    `data` is always uint8, whatever the type (F32/F16/BF16 included): for 2-D and higher
+    (*shape[:-1], row_bytes), for 1-D (n_bytes,). Usually a read-only view of a memory map, never
+    a copy. A row is a whole number of blocks, so rows and block-aligned column ranges are views.
+    """
+
+    __slots__ = ("ggml_type", "shape", "data")
+
+    def __init__(self, ggml_type: int, shape, data: np.ndarray):
+        self.ggml_type = supported_type(ggml_type)
+        self.shape = tuple(int(d) for d in shape)
+        block_size, type_size = BLOCK_LAYOUT[self.ggml_type]
+        cols = self.shape[-1] if self.shape else 1
+        if data.dtype != np.uint8 or cols % block_size or data.size != self.n_elements // block_size * type_size:
+            raise ValueError(f"QTensor: {data.dtype} data of {data.size} bytes does not hold a "
+                             f"{self.ggml_type.name} tensor of shape {self.shape}")
+        row_bytes = cols // block_size * type_size
+        self.data = data.reshape(self.shape[:-1] + (row_bytes,) if len(self.shape) >= 2 else (-1,))
+
+    @classmethod
+    def from_float(cls, array: np.ndarray) -> "QTensor":
+        """Wrap a float32/float16 array without copying (other dtypes are converted to float32)."""
+        array = np.asarray(array)
+        if array.dtype not in (np.float32, np.float16):
+            array = array.astype(np.float32)
+        array = np.ascontiguousarray(array)
+        t = GGMLType.F32 if array.dtype == np.float32 else GGMLType.F16
+        rows = array.reshape(array.shape[:-1] + (-1,) if array.ndim else (1,))
+        return cls(t, array.shape, rows.view(np.uint8))
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.size
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
+
+    def dequantize(self) -> np.ndarray:
+        """float32 of `shape`. For F32 this is a (read-only, if mapped) view, not a copy."""
+        block_size, type_size = BLOCK_LAYOUT[self.ggml_type]
+        blocks = self.data.reshape(-1, type_size)  # copies only a strided col_slice
+        step = max(1, _CHUNK_BYTES // (block_size * 4))
+        if self.ggml_type == GGMLType.F32 or len(blocks) <= step:
+            return dequantize_blocks(self.ggml_type, blocks).reshape(self.shape)
+        out = np.empty((len(blocks), block_size), np.float32)
+        for i in range(0, len(blocks), step):
+            out[i:i + step] = dequantize_blocks(self.ggml_type, blocks[i:i + step])
+        return out.reshape(self.shape)
+
+    def row_slice(self, start: int, stop: int) -> "QTensor":
+        """Rows start..stop (along the first axis) as a view."""
+        if len(self.shape) < 2 or not 0 <= start <= stop <= self.shape[0]:
+            raise ValueError(f"row_slice({start}, {stop}) is out of range for shape {self.shape}")
+        return QTensor(self.ggml_type, (stop - start,) + self.shape[1:], self.data[start:stop])
+
+    def col_slice(self, start: int, stop: int) -> "QTensor":
+        """Columns start..stop (along the last axis) as a strided view; block-aligned only."""
+        block_size, type_size = BLOCK_LAYOUT[self.ggml_type]
+        cols = self.shape[-1] if self.shape else 1
+        if not 0 <= start <= stop <= cols or start % block_size or stop % block_size:
+            raise ValueError(f"col_slice({start}, {stop}) must lie in 0..{cols} on {self.ggml_type.name} "
+                             f"block boundaries (multiples of {block_size})")
+        b0, b1 = start // block_size * type_size, stop // block_size * type_size
+        return QTensor(self.ggml_type, self.shape[:-1] + (stop - start,), self.data[..., b0:b1])
+
+    def __repr__(self) -> str:
+        return f"QTensor({self.ggml_type.name}, shape={self.shape})"
