@@ -37,7 +37,7 @@ def hf(smollm2_path):
 
     kw = dict(gguf_file=smollm2_path.name)
     tok = AutoTokenizer.from_pretrained(smollm2_path.parent, **kw)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, torch_dtype="float32", **kw).eval()
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, dtype="float32", **kw).eval()
     return tok, model
 
 
@@ -47,12 +47,14 @@ def ours(smollm2_path):
 
 
 def hf_greedy(model, ids, n):
+    """Greedy by hand: generate() would stop at EOS, and we compare all n steps."""
     import torch
 
+    ids = list(ids)
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                             attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[-n:]
 
 
 def our_greedy(model, ids, n):
