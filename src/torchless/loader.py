@@ -78,6 +78,7 @@ class Parameters:
             hf_config = json.loads(config_path.read_text())
         except json.JSONDecodeError as e:
             raise ModelFileError(f"{config_path}: invalid JSON ({e})") from None
+        config = ModelConfig.from_hf(hf_config)
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -96,7 +97,7 @@ class Parameters:
                 gguf_name = hf_to_gguf_name(name)
                 if gguf_name is not None:
                     tensors[gguf_name] = tensor
-        return cls(folder, ModelConfig.from_hf(hf_config), tensors, {"hf_config": hf_config})
+        return cls(folder, config, tensors, {"hf_config": hf_config})
 
     @cached_property
     def tokenizer(self):
