@@ -88,6 +88,12 @@ class ModelConfig:
                 raise ModelFileError(f"GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
             vocab = len(tokens)
         window = get("attention.sliding_window", None, required=False)
+        scaling = get("rope.scaling.type", "none", required=False)
+        if scaling not in ("none", "linear") or float(get("rope.scaling.factor", 1.0, required=False)) != 1.0:
+            raise UnsupportedModelError(f"RoPE scaling {scaling!r} is not supported")
+        rope_dims = int(get("rope.dimension_count", head_dim, required=False))
+        if rope_dims != head_dim:
+            raise UnsupportedModelError(f"partial RoPE ({rope_dims} of {head_dim} dims) is not supported")
         return cls(
             architecture=arch,
             hidden_size=hidden,
@@ -114,6 +120,9 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"config.json model_type {config.get('model_type')!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        scaling = config.get("rope_scaling") or {}
+        if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            raise UnsupportedModelError(f"config.json: RoPE scaling {scaling} is not supported")
         try:
             hidden = int(config["hidden_size"])
             n_heads = int(config["num_attention_heads"])
