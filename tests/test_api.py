@@ -86,6 +86,7 @@ def test_stop_strings_cut_the_text(llm):
     r = llm(PROMPT, max_tokens=16, stop=[stop, "\x00never"])
     assert r["choices"][0]["text"] == expected
     assert r["choices"][0]["finish_reason"] == "stop"
+    assert r["usage"]["completion_tokens"] < 16  # generation ends at the stop string
     text, chunks = _stream_text(llm(PROMPT, max_tokens=16, stop=stop, stream=True))
     assert text == expected and chunks[-1]["choices"][0]["finish_reason"] == "stop"
 

@@ -7,6 +7,7 @@ everything else goes to stderr. User errors become one line and exit status 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -58,24 +59,25 @@ def _load(model, parallel=None, n_ctx=None):
     return llm
 
 
-def _stream_out(chunks, text_of) -> tuple[int, float, float]:
-    """Print chunks' text to stdout as it comes; return (completion tokens, first-chunk s, total s)."""
-    start, first, n = time.perf_counter(), None, 0
+def _stream_out(chunks, text_of) -> tuple[dict, float, float]:
+    """Print chunks' text to stdout as it comes; return (usage, seconds to first text, total seconds)."""
+    start, first, usage = time.perf_counter(), None, {}
     for chunk in chunks:
-        if first is None:
-            first = time.perf_counter() - start
         text = text_of(chunk["choices"][0])
+        if first is None and (text or chunk["choices"][0]["finish_reason"]):  # not chat's role chunk
+            first = time.perf_counter() - start
         if text:
             sys.stdout.write(text)
             sys.stdout.flush()
-        n = chunk.get("usage", {}).get("completion_tokens", n)
+        usage = chunk.get("usage", usage)  # the last chunk carries it
     if sys.stdout.isatty():  # keep piped output exactly the completion
         sys.stdout.write("\n")
     total = time.perf_counter() - start
-    return n, first or total, total
+    return usage, first or total, total
 
 
-def _report_speed(n_prompt: int, n: int, first: float, total: float) -> None:
+def _report_speed(usage: dict, first: float, total: float) -> None:
+    n_prompt, n = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
     decode = total - first
     rate = f", {(n - 1) / decode:.1f} tok/s" if n > 1 and decode > 0 else ""
     _err(f"prompt {n_prompt} tokens in {first:.2f} s; generated {n} tokens in {total:.2f} s{rate}")
@@ -88,14 +90,11 @@ def cmd_generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     llm = _load(args.model, args.parallel, args.n_ctx)
     if args.chat:
-        messages = [dict(role="user", content=prompt)]
-        n_prompt = len(llm._prompt_ids(llm._render_chat(messages), template=True))
-        chunks = llm.create_chat_completion(messages, stream=True, **kwargs)
-        counts = _stream_out(chunks, lambda c: c["delta"].get("content", ""))
+        chunks = llm.create_chat_completion([dict(role="user", content=prompt)], stream=True, **kwargs)
+        result = _stream_out(chunks, lambda c: c["delta"].get("content", ""))
     else:
-        n_prompt = len(llm.tokenize(prompt))
-        counts = _stream_out(llm.create_completion(prompt, stream=True, **kwargs), lambda c: c["text"])
-    _report_speed(n_prompt, *counts)
+        result = _stream_out(llm.create_completion(prompt, stream=True, **kwargs), lambda c: c["text"])
+    _report_speed(*result)
     return 0
 
 
@@ -106,7 +105,7 @@ def cmd_chat(args) -> int:
     _err("chat: type a message; /reset forgets the conversation, /exit or Ctrl-D ends")
     while True:
         try:
-            line = input("> ")
+            line = input("> " if sys.stdin.isatty() else "")  # input() prompts on stdout
         except EOFError:
             print(file=sys.stderr)
             return 0
@@ -119,9 +118,12 @@ def cmd_chat(args) -> int:
             continue
         messages.append(dict(role="user", content=line))
         reply = []
+
+        def content(choice):  # printed, and kept for the history
+            reply.append(choice["delta"].get("content", ""))
+            return reply[-1]
         try:
-            chunks = llm.create_chat_completion(messages, stream=True, **kwargs)
-            _stream_out(chunks, lambda c: reply.append(c["delta"].get("content", "")) or reply[-1])
+            _stream_out(llm.create_chat_completion(messages, stream=True, **kwargs), content)
         except TorchlessError as e:  # e.g. the conversation outgrew the context: keep the session
             messages.pop()
             _err(f"error: {e} (/reset starts over)")
@@ -237,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (TorchlessError, OSError) as e:
         if isinstance(e, BrokenPipeError):  # `torchless generate ... | head`: not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
             return 0
         _err(f"error: {e}")
         return 1
