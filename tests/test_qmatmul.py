@@ -1,0 +1,134 @@
+"""qmatmul against gguf-py: products on every supported type equal the float64 product of the
+weights as gguf-py dequantizes them, for whole matrices, row ranges, threads and matmul."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as GT
+from gguf import quants as gq
+
+from torchless.kernels import qmatmul as qm
+from torchless.quant import QTensor
+
+QK_K = 256
+# types gguf-py can quantize: real quantized data; the k-quants: random valid blocks
+QUANTIZABLE = [GT.F32, GT.F16, GT.BF16, GT.Q4_0, GT.Q4_1, GT.Q8_0]
+K_TYPES = [GT.Q4_K, GT.Q5_K, GT.Q6_K]
+ALL = QUANTIZABLE + K_TYPES
+
+
+def make_weight(qtype, rows, cols, seed=0):
+    """-> (QTensor, float64 dequantized oracle)."""
+    rng = np.random.default_rng(seed)
+    if qtype in QUANTIZABLE:
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        raw = gq.quantize(w, qtype)
+        raw = np.ascontiguousarray(raw).view(np.uint8).reshape(rows, -1)
+    else:
+        block_bytes = {GT.Q4_K: 144, GT.Q5_K: 176, GT.Q6_K: 210}[qtype]
+        blocks = rng.integers(0, 256, (rows, cols // QK_K, block_bytes), dtype=np.uint8)
+        # the f16 super-block scales: random bytes could be inf/NaN, so draw sane ones
+        scales = rng.uniform(1e-3, 2e-2, (rows, cols // QK_K, 2)).astype(np.float16).view(np.uint8)
+        if qtype == GT.Q6_K:
+            blocks[..., 208:210] = scales[..., 0:2].reshape(rows, cols // QK_K, 2)
+        else:
+            blocks[..., 0:4] = scales.reshape(rows, cols // QK_K, 4)
+        raw = blocks.reshape(rows, -1)
+    ref = gq.dequantize(raw, qtype).reshape(rows, cols).astype(np.float64)
+    return QTensor(int(qtype), (rows, cols), raw), ref
+
+
+def check(out, ref_w, x, rows=slice(None)):
+    """float32 accumulation against float64: the error of a float32 dot of length n is at most
+    about n * eps32 * sum|w_i x_i| (n <= 1536 here -> <= 1e-4 relative to sum|w x|); real errors
+    are far smaller, so 1e-4 of |W| @ |x| is a tolerance that would still catch any wrong weight."""
+    ref = ref_w[rows] @ x.astype(np.float64)
+    bound = np.abs(ref_w[rows]) @ np.abs(x.astype(np.float64))
+    np.testing.assert_array_less(np.abs(out[rows] - ref), 1e-4 * bound + 1e-30)
+
+
+@pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 45, 64])
+def test_matvec_all_types(qtype, rows):
+    cols = 512
+    qt, ref = make_weight(qtype, rows, cols, seed=rows)
+    w = qm.prepare(qt)
+    assert w.shape == (rows, cols) and w.ggml_type == int(qtype) and w.nbytes > 0
+    x = np.random.default_rng(1).standard_normal(cols).astype(np.float32)
+    out = np.full(rows, np.nan, np.float32)
+    qm.matvec_into(w, x, out)
+    check(out, ref, x)
+    out2 = np.full(rows, np.nan, np.float32)
+    qm.matvec_rows(w, x, out2, 0, rows)
+    np.testing.assert_array_equal(out, out2)  # same arithmetic, thread count does not matter
+
+
+@pytest.mark.parametrize("qtype", [GT.Q4_1, GT.Q8_0, GT.Q6_K, GT.F16], ids=lambda t: t.name)
+def test_row_ranges_write_only_their_rows(qtype):
+    rows, cols = 101, 256
+    qt, ref = make_weight(qtype, rows, cols, seed=3)
+    w = qm.prepare(qt)
+    x = np.random.default_rng(2).standard_normal(cols).astype(np.float32)
+    for start, stop in [(0, 101), (0, 32), (5, 6), (31, 33), (40, 101), (64, 96), (100, 101), (7, 7)]:
+        for fn in (qm.matvec_rows, qm.matvec_into):
+            out = np.full(rows, np.nan, np.float32)
+            fn(w, x, out, start, stop)
+            assert np.isnan(out[:start]).all() and np.isnan(out[stop:]).all()
+            check(out, ref, x, slice(start, stop))
+
+
+def test_threads_on_disjoint_ranges():
+    """matvec_rows releases the GIL and shares no scratch: concurrent chunks give the serial result."""
+    rows, cols = 1000, 576
+    qt, ref = make_weight(GT.Q4_1, rows, cols, seed=4)
+    w = qm.prepare(qt)
+    x = np.random.default_rng(3).standard_normal(cols).astype(np.float32)
+    serial = np.empty(rows, np.float32)
+    qm.matvec_rows(w, x, serial, 0, rows)
+    out = np.full(rows, np.nan, np.float32)
+    bounds = list(range(0, rows, 96)) + [rows]
+    ths = [threading.Thread(target=qm.matvec_rows, args=(w, x, out, a, b)) for a, b in zip(bounds, bounds[1:])]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    np.testing.assert_array_equal(out, serial)
+    check(out, ref, x)
+
+
+@pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_matmul(qtype, m):
+    rows, cols = 77, 256
+    qt, ref = make_weight(qtype, rows, cols, seed=5)
+    w = qm.prepare(qt)
+    X = np.random.default_rng(m).standard_normal((m, cols)).astype(np.float32)
+    out = np.full((m, rows), np.nan, np.float32)
+    qm.matmul_into(w, X, out)
+    for i in range(m):
+        check(out[i], ref, X[i])
+
+
+def test_dequantize_rows_exact():
+    for qtype in ALL:
+        qt, ref = make_weight(qtype, 40, 256, seed=6)
+        w = qm.prepare(qt)
+        np.testing.assert_array_equal(qm.dequantize_rows(w, 0, 40), ref.astype(np.float32))
+        np.testing.assert_array_equal(qm.dequantize_rows(w, 33, 35), ref[33:35].astype(np.float32))
+
+
+def test_bad_arguments():
+    qt, _ = make_weight(GT.Q4_0, 8, 64)
+    w = qm.prepare(qt)
+    x, out = np.zeros(64, np.float32), np.zeros(8, np.float32)
+    with pytest.raises(ValueError):
+        qm.matvec_into(w, x, out, 3, 9)
+    with pytest.raises(ValueError):
+        qm.matvec_into(w, x.astype(np.float64), out)
+    with pytest.raises(ValueError):
+        qm.matvec_into(w, x, np.zeros(9, np.float32))
+    with pytest.raises(ValueError):
+        qm.matmul_into(w, np.zeros((2, 64), np.float32), np.zeros((2, 7), np.float32))
