@@ -325,6 +325,32 @@ def _dot_tile(wt, x, out, base, r0, r1, acc):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
+def _dot_tile4(wt, X, m, out, base, rows, acc):
+    """_dot_tile for rows m..m+3 of X at once: each weight load feeds 4 FMAs, which is what
+    makes prefill faster per token than decode."""
+    cols = wt.shape[0]
+    acc[:, :] = 0.0
+    for k in range(0, cols - 1, 2):
+        a0 = X[m, k]; a1 = X[m + 1, k]; a2 = X[m + 2, k]; a3 = X[m + 3, k]
+        b0 = X[m, k + 1]; b1 = X[m + 1, k + 1]; b2 = X[m + 2, k + 1]; b3 = X[m + 3, k + 1]
+        for r in range(TILE):
+            w0 = wt[k, r]
+            w1 = wt[k + 1, r]
+            acc[0, r] += w0 * a0 + w1 * b0
+            acc[1, r] += w0 * a1 + w1 * b1
+            acc[2, r] += w0 * a2 + w1 * b2
+            acc[3, r] += w0 * a3 + w1 * b3
+    if cols % 2:
+        k = cols - 1
+        for r in range(TILE):
+            for i in range(4):
+                acc[i, r] += wt[k, r] * X[m + i, k]
+    for r in range(base, min(rows, base + TILE)):
+        for i in range(4):
+            out[m + i, r] = acc[i, r - base]
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
 def _tile_f32(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
     _dot_tile(codes[t], x, out, t * TILE, r0, r1, acc)
 
@@ -440,8 +466,12 @@ def _mm_q4(codes, scale, mn, X, out):
     for t in prange(n_tiles):
         wt = np.empty((cols, TILE), np.float32)
         acc = np.empty(TILE, np.float32)
+        acc4 = np.empty((4, TILE), np.float32)
         _dq_tile_q4(codes, scale, mn, t, wt)
-        for m in range(X.shape[0]):
+        M4 = X.shape[0] - X.shape[0] % 4
+        for m in range(0, M4, 4):
+            _dot_tile4(wt, X, m, out, t * TILE, rows, acc4)
+        for m in range(M4, X.shape[0]):
             _dot_tile(wt, X[m], out[m], t * TILE, 0, rows, acc)
 
 
@@ -462,8 +492,12 @@ def _mm_q8(codes, scale, mn, X, out):
     for t in prange(n_tiles):
         wt = np.empty((cols, TILE), np.float32)
         acc = np.empty(TILE, np.float32)
+        acc4 = np.empty((4, TILE), np.float32)
         _dq_tile_q8(codes, scale, mn, t, wt)
-        for m in range(X.shape[0]):
+        M4 = X.shape[0] - X.shape[0] % 4
+        for m in range(0, M4, 4):
+            _dot_tile4(wt, X, m, out, t * TILE, rows, acc4)
+        for m in range(M4, X.shape[0]):
             _dot_tile(wt, X[m], out[m], t * TILE, 0, rows, acc)
 
 
@@ -484,8 +518,12 @@ def _mm_f32(codes, scale, mn, X, out):
     for t in prange(n_tiles):
         wt = np.empty((cols, TILE), np.float32)
         acc = np.empty(TILE, np.float32)
+        acc4 = np.empty((4, TILE), np.float32)
         _dq_tile_f32(codes, scale, mn, t, wt)
-        for m in range(X.shape[0]):
+        M4 = X.shape[0] - X.shape[0] % 4
+        for m in range(0, M4, 4):
+            _dot_tile4(wt, X, m, out, t * TILE, rows, acc4)
+        for m in range(M4, X.shape[0]):
             _dot_tile(wt, X[m], out[m], t * TILE, 0, rows, acc)
 
 
