@@ -37,8 +37,8 @@ All kernels are `nogil=True` and allocate their small scratch (per-group sums of
 accumulators) inside the compiled function, so nothing is shared between concurrent calls:
 several Python threads may run `matvec_rows` on different row ranges of the same weight and
 the same `out` at once. `matvec_into` / `matmul_into` without a row range use the prange
-variants (numba's parallel runtime; do not call those from several threads at once with the
-default workqueue threading layer). Row ranges are cheapest when start and stop are multiples
+variants (numba's parallel runtime; calling those from several threads at once is safe with the
+omp or tbb threading layers, as installed here (omp), but not with numba's fallback workqueue). Row ranges are cheapest when start and stop are multiples
 of TILE: a tile cut by the range is computed whole and only its rows in the range are written.
 """
 
