@@ -6,6 +6,7 @@ Names are GGUF's own. Hugging Face names are mapped to them here, once, with the
 from __future__ import annotations
 
 import json
+import mmap
 import re
 from functools import cached_property
 from pathlib import Path
@@ -108,6 +109,22 @@ class Parameters:
                 raise ModelFileError(f"{self.path}: no tokenizer.json")
             return Tokenizer.from_tokenizer_json(self.path / "tokenizer.json")
         return Tokenizer.from_gguf_metadata(self.metadata)
+
+    def release_pages(self):
+        """Drop the file's pages from this process's resident memory once the weights have been
+        repacked; the mapping stays valid, and a later read faults pages back in from the file."""
+        seen = set()
+        for tensor in self.tensors.values():
+            base = tensor.data
+            while base is not None and not hasattr(base, "_mmap"):
+                base = getattr(base, "base", None)
+            mm = getattr(base, "_mmap", None)
+            if mm is not None and id(mm) not in seen and hasattr(mm, "madvise"):
+                seen.add(id(mm))
+                try:
+                    mm.madvise(mmap.MADV_DONTNEED)
+                except (OSError, ValueError):
+                    pass  # only a memory saving; never a reason to fail
 
     @property
     def weight_bytes(self) -> int:

@@ -62,21 +62,27 @@ class WorkDistributionConfig:
         Any n with total/n in [min, max] gives balanced tasks inside both bounds. When no such n
         exists (total < min, or max < 2 * min for some totals) the max bound wins.
         """
-        if total <= 0:
-            return 0
-        fewest = -(-total // self.max_chunk_size)
-        most = max(fewest, total // self.min_chunk_size)
-        return min(max(self.threads * self.tasks_per_thread, fewest), most)
+        return _n_tasks(total, self.min_chunk_size, self.max_chunk_size,
+                        self.threads * self.tasks_per_thread)
 
     def optimal_chunk_size(self, total: int) -> int:
         """The largest task, in rows, when `total` rows are cut by this configuration."""
         n = self.n_tasks(total)
         return -(-total // n) if n else 0
 
-    def chunk_bounds(self, total: int) -> np.ndarray:
-        """Task i covers rows [bounds[i], bounds[i+1]); sizes differ by at most one."""
-        n = self.n_tasks(total)
-        return (np.arange(n + 1, dtype=np.int64) * total) // max(n, 1)
+    def chunk_bounds(self, total: int, align: int = 1) -> np.ndarray:
+        """Task i covers rows [bounds[i], bounds[i+1]); sizes differ by at most one `align`.
+
+        With align > 1 (a kernel's tile of rows), tasks start on multiples of `align` and the
+        bounds are applied in whole tiles: ceil(min / align) to floor(max / align) tiles each, so
+        every task but the last, which ends at `total`, stays inside [min, max].
+        """
+        units = -(-total // align)
+        lo = -(-self.min_chunk_size // align)
+        hi = max(1, self.max_chunk_size // align)
+        n = _n_tasks(units, lo, max(lo, hi), self.threads * self.tasks_per_thread)
+        bounds = (np.arange(n + 1, dtype=np.int64) * units) // max(n, 1) * align
+        return np.minimum(bounds, total)
 
     @classmethod
     def for_matmul(cls, rows: int, cols: int, **kw) -> "WorkDistributionConfig":
@@ -90,6 +96,14 @@ class WorkDistributionConfig:
         """One head is the unit; short sequences group heads so a task is not all overhead."""
         per_task = max(1, min(n_heads, 256 // max(seq_len, 1)))
         return cls(min_chunk_size=per_task, max_chunk_size=max(per_task, n_heads), **kw)
+
+
+def _n_tasks(total: int, lo: int, hi: int, target: int) -> int:
+    if total <= 0:
+        return 0
+    fewest = -(-total // hi)
+    most = max(fewest, total // lo)
+    return min(max(target, fewest), most)
 
 
 class WorkStealingStats:
@@ -110,11 +124,13 @@ class WorkStealingStats:
         """runners[i]: the thread that ran task i."""
         n = len(runners)
         owners = (np.arange(n) * n_threads) // max(n, 1)
-        local = int(np.count_nonzero(runners == owners))
+        self.record_counts(n, int(np.count_nonzero(runners == owners)))
+
+    def record_counts(self, n_tasks: int, n_local: int):
         with self._lock:
-            self.tasks_created += n
-            self.local_tasks += local
-            self.stolen_tasks += n - local
+            self.tasks_created += n_tasks
+            self.local_tasks += n_local
+            self.stolen_tasks += n_tasks - n_local
 
     def steal_ratio(self) -> float:
         with self._lock:

@@ -1,7 +1,10 @@
 """The Mistral/Llama/Qwen2 decoder: weights, per-sequence state, and the forward pass.
 
 `forward` is the reference: plain NumPy over float32 copies of the weights, the oracle for the
-faster paths. It is written once for T tokens at a time, so `prefill` is the same code on a chunk.
+faster paths. It is written once for T tokens at a time, and `prefill` runs the same code on
+chunks of the prompt with the products done by the quantized kernels. `fast_forward` is the
+one-token decode step: compiled kernels on the repacked quantized weights, writing into buffers
+allocated once per state, with the products cut into tasks by the work-distribution scheduler.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ContextOverflowError, ModelFileError
-from ..kernels import ops
+from ..kernels import fused, ops, qmatmul
+from ..kernels.adaptive import _matvec, attention_parallel_adaptive
 from ..quant import QTensor
 
 
@@ -33,10 +37,26 @@ class Linear:
         # (out, in) float32; only the reference path pays for this copy.
         return np.ascontiguousarray(self.weight.dequantize(), dtype=np.float32)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    @cached_property
+    def packed(self) -> qmatmul.PackedWeight:
+        # The layout the quantized kernels read; made once, at load.
+        return qmatmul.prepare(self.weight)
+
+    def __call__(self, x: np.ndarray, fast: bool = False) -> np.ndarray:
         """x: (T, in) -> (T, out)"""
-        y = x @ self.dense.T
+        if fast:
+            y = np.empty((x.shape[0], self.shape[0]), np.float32)
+            qmatmul.matmul_into(self.packed, np.ascontiguousarray(x, np.float32), y)
+        else:
+            y = x @ self.dense.T
         return y if self.bias is None else y + self.bias
+
+    def matvec_into(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """out = W @ x (+ bias) for one token, through the scheduler."""
+        _matvec(self.packed, x, out)
+        if self.bias is not None:
+            fused.add_bias(out, self.bias)
+        return out
 
 
 @dataclass
@@ -69,6 +89,18 @@ class InferenceState:
         self.v_cache = np.zeros(shape, np.float32)
         self.logits = np.zeros(config.vocab_size, np.float32)  # (vocab,)
         self.pos = 0
+        # One-token decode buffers, reused every step.
+        kv_dim = config.n_kv_heads * config.head_dim
+        self.x = np.zeros(config.hidden_size, np.float32)       # residual stream
+        self.h = np.zeros(config.hidden_size, np.float32)       # normed input of a block
+        self.q = np.zeros((config.n_heads, config.head_dim), np.float32)
+        self.k = np.zeros(kv_dim, np.float32)
+        self.v = np.zeros(kv_dim, np.float32)
+        self.att = np.zeros((config.n_heads, config.head_dim), np.float32)
+        self.o = np.zeros(config.hidden_size, np.float32)       # a block's output
+        self.gate = np.zeros(config.intermediate_size, np.float32)
+        self.up = np.zeros(config.intermediate_size, np.float32)
+        self.scores = np.zeros(self.cache_len, np.float32)
 
     def reset(self):
         self.pos = 0
@@ -86,9 +118,37 @@ class Mistral:
         self.layers = layers
         self.output_norm = output_norm  # (hidden,)
         self.output = output            # (vocab, hidden)
+        group = config.n_heads // config.n_kv_heads
+        self.kv_map = np.arange(config.n_heads, dtype=np.int64) // group  # query head -> KV head
+        self._rope_cos = self._rope_sin = np.zeros((0, config.head_dim // 2), np.float32)
+
+    def linears(self) -> list[Linear]:
+        return [getattr(layer, kind) for layer in self.layers
+                for kind in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                             "ffn_down")] + [self.output]
+
+    def prepare_fast(self, release=None) -> "Mistral":
+        """Repack every weight for the quantized kernels (once); `release` drops the file's pages."""
+        for linear in self.linears():
+            linear.packed
+        if release is not None:
+            release()
+        return self
+
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights one decode step reads: every packed matrix, once."""
+        return sum(linear.packed.nbytes for linear in self.linears())
+
+    def rope_at(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin (head_dim // 2,) of one position, from a table grown as positions come."""
+        if pos >= len(self._rope_cos):
+            n = max(2 * len(self._rope_cos), pos + 1, 256)
+            self._rope_cos, self._rope_sin = ops.rope_tables(
+                np.arange(n), self.config.head_dim, self.config.rope_theta)
+        return self._rope_cos[pos], self._rope_sin[pos]
 
     @classmethod
-    def load(cls, params) -> "Mistral":
+    def load(cls, params, fast: bool = True) -> "Mistral":
         c = params.config
         q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         expect = {
@@ -118,16 +178,17 @@ class Mistral:
         for i in range(c.n_layers):
             p = f"blk.{i}"
             layers.append(LayerWeights(
-                attn_norm=tensor(f"{p}.attn_norm.weight", (c.hidden_size,)).dequantize(),
-                ffn_norm=tensor(f"{p}.ffn_norm.weight", (c.hidden_size,)).dequantize(),
+                attn_norm=np.array(tensor(f"{p}.attn_norm.weight", (c.hidden_size,)).dequantize()),
+                ffn_norm=np.array(tensor(f"{p}.ffn_norm.weight", (c.hidden_size,)).dequantize()),
                 **{kind: linear(p, kind) for kind in expect}))
         embedding = tensor("token_embd.weight", (c.vocab_size, c.hidden_size))
         if "output.weight" in params.tensors:
             output = Linear(tensor("output.weight", (c.vocab_size, c.hidden_size)))
         else:
             output = Linear(embedding)  # tied embeddings
-        return cls(c, embedding, layers,
-                   tensor("output_norm.weight", (c.hidden_size,)).dequantize(), output)
+        model = cls(c, embedding, layers,
+                    np.array(tensor("output_norm.weight", (c.hidden_size,)).dequantize()), output)
+        return model.prepare_fast(getattr(params, "release_pages", None)) if fast else model
 
     # -- the reference path ------------------------------------------------------------------
 
@@ -140,12 +201,12 @@ class Mistral:
         return np.stack([self.embedding.row_slice(t, t + 1).dequantize()[0] for t in tokens])
 
     def _attention_block(self, layer: LayerWeights, li: int, state: InferenceState,
-                         h: np.ndarray, positions: np.ndarray) -> np.ndarray:
+                         h: np.ndarray, positions: np.ndarray, fast: bool) -> np.ndarray:
         c = self.config
         T = h.shape[0]
-        q = layer.attn_q(h).reshape(T, c.n_heads, c.head_dim)
-        k = layer.attn_k(h).reshape(T, c.n_kv_heads, c.head_dim)
-        v = layer.attn_v(h).reshape(T, c.n_kv_heads, c.head_dim)
+        q = layer.attn_q(h, fast).reshape(T, c.n_heads, c.head_dim)
+        k = layer.attn_k(h, fast).reshape(T, c.n_kv_heads, c.head_dim)
+        v = layer.attn_v(h, fast).reshape(T, c.n_kv_heads, c.head_dim)
         cos, sin = ops.rope_tables(positions, c.head_dim, c.rope_theta)
         q = ops.apply_rope(q, cos, sin, c.rope_interleaved)
         k = ops.apply_rope(k, cos, sin, c.rope_interleaved)
@@ -166,9 +227,10 @@ class Mistral:
         state.v_cache[li, positions[keep] % state.cache_len] = v[keep]
 
         out = ops.attention(q, keys, values, mask).reshape(T, c.n_heads * c.head_dim)
-        return layer.attn_output(out)
+        return layer.attn_output(out, fast)
 
-    def _forward_tokens(self, state: InferenceState, tokens, all_logits: bool) -> np.ndarray:
+    def _forward_tokens(self, state: InferenceState, tokens, all_logits: bool,
+                        fast: bool = False) -> np.ndarray:
         c = self.config
         T = len(tokens)
         if state.pos + T > state.max_seq_len:
@@ -178,12 +240,12 @@ class Mistral:
         x = self.embed(tokens)  # (T, hidden)
         for li, layer in enumerate(self.layers):
             h = ops.rmsnorm(x, layer.attn_norm, c.norm_eps)
-            x = x + self._attention_block(layer, li, state, h, positions)
+            x = x + self._attention_block(layer, li, state, h, positions, fast)
             h = ops.rmsnorm(x, layer.ffn_norm, c.norm_eps)
-            x = x + layer.ffn_down(ops.silu(layer.ffn_gate(h)) * layer.ffn_up(h))
+            x = x + layer.ffn_down(ops.silu(layer.ffn_gate(h, fast)) * layer.ffn_up(h, fast), fast)
         state.pos += T
         x = ops.rmsnorm(x if all_logits else x[-1:], self.output_norm, c.norm_eps)
-        logits = self.output(x)  # (T or 1, vocab)
+        logits = self.output(x, fast)  # (T or 1, vocab)
         state.logits[:] = logits[-1]
         return logits
 
@@ -193,7 +255,50 @@ class Mistral:
         return state.logits
 
     def fast_forward(self, state: InferenceState, token: int, debug: bool = False) -> np.ndarray:
-        return self.forward(state, token, debug)
+        """One token through the compiled kernels; leaves its logits in state.logits."""
+        c = self.config
+        if state.pos + 1 > state.max_seq_len:
+            raise ContextOverflowError(
+                f"sequence of {state.pos + 1} tokens does not fit the context of {state.max_seq_len}")
+        self.embed_into(token, state.x)
+        cos, sin = self.rope_at(state.pos)
+        slot = state.pos % state.cache_len
+        n_valid = min(state.pos + 1, state.cache_len)
+        x, h = state.x, state.h
+        for li, layer in enumerate(self.layers):
+            fused.rmsnorm_into(x, layer.attn_norm, c.norm_eps, h)
+            layer.attn_q.matvec_into(h, state.q.reshape(-1))
+            layer.attn_k.matvec_into(h, state.k)
+            layer.attn_v.matvec_into(h, state.v)
+            k_cache, v_cache = state.k_cache[li], state.v_cache[li]
+            k_new = k_cache[slot]  # (n_kv_heads, head_dim), a view into the cache
+            k_new[:] = state.k.reshape(k_new.shape)
+            v_cache[slot] = state.v.reshape(k_new.shape)
+            fused.rope_rows(state.q, cos, sin, c.rope_interleaved)
+            fused.rope_rows(k_new, cos, sin, c.rope_interleaved)
+            attention_parallel_adaptive(state.q, k_cache, v_cache, n_valid, self.kv_map, state.att,
+                                        scores=state.scores)
+            layer.attn_output.matvec_into(state.att.reshape(-1), state.o)
+            fused.add_into(x, state.o)
+            fused.rmsnorm_into(x, layer.ffn_norm, c.norm_eps, h)
+            layer.ffn_gate.matvec_into(h, state.gate)
+            layer.ffn_up.matvec_into(h, state.up)
+            fused.swiglu_into(state.gate, state.up, state.gate)
+            layer.ffn_down.matvec_into(state.gate, state.o)
+            fused.add_into(x, state.o)
+        state.pos += 1
+        fused.rmsnorm_into(x, self.output_norm, c.norm_eps, h)
+        self.output.matvec_into(h, state.logits)
+        return state.logits
+
+    def embed_into(self, token: int, out: np.ndarray) -> np.ndarray:
+        if not 0 <= token < self.config.vocab_size:
+            raise ValueError(f"token id {token} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        if self.output.weight is self.embedding and "packed" in self.output.__dict__:
+            out[:] = qmatmul.dequantize_rows(self.output.packed, token, token + 1)[0]
+        else:
+            out[:] = self.embedding.row_slice(token, token + 1).dequantize()[0]
+        return out
 
     def prefill(self, state: InferenceState, tokens, chunk_size: int = 256,
                 all_logits: bool = False) -> np.ndarray:
@@ -206,6 +311,6 @@ class Mistral:
             raise ContextOverflowError(
                 f"prompt of {len(tokens)} tokens (after {state.pos} already in the sequence) does "
                 f"not fit the context of {state.max_seq_len}")
-        outs = [self._forward_tokens(state, tokens[i:i + chunk_size], all_logits)
+        outs = [self._forward_tokens(state, tokens[i:i + chunk_size], all_logits, fast=True)
                 for i in range(0, len(tokens), chunk_size)]
         return np.concatenate(outs) if all_logits else state.logits

@@ -1,0 +1,245 @@
+"""The scheduler of seed 6.1: kernels cut into tasks by a WorkDistributionConfig.
+
+Tasks run inside numba's parallel runtime with a chunk size of one task, so scheduling is
+dynamic: a thread that finishes its task takes the next free one, whoever it would have gone to
+under a static split. Each task records the thread that ran it, and `WorkStealingStats` counts
+those against the static owners. Work too small to pay for a parallel region runs inline on the
+caller's thread, as no task at all; the threshold comes from a measurement (`calibrate`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from . import qmatmul
+from .qmatmul import TILE, PackedWeight, _group_sums, _tile_f32, _tile_q4, _tile_q8
+from .fused import attend_heads
+from .workdist import WorkDistributionConfig, WorkStealingStats
+
+# What the fast path's kernels did since the last reset (one process-wide counter set).
+GLOBAL_STATS = WorkStealingStats()
+
+# numba's public set/get of the chunk size and thread count re-check the thread pool's start-up
+# under two locks on every call (~2 us, several times per product, ~200 products per token);
+# the ctypes entry points behind them are what we call per product.
+try:
+    from numba.np.ufunc import parallel as _nb_parallel
+
+    _nb_parallel._launch_threads()
+    _set_chunksize = _nb_parallel._set_parallel_chunksize
+    _get_num_threads = _nb_parallel._get_num_threads
+except (ImportError, AttributeError):  # a numba without them: the public, slower calls
+    _set_chunksize, _get_num_threads = numba.set_parallel_chunksize, numba.get_num_threads
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _tasks_q4(codes, scale, mn, group, x, out, bounds, runners, owners):
+    xs = np.empty(max(1, x.shape[0] // group), np.float32)
+    if mn.shape[1] > 0:
+        _group_sums(x, group, xs)
+    for i in prange(bounds.shape[0] - 1):
+        s = np.empty(TILE, np.float32)
+        acc = np.empty(TILE, np.float32)
+        for t in range(bounds[i] // TILE, (bounds[i + 1] + TILE - 1) // TILE):
+            _tile_q4(codes, scale, mn, x, xs, out, t, bounds[i], bounds[i + 1], s, acc)
+        runners[i] = numba.get_thread_id()
+    return _count_local(runners, owners)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _tasks_q8(codes, scale, mn, group, x, out, bounds, runners, owners):
+    xs = np.empty(max(1, x.shape[0] // group), np.float32)
+    if mn.shape[1] > 0:
+        _group_sums(x, group, xs)
+    for i in prange(bounds.shape[0] - 1):
+        s = np.empty(TILE, np.float32)
+        acc = np.empty(TILE, np.float32)
+        for t in range(bounds[i] // TILE, (bounds[i + 1] + TILE - 1) // TILE):
+            _tile_q8(codes, scale, mn, x, xs, out, t, bounds[i], bounds[i + 1], s, acc)
+        runners[i] = numba.get_thread_id()
+    return _count_local(runners, owners)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _tasks_f32(codes, scale, mn, group, x, out, bounds, runners, owners):
+    xs = np.empty(1, np.float32)
+    for i in prange(bounds.shape[0] - 1):
+        s = np.empty(TILE, np.float32)
+        acc = np.empty(TILE, np.float32)
+        for t in range(bounds[i] // TILE, (bounds[i + 1] + TILE - 1) // TILE):
+            _tile_f32(codes, scale, mn, x, xs, out, t, bounds[i], bounds[i + 1], s, acc)
+        runners[i] = numba.get_thread_id()
+    return _count_local(runners, owners)
+
+
+@njit(nogil=True, cache=True)
+def _count_local(runners, owners):
+    local = 0
+    for i in range(runners.shape[0]):
+        local += runners[i] == owners[i]
+    return local
+
+
+_TASK_KERNELS = {"q4": _tasks_q4, "q8": _tasks_q8, "f32": _tasks_f32}
+
+
+class TaskPlan:
+    """Task bounds for one (rows, config, threads): computed once, reused every call."""
+
+    __slots__ = ("bounds", "runners", "owners", "n_threads")
+
+    def __init__(self, rows: int, config: WorkDistributionConfig, n_threads: int, align: int = TILE):
+        self.n_threads = n_threads
+        self.bounds = config.chunk_bounds(rows, align=align)
+        n = len(self.bounds) - 1
+        self.runners = np.zeros(n, np.int64)
+        self.owners = (np.arange(n, dtype=np.int64) * n_threads) // max(n, 1)
+
+
+_plans: dict = {}
+_inline_bytes: int | None = None
+
+
+def inline_threshold_bytes() -> int:
+    if _inline_bytes is None:
+        calibrate()
+    return _inline_bytes
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _empty_region(runners):
+    for i in prange(runners.shape[0]):
+        runners[i] = numba.get_thread_id()
+
+
+def _best_time(fn, repeats: int) -> float:
+    """The fastest of `repeats` calls: on a shared machine the slow ones measure the neighbours."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def calibrate(repeats: int = 200) -> dict:
+    """Measure what a parallel region costs and how fast one thread reads weights, and set the
+    inline threshold: split only work whose serial time is over twice the region's cost."""
+    global _inline_bytes
+    runners = np.zeros(max(1, numba.get_num_threads()), np.int64)
+    previous = numba.set_parallel_chunksize(1)
+    try:
+        overhead = _best_time(lambda: _empty_region(runners), repeats)
+    finally:
+        numba.set_parallel_chunksize(previous)
+
+    rng = np.random.default_rng(0)
+    from ..quant import GGMLType, QTensor
+    raw = rng.integers(0, 256, (256, 512 // 32 * 20), dtype=np.uint8)  # Q4_1, 256 x 512
+    raw.reshape(256, -1, 20)[:, :, :4] = np.frombuffer(np.float16([0.01, 0.0]).tobytes(), np.uint8)
+    w = qmatmul.prepare(QTensor(GGMLType.Q4_1, (256, 512), raw))
+    x, out = np.ones(512, np.float32), np.empty(256, np.float32)
+    bytes_per_s = raw.nbytes / _best_time(lambda: qmatmul.matvec_rows(w, x, out, 0, 256), repeats)
+    _inline_bytes = int(2 * overhead * bytes_per_s)
+    return {"region_overhead_s": overhead, "serial_bytes_per_s": bytes_per_s,
+            "inline_threshold_bytes": _inline_bytes}
+
+
+def matmul_vec_adaptive_into(weights: PackedWeight, x: np.ndarray, out: np.ndarray,
+                             config: WorkDistributionConfig | None = None,
+                             stats: WorkStealingStats | None = GLOBAL_STATS) -> np.ndarray:
+    """out = weights @ x, cut into tasks by `config` (default: for_matmul of the shape)."""
+    if not isinstance(weights, PackedWeight):
+        weights = _packed(weights)
+    qmatmul._check_vec(weights, x, out, 0, weights.shape[0])
+    return _matvec(weights, x, out, config, stats)
+
+
+def _matvec(weights: PackedWeight, x, out, config=None, stats=GLOBAL_STATS):
+    """matmul_vec_adaptive_into without the argument checks: the model's hot path."""
+    rows, cols = weights.shape
+    n_threads = _get_num_threads()
+    if n_threads == 1 or weights.nbytes < inline_threshold_bytes():
+        qmatmul._KERNELS[weights.kind][0](weights.codes, weights.scale, weights.min, weights.group,
+                                          x, out, 0, rows)
+        return out
+    key = (rows, cols, config, n_threads)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = TaskPlan(rows, config or WorkDistributionConfig.for_matmul(rows, cols),
+                                      n_threads)
+    # Chunk size one task: dynamic scheduling. Set from Python, since a compiled function that
+    # sets it cannot be cached on disk.
+    previous = _set_chunksize(1)
+    try:
+        local = _TASK_KERNELS[weights.kind](weights.codes, weights.scale, weights.min, weights.group,
+                                            x, out, plan.bounds, plan.runners, plan.owners)
+    finally:
+        _set_chunksize(previous)
+    if stats is not None:
+        stats.record_counts(len(plan.runners), local)
+    return out
+
+
+def matmul_vec_adaptive(weights, x: np.ndarray, config: WorkDistributionConfig | None = None,
+                        stats: WorkStealingStats | None = GLOBAL_STATS) -> np.ndarray:
+    rows = weights.shape[0]
+    out = np.empty(rows, np.float32)
+    return matmul_vec_adaptive_into(weights, np.ascontiguousarray(x, np.float32), out, config, stats)
+
+
+def _packed(weights) -> PackedWeight:
+    """Accept a QTensor or a float matrix too (repacked per call: for tests and one-offs)."""
+    from ..quant import QTensor
+
+    if not isinstance(weights, QTensor):
+        weights = QTensor.from_float(np.ascontiguousarray(weights, np.float32))
+    return qmatmul.prepare(weights)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _attention_tasks(q, k_cache, v_cache, n_valid, kv_map, out, bounds, runners, owners):
+    for i in prange(bounds.shape[0] - 1):
+        scores = np.empty(max(1, n_valid), np.float32)
+        attend_heads(q, k_cache, v_cache, n_valid, kv_map, out, bounds[i], bounds[i + 1], scores)
+        runners[i] = numba.get_thread_id()
+    return _count_local(runners, owners)
+
+
+def attention_parallel_adaptive(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
+                                n_valid: int, kv_map: np.ndarray, out: np.ndarray,
+                                config: WorkDistributionConfig | None = None,
+                                scores: np.ndarray | None = None,
+                                stats: WorkStealingStats | None = GLOBAL_STATS) -> np.ndarray:
+    """GQA attention of one query per head over a layer's KV cache, heads cut into tasks.
+
+    q, out: (n_heads, head_dim); k_cache, v_cache: (cache_len, n_kv_heads, head_dim), of which
+    the first n_valid slots hold keys; kv_map: (n_heads,) int64, the KV head of each query head.
+    """
+    n_heads, head_dim = q.shape
+    n_threads = _get_num_threads()
+    work_bytes = 2 * n_valid * k_cache.shape[1] * head_dim * 4
+    if n_threads == 1 or work_bytes < inline_threshold_bytes():
+        if scores is None or scores.shape[0] < n_valid:
+            scores = np.empty(max(1, n_valid), np.float32)
+        attend_heads(q, k_cache, v_cache, n_valid, kv_map, out, 0, n_heads, scores)
+        return out
+    config = config or WorkDistributionConfig.for_attention(n_heads, n_valid)
+    key = ("attention", n_heads, config, n_threads)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = TaskPlan(n_heads, config, n_threads, align=1)
+    previous = _set_chunksize(1)
+    try:
+        local = _attention_tasks(q, k_cache, v_cache, n_valid, kv_map, out, plan.bounds,
+                                 plan.runners, plan.owners)
+    finally:
+        _set_chunksize(previous)
+    if stats is not None:
+        stats.record_counts(len(plan.runners), local)
+    return out
