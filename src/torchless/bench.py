@@ -24,8 +24,8 @@ def measure_bandwidth(threads: int, nbytes: int = 256 << 20, repeats: int = 5) -
     previous = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
-        parallel_sum(buf)  # compile and fault the pages in
-        best = min(_timed(parallel_sum, buf) for _ in range(repeats))
+        parallel_sum(buf, 8 * threads)  # compile and fault the pages in
+        best = min(_timed(parallel_sum, buf, 8 * threads) for _ in range(repeats))
     finally:
         numba.set_num_threads(previous)
     return nbytes / best
@@ -64,13 +64,14 @@ def run_bench(model, prompt_tokens: int = 256, gen_tokens: int = 128, runs: int 
         prefill_rates.append(prompt_tokens / (t1 - t0))
         decode_rates.append(gen_tokens / (t2 - t1))
     prefill, decode = statistics.median(prefill_rates[1:]), statistics.median(decode_rates[1:])
+    peak_rss = peak_rss_bytes()  # before the bandwidth probe's buffer raises it
     bytes_per_token = model.weight_bytes_per_token()
     bandwidth = measure_bandwidth(threads)
     return {
         "threads": threads,
         "prefill_tok_s": prefill,
         "decode_tok_s": decode,
-        "peak_rss_mb": peak_rss_bytes() / 1e6,
+        "peak_rss_mb": peak_rss / 1e6,
         "weight_bytes_per_token": bytes_per_token,
         "bandwidth_gb_s": bandwidth / 1e9,
         "bandwidth_share": bytes_per_token * decode / bandwidth,

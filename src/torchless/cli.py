@@ -223,14 +223,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one of: {', '.join(KNOWN_MODELS)} (default: {DEFAULT_MODEL})")
     p.set_defaults(func=cmd_pull)
 
-    # More subcommands (bench) register here: each module adds its parser with a `func`.
-    for register in EXTRA_COMMANDS:
-        register(sub)
+    p = sub.add_parser("bench", help="measure prefill and decode speed, memory and bandwidth use",
+                       description="Run a prefill of --prompt-tokens random tokens, then --gen-tokens "
+                                   "greedy decode steps, --runs times after one warm-up, and print the "
+                                   "median speeds, peak RSS, the weight bytes read per decoded token "
+                                   "and the share of the measured memory bandwidth that decoding uses.")
+    p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
+    p.add_argument("--threads", type=int, default=None,
+                   help="worker threads (default: the cores this process may use)")
+    p.add_argument("--prompt-tokens", type=int, default=256, help="prefill length (default 256)")
+    p.add_argument("--gen-tokens", type=int, default=128, help="decode steps (default 128)")
+    p.add_argument("--runs", type=int, default=3, help="measured runs after a warm-up (default 3)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
-# Functions `register(subparsers)` that add a subcommand; `bench` goes here when it lands.
-EXTRA_COMMANDS: list = []
+def cmd_bench(args) -> int:
+    import json
+
+    from .bench import format_report, run_bench
+    from .hub import resolve_model
+    from .loader import Parameters
+    from .model.mistral import Mistral
+
+    for name in ("threads", "prompt_tokens", "gen_tokens", "runs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise TorchlessError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    path = resolve_model(args.model)
+    _err(f"benchmarking {path}")
+    model = Mistral.load(Parameters.load(path))
+    if args.prompt_tokens + args.gen_tokens > model.config.context_length:
+        raise TorchlessError(f"--prompt-tokens + --gen-tokens = {args.prompt_tokens + args.gen_tokens} "
+                             f"exceeds the context of {model.config.context_length}")
+    report = run_bench(model, args.prompt_tokens, args.gen_tokens, args.runs, args.threads)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

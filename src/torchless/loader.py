@@ -113,19 +113,27 @@ class Parameters:
     def release_pages(self):
         """Drop the file's pages from this process's resident memory once the weights have been
         repacked; the mapping stays valid, and a later read faults pages back in from the file."""
-        seen = set()
         for tensor in self.tensors.values():
-            base = tensor.data
-            while base is not None and not hasattr(base, "_mmap"):
-                base = getattr(base, "base", None)
-            mm = getattr(base, "_mmap", None)
-            if mm is not None and id(mm) not in seen and hasattr(mm, "madvise"):
-                seen.add(id(mm))
-                try:
-                    mm.madvise(mmap.MADV_DONTNEED)
-                except (OSError, ValueError):
-                    pass  # only a memory saving; never a reason to fail
+            release_pages(tensor.data)
 
     @property
     def weight_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+
+def release_pages(array) -> None:
+    """madvise(DONTNEED) the pages under a view of a read-only file mapping. Harmless to the
+    mapping's other views: a dropped page is read back from the file when next touched."""
+    base = array
+    while base is not None and not hasattr(base, "_mmap"):
+        base = getattr(base, "base", None)
+    mm = getattr(base, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or array.nbytes == 0:
+        return
+    page = mmap.PAGESIZE
+    offset = array.__array_interface__["data"][0] - base.__array_interface__["data"][0] + base.offset
+    start = offset // page * page
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, start, min(len(mm), offset + array.nbytes) - start)
+    except (OSError, ValueError):
+        pass  # only a memory saving; never a reason to fail

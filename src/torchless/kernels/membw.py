@@ -5,9 +5,8 @@ import numpy as np
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=True)
-def parallel_sum(buf: np.ndarray) -> float:
+def parallel_sum(buf: np.ndarray, n_chunks: int) -> float:
     # Per-thread partial sums over contiguous slices, so each thread streams its own memory.
-    n_chunks = numba.get_num_threads() * 8
     step = (buf.size + n_chunks - 1) // n_chunks
     partial = np.zeros(n_chunks, np.float32)
     for c in numba.prange(n_chunks):

@@ -16,8 +16,9 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ContextOverflowError, ModelFileError
-from ..kernels import fused, ops, qmatmul
-from ..kernels.adaptive import _matvec, attention_parallel_adaptive
+from ..kernels import fused, gemm, ops, qmatmul
+from ..kernels.adaptive import _get_num_threads, _matvec, attention_parallel_adaptive
+from ..loader import release_pages
 from ..quant import QTensor
 
 
@@ -45,8 +46,12 @@ class Linear:
     def __call__(self, x: np.ndarray, fast: bool = False) -> np.ndarray:
         """x: (T, in) -> (T, out)"""
         if fast:
+            x = np.ascontiguousarray(x, np.float32)
             y = np.empty((x.shape[0], self.shape[0]), np.float32)
-            qmatmul.matmul_into(self.packed, np.ascontiguousarray(x, np.float32), y)
+            if x.shape[0] >= gemm.MIN_TOKENS_FOR_BLAS:
+                gemm.matmul_blas_into(self.packed, x, y, _get_num_threads())
+            else:
+                qmatmul.matmul_into(self.packed, x, y)
         else:
             y = x @ self.dense.T
         return y if self.bias is None else y + self.bias
@@ -128,11 +133,13 @@ class Mistral:
                              "ffn_down")] + [self.output]
 
     def prepare_fast(self, release=None) -> "Mistral":
-        """Repack every weight for the quantized kernels (once); `release` drops the file's pages."""
+        """Repack every weight for the quantized kernels (once). `release(array)`, if given, drops
+        a stored weight's file pages from memory as soon as it is repacked, so loading never
+        holds the whole file and the whole repacked model at once."""
         for linear in self.linears():
             linear.packed
-        if release is not None:
-            release()
+            if release is not None:
+                release(linear.weight.data)
         return self
 
     def weight_bytes_per_token(self) -> int:
@@ -188,7 +195,7 @@ class Mistral:
             output = Linear(embedding)  # tied embeddings
         model = cls(c, embedding, layers,
                     np.array(tensor("output_norm.weight", (c.hidden_size,)).dequantize()), output)
-        return model.prepare_fast(getattr(params, "release_pages", None)) if fast else model
+        return model.prepare_fast(release_pages) if fast else model
 
     # -- the reference path ------------------------------------------------------------------
 
@@ -311,6 +318,7 @@ class Mistral:
             raise ContextOverflowError(
                 f"prompt of {len(tokens)} tokens (after {state.pos} already in the sequence) does "
                 f"not fit the context of {state.max_seq_len}")
-        outs = [self._forward_tokens(state, tokens[i:i + chunk_size], all_logits, fast=True)
-                for i in range(0, len(tokens), chunk_size)]
+        with gemm.single_threaded_blas():
+            outs = [self._forward_tokens(state, tokens[i:i + chunk_size], all_logits, fast=True)
+                    for i in range(0, len(tokens), chunk_size)]
         return np.concatenate(outs) if all_logits else state.logits
