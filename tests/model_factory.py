@@ -131,3 +131,75 @@ def tokenizer_metadata_of(gguf_path: Path) -> dict:
 
     meta = GGUFFile(gguf_path).metadata
     return {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
+
+
+# f16 scale fields per block of the K types: (offset, typical magnitude)
+_K_SCALES = {"Q4_K": [(0, 1e-4), (2, 5e-5)], "Q5_K": [(0, 5e-5), (2, 2.5e-5)], "Q6_K": [(208, 2e-5)]}
+
+
+def random_weight_blocks(rows: int, cols: int, qtype: str, rng) -> tuple[np.ndarray, object]:
+    """Stored bytes of a random (rows, cols) weight of `qtype`, with moderate values.
+
+    Types gguf-py can quantize are made by quantizing random floats; K types, which it cannot,
+    are random blocks with small f16 scales."""
+    import gguf
+
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    if qtype not in _K_SCALES:
+        w = (rng.standard_normal((rows, cols)) * 0.08).astype(np.float32)
+        return (w if qtype == "F32" else gguf.quants.quantize(w, t)), t
+    block, size = gguf.GGML_QUANT_SIZES[t]
+    raw = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
+    for off, mag in _K_SCALES[qtype]:
+        scale = (mag * rng.uniform(0.5, 1.5, len(raw))).astype(np.float16)
+        raw[:, off:off + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return raw.reshape(rows, -1), t
+
+
+def write_random_gguf(path: Path, qtype: str, seed: int = 0, hidden: int = 256, inter: int = 512,
+                      n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2, vocab: int = 320,
+                      context: int = 256, sliding_window: int | None = None) -> Path:
+    """A random llama-architecture GGUF whose 2-D weights are all of `qtype`."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(n_layers)
+    w.add_context_length(context)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(vocab)
+    if sliding_window:
+        w.add_sliding_window(sliding_window)
+    hd = hidden // n_heads
+    shapes = {"attn_q": (n_heads * hd, hidden), "attn_k": (n_kv_heads * hd, hidden),
+              "attn_v": (n_kv_heads * hd, hidden), "attn_output": (hidden, n_heads * hd),
+              "ffn_gate": (inter, hidden), "ffn_up": (inter, hidden), "ffn_down": (hidden, inter)}
+
+    def add(name, rows, cols):
+        data, t = random_weight_blocks(rows, cols, qtype, rng)
+        if data.dtype == np.uint8:  # stored bytes: the writer derives the shape from the type
+            w.add_tensor(name, data, raw_dtype=t)
+        else:
+            w.add_tensor(name, data)
+
+    def norm(name):
+        w.add_tensor(name, rng.uniform(0.5, 1.5, hidden).astype(np.float32))
+
+    add("token_embd.weight", vocab, hidden)
+    for i in range(n_layers):
+        norm(f"blk.{i}.attn_norm.weight")
+        norm(f"blk.{i}.ffn_norm.weight")
+        for kind, (rows, cols) in shapes.items():
+            add(f"blk.{i}.{kind}.weight", rows, cols)
+    norm("output_norm.weight")
+    add("output.weight", vocab, hidden)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

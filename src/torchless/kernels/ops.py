@@ -12,7 +12,8 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1.0) + np.exp(-x))
+    with np.errstate(over="ignore"):  # exp(-x) = inf for x < -88 gives the right limit, -0
+        return x / (np.float32(1.0) + np.exp(-x))
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
