@@ -23,7 +23,7 @@ class LLM:
     def __init__(self, model: str | None = None, *, n_ctx: int | None = None, seed: int | None = None,
                  verbose: bool = False, parallel=None):
         from .loader import Parameters
-        from .model.mistral import InferenceState, Mistral
+        from .model.mistral import Mistral
 
         if parallel is not None:
             raise TorchlessError(f"parallel={parallel!r}: parallel execution is not supported yet")
@@ -36,7 +36,7 @@ class LLM:
         self.model = Mistral.load(self.params)
         self.tokenizer = self.params.tokenizer
         self.config = self.model.config
-        self.state = InferenceState(self.config, max_seq_len=n_ctx or None)
+        self.state = self.model.new_state(max_seq_len=n_ctx or None)
         self.model_path = str(self.params.path)
         self.seed = seed
         self.verbose = verbose

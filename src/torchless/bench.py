@@ -42,14 +42,13 @@ def run_bench(model, prompt_tokens: int = 256, gen_tokens: int = 128, runs: int 
     """Median over `runs` of: a `prompt_tokens` prefill, then `gen_tokens` greedy decode steps."""
     import numba
 
-    from .model.mistral import InferenceState
 
     if threads:
         numba.set_num_threads(threads)
     threads = numba.get_num_threads()
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, model.config.vocab_size, prompt_tokens).tolist()
-    state = InferenceState(model.config, max_seq_len=prompt_tokens + gen_tokens + 1)
+    state = model.new_state(max_seq_len=prompt_tokens + gen_tokens + 1)
     prefill_rates, decode_rates = [], []
     for _ in range(runs + 1):  # the first run warms up compilation and page faults
         state.reset()

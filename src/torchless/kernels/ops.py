@@ -46,19 +46,19 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: boo
     return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray,
+              kv_map: np.ndarray | None = None) -> np.ndarray:
     """Grouped-query attention.
 
-    q: (T, n_heads, head_dim); k, v: (S, n_kv_heads, head_dim); mask: (T, S) bool, True = may attend.
+    q: (T, n_heads, head_dim); k, v: (S, n_kv_heads, head_dim); mask: (T, S) bool, True = may
+    attend; kv_map: (n_heads,) the KV head of each query head (default: equal groups in order).
     Returns (T, n_heads, head_dim).
     """
     n_heads, head_dim = q.shape[1], q.shape[2]
-    group = n_heads // k.shape[1]
-    qh = q.transpose(1, 0, 2).reshape(k.shape[1], group * q.shape[0], head_dim)  # (kv, group*T, hd)
-    kh = k.transpose(1, 2, 0)  # (kv, hd, S)
-    scores = (qh @ kh) / np.float32(np.sqrt(head_dim))  # (kv, group*T, S)
-    scores = scores.reshape(n_heads, q.shape[0], -1)
+    if kv_map is None:
+        kv_map = np.arange(n_heads) // (n_heads // k.shape[1])
+    kh = k[:, kv_map].transpose(1, 2, 0)  # (n_heads, hd, S)
+    vh = v[:, kv_map].transpose(1, 0, 2)  # (n_heads, S, hd)
+    scores = (q.transpose(1, 0, 2) @ kh) / np.float32(np.sqrt(head_dim))  # (n_heads, T, S)
     scores = np.where(mask[None], scores, np.float32(-np.inf))
-    probs = softmax(scores, axis=-1).reshape(k.shape[1], group * q.shape[0], -1)
-    out = probs @ v.transpose(1, 0, 2)  # (kv, group*T, hd)
-    return out.reshape(n_heads, q.shape[0], head_dim).transpose(1, 0, 2)
+    return (softmax(scores, axis=-1) @ vh).transpose(1, 0, 2)

@@ -77,6 +77,23 @@ class LayerWeights:
     ffn_down: Linear       # (hidden, intermediate)
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """The part of every layer that one model instance computes: all of it, or one
+    tensor-parallel rank's heads, FFN rows and vocabulary slice."""
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    kv_map: tuple[int, ...]         # (n_heads,) local query head -> local KV head
+    vocab_range: tuple[int, int]    # the rows of the output projection held here
+
+    @classmethod
+    def full(cls, config: ModelConfig) -> "ShardLayout":
+        group = config.n_heads // config.n_kv_heads
+        return cls(config.n_heads, config.n_kv_heads, config.intermediate_size,
+                   tuple(h // group for h in range(config.n_heads)), (0, config.vocab_size))
+
+
 class InferenceState:
     """Activations, KV cache and logits of one sequence, allocated once.
 
@@ -85,26 +102,28 @@ class InferenceState:
     np.zeros maps untouched pages lazily, so a long context costs memory only as it fills.
     """
 
-    def __init__(self, config: ModelConfig, max_seq_len: int | None = None):
+    def __init__(self, config: ModelConfig, max_seq_len: int | None = None,
+                 layout: ShardLayout | None = None):
         self.config = config
+        layout = layout or ShardLayout.full(config)
         self.max_seq_len = min(max_seq_len or config.context_length, config.context_length)
         self.cache_len = min(config.kv_cache_len, self.max_seq_len)
-        shape = (config.n_layers, self.cache_len, config.n_kv_heads, config.head_dim)
+        shape = (config.n_layers, self.cache_len, layout.n_kv_heads, config.head_dim)
         self.k_cache = np.zeros(shape, np.float32)  # (layers, cache_len, n_kv_heads, head_dim)
         self.v_cache = np.zeros(shape, np.float32)
         self.logits = np.zeros(config.vocab_size, np.float32)  # (vocab,)
         self.pos = 0
         # One-token decode buffers, reused every step.
-        kv_dim = config.n_kv_heads * config.head_dim
+        kv_dim = layout.n_kv_heads * config.head_dim
         self.x = np.zeros(config.hidden_size, np.float32)       # residual stream
         self.h = np.zeros(config.hidden_size, np.float32)       # normed input of a block
-        self.q = np.zeros((config.n_heads, config.head_dim), np.float32)
+        self.q = np.zeros((layout.n_heads, config.head_dim), np.float32)
         self.k = np.zeros(kv_dim, np.float32)
         self.v = np.zeros(kv_dim, np.float32)
-        self.att = np.zeros((config.n_heads, config.head_dim), np.float32)
+        self.att = np.zeros((layout.n_heads, config.head_dim), np.float32)
         self.o = np.zeros(config.hidden_size, np.float32)       # a block's output
-        self.gate = np.zeros(config.intermediate_size, np.float32)
-        self.up = np.zeros(config.intermediate_size, np.float32)
+        self.gate = np.zeros(layout.intermediate_size, np.float32)
+        self.up = np.zeros(layout.intermediate_size, np.float32)
         self.scores = np.zeros(self.cache_len, np.float32)
 
     def reset(self):
@@ -116,16 +135,43 @@ class InferenceState:
 
 
 class Mistral:
+    """The decoder. With a `group` and a `layout` it is one tensor-parallel shard: its linears
+    hold that rank's rows or columns, and the partial sums after the attention output, the FFN
+    down projection and the vocabulary slice of the logits are all-reduced over the group."""
+
     def __init__(self, config: ModelConfig, embedding: QTensor, layers: list[LayerWeights],
-                 output_norm: np.ndarray, output: Linear):
+                 output_norm: np.ndarray, output: Linear, layout: ShardLayout | None = None,
+                 group=None):
         self.config = config
         self.embedding = embedding      # (vocab, hidden), stored format
         self.layers = layers
         self.output_norm = output_norm  # (hidden,)
-        self.output = output            # (vocab, hidden)
-        group = config.n_heads // config.n_kv_heads
-        self.kv_map = np.arange(config.n_heads, dtype=np.int64) // group  # query head -> KV head
+        self.output = output            # (vocab or this shard's vocab slice, hidden)
+        self.group = group              # None: the whole model in this process
+        self.set_layout(layout or ShardLayout.full(config))
         self._rope_cos = self._rope_sin = np.zeros((0, config.head_dim // 2), np.float32)
+
+    def set_layout(self, layout: ShardLayout):
+        self.layout = layout
+        self.kv_map = np.array(layout.kv_map, dtype=np.int64)  # local query head -> local KV head
+
+    def new_state(self, max_seq_len: int | None = None) -> InferenceState:
+        return InferenceState(self.config, max_seq_len, self.layout)
+
+    def _reduce(self, partial: np.ndarray) -> np.ndarray:
+        """Sum a row-parallel product's partials over the group (nothing to do unsharded)."""
+        return partial if self.group is None else self.group.all_reduce_sum(partial)
+
+    def _gather_logits(self, local: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Logits (..., vocab) from this shard's vocabulary slice: the slices are disjoint, so
+        an all-reduce of zero-padded slices is their concatenation."""
+        v0, v1 = self.layout.vocab_range
+        if (v0, v1) == (0, self.config.vocab_size):
+            out[...] = local
+            return out
+        out[...] = 0.0
+        out[..., v0:v1] = local
+        return self._reduce(out)
 
     def linears(self) -> list[Linear]:
         return [getattr(layer, kind) for layer in self.layers
@@ -211,9 +257,10 @@ class Mistral:
                          h: np.ndarray, positions: np.ndarray, fast: bool) -> np.ndarray:
         c = self.config
         T = h.shape[0]
-        q = layer.attn_q(h, fast).reshape(T, c.n_heads, c.head_dim)
-        k = layer.attn_k(h, fast).reshape(T, c.n_kv_heads, c.head_dim)
-        v = layer.attn_v(h, fast).reshape(T, c.n_kv_heads, c.head_dim)
+        n_heads, n_kv_heads = self.layout.n_heads, self.layout.n_kv_heads
+        q = layer.attn_q(h, fast).reshape(T, n_heads, c.head_dim)
+        k = layer.attn_k(h, fast).reshape(T, n_kv_heads, c.head_dim)
+        v = layer.attn_v(h, fast).reshape(T, n_kv_heads, c.head_dim)
         cos, sin = ops.rope_tables(positions, c.head_dim, c.rope_theta)
         q = ops.apply_rope(q, cos, sin, c.rope_interleaved)
         k = ops.apply_rope(k, cos, sin, c.rope_interleaved)
@@ -233,8 +280,8 @@ class Mistral:
         state.k_cache[li, positions[keep] % state.cache_len] = k[keep]
         state.v_cache[li, positions[keep] % state.cache_len] = v[keep]
 
-        out = ops.attention(q, keys, values, mask).reshape(T, c.n_heads * c.head_dim)
-        return layer.attn_output(out, fast)
+        out = ops.attention(q, keys, values, mask, self.kv_map).reshape(T, n_heads * c.head_dim)
+        return self._reduce(layer.attn_output(out, fast))
 
     def _forward_tokens(self, state: InferenceState, tokens, all_logits: bool,
                         fast: bool = False) -> np.ndarray:
@@ -249,10 +296,12 @@ class Mistral:
             h = ops.rmsnorm(x, layer.attn_norm, c.norm_eps)
             x = x + self._attention_block(layer, li, state, h, positions, fast)
             h = ops.rmsnorm(x, layer.ffn_norm, c.norm_eps)
-            x = x + layer.ffn_down(ops.silu(layer.ffn_gate(h, fast)) * layer.ffn_up(h, fast), fast)
+            x = x + self._reduce(
+                layer.ffn_down(ops.silu(layer.ffn_gate(h, fast)) * layer.ffn_up(h, fast), fast))
         state.pos += T
         x = ops.rmsnorm(x if all_logits else x[-1:], self.output_norm, c.norm_eps)
-        logits = self.output(x, fast)  # (T or 1, vocab)
+        logits = self._gather_logits(self.output(x, fast),
+                                     np.empty((x.shape[0], c.vocab_size), np.float32))
         state.logits[:] = logits[-1]
         return logits
 
@@ -286,16 +335,22 @@ class Mistral:
             attention_parallel_adaptive(state.q, k_cache, v_cache, n_valid, self.kv_map, state.att,
                                         scores=state.scores)
             layer.attn_output.matvec_into(state.att.reshape(-1), state.o)
-            fused.add_into(x, state.o)
+            fused.add_into(x, self._reduce(state.o))
             fused.rmsnorm_into(x, layer.ffn_norm, c.norm_eps, h)
             layer.ffn_gate.matvec_into(h, state.gate)
             layer.ffn_up.matvec_into(h, state.up)
             fused.swiglu_into(state.gate, state.up, state.gate)
             layer.ffn_down.matvec_into(state.gate, state.o)
-            fused.add_into(x, state.o)
+            fused.add_into(x, self._reduce(state.o))
         state.pos += 1
         fused.rmsnorm_into(x, self.output_norm, c.norm_eps, h)
-        self.output.matvec_into(h, state.logits)
+        v0, v1 = self.layout.vocab_range
+        if (v0, v1) == (0, c.vocab_size):
+            self.output.matvec_into(h, state.logits)
+        else:
+            state.logits[:] = 0.0
+            self.output.matvec_into(h, state.logits[v0:v1])
+            self._reduce(state.logits)
         return state.logits
 
     def embed_into(self, token: int, out: np.ndarray) -> np.ndarray:
