@@ -56,9 +56,10 @@ class Linear:
             y = x @ self.dense.T
         return y if self.bias is None else y + self.bias
 
-    def matvec_into(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """out = W @ x (+ bias) for one token, through the scheduler."""
-        _matvec(self.packed, x, out)
+    def matvec_into(self, x: np.ndarray, out: np.ndarray, work=None) -> np.ndarray:
+        """out = W @ x (+ bias) for one token, cut into tasks by `work` (a
+        WorkDistributionConfig; None: the adaptive choice for this shape)."""
+        _matvec(self.packed, x, out, work)
         if self.bias is not None:
             fused.add_bias(out, self.bias)
         return out
@@ -312,44 +313,54 @@ class Mistral:
 
     def fast_forward(self, state: InferenceState, token: int, debug: bool = False) -> np.ndarray:
         """One token through the compiled kernels; leaves its logits in state.logits."""
-        c = self.config
         if state.pos + 1 > state.max_seq_len:
             raise ContextOverflowError(
                 f"sequence of {state.pos + 1} tokens does not fit the context of {state.max_seq_len}")
         self.embed_into(token, state.x)
+        for li in range(len(self.layers)):
+            self.decode_attention(li, state)
+            self.decode_mlp(li, state)
+        state.pos += 1
+        return self.decode_logits(state)
+
+    def decode_attention(self, li: int, state: InferenceState, work=None):
+        """x += attention block of layer li for the token at state.pos (one token, in place)."""
+        c, layer, x, h = self.config, self.layers[li], state.x, state.h
         cos, sin = self.rope_at(state.pos)
         slot = state.pos % state.cache_len
-        n_valid = min(state.pos + 1, state.cache_len)
-        x, h = state.x, state.h
-        for li, layer in enumerate(self.layers):
-            fused.rmsnorm_into(x, layer.attn_norm, c.norm_eps, h)
-            layer.attn_q.matvec_into(h, state.q.reshape(-1))
-            layer.attn_k.matvec_into(h, state.k)
-            layer.attn_v.matvec_into(h, state.v)
-            k_cache, v_cache = state.k_cache[li], state.v_cache[li]
-            k_new = k_cache[slot]  # (n_kv_heads, head_dim), a view into the cache
-            k_new[:] = state.k.reshape(k_new.shape)
-            v_cache[slot] = state.v.reshape(k_new.shape)
-            fused.rope_rows(state.q, cos, sin, c.rope_interleaved)
-            fused.rope_rows(k_new, cos, sin, c.rope_interleaved)
-            attention_parallel_adaptive(state.q, k_cache, v_cache, n_valid, self.kv_map, state.att,
-                                        scores=state.scores)
-            layer.attn_output.matvec_into(state.att.reshape(-1), state.o)
-            fused.add_into(x, self._reduce(state.o))
-            fused.rmsnorm_into(x, layer.ffn_norm, c.norm_eps, h)
-            layer.ffn_gate.matvec_into(h, state.gate)
-            layer.ffn_up.matvec_into(h, state.up)
-            fused.swiglu_into(state.gate, state.up, state.gate)
-            layer.ffn_down.matvec_into(state.gate, state.o)
-            fused.add_into(x, self._reduce(state.o))
-        state.pos += 1
-        fused.rmsnorm_into(x, self.output_norm, c.norm_eps, h)
+        fused.rmsnorm_into(x, layer.attn_norm, c.norm_eps, h)
+        layer.attn_q.matvec_into(h, state.q.reshape(-1), work)
+        layer.attn_k.matvec_into(h, state.k, work)
+        layer.attn_v.matvec_into(h, state.v, work)
+        k_cache, v_cache = state.k_cache[li], state.v_cache[li]  # (cache_len, n_kv, head_dim)
+        k_new = k_cache[slot]  # (n_kv_heads, head_dim), a view into the cache
+        k_new[:] = state.k.reshape(k_new.shape)
+        v_cache[slot] = state.v.reshape(k_new.shape)
+        fused.rope_rows(state.q, cos, sin, c.rope_interleaved)
+        fused.rope_rows(k_new, cos, sin, c.rope_interleaved)
+        attention_parallel_adaptive(state.q, k_cache, v_cache, min(state.pos + 1, state.cache_len),
+                                    self.kv_map, state.att, scores=state.scores)
+        layer.attn_output.matvec_into(state.att.reshape(-1), state.o, work)
+        fused.add_into(x, self._reduce(state.o))
+
+    def decode_mlp(self, li: int, state: InferenceState, work=None):
+        """x += SwiGLU block of layer li (one token, in place)."""
+        layer, x, h = self.layers[li], state.x, state.h
+        fused.rmsnorm_into(x, layer.ffn_norm, self.config.norm_eps, h)
+        layer.ffn_gate.matvec_into(h, state.gate, work)
+        layer.ffn_up.matvec_into(h, state.up, work)
+        fused.swiglu_into(state.gate, state.up, state.gate)
+        layer.ffn_down.matvec_into(state.gate, state.o, work)
+        fused.add_into(x, self._reduce(state.o))
+
+    def decode_logits(self, state: InferenceState) -> np.ndarray:
+        fused.rmsnorm_into(state.x, self.output_norm, self.config.norm_eps, state.h)
         v0, v1 = self.layout.vocab_range
-        if (v0, v1) == (0, c.vocab_size):
-            self.output.matvec_into(h, state.logits)
+        if (v0, v1) == (0, self.config.vocab_size):
+            self.output.matvec_into(state.h, state.logits)
         else:
             state.logits[:] = 0.0
-            self.output.matvec_into(h, state.logits[v0:v1])
+            self.output.matvec_into(state.h, state.logits[v0:v1])
             self._reduce(state.logits)
         return state.logits
 
