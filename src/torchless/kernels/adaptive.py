@@ -1,9 +1,13 @@
 """The scheduler of seed 6.1: kernels cut into tasks by a WorkDistributionConfig.
 
-Tasks run inside numba's parallel runtime with a chunk size of one task, so scheduling is
-dynamic: a thread that finishes its task takes the next free one, whoever it would have gone to
-under a static split. Each task records the thread that ran it, and `WorkStealingStats` counts
-those against the static owners. Work too small to pay for a parallel region runs inline on the
+Tasks run inside numba's parallel runtime, one worker per numba thread (a prange over the
+workers). Each worker owns a contiguous range of tasks (its static share: task i belongs to
+worker i * threads // n) and claims them one at a time with an atomic fetch-add on its range's
+counter; when its range is used up it claims from the other workers' ranges the same way, so a
+worker that finishes early takes tasks another would have run. (numba's own chunk size does not
+give this with the omp threading layer: its `omp for` has the static schedule, so chunks are
+split in fixed blocks.) Each task records the worker that ran it, and `WorkStealingStats` counts
+those against the owners. Work too small to pay for a parallel region runs inline on the
 caller's thread, as no task at all; the threshold comes from a measurement (`calibrate`).
 """
 
@@ -13,7 +17,9 @@ import time
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import qmatmul
 from .qmatmul import TILE, PackedWeight, _group_sums, _tile_f32, _tile_q4, _tile_q8
@@ -36,43 +42,85 @@ except (ImportError, AttributeError):  # a numba without them: the public, slowe
     _set_chunksize, _get_num_threads = numba.set_parallel_chunksize, numba.get_num_threads
 
 
+@intrinsic
+def _fetch_add(typingctx, counters, v):
+    """counters[v] += 1 atomically (LLVM atomicrmw); returns the value before the add."""
+    if not (isinstance(counters, types.Array) and counters.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        idx = context.cast(builder, args[1], signature.args[1], types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [idx])
+        return builder.atomic_rmw("add", ptr, context.get_constant(types.int64, 1), "monotonic")
+
+    return types.int64(counters, v), codegen
+
+
+@njit(nogil=True, cache=True)
+def _claim(counters, ends, w):
+    """The next task for worker w: its own next one (counters[w] runs from starts[w] to
+    ends[w] = starts[w + 1], the tasks it owns), else the next one of another worker's range
+    (stolen); -1 when none is left. Each index is claimed by exactly one fetch-add."""
+    n_workers = counters.shape[0]
+    for k in range(n_workers):
+        v = (w + k) % n_workers
+        if counters[v] < ends[v]:  # a stale read only costs one wasted fetch-add
+            i = _fetch_add(counters, v)
+            if i < ends[v]:
+                return i
+    return -1
+
+
 @njit(nogil=True, cache=True, parallel=True)
-def _tasks_q4(codes, scale, mn, group, x, out, bounds, runners, owners):
+def _tasks_q4(codes, scale, mn, group, x, out, bounds, runners, owners, starts):
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
     if mn.shape[1] > 0:
         _group_sums(x, group, xs)
-    for i in prange(bounds.shape[0] - 1):
+    counters, ends = starts[:-1].copy(), starts[1:]
+    for w in prange(counters.shape[0]):
         s = np.empty(TILE, np.float32)
         acc = np.empty(TILE, np.float32)
-        for t in range(bounds[i] // TILE, (bounds[i + 1] + TILE - 1) // TILE):
-            _tile_q4(codes, scale, mn, x, xs, out, t, bounds[i], bounds[i + 1], s, acc)
-        runners[i] = numba.get_thread_id()
+        i = _claim(counters, ends, w)
+        while i >= 0:
+            for t in range(bounds[i] // TILE, (bounds[i + 1] + TILE - 1) // TILE):
+                _tile_q4(codes, scale, mn, x, xs, out, t, bounds[i], bounds[i + 1], s, acc)
+            runners[i] = w
+            i = _claim(counters, ends, w)
     return _count_local(runners, owners)
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _tasks_q8(codes, scale, mn, group, x, out, bounds, runners, owners):
+def _tasks_q8(codes, scale, mn, group, x, out, bounds, runners, owners, starts):
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
     if mn.shape[1] > 0:
         _group_sums(x, group, xs)
-    for i in prange(bounds.shape[0] - 1):
+    counters, ends = starts[:-1].copy(), starts[1:]
+    for w in prange(counters.shape[0]):
         s = np.empty(TILE, np.float32)
         acc = np.empty(TILE, np.float32)
-        for t in range(bounds[i] // TILE, (bounds[i + 1] + TILE - 1) // TILE):
-            _tile_q8(codes, scale, mn, x, xs, out, t, bounds[i], bounds[i + 1], s, acc)
-        runners[i] = numba.get_thread_id()
+        i = _claim(counters, ends, w)
+        while i >= 0:
+            for t in range(bounds[i] // TILE, (bounds[i + 1] + TILE - 1) // TILE):
+                _tile_q8(codes, scale, mn, x, xs, out, t, bounds[i], bounds[i + 1], s, acc)
+            runners[i] = w
+            i = _claim(counters, ends, w)
     return _count_local(runners, owners)
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _tasks_f32(codes, scale, mn, group, x, out, bounds, runners, owners):
+def _tasks_f32(codes, scale, mn, group, x, out, bounds, runners, owners, starts):
     xs = np.empty(1, np.float32)
-    for i in prange(bounds.shape[0] - 1):
+    counters, ends = starts[:-1].copy(), starts[1:]
+    for w in prange(counters.shape[0]):
         s = np.empty(TILE, np.float32)
         acc = np.empty(TILE, np.float32)
-        for t in range(bounds[i] // TILE, (bounds[i + 1] + TILE - 1) // TILE):
-            _tile_f32(codes, scale, mn, x, xs, out, t, bounds[i], bounds[i + 1], s, acc)
-        runners[i] = numba.get_thread_id()
+        i = _claim(counters, ends, w)
+        while i >= 0:
+            for t in range(bounds[i] // TILE, (bounds[i + 1] + TILE - 1) // TILE):
+                _tile_f32(codes, scale, mn, x, xs, out, t, bounds[i], bounds[i + 1], s, acc)
+            runners[i] = w
+            i = _claim(counters, ends, w)
     return _count_local(runners, owners)
 
 
@@ -90,7 +138,7 @@ _TASK_KERNELS = {"q4": _tasks_q4, "q8": _tasks_q8, "f32": _tasks_f32}
 class TaskPlan:
     """Task bounds for one (rows, config, threads): computed once, reused every call."""
 
-    __slots__ = ("bounds", "runners", "owners", "n_threads")
+    __slots__ = ("bounds", "runners", "owners", "starts", "n_threads")
 
     def __init__(self, rows: int, config: WorkDistributionConfig, n_threads: int, align: int = TILE):
         self.n_threads = n_threads
@@ -98,6 +146,8 @@ class TaskPlan:
         n = len(self.bounds) - 1
         self.runners = np.zeros(n, np.int64)
         self.owners = (np.arange(n, dtype=np.int64) * n_threads) // max(n, 1)
+        # worker w owns tasks starts[w]:starts[w + 1] (those with owners == w)
+        self.starts = np.searchsorted(self.owners, np.arange(n_threads + 1)).astype(np.int64)
 
 
 _plans: dict = {}
@@ -173,12 +223,14 @@ def _matvec(weights: PackedWeight, x, out, config=None, stats=GLOBAL_STATS):
     if plan is None:
         plan = _plans[key] = TaskPlan(rows, config or WorkDistributionConfig.for_matmul(rows, cols),
                                       n_threads)
-    # Chunk size one task: dynamic scheduling. Set from Python, since a compiled function that
+    # Chunk size one: each worker its own chunk, whatever the caller set. (The balancing itself
+    # is the workers' claiming, not numba's.) Set from Python, since a compiled function that
     # sets it cannot be cached on disk.
     previous = _set_chunksize(1)
     try:
         local = _TASK_KERNELS[weights.kind](weights.codes, weights.scale, weights.min, weights.group,
-                                            x, out, plan.bounds, plan.runners, plan.owners)
+                                            x, out, plan.bounds, plan.runners, plan.owners,
+                                            plan.starts)
     finally:
         _set_chunksize(previous)
     if stats is not None:
@@ -203,11 +255,15 @@ def _packed(weights) -> PackedWeight:
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _attention_tasks(q, k_cache, v_cache, n_valid, kv_map, out, bounds, runners, owners):
-    for i in prange(bounds.shape[0] - 1):
+def _attention_tasks(q, k_cache, v_cache, n_valid, kv_map, out, bounds, runners, owners, starts):
+    counters, ends = starts[:-1].copy(), starts[1:]
+    for w in prange(counters.shape[0]):
         scores = np.empty(max(1, n_valid), np.float32)
-        attend_heads(q, k_cache, v_cache, n_valid, kv_map, out, bounds[i], bounds[i + 1], scores)
-        runners[i] = numba.get_thread_id()
+        i = _claim(counters, ends, w)
+        while i >= 0:
+            attend_heads(q, k_cache, v_cache, n_valid, kv_map, out, bounds[i], bounds[i + 1], scores)
+            runners[i] = w
+            i = _claim(counters, ends, w)
     return _count_local(runners, owners)
 
 
@@ -237,7 +293,7 @@ def attention_parallel_adaptive(q: np.ndarray, k_cache: np.ndarray, v_cache: np.
     previous = _set_chunksize(1)
     try:
         local = _attention_tasks(q, k_cache, v_cache, n_valid, kv_map, out, plan.bounds,
-                                 plan.runners, plan.owners)
+                                 plan.runners, plan.owners, plan.starts)
     finally:
         _set_chunksize(previous)
     if stats is not None:
