@@ -60,29 +60,36 @@ class WorkDistributionConfig:
         """How many tasks `total` rows become: near threads * tasks_per_thread, within the bounds.
 
         Any n with total/n in [min, max] gives balanced tasks inside both bounds. When no such n
-        exists (total < min, or max < 2 * min for some totals) the max bound wins.
+        exists (total < min, or max < 2 * min for some totals) the max bound wins: tasks of max
+        rows and a smaller last one (see `chunk_bounds`).
         """
         return _n_tasks(total, self.min_chunk_size, self.max_chunk_size,
                         self.threads * self.tasks_per_thread)
 
     def optimal_chunk_size(self, total: int) -> int:
         """The largest task, in rows, when `total` rows are cut by this configuration."""
-        n = self.n_tasks(total)
-        return -(-total // n) if n else 0
+        return int(np.diff(self.chunk_bounds(total)).max()) if total > 0 else 0
 
     def chunk_bounds(self, total: int, align: int = 1) -> np.ndarray:
-        """Task i covers rows [bounds[i], bounds[i+1]); sizes differ by at most one `align`.
+        """Task i covers rows [bounds[i], bounds[i+1]): contiguous, disjoint, covering [0, total).
 
         With align > 1 (a kernel's tile of rows), tasks start on multiples of `align` and the
-        bounds are applied in whole tiles: ceil(min / align) to floor(max / align) tiles each, so
-        every task but the last, which ends at `total`, stays inside [min, max].
+        bounds are applied in whole tiles: ceil(min / align) to floor(max / align) tiles each.
+        Every task but the last (which ends at `total`) stays inside those bounds; so with min
+        and max multiples of `align` (or align = 1), inside [min, max]. Where some task count
+        n splits the tiles within both bounds, the tasks are balanced (sizes differ by at most
+        one tile) and the last is inside the bounds too, up to its cut final tile. Where none
+        does, the max bound wins: tasks of max, then a smaller remainder.
         """
         units = -(-total // align)
         lo = -(-self.min_chunk_size // align)
-        hi = max(1, self.max_chunk_size // align)
-        n = _n_tasks(units, lo, max(lo, hi), self.threads * self.tasks_per_thread)
-        bounds = (np.arange(n + 1, dtype=np.int64) * units) // max(n, 1) * align
-        return np.minimum(bounds, total)
+        hi = max(lo, self.max_chunk_size // align)
+        n = _n_tasks(units, lo, hi, self.threads * self.tasks_per_thread)
+        if n * lo <= units:  # balanced: units/n lies in [lo, hi]
+            bounds = (np.arange(n + 1, dtype=np.int64) * units) // max(n, 1)
+        else:  # n = ceil(units / hi) tasks, all of hi units but the last
+            bounds = np.append(np.arange(n, dtype=np.int64) * hi, units)
+        return np.minimum(bounds * align, total)
 
     @classmethod
     def for_matmul(cls, rows: int, cols: int, **kw) -> "WorkDistributionConfig":
