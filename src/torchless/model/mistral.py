@@ -18,6 +18,7 @@ from ..config import ModelConfig
 from ..errors import ContextOverflowError, ModelFileError
 from ..kernels import fused, gemm, ops, qmatmul
 from ..kernels.adaptive import _get_num_threads, _matvec, attention_parallel_adaptive
+from ..kernels.tensor_parallel import all_reduce_sum
 from ..loader import release_pages
 from ..quant import QTensor
 
@@ -161,7 +162,7 @@ class Mistral:
 
     def _reduce(self, partial: np.ndarray) -> np.ndarray:
         """Sum a row-parallel product's partials over the group (nothing to do unsharded)."""
-        return partial if self.group is None else self.group.all_reduce_sum(partial)
+        return partial if self.group is None else all_reduce_sum(partial, self.group)
 
     def _gather_logits(self, local: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Logits (..., vocab) from this shard's vocabulary slice: the slices are disjoint, so
