@@ -117,8 +117,8 @@ def test_bad_inputs(llm, tiny_llama_gguf):
         llm([1, 10 ** 9])
     with pytest.raises(TorchlessError, match="empty"):
         llm([])
-    with pytest.raises(TorchlessError, match="not supported yet"):
-        LLM(str(tiny_llama_gguf), parallel="tp=2")
+    with pytest.raises(TorchlessError, match="cannot split"):
+        LLM(str(tiny_llama_gguf), parallel="tp=64")
     with pytest.raises(TorchlessError, match="known: smollm2"):
         LLM("no-such-model")
     with pytest.raises(TorchlessError, match="no such file"):
@@ -160,3 +160,14 @@ def test_smollm2_answers_and_stops_on_its_own(smol):
     assert chat["usage"]["completion_tokens"] < 60
     assert "4" in chat["choices"][0]["message"]["content"]
     assert "<|im_end|>" not in chat["choices"][0]["message"]["content"]
+
+
+def test_tensor_parallel_llm_writes_the_same_text(llm, tiny_llama_gguf):
+    from torchless import ParallelConfig
+
+    sharded = LLM(str(tiny_llama_gguf), parallel=ParallelConfig.tensor_parallel(2))
+    try:
+        ours = sharded(PROMPT, max_tokens=10, temperature=0)["choices"][0]["text"]
+    finally:
+        sharded.model.close()
+    assert ours == llm(PROMPT, max_tokens=10, temperature=0)["choices"][0]["text"]

@@ -23,17 +23,17 @@ class LLM:
     def __init__(self, model: str | None = None, *, n_ctx: int | None = None, seed: int | None = None,
                  verbose: bool = False, parallel=None):
         from .loader import Parameters
-        from .model.mistral import Mistral
+        from .model.parallel import load_for
 
-        if parallel is not None:
-            raise TorchlessError(f"parallel={parallel!r}: parallel execution is not supported yet")
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0):
             raise TorchlessError(f"n_ctx must be a positive integer (0 or None: the model's), got {n_ctx!r}")
         if seed is not None:
             SamplingParams(seed=seed)  # validates it
         start = time.perf_counter()
         self.params = Parameters.load(model if model is not None else DEFAULT_MODEL)
-        self.model = Mistral.load(self.params)
+        # parallel: a ParallelConfig or its string form ("tp=2"); under mpiexec each rank
+        # holds a shard, every rank runs this same loop, and rank 0's sampled token is used.
+        self.model, self._group = load_for(self.params, parallel)
         self.tokenizer = self.params.tokenizer
         self.config = self.model.config
         self.state = self.model.new_state(max_seq_len=n_ctx or None)
@@ -115,7 +115,8 @@ class LLM:
                                 repeat_penalty=repeat_penalty, seed=seed)
         # Without a per-call seed, calls share the LLM's generator, so seed=... on LLM makes a
         # whole session reproducible (llama-cpp-python's behaviour).
-        return Sampler(params, rng=self._rng if seed is None else None)
+        sampler = Sampler(params, rng=self._rng if seed is None else None)
+        return sampler if self._group is None else _RankZeroSampler(sampler, self._group)
 
     def _prompt_ids(self, prompt, template: bool = False) -> list[int]:
         if isinstance(prompt, (str, bytes)):
@@ -199,3 +200,15 @@ class LLM:
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return dict(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                 total_tokens=prompt_tokens + completion_tokens)
+
+
+class _RankZeroSampler:
+    """Under MPI, rank 0 samples and the others take its token, so that no rank can diverge on
+    a float tie and leave the others waiting in a collective."""
+
+    def __init__(self, sampler, group):
+        self.sampler, self.group = sampler, group
+
+    def __call__(self, logits, history):
+        token = self.sampler(logits, history) if self.group.rank == 0 else None
+        return self.group.broadcast_object(token, root=0)

@@ -14,6 +14,13 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def gather_per_rank(group, value: float) -> list[float]:
+    """Every rank's `value`, on every rank (an all-reduce of one-hot vectors)."""
+    values = np.zeros(group.world_size, np.float64)
+    values[group.rank] = value
+    return group.all_reduce_sum(values.astype(np.float32)).tolist()
+
+
 def measure_bandwidth(threads: int, nbytes: int = 256 << 20, repeats: int = 5) -> float:
     """Read bandwidth in bytes/s: the best of `repeats` parallel sums over a buffer far larger than L3."""
     import numba
@@ -41,7 +48,6 @@ def run_bench(model, prompt_tokens: int = 256, gen_tokens: int = 128, runs: int 
               threads: int | None = None) -> dict:
     """Median over `runs` of: a `prompt_tokens` prefill, then `gen_tokens` greedy decode steps."""
     import numba
-
 
     if threads:
         numba.set_num_threads(threads)
@@ -82,7 +88,10 @@ def format_report(r: dict) -> str:
         f"threads               {r['threads']}",
         f"prefill               {r['prefill_tok_s']:.1f} tok/s",
         f"decode                {r['decode_tok_s']:.1f} tok/s",
-        f"peak RSS              {r['peak_rss_mb']:.0f} MB",
+        f"parallel              {r.get('parallel', 'none')}",
+        f"peak RSS              {r['peak_rss_mb']:.0f} MB" + (
+            "" if "peak_rss_mb_per_rank" not in r else
+            f" (per rank: {', '.join(f'{mb:.0f}' for mb in r['peak_rss_mb_per_rank'])} MB)"),
         f"weights read / token  {r['weight_bytes_per_token'] / 1e6:.1f} MB",
         f"memory bandwidth      {r['bandwidth_gb_s']:.1f} GB/s (measured, {r['threads']} threads)",
         f"decode uses           {100 * r['bandwidth_share']:.0f}% of it",

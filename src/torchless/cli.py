@@ -18,8 +18,12 @@ MODEL_HELP = (f"a GGUF file, a Hugging Face folder, or a known name ({', '.join(
               f"default: {DEFAULT_MODEL}, downloaded into the cache on first use")
 
 
+_quiet = False  # set on MPI ranks other than 0: one rank speaks for the job
+
+
 def _err(message: str) -> None:
-    print(f"torchless: {message}", file=sys.stderr, flush=True)
+    if not _quiet:
+        print(f"torchless: {message}", file=sys.stderr, flush=True)
 
 
 # -- shared options ----------------------------------------------------------------------------
@@ -185,7 +189,9 @@ def _add_model_args(p, model_default=None) -> None:
     p.add_argument("--n-ctx", type=int, default=None,
                    help="context size in tokens (default and maximum: the model's)")
     p.add_argument("--parallel", default=None, metavar="SPEC",
-                   help="parallel execution, e.g. tp=2, pp=2,mb=4 or auto (not supported yet)")
+                   help="tensor-parallel shards: tp=N (N threads here, or one per rank under "
+                        "mpiexec -n N); auto picks for the model and machine; pipeline pp=S,mb=M is not "
+                        "supported yet")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=256, help="prefill length (default 256)")
     p.add_argument("--gen-tokens", type=int, default=128, help="decode steps (default 128)")
     p.add_argument("--runs", type=int, default=3, help="measured runs after a warm-up (default 3)")
+    p.add_argument("--parallel", default=None, metavar="SPEC",
+                   help="tensor-parallel shards: tp=N (N threads here, or one per rank under "
+                        "mpiexec -n N); peak RSS is then reported per rank")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_bench)
     return parser
@@ -242,10 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_bench(args) -> int:
     import json
 
-    from .bench import format_report, run_bench
+    import numba
+
+    from .bench import format_report, gather_per_rank, run_bench
     from .hub import resolve_model
     from .loader import Parameters
-    from .model.mistral import Mistral
+    from .model.parallel import load_for
 
     for name in ("threads", "prompt_tokens", "gen_tokens", "runs"):
         value = getattr(args, name)
@@ -253,19 +264,37 @@ def cmd_bench(args) -> int:
             raise TorchlessError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     path = resolve_model(args.model)
     _err(f"benchmarking {path}")
-    model = Mistral.load(Parameters.load(path))
+    if args.threads:
+        if args.threads > numba.config.NUMBA_NUM_THREADS:
+            raise TorchlessError(f"--threads {args.threads}: at most {numba.config.NUMBA_NUM_THREADS} "
+                                 f"here (set NUMBA_NUM_THREADS to allow more)")
+        numba.set_num_threads(args.threads)  # before loading: tensor-parallel shards split these
+    model, group = load_for(Parameters.load(path), args.parallel)
     if args.prompt_tokens + args.gen_tokens > model.config.context_length:
         raise TorchlessError(f"--prompt-tokens + --gen-tokens = {args.prompt_tokens + args.gen_tokens} "
                              f"exceeds the context of {model.config.context_length}")
     report = run_bench(model, args.prompt_tokens, args.gen_tokens, args.runs, args.threads)
+    report["parallel"] = args.parallel or "none"
+    if group is not None:
+        # measured before the bandwidth probe's buffer, like the single-process figure
+        report["peak_rss_mb_per_rank"] = gather_per_rank(group, report["peak_rss_mb"])
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _quiet
+    from .distributed import current_group, run_guarded
+
     args = build_parser().parse_args(argv)
+    group = current_group()  # under mpiexec: every rank runs this, rank 0 prints
+    if group.rank != 0:
+        _quiet = True
+        sys.stdout = open(os.devnull, "w")
     try:
-        return args.func(args)
+        # A failure on one rank aborts the whole job with a line naming that rank, so no rank
+        # waits forever in a collective for a rank that is gone.
+        return run_guarded(group, lambda: args.func(args))
     except (TorchlessError, OSError) as e:
         if isinstance(e, BrokenPipeError):  # `torchless generate ... | head`: not an error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit

@@ -1,0 +1,289 @@
+"""The parallel model layer (seed: "Parallel Model Implementations").
+
+Parallelism wraps the one model in `mistral.py` and never copies it. Tensor parallelism takes
+the lazily loaded model and swaps each linear for this rank's shard of the memory-mapped weight
+(gpt-fast's tp.py, mlx-lm's Model.shard): Q/K/V and gate/up by rows, the attention output and
+down projection by columns, the output projection by vocabulary rows. The model then all-reduces
+after each column-sharded product.
+
+Embedding and LM head: the embedding stays whole and unpacked (a decode step reads one row of
+it from the file mapping, so it costs no resident memory); the LM head is split by vocabulary
+rows, since on a small model it is a quarter of the weights read per token, and its slices are
+joined by the same all-reduce, over zero-padded logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import TorchlessError
+from ..kernels.pipeline import PipelineConfig
+from ..kernels.tensor_parallel import TensorParallelConfig
+from ..kernels.workdist import WorkDistributionConfig, num_cpus
+from ..loader import release_pages
+from .mistral import InferenceState, LayerWeights, Linear, Mistral, ShardLayout
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How one model is spread: tensor-parallel shards, pipeline stages, and the work
+    distribution inside each. `backend` is "threads" (shards or stages as threads of this
+    process) or "mpi" (one per rank, under mpiexec)."""
+    tensor: TensorParallelConfig = field(default_factory=TensorParallelConfig)
+    pipeline_stages: int = 1
+    pipeline_config: PipelineConfig = field(default_factory=PipelineConfig)
+    work: WorkDistributionConfig = field(default_factory=WorkDistributionConfig)
+    backend: str = "threads"
+
+    def __post_init__(self):
+        if self.pipeline_stages < 1:
+            raise TorchlessError(f"pipeline stages must be at least 1, got {self.pipeline_stages}")
+        if self.backend not in ("threads", "mpi"):
+            raise TorchlessError(f"parallel backend must be 'threads' or 'mpi', got {self.backend!r}")
+
+    @classmethod
+    def default(cls) -> "ParallelConfig":
+        """One process: adaptive work distribution over its cores, heads in parallel."""
+        return cls()
+
+    @classmethod
+    def pipeline(cls, n_micro_batches: int, n_stages: int = 2) -> "ParallelConfig":
+        return cls(pipeline_stages=n_stages,
+                   pipeline_config=PipelineConfig(num_micro_batches=n_micro_batches),
+                   backend=_backend())
+
+    @classmethod
+    def tensor_parallel(cls, world_size: int, rank: int = 0) -> "ParallelConfig":
+        return cls(tensor=TensorParallelConfig(world_size, rank), backend=_backend())
+
+    @classmethod
+    def for_model(cls, config) -> "ParallelConfig":
+        """Sensible settings for this model on this machine. Below a few GB of weights one
+        process using every core is fastest (tensor parallelism pays an all-reduce per block),
+        so that is the choice unless running under mpiexec with several ranks."""
+        from ..distributed import current_group
+
+        world = current_group().world_size
+        if world > 1:
+            return cls.tensor_parallel(world, current_group().rank)
+        return cls(work=WorkDistributionConfig(n_threads=num_cpus()))
+
+    @classmethod
+    def from_string(cls, spec: str) -> "ParallelConfig":
+        """'tp=2', 'pp=2,mb=4', 'tp=2,pp=2' or 'auto' (the CLI's --parallel)."""
+        spec = (spec or "").strip()
+        if spec in ("", "none", "1"):
+            return cls.default()
+        if spec == "auto":
+            return cls.for_model(None)
+        values = {}
+        for part in spec.split(","):
+            key, sep, value = part.partition("=")
+            if not sep or key.strip() not in ("tp", "pp", "mb"):
+                raise TorchlessError(f"--parallel {spec!r}: expected tp=N, pp=N, mb=N or auto")
+            try:
+                values[key.strip()] = int(value)
+            except ValueError:
+                raise TorchlessError(f"--parallel {spec!r}: {key}={value!r} is not a number") from None
+            if values[key.strip()] < 1:
+                raise TorchlessError(f"--parallel {spec!r}: {key} must be at least 1")
+        backend = _backend()
+        rank = 0
+        if backend == "mpi":
+            from ..distributed import current_group
+
+            rank = current_group().rank
+        tp = values.get("tp", 1)
+        return cls(tensor=TensorParallelConfig(tp, rank % tp),
+                   pipeline_stages=values.get("pp", 1),
+                   pipeline_config=PipelineConfig(num_micro_batches=values.get("mb", 4)),
+                   backend=backend)
+
+
+def _backend() -> str:
+    from ..distributed import current_group
+
+    return "mpi" if current_group().world_size > 1 else "threads"
+
+
+# -- tensor parallelism --------------------------------------------------------------------------
+
+def shard_layout(config, tp: TensorParallelConfig, align: int) -> tuple[ShardLayout, dict]:
+    """This rank's heads, FFN rows and vocabulary rows; raises if the world cannot split them."""
+    world, hd = tp.world_size, config.head_dim
+    if world > config.n_heads:
+        raise TorchlessError(f"tensor parallelism over {world} ranks cannot split "
+                             f"{config.n_heads} attention heads (at most {config.n_heads} ranks)")
+    q0, q1 = tp.local_range(config.n_heads)
+    kv_of_q = np.arange(config.n_heads) // (config.n_heads // config.n_kv_heads)
+    k0, k1 = int(kv_of_q[q0]), int(kv_of_q[q1 - 1]) + 1  # a KV head is replicated where needed
+    if (q0 * hd) % align or (q1 * hd) % align:
+        raise TorchlessError(f"tensor parallelism over {world} ranks splits the attention output "
+                             f"at column {q0 * hd}, not a multiple of its {align}-value blocks")
+    try:
+        i0, i1 = tp.local_range_aligned(config.intermediate_size, align)
+    except ValueError as e:
+        raise TorchlessError(f"tensor parallelism over {world} ranks: {e}") from None
+    if i0 == i1:
+        raise TorchlessError(f"tensor parallelism over {world} ranks cannot split the FFN of "
+                             f"{config.intermediate_size} in blocks of {align}")
+    v0, v1 = tp.local_range(config.vocab_size)
+    layout = ShardLayout(q1 - q0, k1 - k0, i1 - i0, tuple(int(k - k0) for k in kv_of_q[q0:q1]),
+                         (v0, v1))
+    return layout, {"q": (q0 * hd, q1 * hd), "kv": (k0 * hd, k1 * hd), "ffn": (i0, i1)}
+
+
+def _rows(linear: Linear, start: int, stop: int) -> Linear:
+    shard = Linear(linear.weight.row_slice(start, stop))
+    shard.bias = None if linear.bias is None else linear.bias[start:stop]
+    return shard
+
+
+def _cols(linear: Linear, start: int, stop: int) -> Linear:
+    return Linear(linear.weight.col_slice(start, stop))
+
+
+class TensorParallelMistral(Mistral):
+    """One tensor-parallel rank of the model: 1/world of every layer's weights."""
+
+    @classmethod
+    def load(cls, params, tp_config: TensorParallelConfig, group=None) -> "TensorParallelMistral":
+        full = Mistral.load(params, fast=False)  # views into the file; nothing read yet
+        return cls.shard(full, tp_config, group)
+
+    @classmethod
+    def shard(cls, full: Mistral, tp: TensorParallelConfig, group=None) -> "TensorParallelMistral":
+        if tp.world_size > 1 and group is None:
+            from ..distributed import current_group
+
+            group = current_group()
+        if group is not None and group.world_size != tp.world_size:
+            raise TorchlessError(f"tensor parallelism over {tp.world_size} ranks, but the process "
+                                 f"group has {group.world_size}")
+        align = max(_block_size(full.layers[0].attn_output), _block_size(full.layers[0].ffn_down))
+        layout, r = shard_layout(full.config, tp, align)
+        layers = [LayerWeights(
+            attn_norm=layer.attn_norm, ffn_norm=layer.ffn_norm,
+            attn_q=_rows(layer.attn_q, *r["q"]), attn_k=_rows(layer.attn_k, *r["kv"]),
+            attn_v=_rows(layer.attn_v, *r["kv"]), attn_output=_cols(layer.attn_output, *r["q"]),
+            ffn_gate=_rows(layer.ffn_gate, *r["ffn"]), ffn_up=_rows(layer.ffn_up, *r["ffn"]),
+            ffn_down=_cols(layer.ffn_down, *r["ffn"])) for layer in full.layers]
+        output = _rows(full.output, *layout.vocab_range)
+        model = cls(full.config, full.embedding, layers, full.output_norm, output, layout,
+                    group if tp.world_size > 1 else None)
+        model.tp_config = tp
+        return model.prepare_fast(release_pages)
+
+
+def _block_size(linear: Linear) -> int:
+    from ..quant import BLOCK_LAYOUT
+
+    return BLOCK_LAYOUT[linear.weight.ggml_type][0]
+
+
+# -- the seed's parallel modules: views over one layer of the model ------------------------------
+
+class ParallelInferenceState:
+    """An InferenceState plus the parallel layer's own buffers (the per-rank states of
+    in-process shards); `as_inference_state()` is the state the caller reads logits from."""
+
+    def __init__(self, model_config, parallel_config: ParallelConfig | None = None,
+                 max_seq_len: int | None = None, states: list[InferenceState] | None = None):
+        self.config = model_config
+        self.parallel_config = parallel_config or ParallelConfig.default()
+        self.states = states or [InferenceState(model_config, max_seq_len)]
+
+    def as_inference_state(self) -> InferenceState:
+        return self.states[0]
+
+    @property
+    def pos(self) -> int:
+        return self.states[0].pos
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.states[0].logits
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.states[0].max_seq_len
+
+    def reset(self):
+        for s in self.states:
+            s.reset()
+
+
+class ParallelAttention:
+    """The attention block of one layer of `model`, run with a given work distribution."""
+
+    def __init__(self, model: Mistral, layer_idx: int):
+        self.model, self.layer_idx = model, layer_idx
+
+    def forward_adaptive(self, state, work_config: WorkDistributionConfig | None = None):
+        state = _plain(state)
+        self.model.decode_attention(self.layer_idx, state, work_config)
+        return state.x
+
+
+class ParallelMLP:
+    """The SwiGLU block of one layer of `model`: adaptive, or tensor-parallel when the model is
+    a TensorParallelMistral shard (its products are this rank's, then all-reduced)."""
+
+    def __init__(self, model: Mistral, layer_idx: int):
+        self.model, self.layer_idx = model, layer_idx
+
+    def forward_adaptive(self, state, work_config: WorkDistributionConfig | None = None):
+        state = _plain(state)
+        self.model.decode_mlp(self.layer_idx, state, work_config)
+        return state.x
+
+    def forward_tensor_parallel(self, state, tp_config: TensorParallelConfig | None = None):
+        tp = getattr(self.model, "tp_config", TensorParallelConfig())
+        if tp_config is not None and tp_config != tp:
+            raise TorchlessError(f"this MLP is sharded as {tp}, not {tp_config}")
+        return self.forward_adaptive(state)
+
+
+class ParallelLayer:
+    """One decoder layer: ParallelAttention then ParallelMLP."""
+
+    def __init__(self, model: Mistral, layer_idx: int):
+        self.attention = ParallelAttention(model, layer_idx)
+        self.mlp = ParallelMLP(model, layer_idx)
+
+    def forward(self, state, work_config: WorkDistributionConfig | None = None):
+        self.attention.forward_adaptive(state, work_config)
+        return self.mlp.forward_adaptive(state, work_config)
+
+
+def _plain(state) -> InferenceState:
+    return state.as_inference_state() if isinstance(state, ParallelInferenceState) else state
+
+
+def load_for(params, parallel: "ParallelConfig | str | None"):
+    """The model object for a parallel configuration, and the process group it spans (None
+    in one process). Every rank of an MPI job gets its own shard of the same model."""
+    from .mistral import Mistral
+
+    if isinstance(parallel, str):
+        parallel = ParallelConfig.from_string(parallel)
+    if parallel is None or (parallel.tensor.world_size == 1 and parallel.pipeline_stages == 1):
+        return Mistral.load(params), None
+    if parallel.pipeline_stages > 1:
+        raise TorchlessError("pipeline parallelism (pp=...) is not supported yet")
+    world = parallel.tensor.world_size
+    if parallel.backend == "mpi":
+        from ..distributed import current_group
+
+        group = current_group()
+        if group.world_size != world:
+            raise TorchlessError(f"--parallel tp={world} needs {world} MPI ranks, but mpiexec "
+                                 f"started {group.world_size}")
+        return TensorParallelMistral.load(params, parallel.tensor, group), group
+    from .shards import ThreadedTensorParallel
+
+    return ThreadedTensorParallel.load(params, world), None

@@ -1,0 +1,94 @@
+"""Tensor-parallel shards as threads of one process, driven in lockstep.
+
+Each shard is a TensorParallelMistral on its own persistent thread, joined to the others by a
+ThreadGroup (a shared-memory all-reduce). The caller sees one model: `prefill`, `forward` and
+`fast_forward` run the call on every shard and return rank 0's logits, which after the final
+all-reduce are the whole model's.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import numba
+
+from ..distributed import GroupAbortedError, ThreadGroup
+from ..errors import TorchlessError
+from ..kernels.tensor_parallel import TensorParallelConfig
+from .mistral import Mistral
+from .parallel import ParallelConfig, ParallelInferenceState, TensorParallelMistral
+
+
+class ThreadedTensorParallel:
+    def __init__(self, full: Mistral, world_size: int, timeout: float = 60.0):
+        self.config = full.config
+        self.groups = ThreadGroup.create(world_size, timeout=timeout)
+        self.shards = [TensorParallelMistral.shard(full, TensorParallelConfig(world_size, r), g)
+                       for r, g in enumerate(self.groups)]
+        threads_each = max(1, numba.get_num_threads() // world_size)
+        self._inbox = [queue.Queue() for _ in self.shards]
+        self._outbox: queue.Queue = queue.Queue()
+        self._workers = [threading.Thread(target=self._serve, args=(r, threads_each), daemon=True,
+                                          name=f"torchless-tp{r}") for r in range(world_size)]
+        for w in self._workers:
+            w.start()
+
+    @classmethod
+    def load(cls, params, world_size: int) -> "ThreadedTensorParallel":
+        return cls(Mistral.load(params, fast=False), world_size)
+
+    def _serve(self, rank: int, n_threads: int):
+        numba.set_num_threads(n_threads)  # per calling thread: each shard gets its share of cores
+        while True:
+            call = self._inbox[rank].get()
+            if call is None:
+                return
+            name, state, args = call
+            try:
+                self._outbox.put((rank, getattr(self.shards[rank], name)(state.states[rank], *args), None))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, others released
+                if not isinstance(e, GroupAbortedError):
+                    try:  # releases the other shards from their collectives; raises by design
+                        self.groups[rank].abort(f"{type(e).__name__}: {e}")
+                    except GroupAbortedError:
+                        pass
+                self._outbox.put((rank, None, e))
+
+    def _run(self, name: str, state: ParallelInferenceState, *args):
+        for inbox in self._inbox:
+            inbox.put((name, state, args))
+        results, errors = {}, []
+        for _ in self.shards:
+            rank, result, error = self._outbox.get()
+            results[rank] = result
+            if error is not None:
+                errors.append((rank, error))
+        if errors:
+            real = [(r, e) for r, e in errors if not isinstance(e, GroupAbortedError)] or errors
+            rank, error = real[0]
+            if isinstance(error, TorchlessError):
+                raise error
+            raise TorchlessError(f"tensor-parallel rank {rank} failed: {type(error).__name__}: {error}") from error
+        return results[0]
+
+    def new_state(self, max_seq_len: int | None = None) -> ParallelInferenceState:
+        return ParallelInferenceState(
+            self.config, ParallelConfig.tensor_parallel(len(self.shards)),
+            states=[shard.new_state(max_seq_len) for shard in self.shards])
+
+    def forward(self, state, token: int, debug: bool = False):
+        return self._run("forward", state, token)
+
+    def fast_forward(self, state, token: int, debug: bool = False):
+        return self._run("fast_forward", state, token)
+
+    def prefill(self, state, tokens, chunk_size: int = 256, all_logits: bool = False):
+        return self._run("prefill", state, list(tokens), chunk_size, all_logits)
+
+    def weight_bytes_per_token(self) -> int:
+        return sum(shard.weight_bytes_per_token() for shard in self.shards)  # this process reads all
+
+    def close(self):
+        for inbox in self._inbox:
+            inbox.put(None)
