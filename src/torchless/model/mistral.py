@@ -67,6 +67,15 @@ class Linear:
 
 
 @dataclass
+class Span:
+    """A run of consecutive tokens of one sequence, from position `start`: one sequence's part
+    of a micro-batch (a prompt chunk, or the one token of a decode step)."""
+    state: "InferenceState"
+    tokens: list
+    start: int
+
+
+@dataclass
 class LayerWeights:
     attn_norm: np.ndarray  # (hidden,)
     attn_q: Linear         # (n_heads * head_dim, hidden)
@@ -255,20 +264,73 @@ class Mistral:
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
         return np.stack([self.embedding.row_slice(t, t + 1).dequantize()[0] for t in tokens])
 
-    def _attention_block(self, layer: LayerWeights, li: int, state: InferenceState,
-                         h: np.ndarray, positions: np.ndarray, fast: bool) -> np.ndarray:
+    # -- many tokens of one or several sequences: the reference path, prefill, batched decode --
+
+    def run_layers(self, spans: list["Span"], x: np.ndarray, start: int, stop: int,
+                   fast: bool = False) -> np.ndarray:
+        """Layers start..stop over a micro-batch: `spans` are runs of tokens of different
+        sequences, whose rows are stacked in x (N, hidden). Every product is one matrix-matrix
+        product over all N rows, so a weight is read once per micro-batch; only attention is
+        per sequence. Positions come from the spans, not from state.pos, so pipeline stages
+        can work on later tokens of a sequence before earlier ones have left the last stage."""
         c = self.config
-        T = h.shape[0]
+        for li in range(start, stop):
+            layer = self.layers[li]
+            h = ops.rmsnorm(x, layer.attn_norm, c.norm_eps)
+            x = x + self._attention_block(layer, li, spans, h, fast)
+            h = ops.rmsnorm(x, layer.ffn_norm, c.norm_eps)
+            x = x + self._reduce(
+                layer.ffn_down(ops.silu(layer.ffn_gate(h, fast)) * layer.ffn_up(h, fast), fast))
+        return x
+
+    def finish(self, spans: list["Span"], x: np.ndarray, all_logits: bool = False,
+               fast: bool = False) -> np.ndarray:
+        """Logits after the last layer: of every row with all_logits, else of each span's last
+        token (len(spans), vocab). Advances each sequence's position past its span."""
+        rows = np.arange(len(x)) if all_logits else np.cumsum([len(sp.tokens) for sp in spans]) - 1
+        h = ops.rmsnorm(x[rows], self.output_norm, self.config.norm_eps)
+        logits = self._gather_logits(self.output(h, fast),
+                                     np.empty((len(rows), self.config.vocab_size), np.float32))
+        for sp in spans:
+            sp.state.pos = max(sp.state.pos, sp.start + len(sp.tokens))
+        return logits
+
+    def forward_spans(self, spans: list["Span"], all_logits: bool = False,
+                      fast: bool = True) -> np.ndarray:
+        """A whole micro-batch through the model (see run_layers and finish)."""
+        for sp in spans:
+            if sp.start + len(sp.tokens) > sp.state.max_seq_len:
+                raise ContextOverflowError(f"sequence of {sp.start + len(sp.tokens)} tokens does "
+                                           f"not fit the context of {sp.state.max_seq_len}")
+        x = self.embed([t for sp in spans for t in sp.tokens])
+        return self.finish(spans, self.run_layers(spans, x, 0, len(self.layers), fast), all_logits, fast)
+
+    def _attention_block(self, layer: LayerWeights, li: int, spans: list["Span"],
+                         h: np.ndarray, fast: bool) -> np.ndarray:
+        c = self.config
         n_heads, n_kv_heads = self.layout.n_heads, self.layout.n_kv_heads
-        q = layer.attn_q(h, fast).reshape(T, n_heads, c.head_dim)
-        k = layer.attn_k(h, fast).reshape(T, n_kv_heads, c.head_dim)
-        v = layer.attn_v(h, fast).reshape(T, n_kv_heads, c.head_dim)
+        q = layer.attn_q(h, fast).reshape(len(h), n_heads, c.head_dim)
+        k = layer.attn_k(h, fast).reshape(len(h), n_kv_heads, c.head_dim)
+        v = layer.attn_v(h, fast).reshape(len(h), n_kv_heads, c.head_dim)
+        out = np.empty((len(h), n_heads, c.head_dim), np.float32)
+        row = 0
+        for sp in spans:
+            rows = slice(row, row + len(sp.tokens))
+            row = rows.stop
+            if fast and len(sp.tokens) == 1:  # a decode step: the compiled one-token kernel
+                self._attend_one(li, sp, q[row - 1], k[row - 1], v[row - 1], out[row - 1])
+            else:
+                out[rows] = self._attend(li, sp, q[rows], k[rows], v[rows])
+        return self._reduce(layer.attn_output(out.reshape(len(h), -1), fast))
+
+    def _attend(self, li: int, sp: "Span", q, k, v) -> np.ndarray:
+        c, state, T = self.config, sp.state, len(sp.tokens)
+        positions = np.arange(sp.start, sp.start + T)
         cos, sin = ops.rope_tables(positions, c.head_dim, c.rope_theta)
         q = ops.apply_rope(q, cos, sin, c.rope_interleaved)
         k = ops.apply_rope(k, cos, sin, c.rope_interleaved)
-
-        # Keys visible to this chunk: what the cache holds (in position order), then the chunk.
-        past = state.cached_positions()
+        # Keys visible to this run: what the cache holds (in position order), then the run.
+        past = np.arange(max(0, sp.start - state.cache_len), sp.start)
         slots = past % state.cache_len
         keys = np.concatenate([state.k_cache[li, slots], k])
         values = np.concatenate([state.v_cache[li, slots], v])
@@ -276,34 +338,26 @@ class Mistral:
         mask = key_pos[None, :] <= positions[:, None]
         if c.sliding_window is not None:
             mask &= positions[:, None] - key_pos[None, :] < c.sliding_window
-
-        # Only the newest cache_len entries of the chunk survive in the ring.
+        # Only the newest cache_len entries of the run survive in the ring.
         keep = slice(max(0, T - state.cache_len), T)
         state.k_cache[li, positions[keep] % state.cache_len] = k[keep]
         state.v_cache[li, positions[keep] % state.cache_len] = v[keep]
+        return ops.attention(q, keys, values, mask, self.kv_map)
 
-        out = ops.attention(q, keys, values, mask, self.kv_map).reshape(T, n_heads * c.head_dim)
-        return self._reduce(layer.attn_output(out, fast))
+    def _attend_one(self, li: int, sp: "Span", q, k, v, out) -> None:
+        state, pos = sp.state, sp.start
+        cos, sin = self.rope_at(pos)
+        slot = pos % state.cache_len
+        fused.rope_rows(q, cos, sin, self.config.rope_interleaved)
+        state.k_cache[li, slot] = k
+        state.v_cache[li, slot] = v
+        fused.rope_rows(state.k_cache[li, slot], cos, sin, self.config.rope_interleaved)
+        attention_parallel_adaptive(q, state.k_cache[li], state.v_cache[li],
+                                    min(pos + 1, state.cache_len), self.kv_map, out, scores=state.scores)
 
     def _forward_tokens(self, state: InferenceState, tokens, all_logits: bool,
                         fast: bool = False) -> np.ndarray:
-        c = self.config
-        T = len(tokens)
-        if state.pos + T > state.max_seq_len:
-            raise ContextOverflowError(
-                f"sequence of {state.pos + T} tokens does not fit the context of {state.max_seq_len}")
-        positions = np.arange(state.pos, state.pos + T)
-        x = self.embed(tokens)  # (T, hidden)
-        for li, layer in enumerate(self.layers):
-            h = ops.rmsnorm(x, layer.attn_norm, c.norm_eps)
-            x = x + self._attention_block(layer, li, state, h, positions, fast)
-            h = ops.rmsnorm(x, layer.ffn_norm, c.norm_eps)
-            x = x + self._reduce(
-                layer.ffn_down(ops.silu(layer.ffn_gate(h, fast)) * layer.ffn_up(h, fast), fast))
-        state.pos += T
-        x = ops.rmsnorm(x if all_logits else x[-1:], self.output_norm, c.norm_eps)
-        logits = self._gather_logits(self.output(x, fast),
-                                     np.empty((x.shape[0], c.vocab_size), np.float32))
+        logits = self.forward_spans([Span(state, list(tokens), state.pos)], all_logits, fast)
         state.logits[:] = logits[-1]
         return logits
 
