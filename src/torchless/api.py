@@ -8,7 +8,7 @@ import uuid
 from typing import Iterator
 
 from .errors import TorchlessError
-from .generate import check_prompt_fits, context_size, generate_tokens
+from .generate import LocalRunner, check_prompt_fits, context_size, generate_tokens
 from .hub import DEFAULT_MODEL
 from .sampling import Sampler, SamplingParams, StopStrings
 
@@ -73,11 +73,17 @@ class LLM:
 
         max_tokens None or <= 0 generates until end of sequence or a full context.
         """
+        meta = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion",
+                    created=int(time.time()), model=self.model_path)
+        if _is_batch(prompt):  # several prompts, as OpenAI's API takes them: one choice each
+            prompts = [self._prompt_ids(p) for p in prompt]
+            samplers = [self._sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+                        for _ in prompts]
+            chunks = self._batch_chunks(prompts, samplers, max_tokens, stop, meta)
+            return chunks if stream else _merge_chunks(chunks, meta, len(prompts))
         ids = self._prompt_ids(prompt)
         pieces = self._pieces(ids, self._sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed),
                               max_tokens, stop)
-        meta = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion",
-                    created=int(time.time()), model=self.model_path)
         if stream:
             return self._completion_chunks(pieces, meta, len(ids))
         text, reason, n = "", None, 0
@@ -178,6 +184,40 @@ class LLM:
         text = stops.push(decoder.flush())
         yield text + stops.flush(), "stop" if stops.stopped else reason, n
 
+    def _batch_chunks(self, prompts, samplers, max_tokens, stop, meta):
+        """text_completion chunks of a batch, each naming its choice by index, as tokens come."""
+        from .generate import BatchGenerator  # noqa: the runner interface lives there too
+
+        runner = self.model.runner() if hasattr(self.model, "runner") else None
+        if runner is None:
+            if not hasattr(self.model, "forward_spans"):
+                raise TorchlessError("batched generation is not supported with in-process tensor "
+                                     "parallelism; use --parallel pp=... or one process")
+            runner = LocalRunner(self.model)
+        batch = BatchGenerator(runner, prompts, samplers, [max_tokens] * len(prompts), self.n_ctx,
+                               self.tokenizer.eos_ids, getattr(self.model, "n_micro_batches", 1))
+        decoders = [self.tokenizer.stream_decoder() for _ in prompts]
+        stops = [StopStrings(stop) for _ in prompts]
+        counts = [0] * len(prompts)
+        for seq, token, reason in batch:
+            if token is not None:
+                counts[seq] += 1
+                text = stops[seq].push(decoders[seq].push(token))
+                if stops[seq].stopped:
+                    batch.cancel(seq)
+                    reason = "stop"
+                elif text:
+                    yield dict(meta, choices=[dict(text=text, index=seq, logprobs=None, finish_reason=None)])
+                    continue
+                else:
+                    continue
+            else:
+                text = stops[seq].push(decoders[seq].flush())
+                text += stops[seq].flush()
+                reason = "stop" if stops[seq].stopped else reason
+            yield dict(meta, choices=[dict(text=text, index=seq, logprobs=None, finish_reason=reason)],
+                       usage=_usage(len(prompts[seq]), counts[seq]))
+
     def _completion_chunks(self, pieces, meta, n_prompt):
         for text, reason, n in pieces:
             chunk = dict(meta, choices=[dict(text=text, index=0, logprobs=None, finish_reason=reason)])
@@ -212,3 +252,22 @@ class _RankZeroSampler:
     def __call__(self, logits, history):
         token = self.sampler(logits, history) if self.group.rank == 0 else None
         return self.group.broadcast_object(token, root=0)
+
+
+def _is_batch(prompt) -> bool:
+    """A list of prompts (strings or token-id lists), not one prompt of token ids."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(
+        isinstance(p, (str, bytes, list, tuple)) for p in prompt)
+
+
+def _merge_chunks(chunks, meta, n: int) -> dict:
+    """The non-streamed text_completion of a batch: its chunks joined per choice."""
+    texts, reasons, usage = [""] * n, [None] * n, [None] * n
+    for chunk in chunks:
+        choice = chunk["choices"][0]
+        texts[choice["index"]] += choice["text"]
+        if choice["finish_reason"] is not None:
+            reasons[choice["index"]], usage[choice["index"]] = choice["finish_reason"], chunk["usage"]
+    total = {k: sum(u[k] for u in usage) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    return dict(meta, choices=[dict(text=t, index=i, logprobs=None, finish_reason=r)
+                               for i, (t, r) in enumerate(zip(texts, reasons))], usage=total)

@@ -273,9 +273,15 @@ def load_for(params, parallel: "ParallelConfig | str | None"):
         parallel = ParallelConfig.from_string(parallel)
     if parallel is None or (parallel.tensor.world_size == 1 and parallel.pipeline_stages == 1):
         return Mistral.load(params), None
-    if parallel.pipeline_stages > 1:
-        raise TorchlessError("pipeline parallelism (pp=...) is not supported yet")
     world = parallel.tensor.world_size
+    if parallel.pipeline_stages > 1:
+        if parallel.backend == "mpi" or world > 1:
+            raise TorchlessError("pipeline parallelism over MPI ranks (and with tp) is not supported "
+                                 "yet; pp=S runs S stages as threads of one process")
+        from .pipeline import PipelineParallelMistral
+
+        return PipelineParallelMistral(Mistral.load(params), parallel.pipeline_stages,
+                                       parallel.pipeline_config), None
     if parallel.backend == "mpi":
         from ..distributed import current_group
 

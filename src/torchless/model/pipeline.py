@@ -1,0 +1,197 @@
+"""Pipeline parallelism (seed 6.2) on threads: contiguous layer stages, each on its own worker.
+
+A micro-batch (spans of one or several sequences, see `Mistral.run_layers`) enters stage 0,
+which embeds it and runs its layers, then hands the hidden states to stage 1 through a queue,
+and so on; the last stage computes the logits. Each stage serves its queue in order, so while
+stage k works on micro-batch i, stage k+1 works on micro-batch i-1. The compiled kernels
+release the GIL, so the stages really run at once. The model code is the one `Mistral`: a
+stage is a range of its layers.
+
+`BatchGenerator` (generate.py) drives it: it keeps `n_micro_batches` micro-batches in flight,
+samples each as it leaves the last stage and sends its next tokens back in.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numba
+import numpy as np
+
+from ..errors import TorchlessError
+from ..kernels.pipeline import PipelineConfig, predicted_bubble
+from .mistral import InferenceState, Mistral, Span
+
+
+def stage_bounds(layer_costs, n_stages: int, tail_cost: float = 0.0) -> list[tuple[int, int]]:
+    """Contiguous layer ranges of about equal cost. The last stage also pays `tail_cost` (the
+    output projection: on a small model it weighs as much as several layers)."""
+    n_layers = len(layer_costs)
+    if not 1 <= n_stages <= n_layers:
+        raise TorchlessError(f"pipeline of {n_stages} stages cannot split {n_layers} layers "
+                             f"(1 to {n_layers} stages)")
+    cum = np.concatenate([[0.0], np.cumsum(layer_costs, dtype=np.float64)])
+    total = cum[-1] + tail_cost
+    edges = [0]
+    for k in range(1, n_stages):
+        lo, hi = edges[-1] + 1, n_layers - (n_stages - k)  # every stage keeps at least one layer
+        edges.append(min(range(lo, hi + 1), key=lambda i: abs(cum[i] - k * total / n_stages)))
+    edges.append(n_layers)
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _layer_bytes(model: Mistral, li: int) -> int:
+    layer = model.layers[li]
+    return sum(getattr(layer, kind).packed.nbytes for kind in
+               ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"))
+
+
+class PipelineParallelMistral:
+    def __init__(self, model: Mistral, n_stages: int = 2, config: PipelineConfig | None = None,
+                 threads_per_stage: int | None = None):
+        from threadpoolctl import threadpool_limits
+
+        self.model, self.config = model, model.config
+        self.pipeline_config = config or PipelineConfig()
+        self.n_micro_batches = self.pipeline_config.num_micro_batches
+        # Decode reads every weight once per micro-batch: balance the stages by bytes read.
+        self.stages = stage_bounds([_layer_bytes(model, li) for li in range(len(model.layers))],
+                                   n_stages, model.output.packed.nbytes)
+        threads_per_stage = threads_per_stage or max(1, numba.get_num_threads() // n_stages)
+        # BLAS is the prefill's, per stage thread; its own pool would oversubscribe the cores.
+        self._blas = threadpool_limits(limits=1, user_api="blas")
+        self._inbox = [queue.Queue() for _ in self.stages]
+        self._outbox: queue.Queue = queue.Queue()
+        self._failed: str | None = None
+        self.in_flight_bytes = self.peak_in_flight_bytes = 0
+        self._lock = threading.Lock()
+        self.busy_seconds = [0.0] * n_stages
+        self._workers = [threading.Thread(target=self._serve, args=(k, threads_per_stage),
+                                          daemon=True, name=f"torchless-pp{k}")
+                         for k in range(n_stages)]
+        for w in self._workers:
+            w.start()
+
+    @classmethod
+    def load(cls, params, n_stages: int = 2, config: PipelineConfig | None = None):
+        return cls(Mistral.load(params), n_stages, config)
+
+    # -- the stage workers --------------------------------------------------------------------
+
+    def _serve(self, k: int, n_threads: int):
+        numba.set_num_threads(n_threads)  # per thread: each stage has its share of the cores
+        start, stop = self.stages[k]
+        last = k == len(self.stages) - 1
+        while True:
+            item = self._inbox[k].get()
+            if item is None:
+                return
+            tag, spans, x = item
+            t0 = time.perf_counter()
+            try:
+                if k == 0:
+                    x = self.model.embed([t for sp in spans for t in sp.tokens])
+                x = self.model.run_layers(spans, x, start, stop, fast=True)
+                result = self.model.finish(spans, x, fast=True) if last else x
+                error = None
+            except Exception as e:  # noqa: BLE001 - reported to the driver, with the stage
+                result, error = None, f"pipeline stage {k} (layers {start}-{stop - 1}) failed: {type(e).__name__}: {e}"
+            self.busy_seconds[k] += time.perf_counter() - t0
+            if error is not None or last:
+                self._outbox.put((tag, result, error, self._buffer_bytes(spans)))
+            else:
+                self._inbox[k + 1].put((tag, spans, result))
+
+    # -- the runner interface (generate.BatchGenerator) -----------------------------------------
+
+    def runner(self) -> "PipelineParallelMistral":
+        return self
+
+    def new_state(self, max_seq_len: int | None = None) -> InferenceState:
+        return self.model.new_state(max_seq_len)
+
+    def submit(self, tag, spans: list[Span]) -> None:
+        if self._failed:
+            raise TorchlessError(f"the pipeline is stopped: {self._failed}")
+        for sp in spans:
+            if sp.start + len(sp.tokens) > sp.state.max_seq_len:
+                raise TorchlessError(f"sequence of {sp.start + len(sp.tokens)} tokens does not fit "
+                                     f"the context of {sp.state.max_seq_len}")
+        nbytes = self._buffer_bytes(spans)
+        if nbytes > self.pipeline_config.memory_budget:
+            raise TorchlessError(f"a micro-batch of {sum(len(sp.tokens) for sp in spans)} tokens needs "
+                                 f"{nbytes} bytes of stage buffers, over the pipeline's memory "
+                                 f"budget of {self.pipeline_config.memory_budget}")
+        with self._lock:
+            self.in_flight_bytes += nbytes
+            self.peak_in_flight_bytes = max(self.peak_in_flight_bytes, self.in_flight_bytes)
+        self._inbox[0].put((tag, spans, None))
+
+    def has_room(self, spans: list[Span]) -> bool:
+        return self.in_flight_bytes + self._buffer_bytes(spans) <= self.pipeline_config.memory_budget
+
+    def _buffer_bytes(self, spans: list[Span]) -> int:
+        # The hidden states handed between stages, double-buffered: PipelineConfig's own count.
+        return PipelineConfig.micro_batch_bytes(self.config.hidden_size,
+                                                tokens=sum(len(sp.tokens) for sp in spans))
+
+    def collect(self, timeout: float = 600.0):
+        try:
+            tag, logits, error, nbytes = self._outbox.get(timeout=timeout)
+        except queue.Empty:
+            self._failed = f"no micro-batch left the pipeline in {timeout:.0f} s"
+            raise TorchlessError(f"the pipeline is stuck: {self._failed}") from None
+        with self._lock:
+            self.in_flight_bytes -= nbytes
+        if error is not None:
+            # Stop here: a batch with a failed micro-batch is an error as a whole, never a
+            # silently shortened output.
+            self._failed = error
+            raise TorchlessError(error)
+        return tag, logits
+
+    # -- the seed's one-sequence interface ------------------------------------------------------
+
+    def prefill(self, state: InferenceState, tokens, chunk_size: int = 256,
+                all_logits: bool = False) -> np.ndarray:
+        """A prompt through the pipeline in chunks: chunk i+1 enters stage 0 while chunk i is
+        in stage 1."""
+        if all_logits:
+            raise TorchlessError("the pipeline's prefill gives the last token's logits only")
+        tokens = [int(t) for t in tokens]
+        start = state.pos
+        spans = [Span(state, tokens[i:i + chunk_size], start + i) for i in range(0, len(tokens), chunk_size)]
+        for i, sp in enumerate(spans):
+            self.submit(i, [sp])
+        for _ in spans:  # they leave in the order they went in
+            _, logits = self.collect()
+        state.logits[:] = logits[-1]
+        return state.logits
+
+    def forward(self, state: InferenceState, token: int, debug: bool = False) -> np.ndarray:
+        self.submit("one", [Span(state, [int(token)], state.pos)])
+        _, logits = self.collect()
+        state.logits[:] = logits[-1]
+        return state.logits
+
+    fast_forward = forward
+
+    def weight_bytes_per_token(self) -> int:
+        return self.model.weight_bytes_per_token()
+
+    # -- measurement ----------------------------------------------------------------------------
+
+    def reset_stats(self) -> None:
+        self.busy_seconds = [0.0] * len(self.stages)
+
+    def bubble(self, wall_seconds: float) -> dict:
+        """Per stage, the share of `wall_seconds` it sat idle, next to the fill/drain prediction."""
+        return {"idle_share": [max(0.0, 1 - b / wall_seconds) for b in self.busy_seconds],
+                "predicted": predicted_bubble(len(self.stages), self.n_micro_batches)}
+
+    def close(self) -> None:
+        for inbox in self._inbox:
+            inbox.put(None)
+        self._blas.restore_original_limits()

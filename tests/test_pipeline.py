@@ -1,0 +1,171 @@
+"""Batched generation and the pipeline (seed 6.2). The oracle is each sequence run alone through
+the single-sequence path (itself held to transformers elsewhere)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from torchless import LLM, Mistral, Parameters, TorchlessError
+from torchless.generate import BatchGenerator, LocalRunner
+from torchless.kernels.pipeline import PipelineConfig
+from torchless.model.mistral import Span
+from torchless.model.pipeline import PipelineParallelMistral, stage_bounds
+from torchless.sampling import Sampler, SamplingParams
+
+PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The sky is blue because",
+           "1, 2, 3, 4,", "My favourite food is", "Water boils at", "Hello"]
+
+
+def assert_close_rel(ours, ref, rel=1e-4):
+    err = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert err <= rel, f"max relative error {err:.3g} > {rel}"
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    return LLM(str(smollm2_path))
+
+
+@pytest.fixture(scope="module")
+def alone(smollm2):
+    return [smollm2(p, max_tokens=12, temperature=0)["choices"][0]["text"] for p in PROMPTS]
+
+
+def test_batched_greedy_text_equals_each_prompt_alone(smollm2, alone):
+    out = smollm2(PROMPTS, max_tokens=12, temperature=0)
+    assert [c["index"] for c in out["choices"]] == list(range(len(PROMPTS)))
+    assert [c["text"] for c in out["choices"]] == alone
+    assert out["usage"]["completion_tokens"] == 12 * len(PROMPTS)
+
+
+def test_pipelined_batch_on_threads_equals_each_prompt_alone(smollm2_path, alone):
+    llm = LLM(str(smollm2_path), parallel="pp=2,mb=4")
+    try:
+        out = llm(PROMPTS, max_tokens=12, temperature=0)
+        assert [c["text"] for c in out["choices"]] == alone
+        assert all(b > 0 for b in llm.model.busy_seconds)  # both stages did work
+        # one sequence through the pipeline (the seed's forward / fast_forward) agrees too
+        assert llm(PROMPTS[0], max_tokens=12, temperature=0)["choices"][0]["text"] == alone[0]
+    finally:
+        llm.model.close()
+
+
+def test_each_sequence_has_its_own_stop(smollm2, alone):
+    out = smollm2(PROMPTS[:3], max_tokens=12, temperature=0, stop=["\n"])
+    for choice, text in zip(out["choices"], alone):
+        assert choice["text"] == text.split("\n")[0]
+        assert choice["finish_reason"] == ("stop" if "\n" in text else "length")
+
+
+def test_streamed_batch_chunks_add_up_to_the_batch(smollm2, alone):
+    texts = [""] * 3
+    for chunk in smollm2(PROMPTS[:3], max_tokens=12, temperature=0, stream=True):
+        texts[chunk["choices"][0]["index"]] += chunk["choices"][0]["text"]
+    assert texts == alone[:3]
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_batched_logits_equal_each_sequence_alone(tiny_models, arch):
+    """Sequences of different lengths (past the sliding window of 7 for mistral) decode as one
+    micro-batch; each one's logits equal its own run's at every step."""
+    model = Mistral.load(Parameters.load(tiny_models[arch][2]))
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (3, 11, 6, 1)]
+    steps = 5
+    nexts = rng.integers(0, model.config.vocab_size, (steps, len(prompts)))
+    alone = []
+    for i, p in enumerate(prompts):
+        state = model.new_state(64)
+        rows = [model.prefill(state, p).copy()]
+        rows += [model.fast_forward(state, int(t)).copy() for t in nexts[:, i]]
+        alone.append(rows)
+    states = [model.new_state(64) for _ in prompts]
+    got = [[model.forward_spans([Span(s, p, 0)])[0]] for s, p in zip(states, prompts)]
+    for step in range(steps):
+        logits = model.forward_spans([Span(s, [int(nexts[step, i])], s.pos) for i, s in enumerate(states)])
+        for i in range(len(prompts)):
+            got[i].append(logits[i])
+    for g, a in zip(got, alone):
+        assert_close_rel(np.stack(g), np.stack(a))
+
+
+def test_pipeline_prefill_in_chunks_equals_one_process(tiny_models):
+    params = Parameters.load(tiny_models["mistral"][2])
+    model = Mistral.load(params)
+    tokens = np.random.default_rng(3).integers(0, model.config.vocab_size, 40).tolist()
+    ref = model.prefill(model.new_state(64), tokens).copy()
+    with pytest.raises(TorchlessError, match="3 stages cannot split 2 layers"):
+        PipelineParallelMistral(model, 3)
+    pipe = PipelineParallelMistral(model, 2, PipelineConfig(num_micro_batches=2))
+    try:
+        state = pipe.new_state(64)
+        assert_close_rel(pipe.prefill(state, tokens, chunk_size=8), ref)
+        assert state.pos == 40
+    finally:
+        pipe.close()
+
+
+def test_pipeline_stays_within_its_memory_budget(tiny_models):
+    model = Mistral.load(Parameters.load(tiny_models["mistral"][2]))
+    one_token = PipelineConfig.micro_batch_bytes(model.config.hidden_size)
+    budget = 3 * one_token  # room for 3 micro-batches of one sequence's token at a time
+    pipe = PipelineParallelMistral(model, 2, PipelineConfig(num_micro_batches=8, memory_budget=budget))
+    try:
+        prompts = [[1 + i] for i in range(8)]
+        samplers = [Sampler(SamplingParams(temperature=0)) for _ in prompts]
+        events = list(BatchGenerator(pipe, prompts, samplers, [6] * 8, 64, n_micro_batches=8))
+        assert sum(t is not None for _, t, _ in events) == 48
+        assert 0 < pipe.peak_in_flight_bytes <= budget
+        with pytest.raises(TorchlessError, match="over the pipeline's memory budget"):
+            pipe.submit("big", [Span(pipe.new_state(64), [1, 2, 3, 4], 0)])
+    finally:
+        pipe.close()
+
+
+def test_a_failing_stage_ends_the_batch_with_its_name(tiny_models):
+    model = Mistral.load(Parameters.load(tiny_models["mistral"][2]))
+    pipe = PipelineParallelMistral(model, 2, PipelineConfig(num_micro_batches=2))
+    real = model.run_layers
+
+    def failing(spans, x, start, stop, fast=False):
+        if start > 0 and any(sp.start >= 3 for sp in spans):
+            raise RuntimeError("injected failure")
+        return real(spans, x, start, stop, fast)
+
+    model.run_layers = failing
+    try:
+        prompts = [[1, 2], [3, 4, 5], [6]]
+        samplers = [Sampler(SamplingParams(temperature=0)) for _ in prompts]
+        with pytest.raises(TorchlessError, match=r"pipeline stage 1 \(layers .*\) failed: RuntimeError: injected failure"):
+            list(BatchGenerator(pipe, prompts, samplers, [8] * 3, 64, n_micro_batches=2))
+        with pytest.raises(TorchlessError, match="pipeline is stopped"):
+            pipe.forward(pipe.new_state(64), 1)
+    finally:
+        pipe.close()
+
+
+@given(costs=st.lists(st.integers(1, 100), min_size=1, max_size=40), stages=st.integers(1, 8),
+       tail=st.integers(0, 500))
+def test_stage_bounds_cover_every_layer_once(costs, stages, tail):
+    if stages > len(costs):
+        with pytest.raises(TorchlessError, match="cannot split"):
+            stage_bounds(costs, stages, tail)
+        return
+    bounds = stage_bounds(costs, stages, tail)
+    assert len(bounds) == stages and bounds[0][0] == 0 and bounds[-1][1] == len(costs)
+    assert all(a < b for a, b in bounds) and all(bounds[i][1] == bounds[i + 1][0] for i in range(stages - 1))
+
+
+def test_lm_head_weight_moves_layers_to_the_first_stage():
+    assert stage_bounds([1] * 30, 2, 8) == [(0, 19), (19, 30)]
+    assert stage_bounds([1] * 30, 3) == [(0, 10), (10, 20), (20, 30)]
+
+
+def test_local_runner_keeps_submission_order(tiny_models):
+    model = Mistral.load(Parameters.load(tiny_models["llama"][2]))
+    runner = LocalRunner(model)
+    for i in range(3):
+        runner.submit(i, [Span(runner.new_state(16), [i + 1], 0)])
+    assert [runner.collect()[0] for _ in range(3)] == [0, 1, 2]
