@@ -3,6 +3,10 @@ the single-sequence path (itself held to transformers elsewhere)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -13,6 +17,8 @@ from torchless.kernels.pipeline import PipelineConfig
 from torchless.model.mistral import Span
 from torchless.model.pipeline import PipelineParallelMistral, stage_bounds
 from torchless.sampling import Sampler, SamplingParams
+
+from test_tensor_parallel import SCRIPTS, mpiexec
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The sky is blue because",
            "1, 2, 3, 4,", "My favourite food is", "Water boils at", "Hello"]
@@ -169,3 +175,72 @@ def test_local_runner_keeps_submission_order(tiny_models):
     for i in range(3):
         runner.submit(i, [Span(runner.new_state(16), [i + 1], 0)])
     assert [runner.collect()[0] for _ in range(3)] == [0, 1, 2]
+
+
+def test_pipelined_batch_of_a_random_mistral_equals_each_alone(tiny_models):
+    """Greedy tokens of 8 prompts (some past the sliding window) through 2 stage threads."""
+    model = Mistral.load(Parameters.load(tiny_models["mistral"][2]))
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (2, 9, 4, 1, 12, 3, 5, 8)]
+
+    def greedy():
+        return [Sampler(SamplingParams(temperature=0)) for _ in prompts]
+
+    def texts(runner, m):
+        out = [[] for _ in prompts]
+        for s, token, _ in BatchGenerator(runner, prompts, greedy(), [10] * 8, 64, n_micro_batches=m):
+            if token is not None:
+                out[s].append(token)
+        return out
+
+    alone = [texts(LocalRunner(model), 1)[i] for i in range(8)]
+    one_by_one = []
+    for p in prompts:  # the single-sequence decode path (fast_forward), as the oracle
+        state, seq = model.new_state(64), []
+        logits = model.prefill(state, p)
+        for _ in range(10):
+            seq.append(int(np.argmax(logits)))
+            logits = model.fast_forward(state, seq[-1])
+        one_by_one.append(seq)
+    assert alone == one_by_one
+    pipe = PipelineParallelMistral(model, 2, PipelineConfig(num_micro_batches=4))
+    try:
+        assert texts(pipe, 4) == one_by_one
+    finally:
+        pipe.close()
+
+
+# -- MPI: one stage per rank ------------------------------------------------------------------
+
+def test_mpi_pipeline_batch_equals_each_prompt_alone(smollm2_path):
+    r = mpiexec(2, sys.executable, str(SCRIPTS / "pp_batch_check.py"), str(smollm2_path), "10", *PROMPTS)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+def test_mpi_pipeline_three_stages(smollm2_path):
+    r = mpiexec(3, sys.executable, str(SCRIPTS / "pp_batch_check.py"), str(smollm2_path), "6", *PROMPTS[:5])
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+def test_mpi_pipeline_generate_prints_what_one_process_prints(smollm2_path):
+    args = ["generate", "-m", str(smollm2_path), "--max-tokens", "12", "--temperature", "0",
+            "The capital of France is"]
+    single = subprocess.run([sys.executable, "-m", "torchless", *args], capture_output=True,
+                            text=True, timeout=300)
+    mpi = mpiexec(2, sys.executable, "-m", "torchless", *args, "--parallel", "pp=2,mb=2")
+    assert single.returncode == 0 and mpi.returncode == 0, mpi.stderr
+    assert mpi.stdout == single.stdout and single.stdout.strip()
+
+
+def test_mpi_pipeline_with_the_wrong_rank_count_is_one_error(tiny_llama_gguf):
+    r = mpiexec(2, sys.executable, "-m", "torchless", "generate", "-m", str(tiny_llama_gguf),
+                "--parallel", "pp=3", "hello", timeout=120)
+    assert r.returncode != 0 and "needs 3 MPI ranks" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_mpi_stage_that_fails_ends_the_job_naming_it(tiny_llama_gguf):
+    start = time.monotonic()
+    r = mpiexec(2, sys.executable, str(SCRIPTS / "pp_fault.py"), str(tiny_llama_gguf), timeout=120)
+    assert r.returncode != 0
+    assert "rank 1 failed" in r.stderr and "injected failure" in r.stderr, r.stderr
+    assert time.monotonic() - start < 60

@@ -34,6 +34,7 @@ class LLM:
         # parallel: a ParallelConfig or its string form ("tp=2"); under mpiexec each rank
         # holds a shard, every rank runs this same loop, and rank 0's sampled token is used.
         self.model, self._group = load_for(self.params, parallel)
+        self._remote_sampling = hasattr(self.model, "serve")  # an MPI pipeline: the last rank samples
         self.tokenizer = self.params.tokenizer
         self.config = self.model.config
         self.state = self.model.new_state(max_seq_len=n_ctx or None)
@@ -75,8 +76,10 @@ class LLM:
         """
         meta = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion",
                     created=int(time.time()), model=self.model_path)
-        if _is_batch(prompt):  # several prompts, as OpenAI's API takes them: one choice each
-            prompts = [self._prompt_ids(p) for p in prompt]
+        # Several prompts, as OpenAI's API takes them: one choice each. A pipeline over MPI
+        # ranks runs even one prompt this way: its last stage samples, and rank 0 streams.
+        if _is_batch(prompt) or self._remote_sampling:
+            prompts = [self._prompt_ids(p) for p in (prompt if _is_batch(prompt) else [prompt])]
             samplers = [self._sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
                         for _ in prompts]
             chunks = self._batch_chunks(prompts, samplers, max_tokens, stop, meta)
@@ -100,6 +103,9 @@ class LLM:
                                stop: str | list[str] | None = None, seed: int | None = None,
                                stream: bool = False):
         """OpenAI's chat.completion dict (or chat.completion.chunk iterator), via the model's template."""
+        if self._remote_sampling:
+            raise TorchlessError("chat over a pipeline of MPI ranks is not supported yet; use "
+                                 "generate (or --parallel pp=S without mpiexec: stages on threads)")
         ids = self._prompt_ids(self._render_chat(messages), template=True)
         pieces = self._pieces(ids, self._sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed),
                               max_tokens, stop)
@@ -188,14 +194,27 @@ class LLM:
         """text_completion chunks of a batch, each naming its choice by index, as tokens come."""
         from .generate import BatchGenerator  # noqa: the runner interface lives there too
 
-        runner = self.model.runner() if hasattr(self.model, "runner") else None
-        if runner is None:
-            if not hasattr(self.model, "forward_spans"):
-                raise TorchlessError("batched generation is not supported with in-process tensor "
-                                     "parallelism; use --parallel pp=... or one process")
+        if hasattr(self.model, "runner"):
+            runner = self.model.runner()
+        elif hasattr(self.model, "forward_spans"):
             runner = LocalRunner(self.model)
+        else:
+            raise TorchlessError("batched generation is not supported with in-process tensor "
+                                 "parallelism; use --parallel pp=... or one process")
+        if self._remote_sampling:
+            if not self.model.is_driver:  # a later stage: serve until rank 0 ends the batch
+                self.model.serve(samplers, [list(p) for p in prompts])
+                return
+            samplers = [_take_token] * len(prompts)  # the last stage sampled already
         batch = BatchGenerator(runner, prompts, samplers, [max_tokens] * len(prompts), self.n_ctx,
                                self.tokenizer.eos_ids, getattr(self.model, "n_micro_batches", 1))
+        try:
+            yield from self._batch_events(batch, prompts, stop, meta)
+        finally:
+            if hasattr(runner, "end_batch"):
+                runner.end_batch()
+
+    def _batch_events(self, batch, prompts, stop, meta):
         decoders = [self.tokenizer.stream_decoder() for _ in prompts]
         stops = [StopStrings(stop) for _ in prompts]
         counts = [0] * len(prompts)
@@ -268,6 +287,12 @@ def _merge_chunks(chunks, meta, n: int) -> dict:
         texts[choice["index"]] += choice["text"]
         if choice["finish_reason"] is not None:
             reasons[choice["index"]], usage[choice["index"]] = choice["finish_reason"], chunk["usage"]
-    total = {k: sum(u[k] for u in usage) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    # (a later stage of an MPI pipeline gets no chunks: its result is empty; rank 0 has the text)
+    total = {k: sum((u or {}).get(k, 0) for u in usage) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
     return dict(meta, choices=[dict(text=t, index=i, logprobs=None, finish_reason=r)
                                for i, (t, r) in enumerate(zip(texts, reasons))], usage=total)
+
+
+def _take_token(token, history) -> int:
+    """Rank 0's "sampler" in an MPI pipeline: the last stage sent the token itself."""
+    return int(token)

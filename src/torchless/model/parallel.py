@@ -275,9 +275,20 @@ def load_for(params, parallel: "ParallelConfig | str | None"):
         return Mistral.load(params), None
     world = parallel.tensor.world_size
     if parallel.pipeline_stages > 1:
-        if parallel.backend == "mpi" or world > 1:
-            raise TorchlessError("pipeline parallelism over MPI ranks (and with tp) is not supported "
-                                 "yet; pp=S runs S stages as threads of one process")
+        stages = parallel.pipeline_stages
+        if world > 1:
+            raise TorchlessError("tensor and pipeline parallelism together (tp=N,pp=S) are not "
+                                 "supported yet")
+        if parallel.backend == "mpi":
+            from ..distributed import current_group
+            from .pipeline_mpi import MPIPipelineMistral
+
+            group = current_group()
+            if group.world_size != stages:
+                raise TorchlessError(f"--parallel pp={stages} needs {stages} MPI ranks (one per "
+                                     f"stage), but mpiexec started {group.world_size}")
+            # No group for the caller: ranks do not sample in lockstep, the last stage samples.
+            return MPIPipelineMistral.load(params, group, parallel.pipeline_config), None
         from .pipeline import PipelineParallelMistral
 
         return PipelineParallelMistral(Mistral.load(params), parallel.pipeline_stages,

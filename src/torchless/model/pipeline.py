@@ -42,31 +42,77 @@ def stage_bounds(layer_costs, n_stages: int, tail_cost: float = 0.0) -> list[tup
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _layer_bytes(model: Mistral, li: int) -> int:
-    layer = model.layers[li]
-    return sum(getattr(layer, kind).packed.nbytes for kind in
-               ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"))
+def layer_costs(model: Mistral) -> tuple[list[int], int]:
+    """Bytes of each layer's weights as stored, and of the output projection: what a decode
+    step reads. Read from the file's tensor sizes, so nothing is repacked to plan stages."""
+    kinds = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    return ([sum(getattr(layer, kind).weight.nbytes for kind in kinds) for layer in model.layers],
+            model.output.weight.nbytes)
 
 
-class PipelineParallelMistral:
+class PipelineBuffers:
+    """What both pipelines (threads here, MPI ranks in pipeline_mpi) share: the buffer budget of
+    the micro-batches in flight, and the per-stage busy time that the bubble is measured from."""
+
+    def __init__(self, model_config, config: PipelineConfig | None):
+        self.config = model_config
+        self.pipeline_config = config or PipelineConfig()
+        self.n_micro_batches = self.pipeline_config.num_micro_batches
+        self.in_flight_bytes = self.peak_in_flight_bytes = 0
+        self._lock = threading.Lock()
+
+    def _buffer_bytes(self, spans: list[Span]) -> int:
+        # The hidden states handed between stages, double-buffered: PipelineConfig's own count.
+        return PipelineConfig.micro_batch_bytes(self.config.hidden_size,
+                                                tokens=sum(len(sp.tokens) for sp in spans))
+
+    def has_room(self, spans: list[Span]) -> bool:
+        return self.in_flight_bytes + self._buffer_bytes(spans) <= self.pipeline_config.memory_budget
+
+    def _reserve(self, spans: list[Span]) -> None:
+        for sp in spans:
+            if sp.start + len(sp.tokens) > sp.state.max_seq_len:
+                raise TorchlessError(f"sequence of {sp.start + len(sp.tokens)} tokens does not fit "
+                                     f"the context of {sp.state.max_seq_len}")
+        nbytes = self._buffer_bytes(spans)
+        if nbytes > self.pipeline_config.memory_budget:
+            raise TorchlessError(f"a micro-batch of {sum(len(sp.tokens) for sp in spans)} tokens needs "
+                                 f"{nbytes} bytes of stage buffers, over the pipeline's memory "
+                                 f"budget of {self.pipeline_config.memory_budget}")
+        with self._lock:
+            self.in_flight_bytes += nbytes
+            self.peak_in_flight_bytes = max(self.peak_in_flight_bytes, self.in_flight_bytes)
+
+    def _release(self, nbytes: int) -> None:
+        with self._lock:
+            self.in_flight_bytes -= nbytes
+
+    def reset_stats(self) -> None:
+        self.busy_seconds = [0.0] * len(self.busy_seconds)
+
+    def bubble(self, wall_seconds: float) -> dict:
+        """Per stage (here), the share of `wall_seconds` it sat idle, and the fill/drain
+        prediction for this many stages and micro-batches."""
+        return {"idle_share": [max(0.0, 1 - b / wall_seconds) for b in self.busy_seconds],
+                "predicted": predicted_bubble(len(self.stages), self.n_micro_batches)}
+
+
+class PipelineParallelMistral(PipelineBuffers):
     def __init__(self, model: Mistral, n_stages: int = 2, config: PipelineConfig | None = None,
                  threads_per_stage: int | None = None):
         from threadpoolctl import threadpool_limits
 
-        self.model, self.config = model, model.config
-        self.pipeline_config = config or PipelineConfig()
-        self.n_micro_batches = self.pipeline_config.num_micro_batches
+        super().__init__(model.config, config)
+        self.model = model
         # Decode reads every weight once per micro-batch: balance the stages by bytes read.
-        self.stages = stage_bounds([_layer_bytes(model, li) for li in range(len(model.layers))],
-                                   n_stages, model.output.packed.nbytes)
+        costs, output_cost = layer_costs(model)
+        self.stages = stage_bounds(costs, n_stages, output_cost)
         threads_per_stage = threads_per_stage or max(1, numba.get_num_threads() // n_stages)
         # BLAS is the prefill's, per stage thread; its own pool would oversubscribe the cores.
         self._blas = threadpool_limits(limits=1, user_api="blas")
         self._inbox = [queue.Queue() for _ in self.stages]
         self._outbox: queue.Queue = queue.Queue()
         self._failed: str | None = None
-        self.in_flight_bytes = self.peak_in_flight_bytes = 0
-        self._lock = threading.Lock()
         self.busy_seconds = [0.0] * n_stages
         self._workers = [threading.Thread(target=self._serve, args=(k, threads_per_stage),
                                           daemon=True, name=f"torchless-pp{k}")
@@ -115,27 +161,8 @@ class PipelineParallelMistral:
     def submit(self, tag, spans: list[Span]) -> None:
         if self._failed:
             raise TorchlessError(f"the pipeline is stopped: {self._failed}")
-        for sp in spans:
-            if sp.start + len(sp.tokens) > sp.state.max_seq_len:
-                raise TorchlessError(f"sequence of {sp.start + len(sp.tokens)} tokens does not fit "
-                                     f"the context of {sp.state.max_seq_len}")
-        nbytes = self._buffer_bytes(spans)
-        if nbytes > self.pipeline_config.memory_budget:
-            raise TorchlessError(f"a micro-batch of {sum(len(sp.tokens) for sp in spans)} tokens needs "
-                                 f"{nbytes} bytes of stage buffers, over the pipeline's memory "
-                                 f"budget of {self.pipeline_config.memory_budget}")
-        with self._lock:
-            self.in_flight_bytes += nbytes
-            self.peak_in_flight_bytes = max(self.peak_in_flight_bytes, self.in_flight_bytes)
+        self._reserve(spans)
         self._inbox[0].put((tag, spans, None))
-
-    def has_room(self, spans: list[Span]) -> bool:
-        return self.in_flight_bytes + self._buffer_bytes(spans) <= self.pipeline_config.memory_budget
-
-    def _buffer_bytes(self, spans: list[Span]) -> int:
-        # The hidden states handed between stages, double-buffered: PipelineConfig's own count.
-        return PipelineConfig.micro_batch_bytes(self.config.hidden_size,
-                                                tokens=sum(len(sp.tokens) for sp in spans))
 
     def collect(self, timeout: float = 600.0):
         try:
@@ -143,8 +170,7 @@ class PipelineParallelMistral:
         except queue.Empty:
             self._failed = f"no micro-batch left the pipeline in {timeout:.0f} s"
             raise TorchlessError(f"the pipeline is stuck: {self._failed}") from None
-        with self._lock:
-            self.in_flight_bytes -= nbytes
+        self._release(nbytes)
         if error is not None:
             # Stop here: a batch with a failed micro-batch is an error as a whole, never a
             # silently shortened output.
@@ -180,16 +206,6 @@ class PipelineParallelMistral:
 
     def weight_bytes_per_token(self) -> int:
         return self.model.weight_bytes_per_token()
-
-    # -- measurement ----------------------------------------------------------------------------
-
-    def reset_stats(self) -> None:
-        self.busy_seconds = [0.0] * len(self.stages)
-
-    def bubble(self, wall_seconds: float) -> dict:
-        """Per stage, the share of `wall_seconds` it sat idle, next to the fill/drain prediction."""
-        return {"idle_share": [max(0.0, 1 - b / wall_seconds) for b in self.busy_seconds],
-                "predicted": predicted_bubble(len(self.stages), self.n_micro_batches)}
 
     def close(self) -> None:
         for inbox in self._inbox:

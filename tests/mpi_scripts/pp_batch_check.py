@@ -1,0 +1,28 @@
+"""Under mpiexec -n S: greedy batched generation through an S-stage pipeline of ranks equals
+each prompt run alone in one process (computed on rank 0). argv: model, max_tokens, prompts..."""
+
+import sys
+
+from torchless import LLM
+from torchless.distributed import current_group, run_guarded
+
+path, max_tokens, prompts = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+group = current_group()
+
+
+def main():
+    alone = None
+    if group.rank == 0:
+        single = LLM(path)
+        alone = [single(p, max_tokens=max_tokens, temperature=0)["choices"][0]["text"] for p in prompts]
+    llm = LLM(path, parallel=f"pp={group.world_size},mb=4")
+    out = llm(prompts, max_tokens=max_tokens, temperature=0)
+    one = llm(prompts[0], max_tokens=max_tokens, temperature=0)  # one prompt: the same path
+    if group.rank == 0:
+        texts = [c["text"] for c in out["choices"]]
+        assert texts == alone, (texts, alone)
+        assert one["choices"][0]["text"] == alone[0]
+        print("OK", flush=True)
+
+
+run_guarded(group, main)
