@@ -244,3 +244,13 @@ def test_mpi_stage_that_fails_ends_the_job_naming_it(tiny_llama_gguf):
     assert r.returncode != 0
     assert "rank 1 failed" in r.stderr and "injected failure" in r.stderr, r.stderr
     assert time.monotonic() - start < 60
+
+
+def test_mpi_tensor_and_pipeline_together_print_what_one_process_prints(smollm2_path):
+    """tp=2,pp=2 on 4 ranks: each stage is two tensor-parallel shards."""
+    args = ["generate", "-m", str(smollm2_path), "--max-tokens", "10", "--temperature", "0", "Once upon a time"]
+    single = subprocess.run([sys.executable, "-m", "torchless", *args], capture_output=True,
+                            text=True, timeout=300)
+    mpi = mpiexec(4, sys.executable, "-m", "torchless", *args, "--parallel", "tp=2,pp=2")
+    assert single.returncode == 0 and mpi.returncode == 0, mpi.stderr
+    assert mpi.stdout == single.stdout and single.stdout.strip()

@@ -156,7 +156,10 @@ class TensorParallelMistral(Mistral):
         return cls.shard(full, tp_config, group)
 
     @classmethod
-    def shard(cls, full: Mistral, tp: TensorParallelConfig, group=None) -> "TensorParallelMistral":
+    def shard(cls, full: Mistral, tp: TensorParallelConfig, group=None,
+              prepare: bool = True) -> "TensorParallelMistral":
+        """This rank's shard of `full` (lazily loaded). prepare=False leaves the repacking to
+        the caller (a pipeline stage repacks only its own layers)."""
         if tp.world_size > 1 and group is None:
             from ..distributed import current_group
 
@@ -176,7 +179,7 @@ class TensorParallelMistral(Mistral):
         model = cls(full.config, full.embedding, layers, full.output_norm, output, layout,
                     group if tp.world_size > 1 else None)
         model.tp_config = tp
-        return model.prepare_fast(release_pages)
+        return model.prepare_fast(release_pages) if prepare else model
 
 
 def _block_size(linear: Linear) -> int:
@@ -276,19 +279,21 @@ def load_for(params, parallel: "ParallelConfig | str | None"):
     world = parallel.tensor.world_size
     if parallel.pipeline_stages > 1:
         stages = parallel.pipeline_stages
-        if world > 1:
-            raise TorchlessError("tensor and pipeline parallelism together (tp=N,pp=S) are not "
-                                 "supported yet")
         if parallel.backend == "mpi":
             from ..distributed import current_group
             from .pipeline_mpi import MPIPipelineMistral
 
             group = current_group()
-            if group.world_size != stages:
-                raise TorchlessError(f"--parallel pp={stages} needs {stages} MPI ranks (one per "
-                                     f"stage), but mpiexec started {group.world_size}")
+            if group.world_size != stages * world:
+                raise TorchlessError(f"--parallel pp={stages}" + (f",tp={world}" if world > 1 else "")
+                                     + f" needs {stages * world} MPI ranks (one per stage"
+                                     + (" and shard" if world > 1 else "") + f"), but mpiexec "
+                                     f"started {group.world_size}")
             # No group for the caller: ranks do not sample in lockstep, the last stage samples.
-            return MPIPipelineMistral.load(params, group, parallel.pipeline_config), None
+            return MPIPipelineMistral.load(params, group, parallel.pipeline_config, tp=world), None
+        if world > 1:
+            raise TorchlessError("tensor and pipeline parallelism together (tp=N,pp=S) run under "
+                                 "mpiexec only, one rank per shard of each stage")
         from .pipeline import PipelineParallelMistral
 
         return PipelineParallelMistral(Mistral.load(params), parallel.pipeline_stages,

@@ -25,17 +25,36 @@ DATA, RESULT = 11, 12
 
 
 class MPIPipelineMistral(PipelineBuffers):
-    def __init__(self, model: Mistral, group, config: PipelineConfig | None = None):
+    """One rank's part of the pipeline. With tp > 1 each stage is itself `tp` tensor-parallel
+    ranks (world rank = stage * tp + shard), all-reducing over their own communicator; shard r
+    of a stage talks only to shard r of the next, since every shard holds the whole hidden
+    state after its all-reduce."""
+
+    def __init__(self, model: Mistral, group, config: PipelineConfig | None = None, tp: int = 1):
         super().__init__(model.config, config)
-        self.model, self.group, self.comm = model, group, group.comm
+        self.group, self.comm = group, group.comm
+        n_stages = group.world_size // tp
+        self.stage, shard = divmod(group.rank, tp)
+        if tp > 1:
+            from ..distributed import MPIGroup
+            from ..kernels.tensor_parallel import TensorParallelConfig
+            from .parallel import TensorParallelMistral
+
+            stage_group = MPIGroup(self.comm.Split(color=self.stage, key=shard))
+            model = TensorParallelMistral.shard(model, TensorParallelConfig(tp, shard), stage_group,
+                                                prepare=False)
+        self.model = model
         costs, output_cost = layer_costs(model)
-        self.stages = stage_bounds(costs, group.world_size, output_cost)
-        self.rank, self.last_rank = group.rank, group.world_size - 1
-        self.start, self.stop = self.stages[self.rank]
+        self.stages = stage_bounds(costs, n_stages, output_cost)
+        self.last_stage = n_stages - 1
+        self.prev, self.next = group.rank - tp, group.rank + tp
+        self.driver_rank = shard  # shard r of stage 0: where this shard's tokens go
+        self.sampler_rank = self.last_stage * tp + shard  # and where they come from
+        self.start, self.stop = self.stages[self.stage]
         # Repack this stage's weights only; the other layers' pages are never read.
         mine = [getattr(model.layers[li], kind) for li in range(self.start, self.stop)
                 for kind in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
-        for linear in mine + ([model.output] if self.rank == self.last_rank else []):
+        for linear in mine + ([model.output] if self.stage == self.last_stage else []):
             linear.packed
             release_pages(linear.weight.data)
         self.busy_seconds = [0.0]
@@ -45,12 +64,12 @@ class MPIPipelineMistral(PipelineBuffers):
         self._pending = 0
 
     @classmethod
-    def load(cls, params, group, config: PipelineConfig | None = None) -> "MPIPipelineMistral":
-        return cls(Mistral.load(params, fast=False), group, config)
+    def load(cls, params, group, config: PipelineConfig | None = None, tp: int = 1) -> "MPIPipelineMistral":
+        return cls(Mistral.load(params, fast=False), group, config, tp)
 
     @property
     def is_driver(self) -> bool:
-        return self.rank == 0
+        return self.stage == 0
 
     def new_state(self, max_seq_len: int | None = None) -> InferenceState:
         return self.model.new_state(max_seq_len)
@@ -71,11 +90,11 @@ class MPIPipelineMistral(PipelineBuffers):
         x = self.model.run_layers(spans, x, self.start, self.stop, fast=True)
         self.busy_seconds[0] += time.perf_counter() - t0
         meta = [(self._key(sp.state), sp.start, sp.tokens, sp.state.max_seq_len) for sp in spans]
-        self._send((tag, meta, x), 1, DATA)
+        self._send((tag, meta, x), self.next, DATA)
         self._pending += 1
 
     def collect(self):
-        tag, result, nbytes = self.comm.recv(source=self.last_rank, tag=RESULT)
+        tag, result, nbytes = self.comm.recv(source=self.sampler_rank, tag=RESULT)
         self._pending -= 1
         self._release(nbytes)
         return tag, result
@@ -90,7 +109,7 @@ class MPIPipelineMistral(PipelineBuffers):
         while self._pending:
             self.collect()
         self._keys.clear()
-        self._send(None, 1, DATA)
+        self._send(None, self.next, DATA)
         for r in self._sends:
             r.wait()
         self._sends.clear()
@@ -101,12 +120,12 @@ class MPIPipelineMistral(PipelineBuffers):
         """Ranks 1..: run this stage on every micro-batch until rank 0 ends the batch. The last
         rank samples with `samplers[s](logits, histories[s])` (appending each token to
         histories[s]), or without samplers sends the logits back (the seed's forward)."""
-        last = self.rank == self.last_rank
+        last = self.stage == self.last_stage
         while True:
-            msg = self.comm.recv(source=self.rank - 1, tag=DATA)
+            msg = self.comm.recv(source=self.prev, tag=DATA)
             if msg is None:
                 if not last:
-                    self._send(None, self.rank + 1, DATA)
+                    self._send(None, self.next, DATA)
                 for r in self._sends:
                     r.wait()
                 self._sends.clear()
@@ -118,12 +137,12 @@ class MPIPipelineMistral(PipelineBuffers):
             x = self.model.run_layers(spans, x, self.start, self.stop, fast=True)
             if not last:
                 self.busy_seconds[0] += time.perf_counter() - t0
-                self._send((tag, meta, x), self.rank + 1, DATA)
+                self._send((tag, meta, x), self.next, DATA)
                 continue
             logits = self.model.finish(spans, x, fast=True)
             result = logits if samplers is None else _sample(tag, logits, samplers, histories)
             self.busy_seconds[0] += time.perf_counter() - t0
-            self._send((tag, result, self._buffer_bytes(spans)), 0, RESULT)
+            self._send((tag, result, self._buffer_bytes(spans)), self.driver_rank, RESULT)
 
     def _state(self, key: int, max_seq_len: int) -> InferenceState:
         if key not in self._states:
