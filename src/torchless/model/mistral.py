@@ -51,6 +51,8 @@ class Linear:
             y = np.empty((x.shape[0], self.shape[0]), np.float32)
             if x.shape[0] >= gemm.MIN_TOKENS_FOR_BLAS:
                 gemm.matmul_blas_into(self.packed, x, y, _get_num_threads())
+            elif x.shape[0] == 1:  # the decode kernel: no tile is expanded to float32 first
+                qmatmul.matvec_into(self.packed, x[0], y[0])
             else:
                 qmatmul.matmul_into(self.packed, x, y)
         else:
