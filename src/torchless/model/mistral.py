@@ -9,6 +9,7 @@ allocated once per state, with the products cut into tasks by the work-distribut
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -107,12 +108,20 @@ class ShardLayout:
                    tuple(h // group for h in range(config.n_heads)), (0, config.vocab_size))
 
 
+def lazy_zeros(shape) -> np.ndarray:
+    """float32 zeros in an anonymous mapping, resident page by page as written. (np.zeros asks
+    the kernel for 2 MB huge pages on large arrays, so the first position cached in each layer
+    would cost 2 MB per layer, K and V, per sequence: 120 MB on SmolLM2 before any real use.)"""
+    nbytes = max(4, 4 * int(np.prod(shape)))
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.float32, count=nbytes // 4).reshape(shape)
+
+
 class InferenceState:
     """Activations, KV cache and logits of one sequence, allocated once.
 
     The cache holds `config.kv_cache_len` entries per layer: the whole context, or a ring of
-    `sliding_window` entries for a windowed model (position p lives in slot p % len).
-    np.zeros maps untouched pages lazily, so a long context costs memory only as it fills.
+    `sliding_window` entries for a windowed model (position p lives in slot p % len). Its pages
+    become resident only as positions are written, so a long context costs memory as it fills.
     """
 
     def __init__(self, config: ModelConfig, max_seq_len: int | None = None,
@@ -122,8 +131,8 @@ class InferenceState:
         self.max_seq_len = min(max_seq_len or config.context_length, config.context_length)
         self.cache_len = min(config.kv_cache_len, self.max_seq_len)
         shape = (config.n_layers, self.cache_len, layout.n_kv_heads, config.head_dim)
-        self.k_cache = np.zeros(shape, np.float32)  # (layers, cache_len, n_kv_heads, head_dim)
-        self.v_cache = np.zeros(shape, np.float32)
+        self.k_cache = lazy_zeros(shape)  # (layers, cache_len, n_kv_heads, head_dim)
+        self.v_cache = lazy_zeros(shape)
         self.logits = np.zeros(config.vocab_size, np.float32)  # (vocab,)
         self.pos = 0
         # One-token decode buffers, reused every step.
