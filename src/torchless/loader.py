@@ -11,6 +11,8 @@ import re
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
 from .config import ModelConfig
 from .errors import ModelFileError
 from .formats.gguf import GGUFFile
@@ -131,9 +133,29 @@ def release_pages(array) -> None:
     if mm is None or not hasattr(mm, "madvise") or array.nbytes == 0:
         return
     page = mmap.PAGESIZE
-    offset = array.__array_interface__["data"][0] - base.__array_interface__["data"][0] + base.offset
+    low, high = _byte_bounds(array)  # a column slice is strided: release all it spans
+    offset = low - base.__array_interface__["data"][0] + base.offset
     start = offset // page * page
     try:
-        mm.madvise(mmap.MADV_DONTNEED, start, min(len(mm), offset + array.nbytes) - start)
+        mm.madvise(mmap.MADV_DONTNEED, start, min(len(mm), offset + high - low) - start)
     except (OSError, ValueError):
         pass  # only a memory saving; never a reason to fail
+
+
+def _byte_bounds(array) -> tuple[int, int]:
+    try:
+        return np.lib.array_utils.byte_bounds(array)  # NumPy >= 2
+    except AttributeError:
+        return np.byte_bounds(array)
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc's malloc_trim). Repacking a model
+    frees many large temporaries, and glibc keeps them mapped once its mmap threshold has grown;
+    without this a tensor-parallel rank would keep tens of MB it no longer uses."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: only a memory saving

@@ -20,7 +20,7 @@ from ..errors import ContextOverflowError, ModelFileError
 from ..kernels import fused, gemm, ops, qmatmul
 from ..kernels.adaptive import _get_num_threads, _matvec, attention_parallel_adaptive
 from ..kernels.tensor_parallel import all_reduce_sum
-from ..loader import release_pages
+from ..loader import release_pages, trim_heap
 from ..quant import QTensor
 
 
@@ -208,6 +208,7 @@ class Mistral:
             linear.packed
             if release is not None:
                 release(linear.weight.data)
+        trim_heap()
         return self
 
     def weight_bytes_per_token(self) -> int:
