@@ -8,7 +8,7 @@ import uuid
 from typing import Iterator
 
 from .errors import TorchlessError
-from .generate import LocalRunner, check_prompt_fits, context_size, generate_tokens
+from .generate import BatchGenerator, LocalRunner, check_prompt_fits, context_size, generate_tokens
 from .hub import DEFAULT_MODEL
 from .sampling import Sampler, SamplingParams, StopStrings
 
@@ -31,8 +31,9 @@ class LLM:
             SamplingParams(seed=seed)  # validates it
         start = time.perf_counter()
         self.params = Parameters.load(model if model is not None else DEFAULT_MODEL)
-        # parallel: a ParallelConfig or its string form ("tp=2"); under mpiexec each rank
-        # holds a shard, every rank runs this same loop, and rank 0's sampled token is used.
+        # parallel: a ParallelConfig or its string form ("tp=2", "pp=2,mb=4"). Under mpiexec
+        # every rank makes the same calls: tensor-parallel ranks all run the loop and take rank
+        # 0's sampled token; in a pipeline the last stage samples and rank 0 streams the text.
         self.model, self._group = load_for(self.params, parallel)
         self._remote_sampling = hasattr(self.model, "serve")  # an MPI pipeline: the last rank samples
         self.tokenizer = self.params.tokenizer
@@ -192,8 +193,6 @@ class LLM:
 
     def _batch_chunks(self, prompts, samplers, max_tokens, stop, meta):
         """text_completion chunks of a batch, each naming its choice by index, as tokens come."""
-        from .generate import BatchGenerator  # noqa: the runner interface lives there too
-
         if hasattr(self.model, "runner"):
             runner = self.model.runner()
         elif hasattr(self.model, "forward_spans"):
@@ -222,17 +221,14 @@ class LLM:
             if token is not None:
                 counts[seq] += 1
                 text = stops[seq].push(decoders[seq].push(token))
-                if stops[seq].stopped:
-                    batch.cancel(seq)
-                    reason = "stop"
-                elif text:
-                    yield dict(meta, choices=[dict(text=text, index=seq, logprobs=None, finish_reason=None)])
+                if not stops[seq].stopped:
+                    if text:
+                        yield dict(meta, choices=[dict(text=text, index=seq, logprobs=None, finish_reason=None)])
                     continue
-                else:
-                    continue
+                batch.cancel(seq)
+                reason = "stop"
             else:
-                text = stops[seq].push(decoders[seq].flush())
-                text += stops[seq].flush()
+                text = stops[seq].push(decoders[seq].flush()) + stops[seq].flush()
                 reason = "stop" if stops[seq].stopped else reason
             yield dict(meta, choices=[dict(text=text, index=seq, logprobs=None, finish_reason=reason)],
                        usage=_usage(len(prompts[seq]), counts[seq]))

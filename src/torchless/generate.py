@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .errors import ContextOverflowError, TorchlessError
+from .kernels.gemm import single_threaded_blas
+from .model.mistral import Span
 
 
 def context_size(model, state) -> int:
@@ -64,16 +67,12 @@ class LocalRunner:
     more now stays within the runner's buffer budget."""
 
     def __init__(self, model):
-        from collections import deque
-
         self.model, self._done = model, deque()
 
     def new_state(self, max_seq_len: int):
         return self.model.new_state(max_seq_len)
 
     def submit(self, tag, spans) -> None:
-        from .kernels.gemm import single_threaded_blas
-
         with single_threaded_blas():  # the big products split over our own threads
             self._done.append((tag, self.model.forward_spans(spans)))
 
@@ -96,9 +95,6 @@ class BatchGenerator:
 
     def __init__(self, runner, prompts: Sequence[Sequence[int]], samplers, max_tokens, n_ctx: int,
                  eos_ids: Iterable[int] = (), n_micro_batches: int = 1, chunk_size: int = 256):
-        from .model.mistral import Span
-
-        self._span = Span
         self.runner, self.samplers = runner, list(samplers)
         self.prompts = [[int(t) for t in p] for p in prompts]
         if len(self.samplers) != len(self.prompts):
@@ -123,14 +119,12 @@ class BatchGenerator:
             self.finished[seq] = reason
 
     def __iter__(self) -> Iterator[tuple[int, int | None, str | None]]:
-        from collections import deque
-
         todo = deque()  # (tag, spans) not yet submitted: the runner may be out of buffer room
         for s, prompt in enumerate(self.prompts):
             for i in range(0, len(prompt), self.chunk_size):
                 chunk = prompt[i:i + self.chunk_size]
                 todo.append((("prefill", s, i + len(chunk) == len(prompt)),
-                             [self._span(self.states[s], chunk, i)]))
+                             [Span(self.states[s], chunk, i)]))
         pending, last_logits, waiting = 0, {}, [len(g) for g in self.groups]
         group_of = {s: g for g, members in enumerate(self.groups) for s in members}
         while todo or pending:
@@ -156,7 +150,7 @@ class BatchGenerator:
                 yield from self._sample(s, row, step)
             if step:
                 todo.append((("decode", step),
-                             [self._span(self.states[s], [self.history[s][-1]], len(self.history[s]) - 1)
+                             [Span(self.states[s], [self.history[s][-1]], len(self.history[s]) - 1)
                               for s in step]))
 
     def _sample(self, s: int, logits: np.ndarray, step: list):

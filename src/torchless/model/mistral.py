@@ -170,6 +170,7 @@ class Mistral:
         self.output_norm = output_norm  # (hidden,)
         self.output = output            # (vocab or this shard's vocab slice, hidden)
         self.group = group              # None: the whole model in this process
+        self.work = None                # WorkDistributionConfig of decode steps; None: adaptive
         self.set_layout(layout or ShardLayout.full(config))
         self._rope_cos = self._rope_sin = np.zeros((0, config.head_dim // 2), np.float32)
 
@@ -385,8 +386,8 @@ class Mistral:
                 f"sequence of {state.pos + 1} tokens does not fit the context of {state.max_seq_len}")
         self.embed_into(token, state.x)
         for li in range(len(self.layers)):
-            self.decode_attention(li, state)
-            self.decode_mlp(li, state)
+            self.decode_attention(li, state, self.work)
+            self.decode_mlp(li, state, self.work)
         state.pos += 1
         return self.decode_logits(state)
 

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import TorchlessError
 from ..kernels.pipeline import PipelineConfig
 from ..kernels.tensor_parallel import TensorParallelConfig
-from ..kernels.workdist import WorkDistributionConfig, num_cpus
+from ..kernels.workdist import WorkDistributionConfig
 from ..loader import release_pages
 from .mistral import InferenceState, LayerWeights, Linear, Mistral, ShardLayout
 
@@ -30,9 +30,9 @@ from .mistral import InferenceState, LayerWeights, Linear, Mistral, ShardLayout
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How one model is spread: tensor-parallel shards, pipeline stages, and the work
-    distribution inside each. `backend` is "threads" (shards or stages as threads of this
-    process) or "mpi" (one per rank, under mpiexec)."""
+    """How one model is spread: tensor-parallel shards, pipeline stages, and (in one process)
+    the work distribution of its decode steps. `backend` is "threads" (shards or stages as
+    threads of this process) or "mpi" (one per rank, under mpiexec)."""
     tensor: TensorParallelConfig = field(default_factory=TensorParallelConfig)
     pipeline_stages: int = 1
     pipeline_config: PipelineConfig = field(default_factory=PipelineConfig)
@@ -70,7 +70,7 @@ class ParallelConfig:
         world = current_group().world_size
         if world > 1:
             return cls.tensor_parallel(world, current_group().rank)
-        return cls(work=WorkDistributionConfig(n_threads=num_cpus()))
+        return cls.default()
 
     @classmethod
     def from_string(cls, spec: str) -> "ParallelConfig":
@@ -275,7 +275,10 @@ def load_for(params, parallel: "ParallelConfig | str | None"):
     if isinstance(parallel, str):
         parallel = ParallelConfig.from_string(parallel)
     if parallel is None or (parallel.tensor.world_size == 1 and parallel.pipeline_stages == 1):
-        return Mistral.load(params), None
+        model = Mistral.load(params)
+        if parallel is not None and parallel.work != WorkDistributionConfig():
+            model.work = parallel.work  # the decode steps' task sizes
+        return model, None
     world = parallel.tensor.world_size
     if parallel.pipeline_stages > 1:
         stages = parallel.pipeline_stages
