@@ -213,12 +213,16 @@ def test_pipelined_batch_of_a_random_mistral_equals_each_alone(tiny_models):
 # -- MPI: one stage per rank ------------------------------------------------------------------
 
 def test_mpi_pipeline_batch_equals_each_prompt_alone(smollm2_path):
-    r = mpiexec(2, sys.executable, str(SCRIPTS / "pp_batch_check.py"), str(smollm2_path), "10", *PROMPTS)
+    r = mpiexec(2, sys.executable, str(SCRIPTS / "pp_batch_check.py"), str(smollm2_path), "10", "pp=2,mb=4", *PROMPTS)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
 
 
 def test_mpi_pipeline_three_stages(smollm2_path):
-    r = mpiexec(3, sys.executable, str(SCRIPTS / "pp_batch_check.py"), str(smollm2_path), "6", *PROMPTS[:5])
+    r = mpiexec(3, sys.executable, str(SCRIPTS / "pp_batch_check.py"), str(smollm2_path), "6", "pp=3,mb=4", *PROMPTS[:5])
+
+
+def test_mpi_tensor_parallel_batch_equals_each_prompt_alone(smollm2_path):
+    r = mpiexec(2, sys.executable, str(SCRIPTS / "pp_batch_check.py"), str(smollm2_path), "8", "tp=2", *PROMPTS[:4])
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
 
 

@@ -1,12 +1,13 @@
-"""Under mpiexec -n S: greedy batched generation through an S-stage pipeline of ranks equals
-each prompt run alone in one process (computed on rank 0). argv: model, max_tokens, prompts..."""
+"""Under mpiexec: greedy batched generation with --parallel SPEC (an S-stage pipeline of ranks,
+or tensor-parallel ranks) equals each prompt run alone in one process (computed on rank 0).
+argv: model, max_tokens, spec, prompts..."""
 
 import sys
 
 from torchless import LLM
 from torchless.distributed import current_group, run_guarded
 
-path, max_tokens, prompts = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+path, max_tokens, spec, prompts = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 group = current_group()
 
 
@@ -15,7 +16,7 @@ def main():
     if group.rank == 0:
         single = LLM(path)
         alone = [single(p, max_tokens=max_tokens, temperature=0)["choices"][0]["text"] for p in prompts]
-    llm = LLM(path, parallel=f"pp={group.world_size},mb=4")
+    llm = LLM(path, parallel=spec)
     out = llm(prompts, max_tokens=max_tokens, temperature=0)
     one = llm(prompts[0], max_tokens=max_tokens, temperature=0)  # one prompt: the same path
     if group.rank == 0:
