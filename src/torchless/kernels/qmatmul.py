@@ -68,7 +68,7 @@ class PackedWeight:
     nbytes: bytes resident (codes + scales + mins, padding included).
     """
 
-    __slots__ = ("ggml_type", "shape", "kind", "group", "codes", "scale", "min")
+    __slots__ = ("ggml_type", "shape", "kind", "group", "codes", "scale", "min", "nbytes")
 
     def __init__(self, ggml_type, shape, kind, group, codes, scale, mn):
         self.ggml_type = int(ggml_type)
@@ -78,6 +78,7 @@ class PackedWeight:
         self.codes = codes
         self.scale = scale
         self.min = mn
+        self.nbytes = int(codes.nbytes + scale.nbytes + mn.nbytes)  # read per decode step: kept
 
     @property
     def rows(self) -> int:
@@ -86,10 +87,6 @@ class PackedWeight:
     @property
     def cols(self) -> int:
         return self.shape[1]
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.codes.nbytes + self.scale.nbytes + self.min.nbytes)
 
     def __repr__(self) -> str:
         name = _TYPE_NAMES.get(self.ggml_type, str(self.ggml_type))
