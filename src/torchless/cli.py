@@ -230,6 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one of: {', '.join(KNOWN_MODELS)} (default: {DEFAULT_MODEL})")
     p.set_defaults(func=cmd_pull)
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
+                       description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health "
+                                   "and /metrics. Concurrent requests share decode steps.")
+    p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default 8)")
+    p.add_argument("--n-ctx", type=int, default=None, help="context size in tokens (default: the model's)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("bench", help="measure prefill and decode speed, memory and bandwidth use",
                        description="Run a prefill of --prompt-tokens random tokens, then --gen-tokens "
                                    "greedy decode steps, --runs times after one warm-up, and print the "
@@ -247,6 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from .server.app import create_app
+    except ImportError:
+        raise TorchlessError("serve needs the server extra: pip install 'torchless[serve]'") from None
+    if not 1 <= args.port <= 65535 or args.max_batch < 1:
+        raise TorchlessError("--port must be 1..65535 and --max-batch at least 1")
+    llm = _load(args.model, None, args.n_ctx)
+    _err(f"serving on http://{args.host}:{args.port}/v1 (max batch {args.max_batch})")
+    uvicorn.run(create_app(llm, args.max_batch, args.api_key), host=args.host, port=args.port,
+                log_level="warning")
+    return 0
 
 
 def cmd_bench(args) -> int:

@@ -1,0 +1,153 @@
+"""Continuous batching: one thread runs the model; requests join and leave at token boundaries.
+
+Each step the engine admits waiting requests (prefilling each prompt alone, so a new request
+never changes what the others compute), then runs one decode step of every running request as
+one micro-batch (`Mistral.forward_spans`: each weight read once for the whole batch). A request
+that finishes, or whose client goes away, leaves the batch and its KV cache is dropped.
+Requests receive (text, finish_reason) events through a callback.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..kernels.gemm import single_threaded_blas
+from ..model.mistral import Span
+from ..sampling import Sampler, SamplingParams, StopStrings
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop: list[str] | None
+    emit: object  # emit(text, finish_reason): called on the engine thread
+    completion_tokens: int = 0
+    cancelled: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+
+
+class ContinuousBatcher:
+    def __init__(self, llm, max_batch: int = 8, log=None):
+        if not hasattr(llm.model, "forward_spans"):
+            raise ValueError("serving needs a model in this process (tensor-parallel shards on "
+                             "threads are not supported by the server)")
+        self.llm, self.model, self.max_batch = llm, llm.model, max_batch
+        self.log = log or (lambda message: None)
+        self._waiting: deque[Request] = deque()
+        self._running: list[tuple[Request, object, Sampler, object, StopStrings, list]] = []
+        self._wake = threading.Condition()
+        self.requests_total = 0
+        self.tokens_generated = 0
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="torchless-engine")
+        self._thread.start()
+
+    # -- the caller's side ------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> Request:
+        with self._wake:
+            self._waiting.append(request)
+            self.requests_total += 1
+            self._wake.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        request.cancelled = True  # read by the engine at the next token boundary
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._running)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def close(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+
+    # -- the engine thread ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with single_threaded_blas():
+            while True:
+                with self._wake:
+                    while not self._stopped and not self._waiting and not self._running:
+                        self._wake.wait()
+                    if self._stopped:
+                        return
+                    admitted = []
+                    while self._waiting and len(self._running) + len(admitted) < self.max_batch:
+                        admitted.append(self._waiting.popleft())
+                for request in admitted:
+                    self._guarded(request, self._admit)
+                self._decode_step()
+
+    def _guarded(self, request: Request, fn) -> None:
+        try:
+            fn(request)
+        except Exception as e:  # noqa: BLE001 - one bad request must not stop the engine
+            request.emit(None, f"error: {type(e).__name__}: {e}")
+
+    def _admit(self, request: Request) -> None:
+        if request.cancelled:
+            return
+        state = self.model.new_state(len(request.prompt_ids) + request.max_tokens)
+        ids = request.prompt_ids
+        for i in range(0, len(ids), 256):
+            logits = self.model.forward_spans([Span(state, ids[i:i + 256], i)])
+        entry = (request, state, Sampler(request.params), self.llm.tokenizer.stream_decoder(),
+                 StopStrings(request.stop), list(ids))
+        if self._take(entry, logits[-1]):
+            self._running.append(entry)
+
+    def _decode_step(self) -> None:
+        self._running = [e for e in self._running if not e[0].cancelled]
+        if not self._running:
+            return
+        spans = [Span(state, [history[-1]], len(history) - 1)
+                 for _, state, _, _, _, history in self._running]
+        try:
+            logits = self.model.forward_spans(spans)
+        except Exception as e:  # noqa: BLE001 - end these requests with the error, keep serving
+            for entry in self._running:
+                entry[0].emit(None, f"error: {type(e).__name__}: {e}")
+            self._running = []
+            return
+        self._running = [entry for entry, row in zip(self._running, logits) if self._take(entry, row)]
+
+    def _take(self, entry, logits) -> bool:
+        """Sample the next token of one request and emit its text; False when it has ended."""
+        request, state, sampler, decoder, stops, history = entry
+        if request.cancelled:
+            return False
+        token = sampler(logits, history)
+        if request.first_token_s is None:
+            request.first_token_s = time.perf_counter() - request.started
+        if token in self.llm.tokenizer.eos_ids:
+            return self._finish(request, stops.push(decoder.flush()) + stops.flush(), "stop")
+        history.append(token)
+        request.completion_tokens += 1
+        self.tokens_generated += 1
+        text = stops.push(decoder.push(token))
+        if stops.stopped:
+            return self._finish(request, text, "stop")
+        if request.completion_tokens >= request.max_tokens:
+            return self._finish(request, text + stops.push(decoder.flush()) + stops.flush(), "length")
+        if text:
+            request.emit(text, None)
+        return True
+
+    def _finish(self, request: Request, text: str, reason: str) -> bool:
+        request.emit(text, reason)
+        took = time.perf_counter() - request.started
+        self.log(f"request done: {len(request.prompt_ids)} prompt + {request.completion_tokens} "
+                 f"tokens in {took:.2f} s ({request.completion_tokens / took:.1f} tok/s), {reason}")
+        return False

@@ -1,0 +1,193 @@
+"""`torchless serve`, driven by the official `openai` client against a server on a free port.
+The oracle for text is `LLM` in one process (itself held to transformers elsewhere)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import uvicorn
+
+from torchless import LLM
+from torchless.server.app import create_app
+
+KEY = "test-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_gguf):
+    return LLM(str(tiny_llama_gguf))
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    port = _free_port()
+    logs = []
+    app = create_app(llm, max_batch=4, api_key=KEY, log=logs.append)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", logs, app
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_completion_equals_the_library(client, llm):
+    r = client.completions.create(model="x", prompt="The quick brown fox", max_tokens=8, temperature=0)
+    assert r.choices[0].text == llm("The quick brown fox", max_tokens=8, temperature=0)["choices"][0]["text"]
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens == len(llm.tokenize("The quick brown fox"))
+
+
+def test_a_list_of_prompts_gives_a_choice_each(client, llm):
+    prompts = ["Hello", "Once upon a time", "1, 2, 3,"]
+    r = client.completions.create(model="x", prompt=prompts, max_tokens=6, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.text for c in r.choices] == [llm(p, max_tokens=6, temperature=0)["choices"][0]["text"]
+                                           for p in prompts]
+
+
+def test_chat_completion(client, llm):
+    messages = [{"role": "user", "content": "Say hi"}]
+    r = client.chat.completions.create(model="x", messages=messages, max_tokens=8, temperature=0)
+    want = llm.create_chat_completion(messages, max_tokens=8, temperature=0)
+    assert r.choices[0].message.content == want["choices"][0]["message"]["content"]
+    assert r.choices[0].message.role == "assistant"
+
+
+def test_streamed_deltas_add_up_to_the_whole(client):
+    whole = client.completions.create(model="x", prompt="Water boils at", max_tokens=12, temperature=0)
+    chunks = list(client.completions.create(model="x", prompt="Water boils at", max_tokens=12,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    chat = list(client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=8, temperature=0, stream=True))
+    whole_chat = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=8, temperature=0)
+    assert "".join(c.choices[0].delta.content or "" for c in chat) == whole_chat.choices[0].message.content
+
+
+def test_stop_sequences(client, llm):
+    full = llm("The quick brown fox", max_tokens=12, temperature=0)["choices"][0]["text"]
+    stop = full[3:5]
+    r = client.completions.create(model="x", prompt="The quick brown fox", max_tokens=12,
+                                  temperature=0, stop=[stop])
+    assert r.choices[0].text == full[:full.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_seed_reproducibility(client):
+    kw = dict(model="x", prompt="Hello", max_tokens=10, temperature=1.0, seed=1234)
+    assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+
+
+def test_greedy_output_does_not_depend_on_the_batch(client, llm):
+    want = llm("In 1492,", max_tokens=10, temperature=0)["choices"][0]["text"]
+    results = [None] * 4
+
+    def one(i):
+        results[i] = client.completions.create(model="x", prompt="In 1492," if i == 0 else f"Noise {i}",
+                                               max_tokens=10, temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results[0] == want
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ('{"prompt": "hi", "max_tokens": -3}', 400, "max_tokens"),
+    ('{"prompt": "hi", "temperature": -1}', 400, None),
+    ('{"prompt": "hi", "top_p": 7}', 400, None),
+    ('{"prompt": 5}', 400, "prompt"),
+    ('{"prompt": "hi", "max_tokens": "many"}', 400, "max_tokens"),
+    ('{"prompt": "hi", "stop": 3}', 400, "stop"),
+    ('{"prompt": "hi"', 400, None),
+    ('[1, 2]', 400, None),
+])
+def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, body, status, param):
+    code, payload = _post(server[0] + "/v1/completions", body.encode())
+    assert code == status and payload["error"]["message"] and payload["error"]["param"] == param
+    assert _get(server[0] + "/health")[0] == 200
+
+
+def test_prompt_longer_than_the_context(server, llm):
+    code, payload = _post(server[0] + "/v1/completions", json.dumps(
+        {"prompt": "word " * (llm.n_ctx + 10)}).encode())
+    assert code == 400 and payload["error"]["code"] == "context_length_exceeded"
+
+
+def test_oversized_body(server):
+    code, payload = _post(server[0] + "/v1/completions", b'{"prompt": "' + b"a" * (2 << 20) + b'"}')
+    assert code == 413 and "body" in payload["error"]["message"]
+
+
+def test_api_key_is_required(server):
+    for key in (None, "wrong"):
+        code, payload = _post(server[0] + "/v1/completions", b'{"prompt": "hi"}', key=key)
+        assert code == 401 and payload["error"]["type"] == "authentication_error"
+    bad = openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_models_health_and_metrics(client, server):
+    assert len(client.models.list().data) == 1
+    code, text = _get(server[0] + "/metrics")
+    assert code == 200
+    for name in ("torchless_requests_total", "torchless_tokens_generated_total",
+                 "torchless_batch_size", "torchless_queue_depth"):
+        assert name in text
+
+
+def test_disconnect_mid_stream_cancels_and_the_server_keeps_serving(client, server):
+    engine = server[2].state.engine
+    stream = client.completions.create(model="x", prompt="Tell me a long story", max_tokens=200,
+                                       temperature=0, stream=True)
+    next(iter(stream))
+    stream.close()  # the client goes away
+    deadline = time.monotonic() + 20
+    while engine.batch_size and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.batch_size == 0  # its sequence left the batch
+    assert client.completions.create(model="x", prompt="Hi", max_tokens=4, temperature=0).choices[0].text is not None
+    assert any("request done" in line for line in server[1])
+
+
+def _post(url, data: bytes, key: str | None = KEY):
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.status, r.read().decode()
