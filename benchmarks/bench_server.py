@@ -1,0 +1,133 @@
+"""Load test of `torchless serve` with the official openai client.
+
+    python benchmarks/bench_server.py [-m smollm2] [--clients 16] [--seconds 60] [--max-tokens 64]
+
+Starts the server as a subprocess on a free port, then: one client alone for --solo-seconds
+(the baseline), and --clients concurrent streaming clients for --seconds, each sending request
+after request. Reports requests completed, errors, p50/p95 time to first token, aggregate
+generated tok/s against the one-client figure, and the server's RSS at start and end (psutil).
+Not part of CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+PROMPTS = ["Write a short story about a robot.", "Explain how rain forms.", "List five fruits.",
+           "What is the capital of Italy?", "Describe a sunset.", "Give me a recipe for pancakes.",
+           "Why is the sky blue?", "Tell me about the moon."]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 1e6
+
+
+def client_loop(base: str, until: float, max_tokens: int, seed: int, out: dict, lock) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=120)
+    i = seed
+    while time.monotonic() < until:
+        prompt = PROMPTS[i % len(PROMPTS)]
+        i += 1
+        t0 = time.monotonic()
+        ttft, tokens = None, 0
+        try:
+            stream = client.chat.completions.create(
+                model="x", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                temperature=0.7, stream=True, stream_options={"include_usage": True})
+            for chunk in stream:
+                if ttft is None and chunk.choices and chunk.choices[0].delta.content:
+                    ttft = time.monotonic() - t0
+                if getattr(chunk, "usage", None):
+                    tokens = chunk.usage.completion_tokens
+            with lock:
+                out["done"] += 1
+                out["tokens"] += tokens
+                out["ttft"].append(ttft if ttft is not None else time.monotonic() - t0)
+        except Exception as e:  # noqa: BLE001 - counted and shown, never hidden
+            with lock:
+                out["errors"] += 1
+                out["error_examples"].append(repr(e)[:200])
+
+
+def run_clients(base: str, n: int, seconds: float, max_tokens: int) -> dict:
+    out = {"done": 0, "tokens": 0, "errors": 0, "ttft": [], "error_examples": []}
+    lock = threading.Lock()
+    until = time.monotonic() + seconds
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=client_loop, args=(base, until, max_tokens, i, out, lock))
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out["wall"] = time.monotonic() - t0
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-m", "--model", default="smollm2")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=60)
+    p.add_argument("--solo-seconds", type=float, default=20)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-batch", type=int, default=16)
+    args = p.parse_args(argv)
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "torchless", "serve", "-m", args.model, "--port",
+                               str(port), "--max-batch", str(args.max_batch)],
+                              stderr=open(os.devnull, "w"))
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("the server did not come up")
+                time.sleep(0.5)
+        run_clients(base, 1, 3, 8)  # warm up: compile the batch kernels
+        rss_start = rss_mb(server.pid)
+        solo = run_clients(base, 1, args.solo_seconds, args.max_tokens)
+        load = run_clients(base, args.clients, args.seconds, args.max_tokens)
+        rss_end = rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    solo_rate = solo["tokens"] / solo["wall"]
+    rate = load["tokens"] / load["wall"]
+    q = statistics.quantiles(load["ttft"], n=20) if len(load["ttft"]) >= 2 else [float("nan")] * 19
+    print(f"model {args.model}; {args.clients} streaming clients for {args.seconds:.0f} s, "
+          f"max_tokens {args.max_tokens}, server --max-batch {args.max_batch}")
+    print(f"requests completed   {load['done']}")
+    print(f"errors               {load['errors']}" + (f"  e.g. {load['error_examples'][0]}" if load["errors"] else ""))
+    print(f"time to first token  p50 {statistics.median(load['ttft']):.2f} s, p95 {q[18]:.2f} s")
+    print(f"generated            {rate:.1f} tok/s aggregate; one client alone {solo_rate:.1f} tok/s "
+          f"({rate / solo_rate:.2f}x)")
+    print(f"server RSS           {rss_start:.0f} MB at start, {rss_end:.0f} MB at end")
+
+
+if __name__ == "__main__":
+    main()
