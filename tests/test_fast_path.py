@@ -52,11 +52,16 @@ def test_fast_forward_equals_forward(model, threads):
     assert_close_rel(fast, ref)
 
 
-@pytest.mark.parametrize("chunk", [4, 20])  # quantized kernel below 16 tokens, BLAS above
-def test_prefill_equals_forward(model, threads, chunk):
-    ref = reference_logits(model, TOKENS)
+@pytest.mark.parametrize("chunk, n", [(4, 22), (20, 22), (70, 88)])
+def test_prefill_equals_forward(model, threads, chunk, n):
+    """Chunks below gemm.MIN_TOKENS_FOR_BLAS rows run the quantized kernel, the 70-token one BLAS."""
+    from torchless.kernels import gemm
+
+    assert 20 < gemm.MIN_TOKENS_FOR_BLAS <= 70
+    tokens = (TOKENS * 4)[:n]
+    ref = reference_logits(model, tokens)
     state = InferenceState(model.config)
-    assert_close_rel(model.prefill(state, TOKENS, chunk_size=chunk, all_logits=True), ref)
+    assert_close_rel(model.prefill(state, tokens, chunk_size=chunk, all_logits=True), ref)
 
 
 def test_prefill_then_decode_share_the_cache(model):

@@ -1,8 +1,7 @@
 """Continuous batching: one thread runs the model; requests join and leave at token boundaries.
 
-Each step the engine admits waiting requests (prefilling each prompt alone, so a new request
-never changes what the others compute), then runs one decode step of every running request as
-one micro-batch (`Mistral.forward_spans`: each weight read once for the whole batch). A request
+Each step the engine admits waiting requests (their prompts prefilled together), then runs
+one decode step of every running request as one micro-batch (`Mistral.forward_spans`: each weight read once for the whole batch). A request
 that finishes, or whose client goes away, leaves the batch and its KV cache is dropped.
 Requests receive (text, finish_reason) events through a callback.
 """
@@ -17,6 +16,9 @@ from dataclasses import dataclass, field
 from ..kernels.gemm import single_threaded_blas
 from ..model.mistral import Span
 from ..sampling import Sampler, SamplingParams, StopStrings
+
+
+PREFILL_CHUNK = 256  # prompt tokens per pass
 
 
 @dataclass
@@ -86,27 +88,29 @@ class ContinuousBatcher:
                     admitted = []
                     while self._waiting and len(self._running) + len(admitted) < self.max_batch:
                         admitted.append(self._waiting.popleft())
-                for request in admitted:
-                    self._guarded(request, self._admit)
+                self._admit([r for r in admitted if not r.cancelled])
                 self._decode_step()
 
-    def _guarded(self, request: Request, fn) -> None:
-        try:
-            fn(request)
-        except Exception as e:  # noqa: BLE001 - one bad request must not stop the engine
-            request.emit(None, f"error: {type(e).__name__}: {e}")
-
-    def _admit(self, request: Request) -> None:
-        if request.cancelled:
-            return
-        state = self.model.new_state(len(request.prompt_ids) + request.max_tokens)
-        ids = request.prompt_ids
-        for i in range(0, len(ids), 256):
-            logits = self.model.forward_spans([Span(state, ids[i:i + 256], i)])
-        entry = (request, state, Sampler(request.params), self.llm.tokenizer.stream_decoder(),
-                 StopStrings(request.stop), list(ids))
-        if self._take(entry, logits[-1]):
-            self._running.append(entry)
+    def _admit(self, requests: list[Request]) -> None:
+        """Prefill new prompts: the short ones together, as one micro-batch (each weight read
+        once for all of them), a long one alone in chunks."""
+        short = [r for r in requests if len(r.prompt_ids) <= PREFILL_CHUNK]
+        groups = ([short] if short else []) + [[r] for r in requests if len(r.prompt_ids) > PREFILL_CHUNK]
+        for group in groups:
+            states = [self.model.new_state(len(r.prompt_ids) + r.max_tokens) for r in group]
+            try:
+                for i in range(0, max(len(r.prompt_ids) for r in group), PREFILL_CHUNK):
+                    logits = self.model.forward_spans([Span(st, r.prompt_ids[i:i + PREFILL_CHUNK], i)
+                                                       for r, st in zip(group, states)])
+            except Exception as e:  # noqa: BLE001 - these requests fail, the engine goes on
+                for r in group:
+                    r.emit(None, f"error: {type(e).__name__}: {e}")
+                continue
+            for r, st, row in zip(group, states, logits):
+                entry = (r, st, Sampler(r.params), self.llm.tokenizer.stream_decoder(),
+                         StopStrings(r.stop), list(r.prompt_ids))
+                if self._take(entry, row):
+                    self._running.append(entry)
 
     def _decode_step(self) -> None:
         self._running = [e for e in self._running if not e[0].cancelled]
