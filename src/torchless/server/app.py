@@ -25,6 +25,7 @@ from ..sampling import SamplingParams
 from .engine import ContinuousBatcher, Request
 
 MAX_BODY_BYTES = 1 << 20
+DRAIN_BYTES = 16 << 20
 
 
 class APIError(Exception):
@@ -65,12 +66,18 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
     async def parse(request: HTTPRequest) -> dict:
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
             raise APIError(401, "missing or wrong API key", kind="authentication_error")
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        # Keep at most MAX_BODY_BYTES, but read on (discarding) up to DRAIN_BYTES before
+        # answering 413: closing on a client still sending makes it see a reset, not our error.
+        parts, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total <= MAX_BODY_BYTES:
+                parts.append(chunk)
+            elif total > DRAIN_BYTES:
+                break
+        if total > MAX_BODY_BYTES:
             raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        raw = b"".join(parts)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -79,8 +86,12 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
             raise APIError(400, "the body must be a JSON object")
         return body
 
-    def sampling(body: dict, default_temperature: float) -> tuple[SamplingParams, int, list | None, int]:
-        max_tokens = _field(body, "max_tokens", int, 16, lambda v: v >= 1, "an integer >= 1")
+    def sampling(body: dict, default_max_tokens: int) -> tuple[SamplingParams, int, list | None, int]:
+        # OpenAI's defaults: 16 tokens for completions, up to the context for chat
+        max_tokens = _field(body, "max_tokens", int, default_max_tokens, lambda v: v >= 1, "an integer >= 1")
+        if "max_completion_tokens" in body:
+            max_tokens = _field(body, "max_completion_tokens", int, max_tokens, lambda v: v >= 1,
+                                "an integer >= 1")
         n = _field(body, "n", int, 1, lambda v: 1 <= v <= 8, "an integer from 1 to 8")
         stop = body.get("stop")
         if isinstance(stop, str):
@@ -89,7 +100,7 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
             raise APIError(400, "'stop' must be a string or a list of strings", "stop")
         try:
             params = SamplingParams(
-                temperature=float(_field(body, "temperature", (int, float), default_temperature)),
+                temperature=float(_field(body, "temperature", (int, float), 1.0)),
                 top_p=float(_field(body, "top_p", (int, float), 1.0)),
                 seed=_field(body, "seed", int, None))
         except (TorchlessError, ValueError) as e:
@@ -165,7 +176,7 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
             prompts = prompt
         else:
             raise APIError(400, "'prompt' must be a string or a non-empty list of strings", "prompt")
-        params, max_tokens, stop, n = sampling(body, 1.0)
+        params, max_tokens, stop, n = sampling(body, 16)
         stream = _field(body, "stream", bool, False, what="a boolean")
         ids = [llm.tokenize(p) for p in prompts]
         jobs, events = await run(ids, params, max_tokens, stop, n)
@@ -181,7 +192,7 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
             raise APIError(400, "'messages' must be a non-empty list of {role, content} strings", "messages")
-        params, max_tokens, stop, n = sampling(body, 1.0)
+        params, max_tokens, stop, n = sampling(body, llm.n_ctx)
         stream = _field(body, "stream", bool, False, what="a boolean")
         ids = llm._prompt_ids(llm._render_chat(messages), template=True)
         jobs, events = await run([ids], params, max_tokens, stop, n)
