@@ -237,3 +237,7 @@ def test_resolve_model(tmp_path, cache, monkeypatch):
     assert hub.cache_dir() == tmp_path / "xdg" / "torchless"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert hub.cache_dir() == Path.home() / ".cache" / "torchless"
+
+
+def test_serve_rejects_a_bad_port_in_one_line(tiny_llama_gguf):
+    assert_one_error_line(run("serve", "-m", tiny_llama_gguf, "--port", "0"), "--port must be 1..65535")
