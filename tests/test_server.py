@@ -31,11 +31,10 @@ def llm(tiny_llama_gguf):
     return LLM(str(tiny_llama_gguf))
 
 
-@pytest.fixture(scope="module")
-def server(llm):
+def _serve(llm, **kw):
     port = _free_port()
     logs = []
-    app = create_app(llm, max_batch=4, api_key=KEY, log=logs.append)
+    app = create_app(llm, log=logs.append, **kw)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -43,9 +42,41 @@ def server(llm):
     while not srv.started:
         assert time.monotonic() < deadline, "server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", logs, app
+    return f"http://127.0.0.1:{port}", logs, app, srv, thread
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    base, logs, app, srv, thread = _serve(llm, max_batch=4, api_key=KEY)
+    yield base, logs, app
     srv.should_exit = True
     thread.join(10)
+
+
+def test_a_pipelined_server_gives_each_request_its_own_text(tiny_llama_gguf, llm):
+    """--parallel pp=2,mb=2: concurrent requests go through two stage threads as micro-batches."""
+    piped = LLM(str(tiny_llama_gguf), parallel="pp=2,mb=2")
+    base, logs, app, srv, thread = _serve(piped, max_batch=4)
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
+        prompts = ["Hello", "Once upon a time", "1, 2, 3,", "The quick brown fox"]
+        results = [None] * len(prompts)
+
+        def one(i):
+            results[i] = client.completions.create(model="x", prompt=prompts[i], max_tokens=8,
+                                                   temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == [llm(p, max_tokens=8, temperature=0)["choices"][0]["text"] for p in prompts]
+        assert all(b > 0 for b in piped.model.busy_seconds)
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        piped.model.close()
 
 
 @pytest.fixture

@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
     p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default 8)")
     p.add_argument("--n-ctx", type=int, default=None, help="context size in tokens (default: the model's)")
+    p.add_argument("--parallel", default=None, metavar="SPEC",
+                   help="pp=S,mb=M: S pipeline stages on threads, the batch split into M "
+                        "micro-batches (tp and MPI ranks are not supported by serve)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="measure prefill and decode speed, memory and bandwidth use",
@@ -269,7 +272,7 @@ def cmd_serve(args) -> int:
         raise TorchlessError("serve needs the server extra: pip install 'torchless[serve]'") from None
     if not 1 <= args.port <= 65535 or args.max_batch < 1:
         raise TorchlessError("--port must be 1..65535 and --max-batch at least 1")
-    llm = _load(args.model, None, args.n_ctx)
+    llm = _load(args.model, args.parallel, args.n_ctx)
     _err(f"serving on http://{args.host}:{args.port}/v1 (max batch {args.max_batch})")
     uvicorn.run(create_app(llm, args.max_batch, args.api_key), host=args.host, port=args.port,
                 log_level="warning")

@@ -1,7 +1,8 @@
 """Continuous batching: one thread runs the model; requests join and leave at token boundaries.
 
 Each step the engine admits waiting requests (their prompts prefilled together), then runs
-one decode step of every running request as one micro-batch (`Mistral.forward_spans`: each weight read once for the whole batch). A request
+one decode step of every running request as one micro-batch (`Mistral.forward_spans`: each
+weight read once for the whole batch), or as the pipeline's micro-batches. A request
 that finishes, or whose client goes away, leaves the batch and its KV cache is dropped.
 Requests receive (text, finish_reason) events through a callback.
 """
@@ -13,6 +14,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from ..errors import TorchlessError
 from ..kernels.gemm import single_threaded_blas
 from ..model.mistral import Span
 from ..sampling import Sampler, SamplingParams, StopStrings
@@ -36,10 +40,13 @@ class Request:
 
 class ContinuousBatcher:
     def __init__(self, llm, max_batch: int = 8, log=None):
-        if not hasattr(llm.model, "forward_spans"):
-            raise ValueError("serving needs a model in this process (tensor-parallel shards on "
-                             "threads are not supported by the server)")
-        self.llm, self.model, self.max_batch = llm, llm.model, max_batch
+        model = llm.model
+        # The pipeline on threads is served through its runner; the plain model directly.
+        self._pipeline = model if hasattr(model, "runner") and not hasattr(model, "serve") else None
+        if self._pipeline is None and not hasattr(model, "forward_spans"):
+            raise TorchlessError("serve runs one process: the plain model or --parallel pp=S on "
+                                 "threads (not tensor-parallel shards, not MPI ranks)")
+        self.llm, self.model, self.max_batch = llm, model, max_batch
         self.log = log or (lambda message: None)
         self._waiting: deque[Request] = deque()
         self._running: list[tuple[Request, object, Sampler, object, StopStrings, list]] = []
@@ -100,8 +107,8 @@ class ContinuousBatcher:
             states = [self.model.new_state(len(r.prompt_ids) + r.max_tokens) for r in group]
             try:
                 for i in range(0, max(len(r.prompt_ids) for r in group), PREFILL_CHUNK):
-                    logits = self.model.forward_spans([Span(st, r.prompt_ids[i:i + PREFILL_CHUNK], i)
-                                                       for r, st in zip(group, states)])
+                    logits = self._forward([Span(st, r.prompt_ids[i:i + PREFILL_CHUNK], i)
+                                            for r, st in zip(group, states)])
             except Exception as e:  # noqa: BLE001 - these requests fail, the engine goes on
                 for r in group:
                     r.emit(None, f"error: {type(e).__name__}: {e}")
@@ -119,13 +126,29 @@ class ContinuousBatcher:
         spans = [Span(state, [history[-1]], len(history) - 1)
                  for _, state, _, _, _, history in self._running]
         try:
-            logits = self.model.forward_spans(spans)
+            logits = self._forward(spans)
         except Exception as e:  # noqa: BLE001 - end these requests with the error, keep serving
             for entry in self._running:
                 entry[0].emit(None, f"error: {type(e).__name__}: {e}")
             self._running = []
             return
         self._running = [entry for entry, row in zip(self._running, logits) if self._take(entry, row)]
+
+    def _forward(self, spans: list[Span]) -> np.ndarray:
+        """Logits of each span's last token: one pass of the plain model, or through the
+        pipeline as its micro-batches, in flight at once (micro-batch k in stage 0 while k-1
+        is in stage 1); the step then waits for all of them, since each needs its next token."""
+        if self._pipeline is None:
+            return self.model.forward_spans(spans)
+        m = max(1, min(self._pipeline.n_micro_batches, len(spans)))
+        bounds = np.linspace(0, len(spans), m + 1).round().astype(int)
+        for k in range(m):
+            self._pipeline.submit(k, spans[bounds[k]:bounds[k + 1]])
+        parts = [None] * m
+        for _ in range(m):
+            k, logits = self._pipeline.collect()
+            parts[k] = logits
+        return np.concatenate(parts)
 
     def _take(self, entry, logits) -> bool:
         """Sample the next token of one request and emit its text; False when it has ended."""
