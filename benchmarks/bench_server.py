@@ -1,6 +1,7 @@
 """Load test of `torchless serve` with the official openai client.
 
     python benchmarks/bench_server.py [-m smollm2] [--clients 16] [--seconds 60] [--max-tokens 64]
+                                      [--parallel pp=2,mb=2]
 
 Starts the server as a subprocess on a free port, then: one client alone for --solo-seconds
 (the baseline), and --clients concurrent streaming clients for --seconds, each sending request
@@ -90,12 +91,13 @@ def main(argv=None) -> None:
     p.add_argument("--solo-seconds", type=float, default=20)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--parallel", default=None, help="passed to torchless serve (e.g. pp=2,mb=2)")
     args = p.parse_args(argv)
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "torchless", "serve", "-m", args.model, "--port",
-                               str(port), "--max-batch", str(args.max_batch)],
-                              stderr=open(os.devnull, "w"))
+    cmd = [sys.executable, "-m", "torchless", "serve", "-m", args.model, "--port", str(port),
+           "--max-batch", str(args.max_batch)] + (["--parallel", args.parallel] if args.parallel else [])
+    server = subprocess.Popen(cmd, stderr=open(os.devnull, "w"))
     base = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 120
@@ -110,7 +112,16 @@ def main(argv=None) -> None:
         run_clients(base, 1, 3, 8)  # warm up: compile the batch kernels
         rss_start = rss_mb(server.pid)
         solo = run_clients(base, 1, args.solo_seconds, args.max_tokens)
+        samples, sampling = [], threading.Event()
+
+        def sample_rss():  # every 10 s under load: growth that levels off vs growth that does not
+            while not sampling.wait(10):
+                samples.append(rss_mb(server.pid))
+
+        sampler = threading.Thread(target=sample_rss, daemon=True)
+        sampler.start()
         load = run_clients(base, args.clients, args.seconds, args.max_tokens)
+        sampling.set()
         rss_end = rss_mb(server.pid)
     finally:
         server.terminate()
@@ -126,7 +137,8 @@ def main(argv=None) -> None:
     print(f"time to first token  p50 {statistics.median(load['ttft']):.2f} s, p95 {q[18]:.2f} s")
     print(f"generated            {rate:.1f} tok/s aggregate; one client alone {solo_rate:.1f} tok/s "
           f"({rate / solo_rate:.2f}x)")
-    print(f"server RSS           {rss_start:.0f} MB at start, {rss_end:.0f} MB at end")
+    print(f"server RSS           {rss_start:.0f} MB at start, {rss_end:.0f} MB at end; every 10 s "
+          f"under load: {', '.join(f'{mb:.0f}' for mb in samples)}")
 
 
 if __name__ == "__main__":

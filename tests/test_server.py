@@ -222,3 +222,19 @@ def _post(url, data: bytes, key: str | None = KEY):
 def _get(url):
     with urllib.request.urlopen(url, timeout=30) as r:
         return r.status, r.read().decode()
+
+
+@pytest.mark.parametrize("kwargs, status", [
+    (dict(prompt="hi", max_tokens=-3), 400),
+    (dict(prompt="hi", temperature=-1), 400),
+    (dict(prompt="hi", top_p=7), 400),
+    (dict(prompt="hi", extra_body={"max_tokens": "many"}), 400),
+    (dict(prompt="word " * 5000), 400),
+    (dict(prompt="a" * (2 << 20)), 413),
+])
+def test_errors_reach_the_openai_client_as_its_own_exceptions(client, kwargs, status):
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model="x", **kwargs)
+    assert e.value.status_code == status
+    assert e.value.body["message"]  # OpenAI's error shape, as the client parses it
+    assert client.completions.create(model="x", prompt="ok", max_tokens=2).choices  # still up
