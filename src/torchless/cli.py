@@ -273,9 +273,9 @@ def cmd_serve(args) -> int:
     if not 1 <= args.port <= 65535 or args.max_batch < 1:
         raise TorchlessError("--port must be 1..65535 and --max-batch at least 1")
     llm = _load(args.model, args.parallel, args.n_ctx)
+    app = create_app(llm, args.max_batch, args.api_key)
     _err(f"serving on http://{args.host}:{args.port}/v1 (max batch {args.max_batch})")
-    uvicorn.run(create_app(llm, args.max_batch, args.api_key), host=args.host, port=args.port,
-                log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
