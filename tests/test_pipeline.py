@@ -258,3 +258,18 @@ def test_mpi_tensor_and_pipeline_together_print_what_one_process_prints(smollm2_
     mpi = mpiexec(4, sys.executable, "-m", "torchless", *args, "--parallel", "tp=2,pp=2")
     assert single.returncode == 0 and mpi.returncode == 0, mpi.stderr
     assert mpi.stdout == single.stdout and single.stdout.strip()
+
+
+def test_seed_load_takes_a_parallel_config(tiny_models):
+    from torchless import ParallelConfig, PipelineParallelMistral as Exported
+
+    pipe = Exported.load(Parameters.load(tiny_models["llama"][2]), ParallelConfig.pipeline(3))
+    try:
+        assert len(pipe.stages) == 2 and pipe.n_micro_batches == 3
+        state = pipe.new_state(16)
+        ref = Mistral.load(Parameters.load(tiny_models["llama"][2]))
+        ref_state = ref.new_state(16)
+        for t in (1, 5, 9):  # the seed's one-sequence forward through the stages
+            assert_close_rel(pipe.forward(state, t), ref.forward(ref_state, t))
+    finally:
+        pipe.close()

@@ -13,6 +13,7 @@ from .loader import Parameters
 from .model.mistral import InferenceState, Mistral
 from .model.parallel import (ParallelAttention, ParallelConfig, ParallelInferenceState, ParallelLayer,
                              ParallelMLP, TensorParallelMistral)
+from .model.pipeline import PipelineParallelMistral
 from .sampling import Sampler, SamplingParams, sample
 
 __all__ = [
@@ -29,5 +30,5 @@ __all__ = [
     "row_parallel_linear", "all_reduce_sum", "all_reduce_sum_inplace", "mlp_tensor_parallel",
     # parallel models
     "ParallelConfig", "ParallelInferenceState", "ParallelAttention", "ParallelMLP",
-    "ParallelLayer", "TensorParallelMistral",
+    "ParallelLayer", "TensorParallelMistral", "PipelineParallelMistral",
 ]

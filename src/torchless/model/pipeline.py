@@ -121,8 +121,12 @@ class PipelineParallelMistral(PipelineBuffers):
             w.start()
 
     @classmethod
-    def load(cls, params, n_stages: int = 2, config: PipelineConfig | None = None):
-        return cls(Mistral.load(params), n_stages, config)
+    def load(cls, params, config=None) -> "PipelineParallelMistral":
+        """The seed's load(params, ParallelConfig): its stages (at least 2) and micro-batches."""
+        from .parallel import ParallelConfig
+
+        config = config or ParallelConfig.pipeline(4)
+        return cls(Mistral.load(params), max(2, config.pipeline_stages), config.pipeline_config)
 
     # -- the stage workers --------------------------------------------------------------------
 
