@@ -238,3 +238,10 @@ def test_errors_reach_the_openai_client_as_its_own_exceptions(client, kwargs, st
     assert e.value.status_code == status
     assert e.value.body["message"]  # OpenAI's error shape, as the client parses it
     assert client.completions.create(model="x", prompt="ok", max_tokens=2).choices  # still up
+
+
+def test_n_choices_of_a_seeded_request_differ_and_repeat(client):
+    kw = dict(model="x", prompt="Hello", max_tokens=8, temperature=1.0, seed=7, n=3)
+    first = [c.text for c in client.completions.create(**kw).choices]
+    assert len(first) == 3 and len(set(first)) > 1
+    assert [c.text for c in client.completions.create(**kw).choices] == first

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 import uuid
+from dataclasses import replace
 
 from starlette.applications import Starlette
 from starlette.requests import Request as HTTPRequest
@@ -119,11 +120,13 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         jobs = []
-        for i, ids in enumerate(p for p in prompts for _ in range(n)):
+        for i, (ids, j) in enumerate((p, j) for p in prompts for j in range(n)):
             budget = check_fits(ids, max_tokens)
             emit = (lambda i: lambda text, reason: loop.call_soon_threadsafe(
                 events.put_nowait, (i, text, reason)))(i)
-            jobs.append(Request(ids, params, budget, stop, emit))
+            # n choices of one seeded request differ from each other, and repeat across calls
+            own = params if params.seed is None or j == 0 else replace(params, seed=params.seed + j)
+            jobs.append(Request(ids, own, budget, stop, emit))
         for job in jobs:
             engine.submit(job)
         return jobs, events
@@ -136,13 +139,17 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
     async def respond(jobs, events, meta, make_choice, make_delta, stream):
         if not stream:
             texts, reasons, left = [""] * len(jobs), [None] * len(jobs), len(jobs)
-            while left:
-                i, text, reason = await events.get()
-                texts[i] += text or ""
-                if reason is not None:
-                    if reason.startswith("error"):
-                        raise APIError(500, reason, kind="server_error")
-                    reasons[i], left = reason, left - 1
+            try:
+                while left:
+                    i, text, reason = await events.get()
+                    texts[i] += text or ""
+                    if reason is not None:
+                        if reason.startswith("error"):
+                            raise APIError(500, reason, kind="server_error")
+                        reasons[i], left = reason, left - 1
+            finally:  # an error, or the client gone: the other choices stop too
+                for job in jobs:
+                    engine.cancel(job)
             return JSONResponse(dict(meta, choices=[make_choice(i, t, r) for i, (t, r) in
                                                     enumerate(zip(texts, reasons))], usage=usage(jobs)))
 
