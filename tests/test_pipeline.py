@@ -3,7 +3,6 @@ the single-sequence path (itself held to transformers elsewhere)."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 
@@ -18,7 +17,7 @@ from torchless.model.mistral import Span
 from torchless.model.pipeline import PipelineParallelMistral, stage_bounds
 from torchless.sampling import Sampler, SamplingParams
 
-from test_tensor_parallel import SCRIPTS, mpiexec
+from test_tensor_parallel import SCRIPTS, assert_mpi_generate_prints_what_one_process_prints, mpiexec
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The sky is blue because",
            "1, 2, 3, 4,", "My favourite food is", "Water boils at", "Hello"]
@@ -212,28 +211,26 @@ def test_pipelined_batch_of_a_random_mistral_equals_each_alone(tiny_models):
 
 # -- MPI: one stage per rank ------------------------------------------------------------------
 
-def test_mpi_pipeline_batch_equals_each_prompt_alone(smollm2_path):
-    r = mpiexec(2, sys.executable, str(SCRIPTS / "pp_batch_check.py"), str(smollm2_path), "10", "pp=2,mb=4", *PROMPTS)
+def assert_batch_equals_each_prompt_alone(model, ranks, spec, max_tokens, prompts):
+    r = mpiexec(ranks, sys.executable, str(SCRIPTS / "pp_batch_check.py"), str(model), str(max_tokens),
+                spec, *prompts)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+def test_mpi_pipeline_batch_equals_each_prompt_alone(smollm2_path):
+    assert_batch_equals_each_prompt_alone(smollm2_path, 2, "pp=2,mb=4", 10, PROMPTS)
 
 
 def test_mpi_pipeline_three_stages(smollm2_path):
-    r = mpiexec(3, sys.executable, str(SCRIPTS / "pp_batch_check.py"), str(smollm2_path), "6", "pp=3,mb=4", *PROMPTS[:5])
+    assert_batch_equals_each_prompt_alone(smollm2_path, 3, "pp=3,mb=4", 6, PROMPTS[:5])
 
 
 def test_mpi_tensor_parallel_batch_equals_each_prompt_alone(smollm2_path):
-    r = mpiexec(2, sys.executable, str(SCRIPTS / "pp_batch_check.py"), str(smollm2_path), "8", "tp=2", *PROMPTS[:4])
-    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+    assert_batch_equals_each_prompt_alone(smollm2_path, 2, "tp=2", 8, PROMPTS[:4])
 
 
 def test_mpi_pipeline_generate_prints_what_one_process_prints(smollm2_path):
-    args = ["generate", "-m", str(smollm2_path), "--max-tokens", "12", "--temperature", "0",
-            "The capital of France is"]
-    single = subprocess.run([sys.executable, "-m", "torchless", *args], capture_output=True,
-                            text=True, timeout=300)
-    mpi = mpiexec(2, sys.executable, "-m", "torchless", *args, "--parallel", "pp=2,mb=2")
-    assert single.returncode == 0 and mpi.returncode == 0, mpi.stderr
-    assert mpi.stdout == single.stdout and single.stdout.strip()
+    assert_mpi_generate_prints_what_one_process_prints(smollm2_path, 2, "pp=2,mb=2")
 
 
 def test_mpi_pipeline_with_the_wrong_rank_count_is_one_error(tiny_llama_gguf):
@@ -252,12 +249,8 @@ def test_mpi_stage_that_fails_ends_the_job_naming_it(tiny_llama_gguf):
 
 def test_mpi_tensor_and_pipeline_together_print_what_one_process_prints(smollm2_path):
     """tp=2,pp=2 on 4 ranks: each stage is two tensor-parallel shards."""
-    args = ["generate", "-m", str(smollm2_path), "--max-tokens", "10", "--temperature", "0", "Once upon a time"]
-    single = subprocess.run([sys.executable, "-m", "torchless", *args], capture_output=True,
-                            text=True, timeout=300)
-    mpi = mpiexec(4, sys.executable, "-m", "torchless", *args, "--parallel", "tp=2,pp=2")
-    assert single.returncode == 0 and mpi.returncode == 0, mpi.stderr
-    assert mpi.stdout == single.stdout and single.stdout.strip()
+    assert_mpi_generate_prints_what_one_process_prints(smollm2_path, 4, "tp=2,pp=2",
+                                                      prompt="Once upon a time", max_tokens=10)
 
 
 def test_seed_load_takes_a_parallel_config(tiny_models):

@@ -143,14 +143,18 @@ def test_mpi_smollm2_two_ranks(smollm2_path):
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
 
 
-def test_mpi_generate_prints_what_one_process_prints(smollm2_path):
-    args = ["generate", "-m", str(smollm2_path), "--max-tokens", "12", "--temperature", "0",
-            "The capital of France is"]
+def assert_mpi_generate_prints_what_one_process_prints(model, ranks, spec,
+                                                      prompt="The capital of France is", max_tokens=12):
+    args = ["generate", "-m", str(model), "--max-tokens", str(max_tokens), "--temperature", "0", prompt]
     single = subprocess.run([sys.executable, "-m", "torchless", *args], capture_output=True,
                             text=True, timeout=300)
-    mpi = mpiexec(2, sys.executable, "-m", "torchless", *args, "--parallel", "tp=2")
+    mpi = mpiexec(ranks, sys.executable, "-m", "torchless", *args, "--parallel", spec)
     assert single.returncode == 0 and mpi.returncode == 0, mpi.stderr
     assert mpi.stdout == single.stdout and single.stdout.strip()
+
+
+def test_mpi_generate_prints_what_one_process_prints(smollm2_path):
+    assert_mpi_generate_prints_what_one_process_prints(smollm2_path, 2, "tp=2")
 
 
 def test_mpi_world_that_cannot_split_fails_fast(smollm2_path):

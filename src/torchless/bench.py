@@ -16,9 +16,9 @@ def peak_rss_bytes() -> int:
 
 def gather_per_rank(group, value: float) -> list[float]:
     """Every rank's `value`, on every rank (an all-reduce of one-hot vectors)."""
-    values = np.zeros(group.world_size, np.float64)
+    values = np.zeros(group.world_size, np.float32)
     values[group.rank] = value
-    return group.all_reduce_sum(values.astype(np.float32)).tolist()
+    return group.all_reduce_sum(values).tolist()
 
 
 def measure_bandwidth(threads: int, nbytes: int = 256 << 20, repeats: int = 5) -> float:

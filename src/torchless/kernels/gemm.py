@@ -17,7 +17,10 @@ import numpy as np
 
 from .qmatmul import TILE, PackedWeight, dequantize_transposed_into
 
-MIN_TOKENS_FOR_BLAS = 64  # SmolLM2 at 2 threads: the quantized kernel wins up to 32 rows (194 vs 152 tok/s), ties at 64
+# Below this many rows the quantized kernel beats BLAS (which expands the weights to float32 per
+# call): on SmolLM2 at 2 threads it won clearly at 16 and 32 rows and by 0-13% at 64
+# (benchmarks/bench_batch_kernel.py). Prefill chunks of 256 go to BLAS.
+MIN_TOKENS_FOR_BLAS = 64
 
 _pool: ThreadPoolExecutor | None = None
 

@@ -220,29 +220,31 @@ class ParallelInferenceState:
             s.reset()
 
 
-class ParallelAttention:
-    """The attention block of one layer of `model`, run with a given work distribution."""
+class _DecodeStep:
+    """One of the model's own decode steps for one layer, over a plain or parallel state."""
+
+    step = ""  # the Mistral method this block runs
 
     def __init__(self, model: Mistral, layer_idx: int):
         self.model, self.layer_idx = model, layer_idx
 
     def forward_adaptive(self, state, work_config: WorkDistributionConfig | None = None):
         state = _plain(state)
-        self.model.decode_attention(self.layer_idx, state, work_config)
+        getattr(self.model, self.step)(self.layer_idx, state, work_config)
         return state.x
 
 
-class ParallelMLP:
+class ParallelAttention(_DecodeStep):
+    """The attention block of one layer of `model`, run with a given work distribution."""
+
+    step = "decode_attention"
+
+
+class ParallelMLP(_DecodeStep):
     """The SwiGLU block of one layer of `model`: adaptive, or tensor-parallel when the model is
     a TensorParallelMistral shard (its products are this rank's, then all-reduced)."""
 
-    def __init__(self, model: Mistral, layer_idx: int):
-        self.model, self.layer_idx = model, layer_idx
-
-    def forward_adaptive(self, state, work_config: WorkDistributionConfig | None = None):
-        state = _plain(state)
-        self.model.decode_mlp(self.layer_idx, state, work_config)
-        return state.x
+    step = "decode_mlp"
 
     def forward_tensor_parallel(self, state, tp_config: TensorParallelConfig | None = None):
         tp = getattr(self.model, "tp_config", TensorParallelConfig())
