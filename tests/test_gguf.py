@@ -252,18 +252,31 @@ def test_corrupt_tensor_info(tmp_path, sample, name, field, fmt, value, message)
         GGUFFile(patched(tmp_path, sample, at, fmt, value))
 
 
-@pytest.mark.parametrize("type_id, type_name", [(99, "unknown"), (16, "IQ2_XXS"), (6, "Q5_0"), (28, "F64")])
-def test_unsupported_quant_type_fails_at_open_naming_the_tensor(tmp_path, sample, type_id, type_name):
+def test_unknown_quant_type_fails_at_open_naming_the_tensor(tmp_path, sample):
     at = tensor_field(sample.read_bytes(), "e.q4_0", "type")
-    with pytest.raises(UnsupportedModelError, match=rf"tensor e\.q4_0: quantization type {type_name} \({type_id}\)"):
-        GGUFFile(patched(tmp_path, sample, at, "<I", type_id))
+    with pytest.raises(UnsupportedModelError, match=r"tensor 'e\.q4_0' has ggml type 99, unknown"):
+        GGUFFile(patched(tmp_path, sample, at, "<I", 99))
+
+
+@pytest.mark.parametrize("type_id, type_name, dim0", [(6, "Q5_0", 32), (28, "F64", 2), (24, "I8", 16)])
+def test_unsupported_quant_type_is_listed_then_refused_naming_the_tensor(tmp_path, sample, type_id,
+                                                                         type_name, dim0):
+    """A known type torchless cannot compute with still parses (so `inspect` can list it); only
+    asking for the tensors refuses it. dim0 keeps the tensor within its 64 aligned bytes."""
+    blob = sample.read_bytes()
+    path = patched(tmp_path, sample, tensor_field(blob, "e.q4_0", "type"), "<I", type_id)
+    path = patched(tmp_path, path, tensor_field(blob, "e.q4_0", "dim0"), "<Q", dim0)
+    f = GGUFFile(path)
+    assert f.tensor_infos["e.q4_0"].ggml_type.name == type_name
+    with pytest.raises(UnsupportedModelError, match=rf"tensor 'e\.q4_0': quantization type {type_name} \({type_id}\)"):
+        f.tensors
 
 
 def test_duplicate_tensor_and_key_names(tmp_path, sample):
     blob = sample.read_bytes()
     dup = blob.replace(b"b.f16", b"a.f32")  # 'b.f16' only occurs as a tensor name
     (tmp_path / "dup.gguf").write_bytes(dup)
-    with pytest.raises(ModelFileError, match="duplicate tensor name a.f32"):
+    with pytest.raises(ModelFileError, match="duplicate tensor name 'a.f32'"):
         GGUFFile(tmp_path / "dup.gguf")
     (tmp_path / "dupkey.gguf").write_bytes(blob.replace(b"t.i16", b"t.u16"))
     with pytest.raises(ModelFileError, match="duplicate metadata key 't.u16'"):

@@ -146,6 +146,11 @@ def _summarize(value, width: int = 80) -> str:
     return text if len(text) <= width else f"{text[:width - 3]}... ({len(text)} chars)"
 
 
+def _printable(name: str) -> str:
+    """A name from the file as is, or escaped if it holds control characters."""
+    return name if name.isprintable() else repr(name)
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -153,25 +158,53 @@ def _size(n: int) -> str:
         n /= 1024
 
 
+def _table(rows, header, right_aligned=()) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [f"{c:>{w}}" if i in right_aligned else f"{c:<{w}}" for i, (c, w) in enumerate(zip(row, widths))]
+        print("  " + "  ".join(cells).rstrip())
+
+
 def cmd_inspect(args) -> int:
+    from collections import Counter
+
+    from .config import ModelConfig
+    from .formats.gguf import GGUFFile
+    from .hub import resolve_model
     from .loader import Parameters
 
-    params = Parameters.load(args.model)
-    out = sys.stdout
-    print(f"file: {params.path}", file=out)
-    print("\nmetadata:", file=out)
-    for key, value in params.metadata.items():
-        print(f"  {key} = {_summarize(value)}", file=out)
-    print("\nconfig:", file=out)
-    for key, value in vars(params.config).items():
-        print(f"  {key} = {value}", file=out)
-    print(f"\ntensors ({len(params.tensors)}):", file=out)
-    rows = [(name, t.ggml_type.name, "x".join(map(str, t.shape)), _size(t.nbytes))
-            for name, t in params.tensors.items()]
-    widths = [max(len(r[i]) for r in rows + [("name", "type", "shape", "size")]) for i in range(4)]
-    for r in [("name", "type", "shape", "size")] + rows:
-        print(f"  {r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}", file=out)
-    print(f"\ntotal: {_size(params.weight_bytes)}", file=out)
+    path = resolve_model(args.model)
+    if path.is_dir():
+        params = Parameters.load(path)
+        metadata, config, tensors = params.metadata, params.config, params.tensors
+    else:  # the reader alone, so that any GGUF that parses is listed, whatever it holds
+        gguf = GGUFFile(path)
+        metadata, tensors = gguf.metadata, gguf.tensor_infos
+        try:
+            config = ModelConfig.from_gguf(metadata, tensors.keys())
+        except TorchlessError as e:
+            config = e
+    print(f"file: {path}")
+    print("\nmetadata:")
+    for key, value in metadata.items():
+        print(f"  {_printable(key)} = {_summarize(value)}")
+    print("\nconfig:")
+    if isinstance(config, TorchlessError):
+        print(f"  (torchless cannot run this file: {config})")
+    else:
+        for key, value in vars(config).items():
+            print(f"  {key} = {value}")
+    print(f"\ntensors ({len(tensors)}):")
+    _table([(_printable(name), t.ggml_type.name, "x".join(map(str, t.shape)), _size(t.nbytes))
+            for name, t in tensors.items()], ("name", "type", "shape", "size"), right_aligned={3})
+    count, nbytes = Counter(), Counter()
+    for t in tensors.values():
+        count[t.ggml_type.name] += 1
+        nbytes[t.ggml_type.name] += t.nbytes
+    print("\nby type:")
+    _table([(name, str(count[name]), _size(nbytes[name])) for name in sorted(count)],
+           ("type", "tensors", "size"), right_aligned={1, 2})
+    print(f"\ntotal: {_size(sum(nbytes.values()))}")
     return 0
 
 

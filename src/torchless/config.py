@@ -1,10 +1,18 @@
-"""ModelConfig: the shape of a Mistral/Llama/Qwen2 decoder, from GGUF metadata or config.json."""
+"""ModelConfig: the shape of a Mistral/Llama/Qwen2 decoder, from GGUF metadata or config.json.
+
+Every value is read from a file that may be corrupt or hostile, so each one goes through a typed
+field reader (`integer`, `real`, `text`, `flag`) that names the key and the bad value in one line,
+instead of `int()` quietly truncating 2.5 or failing on NaN, a string or an array.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from .errors import ModelFileError, UnsupportedModelError
+import numpy as np
+
+from .errors import ModelFileError, UnsupportedModelError, shown
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -14,6 +22,39 @@ _HF_ARCHITECTURES = {
     "mistral": "mistral", "MistralForCausalLM": "mistral",
     "qwen2": "qwen2", "Qwen2ForCausalLM": "qwen2",
 }
+
+
+# -- typed field readers -------------------------------------------------------------------------
+
+def integer(value, what: str, minimum: int = 1) -> int:
+    """`value` as an int of at least `minimum`; bools, floats (2.5 or 64.0), NaN, strings and
+    arrays are refused, as llama.cpp refuses a key of the wrong type."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ModelFileError(f"{what} must be an integer, got {shown(value)}")
+    if value < minimum:
+        raise ModelFileError(f"{what} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def real(value, what: str) -> float:
+    """`value` as a finite float (an integer is fine, a bool, string or array is not)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ModelFileError(f"{what} must be a number, got {shown(value)}")
+    if not math.isfinite(value):
+        raise ModelFileError(f"{what} must be finite, got {value}")
+    return float(value)
+
+
+def text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise ModelFileError(f"{what} must be a string, got {shown(value)}")
+    return value
+
+
+def flag(value, what: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ModelFileError(f"{what} must be true or false, got {shown(value)}")
+    return bool(value)
 
 
 @dataclass(frozen=True)
@@ -39,21 +80,24 @@ class ModelConfig:
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
-                f"architecture {self.architecture!r} is not supported; "
+                f"architecture {shown(self.architecture)} is not supported; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         for name in ("hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads",
                      "head_dim", "vocab_size", "context_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ModelFileError(f"model config: {name} must be a positive integer, got {value!r}")
+            integer(getattr(self, name), f"model config: {name}")
         if self.n_heads % self.n_kv_heads:
             raise ModelFileError(
                 f"model config: {self.n_heads} attention heads cannot be grouped over "
                 f"{self.n_kv_heads} KV heads")
         if self.head_dim % 2:
             raise ModelFileError(f"model config: head_dim {self.head_dim} must be even for RoPE")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ModelFileError(f"model config: sliding_window must be positive, got {self.sliding_window}")
+        if self.sliding_window is not None:
+            integer(self.sliding_window, "model config: sliding_window")
+        # NaN, infinite, zero or negative values would run and produce garbage text.
+        if real(self.rope_theta, "model config: rope_theta") <= 0:
+            raise ModelFileError(f"model config: rope_theta must be positive, got {self.rope_theta}")
+        if real(self.norm_eps, "model config: norm_eps") < 0:
+            raise ModelFileError(f"model config: norm_eps must not be negative, got {self.norm_eps}")
 
     @property
     def kv_cache_len(self) -> int:
@@ -67,46 +111,45 @@ class ModelConfig:
         arch = metadata.get("general.architecture")
         if arch is None:
             raise ModelFileError("GGUF metadata has no general.architecture")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(f"architecture {shown(arch)} is not supported; "
+                                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
-        def get(key, default=None, required=True):
-            value = metadata.get(f"{arch}.{key}", default)
-            if value is None and required:
-                raise ModelFileError(f"GGUF metadata is missing {arch}.{key}")
-            return value
+        def get(key, read, default=None, **limits):
+            value = metadata.get(f"{arch}.{key}")
+            if value is None:
+                if default is None:
+                    raise ModelFileError(f"GGUF metadata is missing {arch}.{key}")
+                return default
+            return read(value, f"GGUF metadata {arch}.{key}", **limits)
 
-        hidden = int(get("embedding_length"))
-        n_heads = int(get("attention.head_count"))
-        n_kv_heads = int(get("attention.head_count_kv", n_heads))
-        head_dim = int(get("attention.key_length", None, required=False) or hidden // n_heads)
-        vocab = get("vocab_size", None, required=False)
-        if vocab is None:
-            tokens = metadata.get("tokenizer.ggml.tokens")
-            if tokens is None:
-                raise ModelFileError(f"GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
-            vocab = len(tokens)
-        window = get("attention.sliding_window", None, required=False)
-        scaling = get("rope.scaling.type", "none", required=False)
-        if scaling not in ("none", "linear") or float(get("rope.scaling.factor", 1.0, required=False)) != 1.0:
-            raise UnsupportedModelError(f"RoPE scaling {scaling!r} is not supported")
-        rope_dims = int(get("rope.dimension_count", head_dim, required=False))
+        hidden = get("embedding_length", integer)
+        n_heads = get("attention.head_count", integer)
+        head_dim = get("attention.key_length", integer, hidden // n_heads)
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        n_tokens = len(tokens) if isinstance(tokens, (list, np.ndarray)) else None
+        if f"{arch}.vocab_size" not in metadata and n_tokens is None:
+            raise ModelFileError(f"GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
+        scaling = get("rope.scaling.type", text, "none")
+        if scaling not in ("none", "linear") or get("rope.scaling.factor", real, 1.0) != 1.0:
+            raise UnsupportedModelError(f"RoPE scaling {shown(scaling)} is not supported")
+        rope_dims = get("rope.dimension_count", integer, head_dim)
         if rope_dims != head_dim:
             raise UnsupportedModelError(f"partial RoPE ({rope_dims} of {head_dim} dims) is not supported")
+        window = get("attention.sliding_window", integer, 0, minimum=0)
         return cls(
             architecture=arch,
             hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length")),
-            n_layers=int(get("block_count")),
+            intermediate_size=get("feed_forward_length", integer),
+            n_layers=get("block_count", integer),
             n_heads=n_heads,
-            n_kv_heads=n_kv_heads,
+            n_kv_heads=get("attention.head_count_kv", integer, n_heads),
             head_dim=head_dim,
-            vocab_size=int(vocab),
-            context_length=int(get("context_length")),
-            sliding_window=int(window) if window else None,
-            rope_theta=float(get("rope.freq_base", 10000.0)),
-            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            vocab_size=get("vocab_size", integer, n_tokens),
+            context_length=get("context_length", integer),
+            sliding_window=window or None,
+            rope_theta=get("rope.freq_base", real, 10000.0),
+            norm_eps=get("attention.layer_norm_rms_epsilon", real, 1e-5),
             tie_embeddings="output.weight" not in tensor_names,
             attention_bias="blk.0.attn_q.bias" in tensor_names,
             rope_interleaved=arch != "qwen2",
@@ -114,38 +157,52 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, config: dict) -> "ModelConfig":
-        names = [config.get("model_type")] + list(config.get("architectures") or [])
-        arch = next((_HF_ARCHITECTURES[n] for n in names if n in _HF_ARCHITECTURES), None)
+        if not isinstance(config, dict):
+            raise ModelFileError(f"config.json must hold a JSON object, got {shown(config)}")
+        names = [config.get("model_type")] + list(_json_list(config.get("architectures")))
+        arch = next((_HF_ARCHITECTURES[n] for n in names if isinstance(n, str) and n in _HF_ARCHITECTURES), None)
         if arch is None:
             raise UnsupportedModelError(
-                f"config.json model_type {config.get('model_type')!r} is not supported; "
+                f"config.json model_type {shown(config.get('model_type'))} is not supported; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         scaling = config.get("rope_scaling") or {}
-        if scaling.get("rope_type", scaling.get("type", "default")) != "default":
-            raise UnsupportedModelError(f"config.json: RoPE scaling {scaling} is not supported")
-        try:
-            hidden = int(config["hidden_size"])
-            n_heads = int(config["num_attention_heads"])
-            window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
-            if arch == "llama":
-                window = None
-            return cls(
-                architecture=arch,
-                hidden_size=hidden,
-                intermediate_size=int(config["intermediate_size"]),
-                n_layers=int(config["num_hidden_layers"]),
-                n_heads=n_heads,
-                n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
-                head_dim=int(config.get("head_dim") or hidden // n_heads),
-                vocab_size=int(config["vocab_size"]),
-                context_length=int(config.get("max_position_embeddings", 2048)),
-                sliding_window=int(window) if window else None,
-                rope_theta=float(config.get("rope_theta")
-                                 or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-                norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-                attention_bias=arch == "qwen2" or bool(config.get("attention_bias", False)),
-                rope_interleaved=False,
-            )
-        except KeyError as e:
-            raise ModelFileError(f"config.json is missing {e.args[0]!r}") from None
+        if not isinstance(scaling, dict) or scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            raise UnsupportedModelError(f"config.json: RoPE scaling {shown(scaling)} is not supported")
+
+        def get(key, read, default=None, **limits):
+            value = config.get(key)
+            if value is None:  # absent, or JSON null
+                if default is None:
+                    raise ModelFileError(f"config.json is missing {key!r}")
+                return default
+            return read(value, f"config.json {key}", **limits)
+
+        hidden = get("hidden_size", integer)
+        n_heads = get("num_attention_heads", integer)
+        window = None
+        if arch != "llama" and get("use_sliding_window", flag, True):
+            window = get("sliding_window", integer, 0, minimum=0) or None
+        rope_parameters = config.get("rope_parameters")  # where transformers >= 5 keeps it
+        if config.get("rope_theta") is None and isinstance(rope_parameters, dict):
+            config = dict(config, rope_theta=rope_parameters.get("rope_theta"))
+        return cls(
+            architecture=arch,
+            hidden_size=hidden,
+            intermediate_size=get("intermediate_size", integer),
+            n_layers=get("num_hidden_layers", integer),
+            n_heads=n_heads,
+            n_kv_heads=get("num_key_value_heads", integer, n_heads),
+            head_dim=get("head_dim", integer, hidden // n_heads),
+            vocab_size=get("vocab_size", integer),
+            context_length=get("max_position_embeddings", integer, 2048),
+            sliding_window=window,
+            rope_theta=get("rope_theta", real, 10000.0),
+            norm_eps=get("rms_norm_eps", real, 1e-6),
+            tie_embeddings=get("tie_word_embeddings", flag, False),
+            attention_bias=arch == "qwen2" or get("attention_bias", flag, False),
+            rope_interleaved=False,
+        )
+
+
+def _json_list(value) -> list:
+    return value if isinstance(value, list) else []

@@ -9,15 +9,15 @@ import json
 import mmap
 import re
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from .config import ModelConfig
-from .errors import ModelFileError
+from .errors import ModelFileError, TorchlessError, shown
 from .formats.gguf import GGUFFile
 from .formats.safetensors import read_safetensors
-from .quant import QTensor
+from .quant import QTensor, count_nonfinite_scales
 
 _HF_TO_GGUF = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -39,6 +39,7 @@ _HF_LAYER_TO_GGUF = {
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_BLOCK = re.compile(r"blk\.([0-9]{1,9})\.")  # longer numbers cannot be a block of a real model
 
 
 def hf_to_gguf_name(name: str) -> str | None:
@@ -66,36 +67,44 @@ class Parameters:
         from .hub import resolve_model
 
         path = resolve_model(str(path_or_name))
-        if path.is_dir():
-            return cls._load_hf_folder(path)
-        gguf = GGUFFile(path)
-        config = ModelConfig.from_gguf(gguf.metadata, gguf.tensors.keys())
-        return cls(path, config, gguf.tensors, gguf.metadata, gguf)
+        try:
+            if path.is_dir():
+                params = cls._load_hf_folder(path)
+            else:
+                gguf = GGUFFile(path)
+                config = ModelConfig.from_gguf(gguf.metadata, gguf.tensor_infos.keys())
+                params = cls(path, config, gguf.tensors, gguf.metadata, gguf)
+            check_tensors(params.config, params.tensors)
+        except TorchlessError as e:
+            message = str(e)  # the readers name the file already; the checks of values do not
+            raise type(e)(message if message.startswith(str(path)) else f"{path}: {message}") from None
+        return params
 
     @classmethod
     def _load_hf_folder(cls, folder: Path) -> "Parameters":
         config_path = folder / "config.json"
         if not config_path.is_file():
             raise ModelFileError(f"{folder}: not a model folder (no config.json)")
-        try:
-            hf_config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelFileError(f"{config_path}: invalid JSON ({e})") from None
+        hf_config = read_json(config_path)
         config = ModelConfig.from_hf(hf_config)
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError):
-                raise ModelFileError(f"{index}: not a valid safetensors index") from None
+            index_json = read_json(index)
+            weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ModelFileError(f"{index}: not a valid safetensors index (weight_map must map "
+                                     "tensor names to file names)")
+            files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in folder.glob("*.safetensors"))
         if not files:
             raise ModelFileError(f"{folder}: no *.safetensors files")
         tensors = {}
         for file in files:
+            if not _stays_inside(file):
+                raise ModelFileError(f"{index}: {shown(file)} is not a file name inside the model folder")
             if not (folder / file).is_file():
-                raise ModelFileError(f"{folder}: the index names {file}, which is missing")
+                raise ModelFileError(f"{folder}: the index names {shown(file)}, which is missing")
             for name, tensor in read_safetensors(folder / file).items():
                 gguf_name = hf_to_gguf_name(name)
                 if gguf_name is not None:
@@ -121,6 +130,39 @@ class Parameters:
     @property
     def weight_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ModelFileError(f"{path}: not valid UTF-8 JSON ({type(e).__name__}: {e})") from None
+
+
+def _stays_inside(name: str) -> bool:
+    """Whether a file name from an index stays in the model folder: relative, no `..`. Checked on
+    the name, not on the resolved path, so that a folder of symlinks (a Hugging Face snapshot,
+    whose files link to ../../blobs) still loads."""
+    parts = PurePosixPath(name).parts
+    return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts \
+        and "\\" not in name and "\0" not in name
+
+
+def check_tensors(config: ModelConfig, tensors: dict[str, QTensor]) -> None:
+    """Refuse what would load and then compute garbage: tensors of blocks other than the
+    config's, and NaN or infinite values in norm weights (small: read whole) or in the scales
+    of quantized blocks (read at a fraction of the cost of the repack that follows)."""
+    blocks = {int(m.group(1)) for name in tensors if (m := _BLOCK.match(name))}
+    if blocks and blocks != set(range(config.n_layers)):
+        raise ModelFileError(f"block_count is {config.n_layers}, but the file has tensors for "
+                             f"{len(blocks)} blocks numbered {min(blocks)}..{max(blocks)}")
+    for name, tensor in tensors.items():
+        if name.endswith("norm.weight") and not np.isfinite(tensor.dequantize()).all():
+            raise ModelFileError(f"tensor {shown(name)} (a norm weight) holds NaN or infinite values")
+        bad = count_nonfinite_scales(tensor)
+        release_pages(tensor.data)  # a tensor-parallel rank repacks only its share of the file
+        if bad:
+            raise ModelFileError(f"tensor {shown(name)}: {bad} blocks have a NaN or infinite scale")
 
 
 def release_pages(array) -> None:

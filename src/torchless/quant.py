@@ -13,7 +13,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from .errors import UnsupportedModelError
+from .errors import UnsupportedModelError, shown
 
 QK_K = 256  # elements per super-block of the k-quants
 
@@ -68,6 +68,28 @@ BLOCK_LAYOUT: dict[GGMLType, tuple[int, int]] = {
 }
 
 
+# (elements per block, bytes per block) of every known type, supported or not (from ggml's
+# type_traits): enough to size and list any tensor of a file, e.g. for `torchless inspect`.
+STORAGE_LAYOUT: dict[GGMLType, tuple[int, int]] = {
+    **BLOCK_LAYOUT,
+    GGMLType.Q5_0: (32, 22), GGMLType.Q5_1: (32, 24), GGMLType.Q8_1: (32, 40),
+    GGMLType.Q2_K: (QK_K, 84), GGMLType.Q3_K: (QK_K, 110), GGMLType.Q8_K: (QK_K, 292),
+    GGMLType.IQ2_XXS: (QK_K, 66), GGMLType.IQ2_XS: (QK_K, 74), GGMLType.IQ3_XXS: (QK_K, 98),
+    GGMLType.IQ1_S: (QK_K, 50), GGMLType.IQ4_NL: (32, 18), GGMLType.IQ3_S: (QK_K, 110),
+    GGMLType.IQ2_S: (QK_K, 82), GGMLType.IQ4_XS: (QK_K, 136), GGMLType.I8: (1, 1),
+    GGMLType.I16: (1, 2), GGMLType.I32: (1, 4), GGMLType.I64: (1, 8), GGMLType.F64: (1, 8),
+    GGMLType.IQ1_M: (QK_K, 56), GGMLType.TQ1_0: (QK_K, 54), GGMLType.TQ2_0: (QK_K, 66),
+    GGMLType.MXFP4: (32, 17),
+}
+
+# Byte offsets of the float16 scales (d, and m or dmin) within a block of each quantized type.
+_F16_SCALE_OFFSETS = {
+    GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q8_0: (0,),
+    GGMLType.Q4_K: (0, 2), GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,),
+}
+_F16_EXPONENT = 0x7C00  # all ones: infinity or NaN
+
+
 def supported_type(type_id: int, tensor_name: str | None = None) -> GGMLType:
     """The supported GGMLType for `type_id`, or UnsupportedModelError naming it (and the tensor)."""
     if type_id in BLOCK_LAYOUT:
@@ -76,7 +98,7 @@ def supported_type(type_id: int, tensor_name: str | None = None) -> GGMLType:
         name = GGMLType(type_id).name
     except ValueError:
         name = "unknown"
-    where = f"tensor {tensor_name}: " if tensor_name is not None else ""
+    where = f"tensor {shown(tensor_name)}: " if tensor_name is not None else ""
     raise UnsupportedModelError(f"{where}quantization type {name} ({int(type_id)}) is not supported; "
                                 f"supported: {', '.join(t.name for t in BLOCK_LAYOUT)}")
 
@@ -167,6 +189,21 @@ def dequantize_blocks(type_id: int, blocks: np.ndarray) -> np.ndarray:
     if len(blocks) == 0:  # reshape(n, -1) cannot infer a size from zero blocks
         return np.zeros((0, block_size), np.float32)
     return _DEQUANTIZE[t](blocks).reshape(-1, block_size)
+
+
+def count_nonfinite_scales(tensor: "QTensor") -> int:
+    """How many blocks of a quantized tensor have a NaN or infinite float16 scale (0 for float
+    types). Such a block makes every product it enters NaN; reading only the scales' exponent
+    bits costs a fraction of the repack that follows."""
+    offsets = _F16_SCALE_OFFSETS.get(tensor.ggml_type, ())
+    if not offsets:
+        return 0
+    blocks = tensor.data.reshape(-1, BLOCK_LAYOUT[tensor.ggml_type][1])
+    bad = np.zeros(len(blocks), bool)
+    for offset in offsets:
+        bits = blocks[:, offset:offset + 2].view(np.uint16)[:, 0]  # little-endian, as stored
+        bad |= (bits & _F16_EXPONENT) == _F16_EXPONENT
+    return int(np.count_nonzero(bad))
 
 
 # -- QTensor ------------------------------------------------------------------------------------

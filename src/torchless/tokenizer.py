@@ -14,11 +14,13 @@ import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 import tokenizers
 from tokenizers import AddedToken, Regex, models, normalizers, pre_tokenizers
 
 from .chat_template import render_chat_template
-from .errors import TorchlessError, UnsupportedModelError
+from .config import flag, integer, text
+from .errors import ModelFileError, TorchlessError, UnsupportedModelError, shown
 
 # llama.cpp's token types (tokenizer.ggml.token_type).
 UNDEFINED, NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = range(7)
@@ -112,24 +114,36 @@ class Tokenizer:
         if kind not in ("gpt2", "llama"):
             raise UnsupportedModelError(f"unsupported tokenizer model {kind!r} "
                                         "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)")
-        tokens = [str(t) for t in _required(metadata, "tokenizer.ggml.tokens")]
-        types = [int(t) for t in metadata.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))]
+        tokens = _strings(_required(metadata, "tokenizer.ggml.tokens"), "tokenizer.ggml.tokens")
+        types = _numbers(metadata.get("tokenizer.ggml.token_type", np.full(len(tokens), NORMAL)),
+                         "tokenizer.ggml.token_type", "iu")
         if len(types) != len(tokens):
-            raise TorchlessError(f"tokenizer metadata: {len(tokens)} tokens but {len(types)} types")
+            raise ModelFileError(f"tokenizer metadata: {len(tokens)} tokens but {len(types)} types")
 
         def token_id(key):
             value = metadata.get(f"tokenizer.ggml.{key}")
-            return None if value is None or not 0 <= int(value) < len(tokens) else int(value)
+            if value is None:
+                return None
+            value = integer(value, f"tokenizer.ggml.{key}", minimum=-2**63)
+            return value if 0 <= value < len(tokens) else None  # llama.cpp ignores such an id too
+
+        def setting(key, read, default):
+            value = metadata.get(f"tokenizer.ggml.{key}")
+            return default if value is None else read(value, f"tokenizer.ggml.{key}")
 
         vocab = {token: i for i, token in enumerate(tokens)}
         if kind == "gpt2":
-            pre = str(metadata.get("tokenizer.ggml.pre", "default"))
+            pre = setting("pre", text, "default")
             if pre not in _PRE_SPLITS:
                 warnings.warn(f"unknown pre-tokenizer {pre!r}; using llama.cpp's default split",
                               stacklevel=2)
-            merges = [tuple(m.split(" ", 1)) for m in _required(metadata, "tokenizer.ggml.merges")]
-            backend = tokenizers.Tokenizer(
-                models.BPE(vocab, merges, ignore_merges=pre in _IGNORE_MERGES))
+            merges = _strings(_required(metadata, "tokenizer.ggml.merges"), "tokenizer.ggml.merges")
+            bad = next((i for i, m in enumerate(merges) if m.count(" ") != 1), None)
+            if bad is not None:
+                raise ModelFileError(f"tokenizer.ggml.merges[{bad}] {shown(merges[bad])} is not two "
+                                     "tokens separated by one space")
+            backend = tokenizers.Tokenizer(_library_call(lambda: models.BPE(
+                vocab, [tuple(m.split(" ")) for m in merges], ignore_merges=pre in _IGNORE_MERGES)))
             splits = [pre_tokenizers.Split(Regex(r), behavior="isolated")
                       for r in _PRE_SPLITS.get(pre, _DEFAULT)]
             backend.pre_tokenizer = pre_tokenizers.Sequence(
@@ -138,16 +152,18 @@ class Tokenizer:
                       for t, ty in zip(tokens, types)]
             default_add_bos, strip = pre in _IGNORE_MERGES, False
         else:
-            scores = metadata.get("tokenizer.ggml.scores")
-            scores = [0.0] * len(tokens) if scores is None else [float(s) for s in scores]
+            scores = _numbers(metadata.get("tokenizer.ggml.scores", np.zeros(len(tokens))),
+                              "tokenizer.ggml.scores", "iuf")
+            if len(scores) != len(tokens):
+                raise ModelFileError(f"tokenizer metadata: {len(tokens)} tokens but {len(scores)} scores")
             unk = token_id("unknown_token_id")
-            backend = tokenizers.Tokenizer(models.BPE(
+            backend = tokenizers.Tokenizer(_library_call(lambda: models.BPE(
                 vocab, _merges_from_scores(tokens, types, scores), byte_fallback=True, fuse_unk=True,
-                unk_token=tokens[unk] if unk is not None else None))
+                unk_token=tokens[unk] if unk is not None else None)))
             # llama.cpp prefixes a space to every run of text, including each one after a special
             # token; a normalizer runs per run, where Metaspace would only prefix the first.
             replace = normalizers.Replace(" ", "\u2581")
-            prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+            prefix = setting("add_space_prefix", flag, True)
             backend.normalizer = (normalizers.Sequence([normalizers.Prepend("\u2581"), replace])
                                   if prefix else replace)
             pieces = [t.encode() if ty in (CONTROL, UNKNOWN) else _sentencepiece_bytes(t)
@@ -155,16 +171,16 @@ class Tokenizer:
             default_add_bos, strip = True, prefix
 
         special = {i for i, ty in enumerate(types) if ty in (CONTROL, UNKNOWN) and tokens[i]}
-        backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                                    for i in sorted(special)])
-        backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == USER_DEFINED and t])
-        add_bos = metadata.get("tokenizer.ggml.add_bos_token", default_add_bos)
-        add_eos = metadata.get("tokenizer.ggml.add_eos_token", False)
+        _library_call(lambda: backend.add_special_tokens(
+            [AddedToken(tokens[i], special=True, normalized=False) for i in sorted(special)]))
+        _library_call(lambda: backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                                             for t, ty in zip(tokens, types) if ty == USER_DEFINED and t]))
+        template = metadata.get("tokenizer.chat_template")
         return cls(backend, tokens, pieces, special, bos_id=token_id("bos_token_id"),
-                   eos_id=token_id("eos_token_id"), add_bos=add_bos, add_eos=add_eos,
+                   eos_id=token_id("eos_token_id"), add_bos=setting("add_bos_token", flag, default_add_bos),
+                   add_eos=setting("add_eos_token", flag, False),
                    eos_ids=(token_id("eot_token_id"), token_id("eom_token_id")),
-                   chat_template=metadata.get("tokenizer.chat_template"),
+                   chat_template=None if template is None else text(template, "tokenizer.chat_template"),
                    strip_leading_space=strip)
 
     @classmethod
@@ -181,6 +197,9 @@ class Tokenizer:
             raise TorchlessError(f"{file}: cannot read tokenizer: {exc}") from None
         if config is None:
             config = _read_json(folder / "tokenizer_config.json") or {}
+        if not isinstance(config, dict):
+            raise ModelFileError(f"{folder / 'tokenizer_config.json'}: must hold a JSON object, "
+                                 f"got {shown(config)}")
 
         decoder_types = set(_types_in(spec.get("decoder")))
         if "ByteLevel" in decoder_types:
@@ -207,19 +226,25 @@ class Tokenizer:
         bos_id, eos_id = named_id("bos_token"), named_id("eos_token")
         add_bos = config.get("add_bos_token")
         if add_bos is None:  # the file's post-processor is then the rule
-            add_bos = bos_id is not None and backend.encode("", add_special_tokens=True).ids[:1] == [bos_id]
+            empty = _library_call(lambda: backend.encode("", add_special_tokens=True))
+            add_bos = bos_id is not None and empty.ids[:1] == [bos_id]
         eos_ids = set()
         for name in ("generation_config.json", "config.json"):
-            extra = (_read_json(folder / name) or {}).get("eos_token_id")
-            eos_ids |= set(extra if isinstance(extra, list) else [extra]) - {None}
+            extra = _read_json(folder / name)
+            extra = extra.get("eos_token_id") if isinstance(extra, dict) else None
+            extra = extra if isinstance(extra, list) else [extra]
+            eos_ids |= {integer(i, f"{name} eos_token_id", minimum=0) for i in extra if i is not None}
         template = config.get("chat_template")
         if template is None and (folder / "chat_template.jinja").is_file():
-            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+            template = _read_text(folder / "chat_template.jinja")
         if isinstance(template, list):  # named templates: use the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        return cls(backend, tokens, pieces, special, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos,
-                   add_eos=bool(config.get("add_eos_token", False)), eos_ids=eos_ids,
-                   chat_template=template, strip_leading_space=strip)
+            template = next((t.get("template") for t in template
+                             if isinstance(t, dict) and t.get("name") == "default"), None)
+        return cls(backend, tokens, pieces, special, bos_id=bos_id, eos_id=eos_id,
+                   add_bos=flag(add_bos, "tokenizer_config.json add_bos_token"),
+                   add_eos=flag(config.get("add_eos_token", False), "tokenizer_config.json add_eos_token"),
+                   eos_ids=eos_ids, strip_leading_space=strip,
+                   chat_template=None if template is None else text(template, "chat_template"))
 
     # ---- vocabulary ---------------------------------------------------------------------------
 
@@ -321,8 +346,39 @@ class StreamDecoder:
 
 def _required(metadata: dict, key: str):
     if key not in metadata:
-        raise TorchlessError(f"tokenizer metadata has no {key!r}")
+        raise ModelFileError(f"tokenizer metadata has no {key!r}")
     return metadata[key]
+
+
+def _strings(value, key: str) -> list[str]:
+    """A GGUF array of strings, each valid UTF-8 (the tokenizers library takes nothing else)."""
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise ModelFileError(f"{key} must be an array of strings, got {shown(value)}")
+    try:
+        "".join(value).encode("utf-8")
+    except UnicodeEncodeError:  # the reader kept bytes that are not UTF-8 as surrogates
+        for i, s in enumerate(value):
+            if not s.isascii() and any("\udc80" <= c <= "\udcff" for c in s):
+                raise ModelFileError(f"{key}[{i}] {shown(s)} is not valid UTF-8") from None
+    return value
+
+
+def _numbers(value, key: str, kinds: str) -> list:
+    """A GGUF array of numbers of the NumPy kinds `kinds` ("iu": integers, "iuf": any), finite."""
+    if not (isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in kinds
+            and (value.dtype.kind != "f" or np.isfinite(value).all())):
+        raise ModelFileError(f"{key} must be an array of finite numbers, got {shown(value)}")
+    return value.tolist()
+
+
+def _library_call(call):
+    """A call into the tokenizers library, which raises TypeError or a bare Exception with a
+    many-line message on a vocabulary it cannot take."""
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - the library's exception types are not exported
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ModelFileError(f"tokenizer: the vocabulary or merges are corrupt ({reason})") from None
 
 
 def _merges_from_scores(tokens, types, scores) -> list[tuple[str, str]]:
@@ -364,8 +420,15 @@ def _strips_leading_space(decoder) -> bool:
     return False
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_text(path: Path) -> str:
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return path.read_text(encoding="utf-8")
     except (OSError, ValueError) as exc:
-        raise TorchlessError(f"{path}: {exc}") from None
+        raise ModelFileError(f"{path}: {exc}") from None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(_read_text(path)) if path.is_file() else None
+    except (ValueError, RecursionError) as exc:
+        raise ModelFileError(f"{path}: {type(exc).__name__}: {exc}") from None

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import math
 import struct
+from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import ModelFileError
-from ..quant import BLOCK_LAYOUT, QTensor, supported_type
+from ..errors import ModelFileError, UnsupportedModelError, shown
+from ..quant import STORAGE_LAYOUT, GGMLType, QTensor, supported_type
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -30,6 +32,19 @@ _SCALARS = {0: ("<B", "<u1"), 1: ("<b", "<i1"), 2: ("<H", "<u2"), 3: ("<h", "<i2
             4: ("<I", "<u4"), 5: ("<i", "<i4"), 6: ("<f", "<f4"), 7: ("<?", "<u1"),
             10: ("<Q", "<u8"), 11: ("<q", "<i8"), 12: ("<d", "<f8")}
 _STRING, _ARRAY, _BOOL = 8, 9, 7
+_KNOWN_TYPES = frozenset(GGMLType)
+
+
+class TensorInfo(NamedTuple):
+    """Where a tensor lies in the file and what it is, whether or not torchless can compute with it."""
+    ggml_type: GGMLType
+    shape: tuple[int, ...]  # NumPy order: GGUF's dims reversed
+    start: int              # absolute byte offsets in the file
+    stop: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.stop - self.start
 
 
 class _Cursor:
@@ -89,7 +104,9 @@ class _Cursor:
 
 
 class GGUFFile:
-    """An open GGUF file: `metadata` (key -> value) and `tensors` (name -> QTensor, file order).
+    """An open GGUF file: `metadata` (key -> value), `tensor_infos` (name -> TensorInfo, file
+    order, any known ggml type) and `tensors` (name -> QTensor, which refuses a type torchless
+    cannot compute with).
 
     Tensor data stays in the read-only memory map; the QTensors are views into it, so they stay
     valid as long as they are referenced, even after close().
@@ -120,9 +137,9 @@ class GGUFFile:
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
             if key in self.metadata:
-                cur.fail(f"duplicate metadata key {key!r}")
-            vtype = cur.scalar("<I", f"value type of metadata {key!r}")
-            self.metadata[key] = cur.value(vtype, f"metadata {key!r}")
+                cur.fail(f"duplicate metadata key {shown(key)}")
+            vtype = cur.scalar("<I", f"value type of metadata {shown(key)}")
+            self.metadata[key] = cur.value(vtype, f"metadata {shown(key)}")
 
         self.alignment = self.metadata.get("general.alignment", 32)
         if type(self.alignment) is not int or self.alignment <= 0 or self.alignment & (self.alignment - 1):
@@ -131,42 +148,52 @@ class GGUFFile:
         infos = []
         for i in range(n_tensors):
             name = cur.string(f"name of tensor #{i}")
-            n_dims = cur.scalar("<I", f"n_dims of tensor {name}")
+            n_dims = cur.scalar("<I", f"n_dims of tensor {shown(name)}")
             if not 1 <= n_dims <= MAX_DIMS:
-                cur.fail(f"tensor {name} has {n_dims} dimensions (must be 1..{MAX_DIMS})")
-            dims = struct.unpack(f"<{n_dims}Q", cur.take(8 * n_dims, f"dims of tensor {name}"))
-            gtype = supported_type(cur.scalar("<I", f"type of tensor {name}"), name)
-            offset = cur.scalar("<Q", f"data offset of tensor {name}")
-            infos.append((name, dims, gtype, offset))
+                cur.fail(f"tensor {shown(name)} has {n_dims} dimensions (must be 1..{MAX_DIMS})")
+            dims = struct.unpack(f"<{n_dims}Q", cur.take(8 * n_dims, f"dims of tensor {shown(name)}"))
+            type_id = cur.scalar("<I", f"type of tensor {shown(name)}")
+            if type_id not in _KNOWN_TYPES:  # its size is unknown too, so the file cannot be read
+                raise UnsupportedModelError(f"{path}: tensor {shown(name)} has ggml type {type_id}, "
+                                            "unknown to torchless")
+            offset = cur.scalar("<Q", f"data offset of tensor {shown(name)}")
+            infos.append((name, dims, GGMLType(type_id), offset))
 
         self.data_offset = -(-cur.pos // self.alignment) * self.alignment
-        self.tensors: dict[str, QTensor] = {}
-        spans = []
+        self.tensor_infos: dict[str, TensorInfo] = {}
         for name, dims, gtype, offset in infos:
-            block_size, type_size = BLOCK_LAYOUT[gtype]
-            if name in self.tensors:
-                cur.fail(f"duplicate tensor name {name}")
+            block_size, type_size = STORAGE_LAYOUT[gtype]
+            name_shown = shown(name)
+            if name in self.tensor_infos:
+                cur.fail(f"duplicate tensor name {name_shown}")
             if min(dims) < 1 or dims[0] % block_size:
-                cur.fail(f"tensor {name} has bad dims {list(dims)} for {gtype.name} "
+                cur.fail(f"tensor {name_shown} has bad dims {list(dims)} for {gtype.name} "
                          f"(each >= 1, the first a multiple of {block_size})")
             if offset % self.alignment:
-                cur.fail(f"tensor {name} data offset {offset} is not a multiple of the "
+                cur.fail(f"tensor {name_shown} data offset {offset} is not a multiple of the "
                          f"alignment {self.alignment}")
             start = self.data_offset + offset
             nbytes = math.prod(dims) // block_size * type_size
             if start + nbytes > size:
-                cur.fail(f"truncated file: tensor {name} data ({nbytes} bytes at offset {start}) "
+                cur.fail(f"truncated file: tensor {name_shown} data ({nbytes} bytes at offset {start}) "
                          f"runs past the end of the file ({size} bytes)")
-            spans.append((start, start + nbytes, name))
-            self.tensors[name] = QTensor(gtype, dims[::-1], self._map[start:start + nbytes])
-        spans.sort()
+            self.tensor_infos[name] = TensorInfo(gtype, dims[::-1], start, start + nbytes)
+        spans = sorted((info.start, info.stop, name) for name, info in self.tensor_infos.items())
         for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
             if start < end:
-                cur.fail(f"tensors {a} and {b} overlap in the file")
+                cur.fail(f"tensors {shown(a)} and {shown(b)} overlap in the file")
+
+    @cached_property
+    def tensors(self) -> dict[str, QTensor]:
+        """Every tensor as a QTensor view; UnsupportedModelError names the first of a type that
+        torchless cannot compute with."""
+        return {name: QTensor(supported_type(info.ggml_type, name), info.shape,
+                              self._map[info.start:info.stop])
+                for name, info in self.tensor_infos.items()}
 
     def close(self):
         """Drop this object's references; the map closes once no tensor view is left."""
-        self.tensors, self._map = {}, None
+        self.tensors, self.tensor_infos, self._map = {}, {}, None
 
     def __enter__(self) -> "GGUFFile":
         return self
