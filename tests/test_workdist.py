@@ -180,9 +180,10 @@ def test_stats_count_what_ran(two_threads):
     assert stats.steal_ratio() == 0.0
 
 
-@pytest.mark.parametrize("kind", ["F32", "Q4_1", "Q8_0", "attention"])
+@pytest.mark.parametrize("kind", ["F32", "Q4_1", "Q8_0", "attention", "Q4_1 batch", "Q8_0 batch"])
 def test_runners_are_workers_and_local_is_counted(two_threads, kind):
-    """Each task records the worker that ran it; local = tasks run by their static owner."""
+    """Each task records the worker that ran it (in a buffer of its call's own); local = tasks
+    run by their static owner, and the stats count exactly the plan's tasks."""
     n_threads = numba.get_num_threads()
     config = WorkDistributionConfig(min_chunk_size=32, max_chunk_size=32)
     rng = np.random.default_rng(1)
@@ -194,17 +195,61 @@ def test_runners_are_workers_and_local_is_counted(two_threads, kind):
             adaptive.attention_parallel_adaptive(q, k, v, 30, kv_map, np.empty_like(q), config,
                                                  stats=stats)
             plan = adaptive._plans[("attention", 32, config, n_threads)]
+            local, runners = adaptive._attention_tasks(q, k, v, 30, kv_map, np.empty_like(q),
+                                                       plan.bounds, plan.owners, plan.starts)
         else:
-            w = qmatmul.prepare(random_weight(kind, 1000, 64, seed=call))
-            x = rng.standard_normal(64).astype(np.float32)
-            adaptive.matmul_vec_adaptive_into(w, x, np.empty(1000, np.float32), config, stats)
-            plan = adaptive._plans[(1000, 64, config, n_threads)]
-        assert stats.tasks_created == len(plan.runners) == len(plan.bounds) - 1
-        assert ((plan.runners >= 0) & (plan.runners < n_threads)).all(), plan.runners
-        assert stats.local_tasks == np.count_nonzero(plan.runners == plan.owners)
+            w = qmatmul.prepare(random_weight(kind.split()[0], 1000, 64, seed=call))
+            if kind.endswith("batch"):
+                X = rng.standard_normal((1 + call % 9, 64)).astype(np.float32)
+                out = np.empty((len(X), 1000), np.float32)
+                adaptive.matmul_adaptive_into(w, X, out, config, stats)
+                plan = adaptive._plans[(1000, 64, config, n_threads)]
+                local, runners = adaptive._BATCH_TASK_KERNELS[w.kind](
+                    w.codes, w.scale, w.min, w.group, X, out, plan.bounds, plan.owners, plan.starts)
+            else:
+                x = rng.standard_normal(64).astype(np.float32)
+                out = np.empty(1000, np.float32)
+                adaptive.matmul_vec_adaptive_into(w, x, out, config, stats)
+                plan = adaptive._plans[(1000, 64, config, n_threads)]
+                local, runners = adaptive._TASK_KERNELS[w.kind](
+                    w.codes, w.scale, w.min, w.group, x, out, plan.bounds, plan.owners, plan.starts)
+        assert stats.tasks_created == plan.n_tasks == len(plan.bounds) - 1
+        assert stats.tasks_created == stats.local_tasks + stats.stolen_tasks
+        assert len(runners) == plan.n_tasks
+        assert ((runners >= 0) & (runners < n_threads)).all(), runners
+        assert local == np.count_nonzero(runners == plan.owners)
         # owners: the static split, task i to worker i * threads // n
         n = len(plan.owners)
         assert list(plan.owners) == [i * n_threads // n for i in range(n)]
+
+
+def test_batched_products_from_two_threads(two_threads):
+    """Concurrent batched calls of one shape: right results, and tasks_created == local + stolen
+    exactly, with the counts of the plan's tasks per call."""
+    qt = random_weight("Q4_1", 1536, 576, seed=5)
+    w = qmatmul.prepare(qt)
+    ref_w = qt.dequantize().astype(np.float64)
+    stats = WorkStealingStats()
+    n_tasks = len(WorkDistributionConfig.for_matmul(1536, 576).chunk_bounds(1536, align=TILE)) - 1
+    errors = []
+
+    def work(seed):
+        rng = np.random.default_rng(seed)
+        X = rng.standard_normal((8, 576)).astype(np.float32)
+        out = np.empty((8, 1536), np.float32)
+        for _ in range(30):
+            adaptive.matmul_adaptive_into(w, X, out, None, stats)
+            if not np.allclose(out, X @ ref_w.T, rtol=1e-3, atol=1e-3):
+                errors.append(seed)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+    assert stats.tasks_created == 2 * 30 * n_tasks
+    assert stats.tasks_created == stats.local_tasks + stats.stolen_tasks
 
 
 def test_stats_record_from_runners():

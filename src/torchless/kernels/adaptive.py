@@ -21,8 +21,10 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import qmatmul
+from . import qmatmul, qmatmul_batch
 from .qmatmul import TILE, PackedWeight, _group_sums, _tile_f32, _tile_q4, _tile_q8
+from .qmatmul_batch import (_float_tiles_f32, _float_tiles_q4, _float_tiles_q8, _tiles_q4, _tiles_q8,
+                            quantized_activations)
 from .fused import attend_heads
 from .workdist import WorkDistributionConfig, WorkStealingStats
 
@@ -73,7 +75,8 @@ def _claim(counters, ends, w):
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _tasks_q4(codes, scale, mn, group, x, out, bounds, runners, owners, starts):
+def _tasks_q4(codes, scale, mn, group, x, out, bounds, owners, starts):
+    runners = np.empty(owners.shape[0], np.int64)
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
     if mn.shape[1] > 0:
         _group_sums(x, group, xs)
@@ -87,11 +90,12 @@ def _tasks_q4(codes, scale, mn, group, x, out, bounds, runners, owners, starts):
                 _tile_q4(codes, scale, mn, x, xs, out, t, bounds[i], bounds[i + 1], s, acc)
             runners[i] = w
             i = _claim(counters, ends, w)
-    return _count_local(runners, owners)
+    return _count_local(runners, owners), runners
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _tasks_q8(codes, scale, mn, group, x, out, bounds, runners, owners, starts):
+def _tasks_q8(codes, scale, mn, group, x, out, bounds, owners, starts):
+    runners = np.empty(owners.shape[0], np.int64)
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
     if mn.shape[1] > 0:
         _group_sums(x, group, xs)
@@ -105,11 +109,12 @@ def _tasks_q8(codes, scale, mn, group, x, out, bounds, runners, owners, starts):
                 _tile_q8(codes, scale, mn, x, xs, out, t, bounds[i], bounds[i + 1], s, acc)
             runners[i] = w
             i = _claim(counters, ends, w)
-    return _count_local(runners, owners)
+    return _count_local(runners, owners), runners
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _tasks_f32(codes, scale, mn, group, x, out, bounds, runners, owners, starts):
+def _tasks_f32(codes, scale, mn, group, x, out, bounds, owners, starts):
+    runners = np.empty(owners.shape[0], np.int64)
     xs = np.empty(1, np.float32)
     counters, ends = starts[:-1].copy(), starts[1:]
     for w in prange(counters.shape[0]):
@@ -121,7 +126,7 @@ def _tasks_f32(codes, scale, mn, group, x, out, bounds, runners, owners, starts)
                 _tile_f32(codes, scale, mn, x, xs, out, t, bounds[i], bounds[i + 1], s, acc)
             runners[i] = w
             i = _claim(counters, ends, w)
-    return _count_local(runners, owners)
+    return _count_local(runners, owners), runners
 
 
 @njit(nogil=True, cache=True)
@@ -138,13 +143,14 @@ _TASK_KERNELS = {"q4": _tasks_q4, "q8": _tasks_q8, "f32": _tasks_f32}
 class TaskPlan:
     """Task bounds for one (rows, config, threads): computed once, reused every call."""
 
-    __slots__ = ("bounds", "runners", "owners", "starts", "n_threads")
+    __slots__ = ("bounds", "n_tasks", "owners", "starts", "n_threads")
 
     def __init__(self, rows: int, config: WorkDistributionConfig, n_threads: int, align: int = TILE):
         self.n_threads = n_threads
         self.bounds = config.chunk_bounds(rows, align=align)
-        n = len(self.bounds) - 1
-        self.runners = np.zeros(n, np.int64)
+        n = self.n_tasks = len(self.bounds) - 1
+        # no shared buffer of who ran what: the task functions allocate theirs per call, since
+        # calls of one shape run at once from pipeline stage and tensor-parallel shard threads
         self.owners = (np.arange(n, dtype=np.int64) * n_threads) // max(n, 1)
         # worker w owns tasks starts[w]:starts[w + 1] (those with owners == w)
         self.starts = np.searchsorted(self.owners, np.arange(n_threads + 1)).astype(np.int64)
@@ -218,24 +224,140 @@ def _matvec(weights: PackedWeight, x, out, config=None, stats=GLOBAL_STATS):
         qmatmul._KERNELS[weights.kind][0](weights.codes, weights.scale, weights.min, weights.group,
                                           x, out, 0, rows)
         return out
-    key = (rows, cols, config, n_threads)
-    plan = _plans.get(key)
-    if plan is None:
-        plan = _plans[key] = TaskPlan(rows, config or WorkDistributionConfig.for_matmul(rows, cols),
-                                      n_threads)
+    plan = _matmul_plan(rows, cols, config, n_threads)
     # Chunk size one: each worker its own chunk, whatever the caller set. (The balancing itself
     # is the workers' claiming, not numba's.) Set from Python, since a compiled function that
     # sets it cannot be cached on disk.
     previous = _set_chunksize(1)
     try:
-        local = _TASK_KERNELS[weights.kind](weights.codes, weights.scale, weights.min, weights.group,
-                                            x, out, plan.bounds, plan.runners, plan.owners,
-                                            plan.starts)
+        local, _ = _TASK_KERNELS[weights.kind](weights.codes, weights.scale, weights.min, weights.group,
+                                            x, out, plan.bounds, plan.owners, plan.starts)
     finally:
         _set_chunksize(previous)
     if stats is not None:
-        stats.record_counts(len(plan.runners), local)
+        stats.record_counts(plan.n_tasks, local)
     return out
+
+
+# Batched products (M rows of X): the same plans and claiming, each task a range of tiles for
+# every row of X. X is quantized once per call, before the workers start.
+
+@njit(nogil=True, cache=True, parallel=True)
+def _batch_tasks_q4(codes, scale, mn, group, X, out, bounds, owners, starts):
+    xq4, dx, xs, sq = quantized_activations(X, group)
+    runners = np.empty(owners.shape[0], np.int64)
+    counters, ends = starts[:-1].copy(), starts[1:]
+    for w in prange(counters.shape[0]):
+        i = _claim(counters, ends, w)
+        while i >= 0:
+            _tiles_q4(codes, scale, mn, xq4, dx, xs, sq, out, bounds[i] // TILE, -(-bounds[i + 1] // TILE))
+            runners[i] = w
+            i = _claim(counters, ends, w)
+    return _count_local(runners, owners), runners
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _batch_tasks_q8(codes, scale, mn, group, X, out, bounds, owners, starts):
+    xq4, dx, xs, sq = quantized_activations(X, group)
+    runners = np.empty(owners.shape[0], np.int64)
+    counters, ends = starts[:-1].copy(), starts[1:]
+    for w in prange(counters.shape[0]):
+        i = _claim(counters, ends, w)
+        while i >= 0:
+            _tiles_q8(codes, scale, mn, xq4, dx, xs, sq, out, bounds[i] // TILE, -(-bounds[i + 1] // TILE))
+            runners[i] = w
+            i = _claim(counters, ends, w)
+    return _count_local(runners, owners), runners
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _batch_float_tasks_q4(codes, scale, mn, group, X, out, bounds, owners, starts):
+    runners = np.empty(owners.shape[0], np.int64)
+    counters, ends = starts[:-1].copy(), starts[1:]
+    for w in prange(counters.shape[0]):
+        i = _claim(counters, ends, w)
+        while i >= 0:
+            _float_tiles_q4(codes, scale, mn, X, out, bounds[i] // TILE, -(-bounds[i + 1] // TILE))
+            runners[i] = w
+            i = _claim(counters, ends, w)
+    return _count_local(runners, owners), runners
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _batch_float_tasks_q8(codes, scale, mn, group, X, out, bounds, owners, starts):
+    runners = np.empty(owners.shape[0], np.int64)
+    counters, ends = starts[:-1].copy(), starts[1:]
+    for w in prange(counters.shape[0]):
+        i = _claim(counters, ends, w)
+        while i >= 0:
+            _float_tiles_q8(codes, scale, mn, X, out, bounds[i] // TILE, -(-bounds[i + 1] // TILE))
+            runners[i] = w
+            i = _claim(counters, ends, w)
+    return _count_local(runners, owners), runners
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _batch_float_tasks_f32(codes, scale, mn, group, X, out, bounds, owners, starts):
+    runners = np.empty(owners.shape[0], np.int64)
+    counters, ends = starts[:-1].copy(), starts[1:]
+    for w in prange(counters.shape[0]):
+        i = _claim(counters, ends, w)
+        while i >= 0:
+            _float_tiles_f32(codes, scale, mn, X, out, bounds[i] // TILE, -(-bounds[i + 1] // TILE))
+            runners[i] = w
+            i = _claim(counters, ends, w)
+    return _count_local(runners, owners), runners
+
+
+_BATCH_TASK_KERNELS = {"q4": _batch_float_tasks_q4, "q8": _batch_float_tasks_q8, "f32": _batch_float_tasks_f32}
+if qmatmul_batch.INTEGER:
+    _BATCH_TASK_KERNELS.update(q4=_batch_tasks_q4, q8=_batch_tasks_q8)
+
+
+def matmul_adaptive_into(weights: PackedWeight, X: np.ndarray, out: np.ndarray,
+                         config: WorkDistributionConfig | None = None,
+                         stats: WorkStealingStats | None = GLOBAL_STATS) -> np.ndarray:
+    """out (M, rows) = X (M, cols) @ weights.T, tiles cut into tasks by `config` (default:
+    for_matmul of the shape), every task for all M rows. The batched twin of _matvec."""
+    qmatmul_batch.check_batch(weights, X, out)
+    return _matmul(weights, X, out, config, stats)
+
+
+def _matmul(weights: PackedWeight, X, out, config=None, stats=GLOBAL_STATS):
+    """matmul_adaptive_into without the argument checks."""
+    rows, cols = weights.shape
+    if X.shape[0] == 0:
+        return out
+    n_threads = _get_num_threads()
+    if n_threads == 1 or weights.nbytes * X.shape[0] < inline_threshold_bytes():
+        n_tiles = weights.codes.shape[0]
+        if weights.kind in qmatmul_batch.INT_SERIAL:
+            qmatmul_batch.INT_SERIAL[weights.kind](weights.codes, weights.scale, weights.min,
+                                                   weights.group, X, out)
+        else:
+            qmatmul_batch.FLOAT_TILES[weights.kind](weights.codes, weights.scale, weights.min, X, out,
+                                                    0, n_tiles)
+        return out
+    plan = _matmul_plan(rows, cols, config, n_threads)
+    previous = _set_chunksize(1)  # as in _matvec
+    try:
+        local, _ = _BATCH_TASK_KERNELS[weights.kind](weights.codes, weights.scale, weights.min,
+                                                     weights.group, X, out, plan.bounds, plan.owners,
+                                                     plan.starts)
+    finally:
+        _set_chunksize(previous)
+    if stats is not None:
+        stats.record_counts(plan.n_tasks, local)
+    return out
+
+
+def _matmul_plan(rows: int, cols: int, config, n_threads: int) -> TaskPlan:
+    key = (rows, cols, config, n_threads)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = TaskPlan(rows, config or WorkDistributionConfig.for_matmul(rows, cols),
+                                      n_threads)
+    return plan
 
 
 def matmul_vec_adaptive(weights, x: np.ndarray, config: WorkDistributionConfig | None = None,
@@ -255,7 +377,8 @@ def _packed(weights) -> PackedWeight:
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _attention_tasks(q, k_cache, v_cache, n_valid, kv_map, out, bounds, runners, owners, starts):
+def _attention_tasks(q, k_cache, v_cache, n_valid, kv_map, out, bounds, owners, starts):
+    runners = np.empty(owners.shape[0], np.int64)
     counters, ends = starts[:-1].copy(), starts[1:]
     for w in prange(counters.shape[0]):
         scores = np.empty(max(1, n_valid), np.float32)
@@ -264,7 +387,7 @@ def _attention_tasks(q, k_cache, v_cache, n_valid, kv_map, out, bounds, runners,
             attend_heads(q, k_cache, v_cache, n_valid, kv_map, out, bounds[i], bounds[i + 1], scores)
             runners[i] = w
             i = _claim(counters, ends, w)
-    return _count_local(runners, owners)
+    return _count_local(runners, owners), runners
 
 
 def attention_parallel_adaptive(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
@@ -292,10 +415,10 @@ def attention_parallel_adaptive(q: np.ndarray, k_cache: np.ndarray, v_cache: np.
         plan = _plans[key] = TaskPlan(n_heads, config, n_threads, align=1)
     previous = _set_chunksize(1)
     try:
-        local = _attention_tasks(q, k_cache, v_cache, n_valid, kv_map, out, plan.bounds,
-                                 plan.runners, plan.owners, plan.starts)
+        local, _ = _attention_tasks(q, k_cache, v_cache, n_valid, kv_map, out, plan.bounds,
+                                 plan.owners, plan.starts)
     finally:
         _set_chunksize(previous)
     if stats is not None:
-        stats.record_counts(len(plan.runners), local)
+        stats.record_counts(plan.n_tasks, local)
     return out

@@ -14,13 +14,67 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from numba import njit
 
-from .qmatmul import TILE, PackedWeight, dequantize_transposed_into
+from .qmatmul import TILE, PackedWeight, _dq_tile_f32, _dq_tile_q4, _dq_tile_q8
 
 # Below this many rows the quantized kernel beats BLAS (which expands the weights to float32 per
 # call): on SmolLM2 at 2 threads it won clearly at 16 and 32 rows and by 0-13% at 64
 # (benchmarks/bench_batch_kernel.py). Prefill chunks of 256 go to BLAS.
 MIN_TOKENS_FOR_BLAS = 64
+
+
+# Transposed dequantization, for prefill through BLAS: a long prompt's products are
+# compute-bound, and an sgemm on float32 weights beats any kernel here once the weights are
+# expanded; expanding them costs one pass over the weights per chunk of prompt tokens.
+
+@njit(nogil=True, cache=True)
+def _dqt_q4(codes, scale, mn, r0, r1, out):
+    wt = np.empty((out.shape[0], TILE), np.float32)
+    for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
+        _dq_tile_q4(codes, scale, mn, t, wt)
+        _scatter_tile(wt, t, r0, r1, out)
+
+
+@njit(nogil=True, cache=True)
+def _dqt_q8(codes, scale, mn, r0, r1, out):
+    wt = np.empty((out.shape[0], TILE), np.float32)
+    for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
+        _dq_tile_q8(codes, scale, mn, t, wt)
+        _scatter_tile(wt, t, r0, r1, out)
+
+
+@njit(nogil=True, cache=True)
+def _dqt_f32(codes, scale, mn, r0, r1, out):
+    wt = np.empty((out.shape[0], TILE), np.float32)
+    for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
+        _dq_tile_f32(codes, scale, mn, t, wt)
+        _scatter_tile(wt, t, r0, r1, out)
+
+
+@njit(nogil=True, cache=True)
+def _scatter_tile(wt, t, r0, r1, out):
+    """Rows [r0, r1) of tile t, as columns of out (cols, r1 - r0)."""
+    lo, hi = max(r0, t * TILE), min(r1, t * TILE + TILE)
+    for c in range(out.shape[0]):
+        for r in range(lo, hi):
+            out[c, r - r0] = wt[c, r - t * TILE]
+
+
+_DQT = {"q4": _dqt_q4, "q8": _dqt_q8, "f32": _dqt_f32}
+
+
+def dequantize_transposed_into(w: "PackedWeight", out: np.ndarray, start: int = 0,
+                               stop: int | None = None) -> np.ndarray:
+    """out (cols, stop - start) = W[start:stop].T in float32, on the calling thread (GIL released)."""
+    stop = w.shape[0] if stop is None else stop
+    if not 0 <= start <= stop <= w.shape[0]:
+        raise ValueError(f"row range {start}:{stop} is out of 0:{w.shape[0]}")
+    if out.dtype != np.float32 or out.shape != (w.shape[1], stop - start) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be contiguous float32 of shape {(w.shape[1], stop - start)}")
+    _DQT[w.kind](w.codes, w.scale, w.min, start, stop, out)
+    return out
+
 
 _pool: ThreadPoolExecutor | None = None
 

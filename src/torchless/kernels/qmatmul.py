@@ -322,32 +322,6 @@ def _dot_tile(wt, x, out, base, r0, r1, acc):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _dot_tile4(wt, X, m, out, base, rows, acc):
-    """_dot_tile for rows m..m+3 of X at once: each weight load feeds 4 FMAs, which is what
-    makes prefill faster per token than decode."""
-    cols = wt.shape[0]
-    acc[:, :] = 0.0
-    for k in range(0, cols - 1, 2):
-        a0 = X[m, k]; a1 = X[m + 1, k]; a2 = X[m + 2, k]; a3 = X[m + 3, k]
-        b0 = X[m, k + 1]; b1 = X[m + 1, k + 1]; b2 = X[m + 2, k + 1]; b3 = X[m + 3, k + 1]
-        for r in range(TILE):
-            w0 = wt[k, r]
-            w1 = wt[k + 1, r]
-            acc[0, r] += w0 * a0 + w1 * b0
-            acc[1, r] += w0 * a1 + w1 * b1
-            acc[2, r] += w0 * a2 + w1 * b2
-            acc[3, r] += w0 * a3 + w1 * b3
-    if cols % 2:
-        k = cols - 1
-        for r in range(TILE):
-            for i in range(4):
-                acc[i, r] += wt[k, r] * X[m + i, k]
-    for r in range(base, min(rows, base + TILE)):
-        for i in range(4):
-            out[m + i, r] = acc[i, r - base]
-
-
-@njit(nogil=True, cache=True, fastmath=_FM)
 def _tile_f32(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
     _dot_tile(codes[t], x, out, t * TILE, r0, r1, acc)
 
@@ -455,23 +429,6 @@ def _par_f32(codes, scale, mn, group, x, out, r0, r1):
         _tile_f32(codes, scale, mn, x, xs, out, t0 + i, r0, r1, s, acc)
 
 
-@njit(nogil=True, cache=True, parallel=True)
-def _mm_q4(codes, scale, mn, X, out):
-    """out[m] = W @ X[m] for every m: each tile is dequantized once to float32 (cols x TILE,
-    in L1/L2) and then multiplied with every row of X."""
-    n_tiles, rows, cols = codes.shape[0], out.shape[1], X.shape[1]
-    for t in prange(n_tiles):
-        wt = np.empty((cols, TILE), np.float32)
-        acc = np.empty(TILE, np.float32)
-        acc4 = np.empty((4, TILE), np.float32)
-        _dq_tile_q4(codes, scale, mn, t, wt)
-        M4 = X.shape[0] - X.shape[0] % 4
-        for m in range(0, M4, 4):
-            _dot_tile4(wt, X, m, out, t * TILE, rows, acc4)
-        for m in range(M4, X.shape[0]):
-            _dot_tile(wt, X[m], out[m], t * TILE, 0, rows, acc)
-
-
 @njit(nogil=True, cache=True)
 def _dq_rows_q4(codes, scale, mn, r0, r1, out):
     wt = np.empty((out.shape[1], TILE), np.float32)
@@ -479,23 +436,6 @@ def _dq_rows_q4(codes, scale, mn, r0, r1, out):
         _dq_tile_q4(codes, scale, mn, t, wt)
         for r in range(max(r0, t * TILE), min(r1, t * TILE + TILE)):
             out[r - r0, :] = wt[:, r - t * TILE]
-
-
-@njit(nogil=True, cache=True, parallel=True)
-def _mm_q8(codes, scale, mn, X, out):
-    """out[m] = W @ X[m] for every m: each tile is dequantized once to float32 (cols x TILE,
-    in L1/L2) and then multiplied with every row of X."""
-    n_tiles, rows, cols = codes.shape[0], out.shape[1], X.shape[1]
-    for t in prange(n_tiles):
-        wt = np.empty((cols, TILE), np.float32)
-        acc = np.empty(TILE, np.float32)
-        acc4 = np.empty((4, TILE), np.float32)
-        _dq_tile_q8(codes, scale, mn, t, wt)
-        M4 = X.shape[0] - X.shape[0] % 4
-        for m in range(0, M4, 4):
-            _dot_tile4(wt, X, m, out, t * TILE, rows, acc4)
-        for m in range(M4, X.shape[0]):
-            _dot_tile(wt, X[m], out[m], t * TILE, 0, rows, acc)
 
 
 @njit(nogil=True, cache=True)
@@ -507,23 +447,6 @@ def _dq_rows_q8(codes, scale, mn, r0, r1, out):
             out[r - r0, :] = wt[:, r - t * TILE]
 
 
-@njit(nogil=True, cache=True, parallel=True)
-def _mm_f32(codes, scale, mn, X, out):
-    """out[m] = W @ X[m] for every m: each tile is dequantized once to float32 (cols x TILE,
-    in L1/L2) and then multiplied with every row of X."""
-    n_tiles, rows, cols = codes.shape[0], out.shape[1], X.shape[1]
-    for t in prange(n_tiles):
-        wt = np.empty((cols, TILE), np.float32)
-        acc = np.empty(TILE, np.float32)
-        acc4 = np.empty((4, TILE), np.float32)
-        _dq_tile_f32(codes, scale, mn, t, wt)
-        M4 = X.shape[0] - X.shape[0] % 4
-        for m in range(0, M4, 4):
-            _dot_tile4(wt, X, m, out, t * TILE, rows, acc4)
-        for m in range(M4, X.shape[0]):
-            _dot_tile(wt, X[m], out[m], t * TILE, 0, rows, acc)
-
-
 @njit(nogil=True, cache=True)
 def _dq_rows_f32(codes, scale, mn, r0, r1, out):
     wt = np.empty((out.shape[1], TILE), np.float32)
@@ -533,62 +456,10 @@ def _dq_rows_f32(codes, scale, mn, r0, r1, out):
             out[r - r0, :] = wt[:, r - t * TILE]
 
 
-# Transposed dequantization, for prefill through BLAS: a long prompt's products are
-# compute-bound, and an sgemm on float32 weights beats any kernel here once the weights are
-# expanded; expanding them costs one pass over the weights per chunk of prompt tokens.
-
-@njit(nogil=True, cache=True)
-def _dqt_q4(codes, scale, mn, r0, r1, out):
-    wt = np.empty((out.shape[0], TILE), np.float32)
-    for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
-        _dq_tile_q4(codes, scale, mn, t, wt)
-        _scatter_tile(wt, t, r0, r1, out)
-
-
-@njit(nogil=True, cache=True)
-def _dqt_q8(codes, scale, mn, r0, r1, out):
-    wt = np.empty((out.shape[0], TILE), np.float32)
-    for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
-        _dq_tile_q8(codes, scale, mn, t, wt)
-        _scatter_tile(wt, t, r0, r1, out)
-
-
-@njit(nogil=True, cache=True)
-def _dqt_f32(codes, scale, mn, r0, r1, out):
-    wt = np.empty((out.shape[0], TILE), np.float32)
-    for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
-        _dq_tile_f32(codes, scale, mn, t, wt)
-        _scatter_tile(wt, t, r0, r1, out)
-
-
-@njit(nogil=True, cache=True)
-def _scatter_tile(wt, t, r0, r1, out):
-    """Rows [r0, r1) of tile t, as columns of out (cols, r1 - r0)."""
-    lo, hi = max(r0, t * TILE), min(r1, t * TILE + TILE)
-    for c in range(out.shape[0]):
-        for r in range(lo, hi):
-            out[c, r - r0] = wt[c, r - t * TILE]
-
-
-_DQT = {"q4": _dqt_q4, "q8": _dqt_q8, "f32": _dqt_f32}
-
-
-def dequantize_transposed_into(w: "PackedWeight", out: np.ndarray, start: int = 0,
-                               stop: int | None = None) -> np.ndarray:
-    """out (cols, stop - start) = W[start:stop].T in float32, on the calling thread (GIL released)."""
-    stop = w.shape[0] if stop is None else stop
-    if not 0 <= start <= stop <= w.shape[0]:
-        raise ValueError(f"row range {start}:{stop} is out of 0:{w.shape[0]}")
-    if out.dtype != np.float32 or out.shape != (w.shape[1], stop - start) or not out.flags.c_contiguous:
-        raise ValueError(f"out must be contiguous float32 of shape {(w.shape[1], stop - start)}")
-    _DQT[w.kind](w.codes, w.scale, w.min, start, stop, out)
-    return out
-
-
-_KERNELS = {  # kind -> (rows, prange matvec, matmul, dequantize rows)
-    "q4": (_rows_q4, _par_q4, _mm_q4, _dq_rows_q4),
-    "q8": (_rows_q8, _par_q8, _mm_q8, _dq_rows_q8),
-    "f32": (_rows_f32, _par_f32, _mm_f32, _dq_rows_f32),
+_KERNELS = {  # kind -> (rows, prange matvec, dequantize rows)
+    "q4": (_rows_q4, _par_q4, _dq_rows_q4),
+    "q8": (_rows_q8, _par_q8, _dq_rows_q8),
+    "f32": (_rows_f32, _par_f32, _dq_rows_f32),
 }
 
 
@@ -631,23 +502,16 @@ def matvec(w: PackedWeight, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def matmul_into(w: PackedWeight, X: np.ndarray, out: np.ndarray) -> None:
-    """out = X @ W.T for prefill: X float32 (M, cols), out float32 (M, rows), over numba's
-    threads. Each weight tile is dequantized once per call (not once per row of X)."""
-    rows, cols = w.shape
-    if X.dtype != np.float32 or X.ndim != 2 or X.shape[1] != cols or not X.flags.c_contiguous:
-        raise ValueError(f"X must be contiguous float32 of shape (M, {cols}), got {X.dtype} {X.shape}")
-    if out.dtype != np.float32 or out.shape != (X.shape[0], rows):
-        raise ValueError(f"out must be float32 of shape ({X.shape[0]}, {rows}), got {out.dtype} {out.shape}")
-    if X.shape[0]:
-        _KERNELS[w.kind][2](w.codes, w.scale, w.min, X, out)
-
-
 def dequantize_rows(w: PackedWeight, start: int, stop: int) -> np.ndarray:
     """float32 rows start..stop of W, equal to gguf-py's dequantization (embedding lookups)."""
     if not 0 <= start <= stop <= w.shape[0]:
         raise ValueError(f"row range {start}:{stop} is out of 0:{w.shape[0]}")
     out = np.empty((stop - start, w.shape[1]), np.float32)
     if stop > start:
-        _KERNELS[w.kind][3](w.codes, w.scale, w.min, start, stop, out)
+        _KERNELS[w.kind][2](w.codes, w.scale, w.min, start, stop, out)
     return out
+
+
+# Batched products live in qmatmul_batch (which builds on the tiles here); re-exported so that
+# callers keep one module for every product.
+from .qmatmul_batch import matmul_float_into, matmul_into  # noqa: E402,F401

@@ -1,0 +1,382 @@
+"""Batched products (2..64 rows of X) on "q4" and "q8" packed weights with integer dot products.
+
+Why integers
+------------
+The float kernels of `qmatmul` spend one FMA per weight per row of X (16 multiply-adds per
+instruction) plus the conversion of each code to float32, so a row costs about as much at 8
+rows as alone. AVX-512 VNNI's `vpdpbusd` does 64 multiply-adds of unsigned by signed bytes per
+instruction into 16 int32 lanes, and the codes are already bytes: with X quantized to int8 a
+row costs ~4x less (benchmarks/bench_batch_kernel.py). numba does not emit `vpdpbusd` from
+loops (LLVM has no pattern for it from per-lane code), so the inner block is written as LLVM
+IR (`_make_group_dot`): one call computes the int32 dots of one 32-row tile's group of codes
+with a block of X rows, accumulators in registers.
+
+Accuracy: two int8 levels per activation
+----------------------------------------
+One int8 per activation (as llama.cpp's q8 activations) moved SmolLM2's logits by ~1e-2, past
+the 2e-3 parity gate against transformers. So each row of X becomes two int8 rows: hi =
+round(x / d) with d = max|x| / 127 over the group, and lo = round((x - hi d) / (d / 254)), the
+residual. hi d + lo d / 254 is within d / 508 of x (a 16-bit activation), the integer sums are
+exact, and the cost is two dots instead of one. The codes stay in the tiled layout of `qmatmul`
+(codes[t, g, j, r]: column j of a group, row r of the tile); a 4 x 32 byte block is transposed
+in registers into the per-row 4-byte groups that `vpdpbusd` multiplies. Signed "q8" codes get
++128 (a sign-bit flip) to be unsigned, and 128 * sum(x codes) is taken back off exactly.
+
+`available()` says whether this host has the instructions; without them `qmatmul.matmul_into`
+uses the float kernels. Tile-range functions (`_tiles_q4`, `_tiles_q8`) are what both the
+prange driver here and the task scheduler of `adaptive` run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import binding as _llvm
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import qmatmul
+from .qmatmul import TILE, PackedWeight, _dot_tile
+
+_FM = {"contract"}
+ROW_BLOCK = 4  # rows of X per pass over a tile
+LEVELS = 3  # int8 rows per row of X (see the module docstring)
+_I8, _I32 = ir.IntType(8), ir.IntType(32)
+
+
+def available() -> bool:
+    features = _llvm.get_host_cpu_features()
+    return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni"))
+
+
+def _make_group_dot(n_quads: int, nibbles: bool, n_xrows: int):
+    """An intrinsic isum[i, r] = sum_c u8(code[t, g, c, r]) * xq[m0 + i, x0 + c] for i <
+    n_xrows, r < TILE, over the n_quads * 4 columns of group g (twice that for packed nibbles:
+    low nibble column c, high nibble column c + 16). xq4 is xq viewed as int32 (4 columns each),
+    x0 = g * (columns of a group)."""
+
+    @intrinsic
+    def group_dot(typingctx, codes, t, g, xq4, m0, isum):
+        def codegen(context, builder, sig, args):
+            intp = lambda v: context.get_constant(types.intp, v)  # noqa: E731
+            codes_a = context.make_array(sig.args[0])(context, builder, args[0])
+            xq_a = context.make_array(sig.args[3])(context, builder, args[3])
+            isum_a = context.make_array(sig.args[5])(context, builder, args[5])
+            t_, g_, m0_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2, 4))
+            v16, v64, v128 = ir.VectorType(_I32, 16), ir.VectorType(_I8, 64), ir.VectorType(_I8, 128)
+            dpbusd = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(v16, [v16, v16, v16]), "llvm.x86.avx512.vpdpbusd.512")
+            acc = [[ir.Constant(v16, [0] * 16) for _ in range(2)] for _ in range(n_xrows)]
+            # bytes of 4 columns x 32 rows (column-major) -> two halves of 16 rows, each row's
+            # 4 bytes adjacent: out[4 r + k] = in[32 k + r]
+            transposes = [ir.Constant(ir.VectorType(_I32, 64), [32 * k + 16 * h + r for r in range(16)
+                                                                  for k in range(4)]) for h in (0, 1)]
+            x0 = builder.mul(g_, intp(n_quads * (2 if nibbles else 1)))
+            xrows = [cgutils.get_item_pointer(context, builder, sig.args[3], xq_a,
+                                              [builder.add(m0_, intp(i)), x0]) for i in range(n_xrows)]
+            for q in range(n_quads):
+                p = cgutils.get_item_pointer(context, builder, sig.args[0], codes_a, [t_, g_, intp(4 * q), intp(0)])
+                block = builder.load(builder.bitcast(p, v128.as_pointer()), align=1)
+                halves = [builder.shuffle_vector(block, ir.Constant(v128, ir.Undefined), m) for m in transposes]
+                if nibbles:
+                    low = [builder.and_(h, ir.Constant(v64, [15] * 64)) for h in halves]
+                    high = [builder.lshr(h, ir.Constant(v64, [4] * 64)) for h in halves]
+                    columns = [(q, low), (q + n_quads, high)]
+                else:  # signed codes + 128: unsigned bytes, as vpdpbusd wants its first operand
+                    columns = [(q, [builder.xor(h, ir.Constant(v64, [-128] * 64)) for h in halves])]
+                for xq_col, weights in columns:
+                    weights = [builder.bitcast(w, v16) for w in weights]
+                    for i in range(n_xrows):
+                        x4 = builder.load(builder.gep(xrows[i], [intp(xq_col)]), align=4)
+                        xb = builder.insert_element(ir.Constant(v16, ir.Undefined), x4, ir.Constant(_I32, 0))
+                        xb = builder.shuffle_vector(xb, ir.Constant(v16, ir.Undefined), ir.Constant(v16, [0] * 16))
+                        for h in range(2):
+                            acc[i][h] = builder.call(dpbusd, [acc[i][h], weights[h], xb])
+            for i in range(n_xrows):
+                for h in range(2):
+                    p = cgutils.get_item_pointer(context, builder, sig.args[5], isum_a, [intp(i), intp(16 * h)])
+                    builder.store(acc[i][h], builder.bitcast(p, v16.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.void(codes, t, g, xq4, m0, isum), codegen
+
+    return group_dot
+
+
+# One intrinsic per code layout and block of X rows (hi and lo int8 rows of 4, 2 or 1 rows).
+_dot_q4_4, _dot_q4_2, _dot_q4_1 = (_make_group_dot(4, True, LEVELS * n) for n in (4, 2, 1))
+_dot_q8g32_4, _dot_q8g32_2, _dot_q8g32_1 = (_make_group_dot(8, False, LEVELS * n) for n in (4, 2, 1))
+_dot_q8g16_4, _dot_q8g16_2, _dot_q8g16_1 = (_make_group_dot(4, False, LEVELS * n) for n in (4, 2, 1))
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def quantize_rows(X, group, xq, dx, xs, sq):
+    """Row m of X -> int8 rows LEVELS m + k (k < LEVELS) of xq, per group of columns: level 0
+    is round(x / d) with d = max|x| / 127, each next level the rounded residual of the levels
+    before it in steps 254x finer, so x ~ sum_k dx[LEVELS m + k, g] * xq[LEVELS m + k].
+    xs[m, g]: the float sum of the group (the min term); sq[i, g]: the sum of row i's codes
+    (taken back off for the +128 of signed weight codes)."""
+    M, cols = X.shape
+    for m in range(M):
+        for g in range(cols // group):
+            o = g * group
+            amax = np.float32(0.0)
+            total = np.float32(0.0)
+            for j in range(group):
+                amax = max(amax, abs(X[m, o + j]))
+                total += X[m, o + j]
+            xs[m, g] = total
+            d = amax / np.float32(127.0)
+            for k in range(LEVELS):
+                i = LEVELS * m + k
+                inv = np.float32(1.0) / d if amax > 0 else np.float32(0.0)
+                codes_sum = 0
+                for j in range(group):
+                    rest = X[m, o + j]
+                    for kk in range(k):  # what the coarser levels left
+                        rest -= np.float32(xq[LEVELS * m + kk, o + j]) * dx[LEVELS * m + kk, g]
+                    q = min(127.0, max(-127.0, np.rint(rest * inv)))
+                    xq[i, o + j] = np.int8(q)
+                    codes_sum += np.int32(q)
+                dx[i, g] = d
+                sq[i, g] = codes_sum
+                d = d / np.float32(254.0)
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def _accumulate(acc, isum, scale, mn, t, g, dx, xs, sq, m0, n, offset):
+    """acc[i] += this group's share of row m0 + i (i < n) from the integer sums of its levels."""
+    has_min = mn.shape[1] > 0
+    for i in range(n):
+        m = m0 + i
+        xg = xs[m, g]
+        for r in range(TILE):
+            v = np.float32(0.0)
+            for k in range(LEVELS):
+                v += dx[LEVELS * m + k, g] * np.float32(isum[LEVELS * i + k, r] - offset * sq[LEVELS * m + k, g])
+            a = acc[i, r] + scale[t, g, r] * v
+            acc[i, r] = a + mn[t, g, r] * xg if has_min else a
+
+
+@njit(nogil=True, cache=True)
+def _store(acc, out, t, m0, n):
+    base = t * TILE
+    for i in range(n):
+        for r in range(base, min(out.shape[1], base + TILE)):
+            out[m0 + i, r] = acc[i, r - base]
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def _tiles_q4(codes, scale, mn, xq4, dx, xs, sq, out, t0, t1):
+    """out[:, rows of tiles t0..t1] for every row of X; each tile's codes are read once from
+    memory and then stay in L1 for all the row blocks."""
+    M = xs.shape[0]
+    isum = np.empty((LEVELS * ROW_BLOCK, TILE), np.int32)
+    acc = np.empty((ROW_BLOCK, TILE), np.float32)
+    for t in range(t0, t1):
+        m0 = 0
+        while m0 < M:
+            n = min(ROW_BLOCK, M - m0) if M - m0 != 3 else 2  # blocks of 4, 2, 1 rows
+            acc[:n] = 0.0
+            for g in range(codes.shape[1]):
+                if n == 4:
+                    _dot_q4_4(codes, t, g, xq4, LEVELS * m0, isum)
+                elif n == 2:
+                    _dot_q4_2(codes, t, g, xq4, LEVELS * m0, isum)
+                else:
+                    _dot_q4_1(codes, t, g, xq4, LEVELS * m0, isum)
+                _accumulate(acc, isum, scale, mn, t, g, dx, xs, sq, m0, n, 0)
+            _store(acc, out, t, m0, n)
+            m0 += n
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def _tiles_q8(codes, scale, mn, xq4, dx, xs, sq, out, t0, t1):
+    """As _tiles_q4, for signed byte codes in groups of 32 (Q8_0, Q5_K) or 16 (Q6_K) columns."""
+    M = xs.shape[0]
+    wide = codes.shape[2] == 32
+    isum = np.empty((LEVELS * ROW_BLOCK, TILE), np.int32)
+    acc = np.empty((ROW_BLOCK, TILE), np.float32)
+    for t in range(t0, t1):
+        m0 = 0
+        while m0 < M:
+            n = min(ROW_BLOCK, M - m0) if M - m0 != 3 else 2
+            acc[:n] = 0.0
+            for g in range(codes.shape[1]):
+                if wide and n == 4:
+                    _dot_q8g32_4(codes, t, g, xq4, LEVELS * m0, isum)
+                elif wide and n == 2:
+                    _dot_q8g32_2(codes, t, g, xq4, LEVELS * m0, isum)
+                elif wide:
+                    _dot_q8g32_1(codes, t, g, xq4, LEVELS * m0, isum)
+                elif n == 4:
+                    _dot_q8g16_4(codes, t, g, xq4, LEVELS * m0, isum)
+                elif n == 2:
+                    _dot_q8g16_2(codes, t, g, xq4, LEVELS * m0, isum)
+                else:
+                    _dot_q8g16_1(codes, t, g, xq4, LEVELS * m0, isum)
+                _accumulate(acc, isum, scale, mn, t, g, dx, xs, sq, m0, n, 128)
+            _store(acc, out, t, m0, n)
+            m0 += n
+
+
+@njit(nogil=True, cache=True)
+def quantized_activations(X, group):
+    """(xq viewed as int32 columns of 4, dx, xs, sq) for the tile functions; see quantize_rows."""
+    M, cols = X.shape
+    n_groups = cols // group
+    xq = np.empty((LEVELS * M, cols), np.int8)
+    dx = np.empty((LEVELS * M, n_groups), np.float32)
+    sq = np.empty((LEVELS * M, n_groups), np.int32)
+    xs = np.empty((M, n_groups), np.float32)
+    quantize_rows(X, group, xq, dx, xs, sq)
+    return xq.view(np.int32), dx, xs, sq
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _par_q4(codes, scale, mn, group, X, out):
+    xq4, dx, xs, sq = quantized_activations(X, group)
+    for t in prange(codes.shape[0]):
+        _tiles_q4(codes, scale, mn, xq4, dx, xs, sq, out, t, t + 1)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _par_q8(codes, scale, mn, group, X, out):
+    xq4, dx, xs, sq = quantized_activations(X, group)
+    for t in prange(codes.shape[0]):
+        _tiles_q8(codes, scale, mn, xq4, dx, xs, sq, out, t, t + 1)
+
+
+@njit(nogil=True, cache=True)
+def _serial_q4(codes, scale, mn, group, X, out):
+    xq4, dx, xs, sq = quantized_activations(X, group)
+    _tiles_q4(codes, scale, mn, xq4, dx, xs, sq, out, 0, codes.shape[0])
+
+
+@njit(nogil=True, cache=True)
+def _serial_q8(codes, scale, mn, group, X, out):
+    xq4, dx, xs, sq = quantized_activations(X, group)
+    _tiles_q8(codes, scale, mn, xq4, dx, xs, sq, out, 0, codes.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Float kernels: for "f32" weights, and for "q4"/"q8" on hosts without AVX-512 VNNI. Each tile
+# is expanded to float32 once (cols x TILE, in L1/L2) and multiplied with every row of X.
+# --------------------------------------------------------------------------------------------
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def _dot_tile4(wt, X, m, out, base, rows, acc):
+    """_dot_tile for rows m..m+3 of X at once: each weight load feeds 4 FMAs, which is what
+    makes prefill faster per token than decode."""
+    cols = wt.shape[0]
+    acc[:, :] = 0.0
+    for k in range(0, cols - 1, 2):
+        a0 = X[m, k]; a1 = X[m + 1, k]; a2 = X[m + 2, k]; a3 = X[m + 3, k]
+        b0 = X[m, k + 1]; b1 = X[m + 1, k + 1]; b2 = X[m + 2, k + 1]; b3 = X[m + 3, k + 1]
+        for r in range(TILE):
+            w0 = wt[k, r]
+            w1 = wt[k + 1, r]
+            acc[0, r] += w0 * a0 + w1 * b0
+            acc[1, r] += w0 * a1 + w1 * b1
+            acc[2, r] += w0 * a2 + w1 * b2
+            acc[3, r] += w0 * a3 + w1 * b3
+    if cols % 2:
+        k = cols - 1
+        for r in range(TILE):
+            for i in range(4):
+                acc[i, r] += wt[k, r] * X[m + i, k]
+    for r in range(base, min(rows, base + TILE)):
+        for i in range(4):
+            out[m + i, r] = acc[i, r - base]
+
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def _multiply_tile(wt, X, out, t, acc, acc4):
+    M4 = X.shape[0] - X.shape[0] % 4
+    for m in range(0, M4, 4):
+        _dot_tile4(wt, X, m, out, t * TILE, out.shape[1], acc4)
+    for m in range(M4, X.shape[0]):
+        _dot_tile(wt, X[m], out[m], t * TILE, 0, out.shape[1], acc)
+
+
+# One per kind (not a factory): numba's on-disk cache keys functions by name.
+
+@njit(nogil=True, cache=True)
+def _float_tiles_q4(codes, scale, mn, X, out, t0, t1):
+    wt = np.empty((X.shape[1], TILE), np.float32)
+    acc, acc4 = np.empty(TILE, np.float32), np.empty((4, TILE), np.float32)
+    for t in range(t0, t1):
+        qmatmul._dq_tile_q4(codes, scale, mn, t, wt)
+        _multiply_tile(wt, X, out, t, acc, acc4)
+
+
+@njit(nogil=True, cache=True)
+def _float_tiles_q8(codes, scale, mn, X, out, t0, t1):
+    wt = np.empty((X.shape[1], TILE), np.float32)
+    acc, acc4 = np.empty(TILE, np.float32), np.empty((4, TILE), np.float32)
+    for t in range(t0, t1):
+        qmatmul._dq_tile_q8(codes, scale, mn, t, wt)
+        _multiply_tile(wt, X, out, t, acc, acc4)
+
+
+@njit(nogil=True, cache=True)
+def _float_tiles_f32(codes, scale, mn, X, out, t0, t1):
+    acc, acc4 = np.empty(TILE, np.float32), np.empty((4, TILE), np.float32)
+    for t in range(t0, t1):
+        _multiply_tile(codes[t], X, out, t, acc, acc4)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _float_par_q4(codes, scale, mn, X, out):
+    for t in prange(codes.shape[0]):
+        _float_tiles_q4(codes, scale, mn, X, out, t, t + 1)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _float_par_q8(codes, scale, mn, X, out):
+    for t in prange(codes.shape[0]):
+        _float_tiles_q8(codes, scale, mn, X, out, t, t + 1)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _float_par_f32(codes, scale, mn, X, out):
+    for t in prange(codes.shape[0]):
+        _float_tiles_f32(codes, scale, mn, X, out, t, t + 1)
+
+
+INTEGER = available()
+FLOAT_TILES = {"q4": _float_tiles_q4, "q8": _float_tiles_q8, "f32": _float_tiles_f32}
+INT_SERIAL = {"q4": _serial_q4, "q8": _serial_q8} if INTEGER else {}
+_FLOAT_PAR = {"q4": _float_par_q4, "q8": _float_par_q8, "f32": _float_par_f32}
+_INT_PAR = {"q4": _par_q4, "q8": _par_q8} if INTEGER else {}
+
+
+def check_batch(w: PackedWeight, X: np.ndarray, out: np.ndarray) -> None:
+    rows, cols = w.shape
+    if X.dtype != np.float32 or X.ndim != 2 or X.shape[1] != cols or not X.flags.c_contiguous:
+        raise ValueError(f"X must be contiguous float32 of shape (M, {cols}), got {X.dtype} {X.shape}")
+    if out.dtype != np.float32 or out.shape != (X.shape[0], rows):
+        raise ValueError(f"out must be float32 of shape ({X.shape[0]}, {rows}), got {out.dtype} {out.shape}")
+
+
+def matmul_into(w: PackedWeight, X: np.ndarray, out: np.ndarray) -> None:
+    """out = X @ W.T: X float32 (M, cols), out float32 (M, rows), over numba's threads (prange
+    over tiles). Each weight tile is read from memory once per call, whatever M. Integer dots
+    (see the module docstring) where the host has them and the kind is "q4"/"q8"."""
+    check_batch(w, X, out)
+    if not X.shape[0]:
+        return
+    if w.kind in _INT_PAR:
+        _INT_PAR[w.kind](w.codes, w.scale, w.min, w.group, X, out)
+    else:
+        _FLOAT_PAR[w.kind](w.codes, w.scale, w.min, X, out)
+
+
+def matmul_float_into(w: PackedWeight, X: np.ndarray, out: np.ndarray) -> None:
+    """matmul_into with float32 arithmetic only (float32-rounding accurate; the fallback, and
+    the baseline benchmarks/bench_batch_kernel.py compares against)."""
+    check_batch(w, X, out)
+    if X.shape[0]:
+        _FLOAT_PAR[w.kind](w.codes, w.scale, w.min, X, out)
