@@ -158,8 +158,10 @@ def random_weight_blocks(rows: int, cols: int, qtype: str, rng) -> tuple[np.ndar
 
 def write_random_gguf(path: Path, qtype: str, seed: int = 0, hidden: int = 256, inter: int = 512,
                       n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2, vocab: int = 320,
-                      context: int = 256, sliding_window: int | None = None) -> Path:
-    """A random llama-architecture GGUF whose 2-D weights are all of `qtype`."""
+                      context: int = 256, sliding_window: int | None = None,
+                      metadata: dict | None = None) -> Path:
+    """A random llama-architecture GGUF whose 2-D weights are all of `qtype`; `metadata` adds
+    keys (e.g. `tiny_tokenizer_metadata()`)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -175,6 +177,8 @@ def write_random_gguf(path: Path, qtype: str, seed: int = 0, hidden: int = 256, 
     w.add_vocab_size(vocab)
     if sliding_window:
         w.add_sliding_window(sliding_window)
+    for key, value in (metadata or {}).items():
+        _add_metadata(w, key, value)
     hd = hidden // n_heads
     shapes = {"attn_q": (n_heads * hd, hidden), "attn_k": (n_kv_heads * hd, hidden),
               "attn_v": (n_kv_heads * hd, hidden), "attn_output": (hidden, n_heads * hd),
@@ -203,3 +207,72 @@ def write_random_gguf(path: Path, qtype: str, seed: int = 0, hidden: int = 256, 
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# -- tiny files without torch: bases for the hostile-file tests --------------------------------
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def tiny_bpe_vocab() -> tuple[list[str], list[str]]:
+    """A byte-level BPE vocabulary (GPT-2's 256 byte spellings, a few merges, two specials)."""
+    from torchless.tokenizer import _bytes_to_unicode
+
+    tokens = list(_bytes_to_unicode().values())
+    merges = ["h e", "l l", "he ll", "hell o", "Ġ t", "Ġt h", "Ġth e"]
+    tokens += [m.replace(" ", "") for m in merges] + ["<|im_start|>", "<|im_end|>"]
+    return tokens, merges
+
+
+def tiny_tokenizer_metadata() -> dict:
+    """GGUF tokenizer.* metadata of the tiny byte-level BPE vocabulary, with a ChatML template."""
+    tokens, merges = tiny_bpe_vocab()
+    types = [1] * (len(tokens) - 2) + [3, 3]  # NORMAL, then CONTROL for the specials
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2",
+            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": len(tokens) - 2,
+            "tokenizer.ggml.eos_token_id": len(tokens) - 1, "tokenizer.chat_template": CHATML}
+
+
+def write_tiny_hf_folder(folder: Path, seed: int = 0, hidden: int = 64, inter: int = 96,
+                         n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2) -> Path:
+    """A random llama Hugging Face folder, written without torch: config.json, one safetensors
+    file with its index, tokenizer.json (the tiny BPE vocabulary) and tokenizer_config.json."""
+    import json
+
+    import tokenizers
+    from safetensors.numpy import save_file
+
+    tokens, merges = tiny_bpe_vocab()
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=hidden,
+                  intermediate_size=inter, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                  num_key_value_heads=n_kv_heads, vocab_size=len(tokens), max_position_embeddings=64,
+                  rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    (folder / "config.json").write_text(json.dumps(config))
+    hd = hidden // n_heads
+    shapes = {"self_attn.q_proj": (n_heads * hd, hidden), "self_attn.k_proj": (n_kv_heads * hd, hidden),
+              "self_attn.v_proj": (n_kv_heads * hd, hidden), "self_attn.o_proj": (hidden, n_heads * hd),
+              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+    weights = {"model.embed_tokens.weight": (len(tokens), hidden), "lm_head.weight": (len(tokens), hidden),
+               "model.norm.weight": (hidden,)}
+    for i in range(n_layers):
+        weights.update({f"model.layers.{i}.{k}.weight": shape for k, shape in shapes.items()})
+        weights.update({f"model.layers.{i}.{k}.weight": (hidden,)
+                        for k in ("input_layernorm", "post_attention_layernorm")})
+    arrays = {name: (rng.standard_normal(shape) * (0.08 if len(shape) == 2 else 0.1) + (len(shape) == 1))
+              .astype(np.float32) for name, shape in weights.items()}
+    save_file(arrays, str(folder / "model.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {name: "model.safetensors" for name in arrays}}))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, [tuple(m.split(" ")) for m in merges]))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHATML}))
+    return folder

@@ -153,7 +153,7 @@ def check_tensors(config: ModelConfig, tensors: dict[str, QTensor]) -> None:
     config's, and NaN or infinite values in norm weights (small: read whole) or in the scales
     of quantized blocks (read at a fraction of the cost of the repack that follows)."""
     blocks = {int(m.group(1)) for name in tensors if (m := _BLOCK.match(name))}
-    if blocks and blocks != set(range(config.n_layers)):
+    if blocks and (len(blocks) != config.n_layers or max(blocks) != config.n_layers - 1):
         raise ModelFileError(f"block_count is {config.n_layers}, but the file has tensors for "
                              f"{len(blocks)} blocks numbered {min(blocks)}..{max(blocks)}")
     for name, tensor in tensors.items():

@@ -180,7 +180,8 @@ class Tokenizer:
                    eos_id=token_id("eos_token_id"), add_bos=setting("add_bos_token", flag, default_add_bos),
                    add_eos=setting("add_eos_token", flag, False),
                    eos_ids=(token_id("eot_token_id"), token_id("eom_token_id")),
-                   chat_template=None if template is None else text(template, "tokenizer.chat_template"),
+                   chat_template=None if template is None else _strings([text(
+                       template, "tokenizer.chat_template")], "tokenizer.chat_template")[0],
                    strip_leading_space=strip)
 
     @classmethod
@@ -211,7 +212,11 @@ class Tokenizer:
                 f"{file}: unsupported tokenizer decoder {sorted(decoder_types)}")
         strip = _strips_leading_space(spec.get("decoder"))
 
-        size = backend.get_vocab_size(with_added_tokens=True)
+        # Ids may have gaps (left empty here) but must stay near the number of tokens.
+        ids = backend.get_vocab(with_added_tokens=True).values()
+        size = max(ids, default=-1) + 1
+        if size > 2 * len(ids) + 1024:
+            raise ModelFileError(f"{file}: token ids run to {size - 1} for {len(ids)} tokens")
         tokens = [backend.id_to_token(i) or "" for i in range(size)]
         added = backend.get_added_tokens_decoder()
         pieces = [added[i].content.encode() if i in added else spell(t) for i, t in enumerate(tokens)]
@@ -279,7 +284,11 @@ class Tokenizer:
             raise TorchlessError(f"can only tokenize str, got {type(text).__name__}")
         with self._lock:
             self._backend.encode_special_tokens = not special
-            ids = self._backend.encode(text, add_special_tokens=False).ids
+            try:
+                ids = self._backend.encode(text, add_special_tokens=False).ids
+            except TypeError:  # the library's answer to a lone surrogate such as "\ud800"
+                raise TorchlessError("cannot tokenize text that is not valid Unicode "
+                                     f"(a lone surrogate in {shown(text)})") from None
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         if self.add_eos and self.eos_id is not None:
