@@ -143,6 +143,7 @@ def test_hostile_gguf_values_are_refused(tmp_path, key, value, message):
     ("tokenizer.ggml.bos_token_id", "1", "bos_token_id must be an integer"),
     ("tokenizer.ggml.add_bos_token", np.array([1, 2]), "add_bos_token must be true or false"),
     ("tokenizer.chat_template", 5, "chat_template must be a string"),
+    ("tokenizer.chat_template", "{{ x }}\udcff", "chat_template.* is not valid UTF-8"),
 ])
 def test_hostile_tokenizer_metadata_is_refused(key, value, message):
     metadata = tiny_tokenizer_metadata()
@@ -327,3 +328,25 @@ def test_hostile_tensor_names_are_escaped_and_clipped(tmp_path):
     with pytest.raises(ModelFileError, match=r"tensors '\\x1b\[31mred\\nxxx.*chars\) and .* overlap") as error:
         Parameters.load(tmp_path / "m.gguf")
     assert_one_clean_line(error)
+
+
+def test_lone_surrogate_is_refused_by_encode():
+    tokenizer = Tokenizer.from_gguf_metadata(tiny_tokenizer_metadata())
+    with pytest.raises(TorchlessError, match="not valid Unicode"):
+        tokenizer.encode("hi \ud800")
+
+
+def test_every_message_is_one_bounded_line():
+    """The last guard: whatever a caller puts in a TorchlessError comes out one short line."""
+    message = str(ModelFileError("start\n\x1b[31m" + "x" * 10_000 + " the problem"))
+    assert message.isprintable() and len(message) <= 300
+    assert message.startswith("start\\n\\x1b[31m") and message.endswith(" the problem")
+
+
+def test_tokenizer_json_ids_far_beyond_the_vocabulary(tiny_hf, tmp_path):
+    folder = copy_folder(tiny_hf, tmp_path)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["model"]["vocab"]["hello"] = 10**6
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ModelFileError, match="token ids run to 1000000 for"):
+        Parameters.load(folder).tokenizer

@@ -5,6 +5,7 @@ a quantization type we cannot run), never another exception."""
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 
 import numpy as np
@@ -316,3 +317,17 @@ def test_random_header_corruption_fails_cleanly(tmp_path, sample, data):
         GGUFFile(path)
     except TorchlessError:
         pass
+
+
+def test_inspect_lists_any_gguf_that_parses_by_type(tmp_path, sample, capsys):
+    """Unsupported types and metadata that cannot make a model are listed, not refused."""
+    from torchless.cli import main
+
+    blob = sample.read_bytes()
+    path = patched(tmp_path, sample, tensor_field(blob, "e.q4_0", "type"), "<I", 6)  # Q5_0
+    path = patched(tmp_path, path, tensor_field(blob, "e.q4_0", "dim0"), "<Q", 32)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "torchless cannot run this file" in out  # the sample has no model metadata
+    by_type = out[out.index("by type:"):]
+    assert re.search(r"\n  Q5_0 +1 +44 B\n", by_type), by_type

@@ -31,7 +31,7 @@ from torchless import Mistral, Parameters  # noqa: E402
 from torchless.errors import TorchlessError  # noqa: E402
 from torchless.formats.gguf import GGUFFile  # noqa: E402
 
-CASES_PER_RUN = 300
+CASES_PER_RUN = 1000
 MAX_MESSAGE = 400
 
 HOSTILE_NUMBERS = [float("nan"), float("inf"), -float("inf"), 0, -1, 2.5, True, 2**31, 2**32 - 1,

@@ -374,10 +374,11 @@ def _strings(value, key: str) -> list[str]:
 
 def _numbers(value, key: str, kinds: str) -> list:
     """A GGUF array of numbers of the NumPy kinds `kinds` ("iu": integers, "iuf": any), finite."""
-    if not (isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in kinds
-            and (value.dtype.kind != "f" or np.isfinite(value).all())):
+    array = np.asarray(value) if isinstance(value, (list, np.ndarray)) else None
+    if not (array is not None and array.ndim == 1 and array.dtype.kind in kinds
+            and (array.dtype.kind != "f" or np.isfinite(array).all())):
         raise ModelFileError(f"{key} must be an array of finite numbers, got {shown(value)}")
-    return value.tolist()
+    return array.tolist()
 
 
 def _library_call(call):
