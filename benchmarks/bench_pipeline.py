@@ -50,18 +50,18 @@ def run_mode(args) -> None:
         return [llm(prompts, max_tokens=n_tokens, temperature=0)]
 
     generate(4)  # compile and fault in
-    model = llm.model
-    if hasattr(model, "reset_stats"):
-        model.reset_stats()
+    runner = llm.runner
+    if hasattr(runner, "reset_stats"):  # the pipelines: their stages' busy time
+        runner.reset_stats()
     t0 = time.perf_counter()
     results = generate(args.tokens)
     wall = time.perf_counter() - t0
     import resource
 
     report = {"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if hasattr(model, "bubble"):
-        report["bubble"] = model.bubble(wall)
-    if getattr(model, "is_driver", True):  # MPI: rank 0 has the text; every rank has its stage
+    if hasattr(runner, "bubble"):
+        report["bubble"] = runner.bubble(wall)
+    if runner.is_driver:  # MPI: rank 0 has the text; every rank has its stage
         n = sum(r["usage"]["completion_tokens"] for r in results)
         report["generated"] = n
         report["tok_s"] = n / wall

@@ -169,5 +169,5 @@ def test_tensor_parallel_llm_writes_the_same_text(llm, tiny_llama_gguf):
     try:
         ours = sharded(PROMPT, max_tokens=10, temperature=0)["choices"][0]["text"]
     finally:
-        sharded.model.close()
+        sharded.close()
     assert ours == llm(PROMPT, max_tokens=10, temperature=0)["choices"][0]["text"]

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from torchless import LLM, Mistral, Parameters, TorchlessError
-from torchless.generate import BatchGenerator, LocalRunner
+from torchless.engine import Engine, Sequence
+from torchless.model.runner import LocalRunner
 from torchless.kernels.pipeline import PipelineConfig
 from torchless.model.mistral import Span
 from torchless.model.pipeline import PipelineParallelMistral, stage_bounds
@@ -21,6 +22,16 @@ from test_tensor_parallel import SCRIPTS, assert_mpi_generate_prints_what_one_pr
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The sky is blue because",
            "1, 2, 3, 4,", "My favourite food is", "Water boils at", "Hello"]
+
+
+def run_engine(runner, prompts, max_tokens, max_batch=64):
+    """Greedy tokens of each prompt, all through one engine on `runner`."""
+    engine = Engine(runner, max_batch=max_batch)
+    seqs = [engine.add(Sequence(p, Sampler(SamplingParams(temperature=0)), max_tokens)) for p in prompts]
+    while engine.has_work():
+        for event in engine.step():
+            assert event.finish_reason != "error", event.error
+    return [s.tokens[len(s.prompt_ids):] for s in seqs]
 
 
 def assert_close_rel(ours, ref, rel=1e-4):
@@ -50,11 +61,11 @@ def test_pipelined_batch_on_threads_equals_each_prompt_alone(smollm2_path, alone
     try:
         out = llm(PROMPTS, max_tokens=12, temperature=0)
         assert [c["text"] for c in out["choices"]] == alone
-        assert all(b > 0 for b in llm.model.busy_seconds)  # both stages did work
+        assert all(b > 0 for b in llm.runner.busy_seconds)  # both stages did work
         # one sequence through the pipeline (the seed's forward / fast_forward) agrees too
         assert llm(PROMPTS[0], max_tokens=12, temperature=0)["choices"][0]["text"] == alone[0]
     finally:
-        llm.model.close()
+        llm.close()
 
 
 def test_each_sequence_has_its_own_stop(smollm2, alone):
@@ -118,10 +129,8 @@ def test_pipeline_stays_within_its_memory_budget(tiny_models):
     budget = 3 * one_token  # room for 3 micro-batches of one sequence's token at a time
     pipe = PipelineParallelMistral(model, 2, PipelineConfig(num_micro_batches=8, memory_budget=budget))
     try:
-        prompts = [[1 + i] for i in range(8)]
-        samplers = [Sampler(SamplingParams(temperature=0)) for _ in prompts]
-        events = list(BatchGenerator(pipe, prompts, samplers, [6] * 8, 64, n_micro_batches=8))
-        assert sum(t is not None for _, t, _ in events) == 48
+        out = run_engine(pipe, [[1 + i] for i in range(8)], 6)
+        assert sum(map(len, out)) == 48
         assert 0 < pipe.peak_in_flight_bytes <= budget
         with pytest.raises(TorchlessError, match="over the pipeline's memory budget"):
             pipe.submit("big", [Span(pipe.new_state(64), [1, 2, 3, 4], 0)])
@@ -141,10 +150,8 @@ def test_a_failing_stage_ends_the_batch_with_its_name(tiny_models):
 
     model.run_layers = failing
     try:
-        prompts = [[1, 2], [3, 4, 5], [6]]
-        samplers = [Sampler(SamplingParams(temperature=0)) for _ in prompts]
-        with pytest.raises(TorchlessError, match=r"pipeline stage 1 \(layers .*\) failed: RuntimeError: injected failure"):
-            list(BatchGenerator(pipe, prompts, samplers, [8] * 3, 64, n_micro_batches=2))
+        with pytest.raises(AssertionError, match=r"pipeline stage 1 \(layers .*\) failed: RuntimeError: injected failure"):
+            run_engine(pipe, [[1, 2], [3, 4, 5], [6]], 8)
         with pytest.raises(TorchlessError, match="pipeline is stopped"):
             pipe.forward(pipe.new_state(64), 1)
     finally:
@@ -174,6 +181,9 @@ def test_local_runner_keeps_submission_order(tiny_models):
     for i in range(3):
         runner.submit(i, [Span(runner.new_state(16), [i + 1], 0)])
     assert [runner.collect()[0] for _ in range(3)] == [0, 1, 2]
+    runner.submit("too long", [Span(runner.new_state(2), [1, 2, 3], 0)])
+    tag, error = runner.collect()  # a failing micro-batch comes back as its exception
+    assert tag == "too long" and isinstance(error, TorchlessError)
 
 
 def test_pipelined_batch_of_a_random_mistral_equals_each_alone(tiny_models):
@@ -182,17 +192,10 @@ def test_pipelined_batch_of_a_random_mistral_equals_each_alone(tiny_models):
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (2, 9, 4, 1, 12, 3, 5, 8)]
 
-    def greedy():
-        return [Sampler(SamplingParams(temperature=0)) for _ in prompts]
+    def texts(runner):
+        return run_engine(runner, prompts, 10)
 
-    def texts(runner, m):
-        out = [[] for _ in prompts]
-        for s, token, _ in BatchGenerator(runner, prompts, greedy(), [10] * 8, 64, n_micro_batches=m):
-            if token is not None:
-                out[s].append(token)
-        return out
-
-    alone = [texts(LocalRunner(model), 1)[i] for i in range(8)]
+    alone = texts(LocalRunner(model))
     one_by_one = []
     for p in prompts:  # the single-sequence decode path (fast_forward), as the oracle
         state, seq = model.new_state(64), []
@@ -204,7 +207,7 @@ def test_pipelined_batch_of_a_random_mistral_equals_each_alone(tiny_models):
     assert alone == one_by_one
     pipe = PipelineParallelMistral(model, 2, PipelineConfig(num_micro_batches=4))
     try:
-        assert texts(pipe, 4) == one_by_one
+        assert texts(pipe) == one_by_one
     finally:
         pipe.close()
 

@@ -72,11 +72,11 @@ def test_a_pipelined_server_gives_each_request_its_own_text(tiny_llama_gguf, llm
         for t in threads:
             t.join(60)
         assert results == [llm(p, max_tokens=8, temperature=0)["choices"][0]["text"] for p in prompts]
-        assert all(b > 0 for b in piped.model.busy_seconds)
+        assert all(b > 0 for b in piped.runner.busy_seconds)
     finally:
         srv.should_exit = True
         thread.join(10)
-        piped.model.close()
+        piped.close()
 
 
 @pytest.fixture

@@ -200,19 +200,19 @@ def test_parallel_layers_run_the_models_own_steps(tiny_models):
         for layer in layers:
             layer.attention.forward_adaptive(pstate)
             layer.mlp.forward_tensor_parallel(pstate, TensorParallelConfig())
-        state.pos += 1
+        state.cache.advance(state.pos + 1)
         assert_close_rel(model.decode_logits(state), want, rel=1e-5)
     assert pstate.pos == 4
 
 
 def test_parallel_configs_work_distribution_reaches_the_decode_steps(tiny_models):
     from torchless import WorkDistributionConfig
-    from torchless.model.parallel import load_for
+    from torchless.engine import make_runner
 
     path = tiny_models["mistral"][2]
     work = WorkDistributionConfig(min_chunk_size=32, max_chunk_size=32, tasks_per_thread=1)
-    model, group = load_for(Parameters.load(path), ParallelConfig(work=work))
-    assert model.work is work and group is None
+    model = make_runner(Parameters.load(path), ParallelConfig(work=work)).model
+    assert model.work is work
     plain = Mistral.load(Parameters.load(path))
     a, b = model.new_state(16), plain.new_state(16)
     for t in TOKENS[:4]:

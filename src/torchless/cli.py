@@ -63,6 +63,23 @@ def _load(model, parallel=None, n_ctx=None):
     return llm
 
 
+def _driving(command):
+    """Run a command that generates: on rank 0 (or alone) the command itself, then release
+    the other ranks; on the other ranks of an MPI job, rank 0's steps until it is done. Only
+    rank 0 reads stdin, prints, or binds a port."""
+    def run(args) -> int:
+        llm = _load(args.model, args.parallel, args.n_ctx)
+        if not llm.runner.is_driver:
+            while llm.runner.follow():
+                pass
+            return 0
+        try:
+            return command(args, llm)
+        finally:
+            llm.close()
+    return run
+
+
 def _stream_out(chunks, text_of) -> tuple[dict, float, float]:
     """Print chunks' text to stdout as it comes; return (usage, seconds to first text, total seconds)."""
     start, first, usage = time.perf_counter(), None, {}
@@ -90,9 +107,13 @@ def _report_speed(usage: dict, first: float, total: float) -> None:
 # -- subcommands -------------------------------------------------------------------------------
 
 def cmd_generate(args) -> int:
+    _sampling_kwargs(args)  # bad values fail before the model loads
+    return _driving(_generate)(args)
+
+
+def _generate(args, llm) -> int:
     kwargs = _sampling_kwargs(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    llm = _load(args.model, args.parallel, args.n_ctx)
     if args.chat:
         chunks = llm.create_chat_completion([dict(role="user", content=prompt)], stream=True, **kwargs)
         result = _stream_out(chunks, lambda c: c["delta"].get("content", ""))
@@ -103,8 +124,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    _sampling_kwargs(args)
+    return _driving(_chat)(args)
+
+
+def _chat(args, llm) -> int:
     kwargs = _sampling_kwargs(args)
-    llm = _load(args.model, args.parallel, args.n_ctx)
     messages = [dict(role="system", content=args.system)] if args.system else []
     _err("chat: type a message; /reset forgets the conversation, /exit or Ctrl-D ends")
     while True:
@@ -273,8 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default 8)")
     p.add_argument("--n-ctx", type=int, default=None, help="context size in tokens (default: the model's)")
     p.add_argument("--parallel", default=None, metavar="SPEC",
-                   help="pp=S,mb=M: S pipeline stages on threads, the batch split into M "
-                        "micro-batches (tp and MPI ranks are not supported by serve)")
+                   help="tp=N, pp=S,mb=M or tp=N,pp=S as for generate: threads of this process, "
+                        "or one shard or stage per rank under mpiexec (rank 0 serves HTTP)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="measure prefill and decode speed, memory and bandwidth use",
@@ -305,11 +330,15 @@ def cmd_serve(args) -> int:
         raise TorchlessError("serve needs the server extra: pip install 'torchless[serve]'") from None
     if not 1 <= args.port <= 65535 or args.max_batch < 1:
         raise TorchlessError("--port must be 1..65535 and --max-batch at least 1")
-    llm = _load(args.model, args.parallel, args.n_ctx)
-    app = create_app(llm, args.max_batch, args.api_key)
-    _err(f"serving on http://{args.host}:{args.port}/v1 (max batch {args.max_batch})")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+
+    def serve(args, llm) -> int:
+        app = create_app(llm, args.max_batch, args.api_key)
+        _err(f"serving on http://{args.host}:{args.port}/v1 (max batch {args.max_batch})")
+        # in-flight streams get a few seconds after SIGTERM, then the server stops
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=3)
+        return 0
+    return _driving(serve)(args)
 
 
 def cmd_bench(args) -> int:
@@ -318,9 +347,10 @@ def cmd_bench(args) -> int:
     import numba
 
     from .bench import format_report, gather_per_rank, run_bench
+    from .engine import make_runner
     from .hub import resolve_model
     from .loader import Parameters
-    from .model.parallel import load_for
+    from .model.parallel import ParallelConfig
 
     for name in ("threads", "prompt_tokens", "gen_tokens", "runs"):
         value = getattr(args, name)
@@ -333,7 +363,12 @@ def cmd_bench(args) -> int:
             raise TorchlessError(f"--threads {args.threads}: at most {numba.config.NUMBA_NUM_THREADS} "
                                  f"here (set NUMBA_NUM_THREADS to allow more)")
         numba.set_num_threads(args.threads)  # before loading: tensor-parallel shards split these
-    model, group = load_for(Parameters.load(path), args.parallel)
+    parallel = ParallelConfig.from_string(args.parallel) if args.parallel else None
+    if parallel is not None and parallel.pipeline_stages > 1:
+        raise TorchlessError("bench times one sequence, which a pipeline does not speed up; "
+                             "benchmarks/bench_pipeline.py measures pipelines on batches")
+    runner = make_runner(Parameters.load(path), parallel)
+    model, group = runner.model, runner.group
     if args.prompt_tokens + args.gen_tokens > model.config.context_length:
         raise TorchlessError(f"--prompt-tokens + --gen-tokens = {args.prompt_tokens + args.gen_tokens} "
                              f"exceeds the context of {model.config.context_length}")

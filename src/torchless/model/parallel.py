@@ -23,7 +23,8 @@ from ..kernels.pipeline import PipelineConfig
 from ..kernels.tensor_parallel import TensorParallelConfig
 from ..kernels.workdist import WorkDistributionConfig
 from ..loader import release_pages
-from .mistral import InferenceState, LayerWeights, Linear, Mistral, ShardLayout
+from .linear import Linear, RowParallelLinear, VocabParallelLinear
+from .mistral import InferenceState, LayerWeights, Mistral, ShardLayout
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -71,6 +72,13 @@ class ParallelConfig:
         if world > 1:
             return cls.tensor_parallel(world, current_group().rank)
         return cls.default()
+
+    def spec(self) -> str:
+        """The string form, as --parallel takes it."""
+        parts = [f"tp={self.tensor.world_size}"] if self.tensor.world_size > 1 else []
+        if self.pipeline_stages > 1:
+            parts += [f"pp={self.pipeline_stages}", f"mb={self.pipeline_config.num_micro_batches}"]
+        return ",".join(parts) or "none"
 
     @classmethod
     def from_string(cls, spec: str) -> "ParallelConfig":
@@ -131,20 +139,9 @@ def shard_layout(config, tp: TensorParallelConfig, align: int) -> tuple[ShardLay
     if i0 == i1:
         raise TorchlessError(f"tensor parallelism over {world} ranks cannot split the FFN of "
                              f"{config.intermediate_size} in blocks of {align}")
-    v0, v1 = tp.local_range(config.vocab_size)
-    layout = ShardLayout(q1 - q0, k1 - k0, i1 - i0, tuple(int(k - k0) for k in kv_of_q[q0:q1]),
-                         (v0, v1))
-    return layout, {"q": (q0 * hd, q1 * hd), "kv": (k0 * hd, k1 * hd), "ffn": (i0, i1)}
-
-
-def _rows(linear: Linear, start: int, stop: int) -> Linear:
-    shard = Linear(linear.weight.row_slice(start, stop))
-    shard.bias = None if linear.bias is None else linear.bias[start:stop]
-    return shard
-
-
-def _cols(linear: Linear, start: int, stop: int) -> Linear:
-    return Linear(linear.weight.col_slice(start, stop))
+    layout = ShardLayout(q1 - q0, k1 - k0, i1 - i0, tuple(int(k - k0) for k in kv_of_q[q0:q1]))
+    return layout, {"q": (q0 * hd, q1 * hd), "kv": (k0 * hd, k1 * hd), "ffn": (i0, i1),
+                    "vocab": tp.local_range(config.vocab_size)}
 
 
 class TensorParallelMistral(Mistral):
@@ -169,17 +166,29 @@ class TensorParallelMistral(Mistral):
                                  f"group has {group.world_size}")
         align = max(_block_size(full.layers[0].attn_output), _block_size(full.layers[0].ffn_down))
         layout, r = shard_layout(full.config, tp, align)
+        group = group if tp.world_size > 1 else _Alone()
+        # Column-parallel (split output features): Q/K/V, gate, up. Row-parallel (split input
+        # features, all-reduced): the attention output and down projections.
         layers = [LayerWeights(
             attn_norm=layer.attn_norm, ffn_norm=layer.ffn_norm,
-            attn_q=_rows(layer.attn_q, *r["q"]), attn_k=_rows(layer.attn_k, *r["kv"]),
-            attn_v=_rows(layer.attn_v, *r["kv"]), attn_output=_cols(layer.attn_output, *r["q"]),
-            ffn_gate=_rows(layer.ffn_gate, *r["ffn"]), ffn_up=_rows(layer.ffn_up, *r["ffn"]),
-            ffn_down=_cols(layer.ffn_down, *r["ffn"])) for layer in full.layers]
-        output = _rows(full.output, *layout.vocab_range)
-        model = cls(full.config, full.embedding, layers, full.output_norm, output, layout,
-                    group if tp.world_size > 1 else None)
-        model.tp_config = tp
+            attn_q=layer.attn_q.rows(*r["q"]), attn_k=layer.attn_k.rows(*r["kv"]),
+            attn_v=layer.attn_v.rows(*r["kv"]),
+            attn_output=RowParallelLinear(layer.attn_output, *r["q"], group),
+            ffn_gate=layer.ffn_gate.rows(*r["ffn"]), ffn_up=layer.ffn_up.rows(*r["ffn"]),
+            ffn_down=RowParallelLinear(layer.ffn_down, *r["ffn"], group)) for layer in full.layers]
+        output = VocabParallelLinear(full.output, *r["vocab"], group)
+        model = cls(full.config, full.embedding, layers, full.output_norm, output, layout)
+        model.tp_config, model.group = tp, group
         return model.prepare_fast(release_pages) if prepare else model
+
+
+class _Alone:
+    """The group of a world of one: its all-reduce is the identity."""
+
+    rank, world_size = 0, 1
+
+    def all_reduce_sum(self, array):
+        return array
 
 
 def _block_size(linear: Linear) -> int:
@@ -267,50 +276,3 @@ class ParallelLayer:
 
 def _plain(state) -> InferenceState:
     return state.as_inference_state() if isinstance(state, ParallelInferenceState) else state
-
-
-def load_for(params, parallel: "ParallelConfig | str | None"):
-    """The model object for a parallel configuration, and the process group it spans (None
-    in one process). Every rank of an MPI job gets its own shard of the same model."""
-    from .mistral import Mistral
-
-    if isinstance(parallel, str):
-        parallel = ParallelConfig.from_string(parallel)
-    if parallel is None or (parallel.tensor.world_size == 1 and parallel.pipeline_stages == 1):
-        model = Mistral.load(params)
-        if parallel is not None and parallel.work != WorkDistributionConfig():
-            model.work = parallel.work  # the decode steps' task sizes
-        return model, None
-    world = parallel.tensor.world_size
-    if parallel.pipeline_stages > 1:
-        stages = parallel.pipeline_stages
-        if parallel.backend == "mpi":
-            from ..distributed import current_group
-            from .pipeline_mpi import MPIPipelineMistral
-
-            group = current_group()
-            if group.world_size != stages * world:
-                raise TorchlessError(f"--parallel pp={stages}" + (f",tp={world}" if world > 1 else "")
-                                     + f" needs {stages * world} MPI ranks (one per stage"
-                                     + (" and shard" if world > 1 else "") + f"), but mpiexec "
-                                     f"started {group.world_size}")
-            # No group for the caller: ranks do not sample in lockstep, the last stage samples.
-            return MPIPipelineMistral.load(params, group, parallel.pipeline_config, tp=world), None
-        if world > 1:
-            raise TorchlessError("tensor and pipeline parallelism together (tp=N,pp=S) run under "
-                                 "mpiexec only, one rank per shard of each stage")
-        from .pipeline import PipelineParallelMistral
-
-        return PipelineParallelMistral(Mistral.load(params), parallel.pipeline_stages,
-                                       parallel.pipeline_config), None
-    if parallel.backend == "mpi":
-        from ..distributed import current_group
-
-        group = current_group()
-        if group.world_size != world:
-            raise TorchlessError(f"--parallel tp={world} needs {world} MPI ranks, but mpiexec "
-                                 f"started {group.world_size}")
-        return TensorParallelMistral.load(params, parallel.tensor, group), group
-    from .shards import ThreadedTensorParallel
-
-    return ThreadedTensorParallel.load(params, world), None

@@ -7,8 +7,8 @@ stage k works on micro-batch i, stage k+1 works on micro-batch i-1. The compiled
 release the GIL, so the stages really run at once. The model code is the one `Mistral`: a
 stage is a range of its layers.
 
-`BatchGenerator` (generate.py) drives it: it keeps `n_micro_batches` micro-batches in flight,
-samples each as it leaves the last stage and sends its next tokens back in.
+As a runner (runner.py) its depth is `n_micro_batches`: the engine keeps that many micro-batches
+in flight, samples each as it leaves the last stage and sends its next tokens back in.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import TorchlessError
 from ..kernels.pipeline import PipelineConfig, predicted_bubble
 from .mistral import InferenceState, Mistral, Span
+from .runner import Runner
 
 
 def stage_bounds(layer_costs, n_stages: int, tail_cost: float = 0.0) -> list[tuple[int, int]]:
@@ -97,7 +98,7 @@ class PipelineBuffers:
                 "predicted": predicted_bubble(len(self.stages), self.n_micro_batches)}
 
 
-class PipelineParallelMistral(PipelineBuffers):
+class PipelineParallelMistral(PipelineBuffers, Runner):
     def __init__(self, model: Mistral, n_stages: int = 2, config: PipelineConfig | None = None,
                  threads_per_stage: int | None = None):
         from threadpoolctl import threadpool_limits
@@ -154,10 +155,11 @@ class PipelineParallelMistral(PipelineBuffers):
             else:
                 self._inbox[k + 1].put((tag, spans, result))
 
-    # -- the runner interface (generate.BatchGenerator) -----------------------------------------
+    # -- the runner interface ---------------------------------------------------------------
 
-    def runner(self) -> "PipelineParallelMistral":
-        return self
+    @property
+    def depth(self) -> int:
+        return self.n_micro_batches
 
     def new_state(self, max_seq_len: int | None = None) -> InferenceState:
         return self.model.new_state(max_seq_len)

@@ -3,7 +3,7 @@
 Each shard is a TensorParallelMistral on its own persistent thread, joined to the others by a
 ThreadGroup (a shared-memory all-reduce). The caller sees one model: `prefill`, `forward` and
 `fast_forward` run the call on every shard and return rank 0's logits, which after the final
-all-reduce are the whole model's.
+all-reduce are the whole model's; as a runner, each micro-batch runs on every shard at once.
 """
 
 from __future__ import annotations
@@ -13,19 +13,25 @@ import threading
 
 import numba
 
+from collections import deque
+
 from ..distributed import GroupAbortedError, ThreadGroup
 from ..errors import TorchlessError
+from ..kernels.gemm import single_threaded_blas
 from ..kernels.tensor_parallel import TensorParallelConfig
-from .mistral import Mistral
+from .mistral import Mistral, Span
 from .parallel import ParallelConfig, ParallelInferenceState, TensorParallelMistral
+from .runner import Runner
 
 
-class ThreadedTensorParallel:
+class ThreadedTensorParallel(Runner):
     def __init__(self, full: Mistral, world_size: int, timeout: float = 60.0):
         self.config = full.config
         self.groups = ThreadGroup.create(world_size, timeout=timeout)
         self.shards = [TensorParallelMistral.shard(full, TensorParallelConfig(world_size, r), g)
                        for r, g in enumerate(self.groups)]
+        self.model = self  # the seed's one-sequence interface is this object's own
+        self._done = deque()
         threads_each = max(1, numba.get_num_threads() // world_size)
         self._inbox = [queue.Queue() for _ in self.shards]
         self._outbox: queue.Queue = queue.Queue()
@@ -44,9 +50,11 @@ class ThreadedTensorParallel:
             call = self._inbox[rank].get()
             if call is None:
                 return
-            name, state, args = call
+            name, args_of = call
             try:
-                self._outbox.put((rank, getattr(self.shards[rank], name)(state.states[rank], *args), None))
+                with single_threaded_blas():
+                    result = getattr(self.shards[rank], name)(*args_of(rank))
+                self._outbox.put((rank, result, None))
             except BaseException as e:  # noqa: BLE001 - handed to the caller, others released
                 if not isinstance(e, GroupAbortedError):
                     try:  # releases the other shards from their collectives; raises by design
@@ -55,9 +63,10 @@ class ThreadedTensorParallel:
                         pass
                 self._outbox.put((rank, None, e))
 
-    def _run(self, name: str, state: ParallelInferenceState, *args):
+    def _run(self, name: str, args_of):
+        """Call shard.name(*args_of(rank)) on every shard at once; rank 0's result."""
         for inbox in self._inbox:
-            inbox.put((name, state, args))
+            inbox.put((name, args_of))
         results, errors = {}, []
         for _ in self.shards:
             rank, result, error = self._outbox.get()
@@ -78,13 +87,27 @@ class ThreadedTensorParallel:
             states=[shard.new_state(max_seq_len) for shard in self.shards])
 
     def forward(self, state, token: int, debug: bool = False):
-        return self._run("forward", state, token)
+        return self._run("forward", lambda r: (state.states[r], token))
 
     def fast_forward(self, state, token: int, debug: bool = False):
-        return self._run("fast_forward", state, token)
+        return self._run("fast_forward", lambda r: (state.states[r], token))
 
     def prefill(self, state, tokens, chunk_size: int = 256, all_logits: bool = False):
-        return self._run("prefill", state, list(tokens), chunk_size, all_logits)
+        tokens = list(tokens)
+        return self._run("prefill", lambda r: (state.states[r], tokens, chunk_size, all_logits))
+
+    # -- the runner interface ---------------------------------------------------------------
+
+    def submit(self, tag, spans: list[Span]) -> None:
+        def shard_spans(r):
+            return ([Span(sp.state.states[r], sp.tokens, sp.start) for sp in spans],)
+        try:
+            self._done.append((tag, self._run("forward_spans", shard_spans)))
+        except Exception as e:  # noqa: BLE001 - this micro-batch fails, the shards go on
+            self._done.append((tag, e))
+
+    def collect(self):
+        return self._done.popleft()
 
     def weight_bytes_per_token(self) -> int:
         return sum(shard.weight_bytes_per_token() for shard in self.shards)  # this process reads all

@@ -21,9 +21,10 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from ..engine import Sequence
 from ..errors import TorchlessError
-from ..sampling import SamplingParams
-from .engine import ContinuousBatcher, Request
+from ..sampling import Sampler, SamplingParams
+from .engine import EngineThread, Request
 
 MAX_BODY_BYTES = 1 << 20
 DRAIN_BYTES = 16 << 20
@@ -61,7 +62,8 @@ def _closing(engine):
 
 def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) -> Starlette:
     log = log or (lambda m: print(f"torchless serve: {m}", file=sys.stderr, flush=True))
-    engine = ContinuousBatcher(llm, max_batch, log)
+    llm.engine.scheduler.max_batch = max_batch
+    engine = EngineThread(llm.engine, log)
     model_id = str(llm.model_path)
 
     async def parse(request: HTTPRequest) -> dict:
@@ -110,6 +112,8 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
 
     def check_fits(ids: list[int], max_tokens: int) -> int:
         n_ctx = llm.n_ctx
+        if not ids:
+            raise APIError(400, "the prompt is empty (no tokens)", "prompt")
         if len(ids) >= n_ctx:
             raise APIError(400, f"the prompt has {len(ids)} tokens but the context is {n_ctx}",
                            "prompt", code="context_length_exceeded")
@@ -126,13 +130,17 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
                 events.put_nowait, (i, text, reason)))(i)
             # n choices of one seeded request differ from each other, and repeat across calls
             own = params if params.seed is None or j == 0 else replace(params, seed=params.seed + j)
-            jobs.append(Request(ids, own, budget, stop, emit))
+            seq = Sequence(ids, Sampler(own), budget, llm.tokenizer.eos_ids,
+                           llm.tokenizer.stream_decoder(), stop, index=i)
+            jobs.append(Request(seq, emit, prompt=ids))
         for job in jobs:
             engine.submit(job)
         return jobs, events
 
     def usage(jobs) -> dict:
-        p = sum(len(j.prompt_ids) for j in jobs)
+        # a prompt is counted once, however many choices it has (n > 1)
+        n = len(jobs) // len({id(j.prompt) for j in jobs})
+        p = sum(j.prompt_tokens for j in jobs[::n])
         c = sum(j.completion_tokens for j in jobs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
@@ -159,9 +167,12 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
                 while left:
                     i, text, reason = await events.get()
                     if reason is not None and reason.startswith("error"):
-                        reason, left = "stop", left - 1
-                        log(f"request failed: {reason}")
-                    elif reason is not None:
+                        # OpenAI's way: an error object in the stream, then the end of it
+                        error = {"message": reason[len("error: "):], "type": "server_error",
+                                 "param": None, "code": None}
+                        yield f"data: {json.dumps({'error': error})}\n\n"
+                        break
+                    if reason is not None:
                         left -= 1
                     chunk = dict(meta, choices=[make_delta(i, text or "", reason)])
                     if not left:
@@ -218,6 +229,8 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
             {"id": model_id, "object": "model", "created": 0, "owned_by": "torchless"}]})
 
     async def health(http: HTTPRequest):
+        if not engine.alive:
+            return JSONResponse({"status": "error", "error": engine.error}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def metrics(http: HTTPRequest):

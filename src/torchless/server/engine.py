@@ -1,180 +1,142 @@
-"""Continuous batching: one thread runs the model; requests join and leave at token boundaries.
+"""The server's engine thread: one thread steps the engine; requests join and leave it.
 
-Each step the engine admits waiting requests (their prompts prefilled together), then runs
-one decode step of every running request as one micro-batch (`Mistral.forward_spans`: each
-weight read once for the whole batch), or as the pipeline's micro-batches. A request
-that finishes, or whose client goes away, leaves the batch and its KV cache is dropped.
-Requests receive (text, finish_reason) events through a callback.
+HTTP handlers run on the event loop and never touch the engine: they hand requests in through a
+queue and are told what happened through each request's `emit(text, finish_reason)` callback,
+called on the engine thread. Each engine step admits what is waiting (up to `max_batch`
+sequences decode together, each weight read once per micro-batch for all of them), runs one
+micro-batch and emits its text. A request whose client goes away is cancelled at the next step
+and its KV cache released. If the engine itself fails, every request in it gets an error and the
+thread stops; `alive` then turns false and /health reports it.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from ..errors import TorchlessError
+from ..engine import Engine, Sequence
 from ..kernels.gemm import single_threaded_blas
-from ..model.mistral import Span
-from ..sampling import Sampler, SamplingParams, StopStrings
-
-
-PREFILL_CHUNK = 256  # prompt tokens per pass
 
 
 @dataclass
 class Request:
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
-    stop: list[str] | None
-    emit: object  # emit(text, finish_reason): called on the engine thread
-    completion_tokens: int = 0
+    seq: Sequence
+    emit: object  # emit(text, finish_reason): called on the engine thread; "error: ..." on failure
+    prompt: list | None = None  # the request's prompt ids, shared by its n choices
     cancelled: bool = False
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
 
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.seq.prompt_ids)
 
-class ContinuousBatcher:
-    def __init__(self, llm, max_batch: int = 8, log=None):
-        model = llm.model
-        # The pipeline on threads is served through its runner; the plain model directly.
-        self._pipeline = model if hasattr(model, "runner") and not hasattr(model, "serve") else None
-        if self._pipeline is None and not hasattr(model, "forward_spans"):
-            raise TorchlessError("serve runs one process: the plain model or --parallel pp=S on "
-                                 "threads (not tensor-parallel shards, not MPI ranks)")
-        self.llm, self.model, self.max_batch = llm, model, max_batch
-        self.log = log or (lambda message: None)
-        self._waiting: deque[Request] = deque()
-        self._running: list[tuple[Request, object, Sampler, object, StopStrings, list]] = []
-        self._wake = threading.Condition()
+    @property
+    def completion_tokens(self) -> int:
+        return self.seq.completion_tokens
+
+
+class EngineThread:
+    def __init__(self, engine: Engine, log=None):
+        self.engine, self.log = engine, log or (lambda message: None)
+        self._inbox: queue.Queue = queue.Queue()
+        self._requests: dict[int, Request] = {}  # seq_id -> request, on the engine thread only
         self.requests_total = 0
-        self.tokens_generated = 0
+        self.error: str | None = None
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, daemon=True, name="torchless-engine")
         self._thread.start()
 
-    # -- the caller's side ------------------------------------------------------------------------
+    # -- the caller's side (any thread) --------------------------------------------------------
 
     def submit(self, request: Request) -> Request:
-        with self._wake:
-            self._waiting.append(request)
-            self.requests_total += 1
-            self._wake.notify()
+        if not self.alive:
+            request.emit(None, f"error: the engine has stopped: {self.error}")
+            return request
+        self.requests_total += 1
+        self._inbox.put(request)
         return request
 
     def cancel(self, request: Request) -> None:
-        request.cancelled = True  # read by the engine at the next token boundary
+        if not request.cancelled and not request.seq.finished:
+            request.cancelled = True
+            self._inbox.put(request)  # the engine thread cancels it at its next step
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
 
     @property
     def batch_size(self) -> int:
-        return len(self._running)
+        return self.engine.batch_size
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return self.engine.queue_depth + self._inbox.qsize()
+
+    @property
+    def tokens_generated(self) -> int:
+        return self.engine.tokens_generated
 
     def close(self) -> None:
-        with self._wake:
-            self._stopped = True
-            self._wake.notify()
+        self._stopped = True
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
 
-    # -- the engine thread ------------------------------------------------------------------------
+    # -- the engine thread -----------------------------------------------------------------------
 
     def _loop(self) -> None:
         with single_threaded_blas():
-            while True:
-                with self._wake:
-                    while not self._stopped and not self._waiting and not self._running:
-                        self._wake.wait()
-                    if self._stopped:
-                        return
-                    admitted = []
-                    while self._waiting and len(self._running) + len(admitted) < self.max_batch:
-                        admitted.append(self._waiting.popleft())
-                self._admit([r for r in admitted if not r.cancelled])
-                self._decode_step()
-
-    def _admit(self, requests: list[Request]) -> None:
-        """Prefill new prompts: the short ones together, as one micro-batch (each weight read
-        once for all of them), a long one alone in chunks."""
-        short = [r for r in requests if len(r.prompt_ids) <= PREFILL_CHUNK]
-        groups = ([short] if short else []) + [[r] for r in requests if len(r.prompt_ids) > PREFILL_CHUNK]
-        for group in groups:
-            states = [self.model.new_state(len(r.prompt_ids) + r.max_tokens) for r in group]
             try:
-                for i in range(0, max(len(r.prompt_ids) for r in group), PREFILL_CHUNK):
-                    logits = self._forward([Span(st, r.prompt_ids[i:i + PREFILL_CHUNK], i)
-                                            for r, st in zip(group, states)])
-            except Exception as e:  # noqa: BLE001 - these requests fail, the engine goes on
-                for r in group:
-                    r.emit(None, f"error: {type(e).__name__}: {e}")
-                continue
-            for r, st, row in zip(group, states, logits):
-                entry = (r, st, Sampler(r.params), self.llm.tokenizer.stream_decoder(),
-                         StopStrings(r.stop), list(r.prompt_ids))
-                if self._take(entry, row):
-                    self._running.append(entry)
+                while not self._stopped:
+                    self._take_inbox(block=not self.engine.has_work())
+                    for event in self.engine.step():
+                        self._dispatch(event)
+            except Exception as e:  # noqa: BLE001 - the engine is broken: fail everyone, say so
+                self.error = f"{type(e).__name__}: {e}"
+                self.log(f"engine stopped: {self.error}")
+                for request in list(self._requests.values()):
+                    request.emit(None, f"error: {self.error}")
+                while not self._inbox.empty():
+                    request = self._inbox.get()
+                    if request is not None and not request.cancelled:
+                        request.emit(None, f"error: {self.error}")
 
-    def _decode_step(self) -> None:
-        self._running = [e for e in self._running if not e[0].cancelled]
-        if not self._running:
+    def _take_inbox(self, block: bool) -> None:
+        while True:
+            try:
+                request = self._inbox.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if request is None:
+                return
+            if request.cancelled:
+                self._requests.pop(request.seq.seq_id, None)
+                self.engine.cancel(request.seq)
+            else:
+                self._requests[request.seq.seq_id] = request
+                self.engine.add(request.seq)
+
+    def _dispatch(self, event) -> None:
+        request = self._requests.get(event.seq.seq_id)
+        if request is None:  # cancelled
             return
-        spans = [Span(state, [history[-1]], len(history) - 1)
-                 for _, state, _, _, _, history in self._running]
-        try:
-            logits = self._forward(spans)
-        except Exception as e:  # noqa: BLE001 - end these requests with the error, keep serving
-            for entry in self._running:
-                entry[0].emit(None, f"error: {type(e).__name__}: {e}")
-            self._running = []
-            return
-        self._running = [entry for entry, row in zip(self._running, logits) if self._take(entry, row)]
-
-    def _forward(self, spans: list[Span]) -> np.ndarray:
-        """Logits of each span's last token: one pass of the plain model, or through the
-        pipeline as its micro-batches, in flight at once (micro-batch k in stage 0 while k-1
-        is in stage 1); the step then waits for all of them, since each needs its next token."""
-        if self._pipeline is None:
-            return self.model.forward_spans(spans)
-        m = max(1, min(self._pipeline.n_micro_batches, len(spans)))
-        bounds = np.linspace(0, len(spans), m + 1).round().astype(int)
-        for k in range(m):
-            self._pipeline.submit(k, spans[bounds[k]:bounds[k + 1]])
-        parts = [None] * m
-        for _ in range(m):
-            k, logits = self._pipeline.collect()
-            parts[k] = logits
-        return np.concatenate(parts)
-
-    def _take(self, entry, logits) -> bool:
-        """Sample the next token of one request and emit its text; False when it has ended."""
-        request, state, sampler, decoder, stops, history = entry
-        if request.cancelled:
-            return False
-        token = sampler(logits, history)
         if request.first_token_s is None:
             request.first_token_s = time.perf_counter() - request.started
-        if token in self.llm.tokenizer.eos_ids:
-            return self._finish(request, stops.push(decoder.flush()) + stops.flush(), "stop")
-        history.append(token)
-        request.completion_tokens += 1
-        self.tokens_generated += 1
-        text = stops.push(decoder.push(token))
-        if stops.stopped:
-            return self._finish(request, text, "stop")
-        if request.completion_tokens >= request.max_tokens:
-            return self._finish(request, text + stops.push(decoder.flush()) + stops.flush(), "length")
-        if text:
-            request.emit(text, None)
-        return True
-
-    def _finish(self, request: Request, text: str, reason: str) -> bool:
-        request.emit(text, reason)
+        if event.finish_reason is None:
+            if event.text:
+                request.emit(event.text, None)
+            return
+        del self._requests[event.seq.seq_id]
+        if event.finish_reason == "error":
+            request.emit(None, f"error: {event.error}")
+            self.log(f"request failed: {event.error}")
+            return
+        request.emit(event.text, event.finish_reason)
         took = time.perf_counter() - request.started
-        self.log(f"request done: {len(request.prompt_ids)} prompt + {request.completion_tokens} "
-                 f"tokens in {took:.2f} s ({request.completion_tokens / took:.1f} tok/s), {reason}")
-        return False
+        n = request.completion_tokens
+        self.log(f"request done: {request.prompt_tokens} prompt + {n} tokens in {took:.2f} s "
+                 f"({n / took:.1f} tok/s), {event.finish_reason}")

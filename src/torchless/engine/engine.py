@@ -1,0 +1,148 @@
+"""The engine: `step()` runs one micro-batch through the runner and samples what comes back.
+
+A step first fills the runner: while fewer micro-batches are in flight than the runner's
+`depth` (1 for a model in this process; the micro-batch count of a pipeline, whose stages work
+on different micro-batches at once), it admits waiting sequences and submits the next micro-
+batch the scheduler makes. Then it collects the oldest micro-batch in flight, samples the next
+token of each sequence in it whose tokens are now all cached, and returns what happened as
+events. Sequences that finish leave the batch and their caches are released.
+
+Failure stays with the sequences it touches: if running a micro-batch raises, each of its
+sequences ends with an "error" event carrying the message, and the others go on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+from ..errors import TorchlessError
+from ..model.mistral import Span
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+
+@dataclass
+class Event:
+    """What one step did to one sequence: `text` it added (may be empty), and `finish_reason`
+    ("stop", "length", "error") when it ended; `error` holds the message of an "error"."""
+    seq: Sequence
+    text: str = ""
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class Engine:
+    def __init__(self, runner, max_batch: int = 8, chunk_size: int = 256,
+                 kv_budget_bytes: int | None = None):
+        self.runner = runner
+        self.scheduler = Scheduler(max_batch, chunk_size, kv_budget_bytes, runner.cache_bytes)
+        self._in_flight: dict[int, list] = {}
+        self._tags = itertools.count()
+        self.tokens_generated = 0
+
+    def add(self, seq: Sequence) -> Sequence:
+        self.scheduler.add(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """End a sequence at the next token boundary (its client went away, or it was
+        superseded); a sequence in flight is dropped when its micro-batch returns."""
+        if not seq.finished:
+            seq.finish_reason = "cancelled"
+        self._release(seq)
+
+    def has_work(self) -> bool:
+        return bool(self._in_flight) or self.scheduler.has_work()
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def step(self) -> list[Event]:
+        events = self._fill()
+        if not self._in_flight:
+            return events
+        try:
+            tag, logits = self.runner.collect()
+        except Exception as e:  # noqa: BLE001 - the runner is broken: everything in it fails
+            return events + self._fail(list(self._in_flight), e)
+        batch = self._in_flight.pop(tag)
+        if isinstance(logits, BaseException):  # this micro-batch failed; the runner goes on
+            return events + self._fail_batch(batch, logits)
+        for (seq, tokens, start), row in zip(batch, logits):
+            last = seq.returned(start, len(tokens))
+            if seq.finished:  # cancelled while in flight
+                self._release(seq)
+                continue
+            if not last:  # a prompt chunk that is not the last
+                continue
+            before = seq.completion_tokens
+            text = seq.take(row)
+            self.tokens_generated += seq.completion_tokens - before
+            events.append(Event(seq, text, seq.finish_reason))
+            if seq.finished:
+                self._release(seq)
+        return events
+
+    def _fill(self) -> list[Event]:
+        events = []
+        while len(self._in_flight) < self.runner.depth:
+            try:
+                self.scheduler.admit(self.runner.new_state)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory for a cache
+                seq = self.scheduler.waiting.popleft()
+                events.append(self._error_event(seq, e))
+                continue
+            running = len(self.scheduler.running)
+            batch = self.scheduler.next_micro_batch(max(1, math.ceil(running / self.runner.depth)))
+            if not batch:
+                break
+            spans = [Span(seq.state, tokens, start) for seq, tokens, start in batch]
+            if self._in_flight and not self.runner.has_room(spans):
+                self.scheduler.put_back(batch)
+                break
+            tag = next(self._tags)
+            try:
+                self.runner.submit(tag, spans)
+            except Exception as e:  # noqa: BLE001 - e.g. a stopped pipeline: these sequences fail
+                events += self._fail_batch(batch, e)
+                continue
+            self._in_flight[tag] = batch
+        return events
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.in_flight:  # a pipeline still holds some of its tokens: when they return
+            return
+        state = self.scheduler.finish(seq)
+        if state is not None:
+            self.runner.release(state)
+
+    def _fail_batch(self, batch, error: BaseException) -> list[Event]:
+        events = []
+        for seq, tokens, start in batch:
+            seq.returned(start, len(tokens))
+            if not seq.finished:
+                events.append(self._error_event(seq, error))
+            self._release(seq)
+        return events
+
+    def _fail(self, tags, error: BaseException) -> list[Event]:
+        events = []
+        for tag in tags:
+            events += self._fail_batch(self._in_flight.pop(tag), error)
+        return events
+
+    @staticmethod
+    def _error_event(seq: Sequence, error: BaseException) -> Event:
+        seq.finish_reason = "error"
+        message = str(error) if isinstance(error, TorchlessError) else f"{type(error).__name__}: {error}"
+        return Event(seq, "", "error", message)
+
+    def close(self) -> None:
+        self.runner.close()
