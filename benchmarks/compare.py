@@ -1,6 +1,6 @@
 """torchless against llama.cpp (through llama-cpp-python) on the same GGUF file.
 
-Workload of one run: a --prompt-tokens prefill (default 256) followed by --gen-tokens greedy
+Single-sequence mode (the default). Workload of one run: a --prompt-tokens prefill (default 256) followed by --gen-tokens greedy
 decode steps (default 128), on the same prompt ids for both engines (seeded random ids over the
 vocabulary, skipping the first 20 ids where the special tokens live).
 
@@ -13,6 +13,20 @@ Not part of CI.
 
     python benchmarks/compare.py [-m PATH] [--runs 5] [--threads 2 | --threads 1,2]
                                  [--prompt-tokens 256] [--gen-tokens 128]
+
+Batched mode (--batch 1,8,16): for each batch size B, B short distinct English prompts (8-16
+tokens, tokenized once with torchless's tokenizer; the same ids go to both engines), each
+decoded greedily for --gen-tokens tokens (default 64 here) or until end of sequence, all B as
+one batch. torchless: one `LLM.create_completion([ids_1, ..., ids_B], max_tokens=T,
+temperature=0)` call. llama.cpp: its low-level API (one context with n_seq_max = B, one
+sequence id per prompt; one llama_decode of all the prompts, then one llama_decode per step
+with one token per unfinished sequence; greedy argmax of each sequence's logits in Python).
+Reported per (threads, B): total generated tok/s (completion tokens of the whole batch / wall
+time of the whole generation, prefill included; after one warm-up of the same batch), medians
+and ranges over the --runs alternating subprocess pairs, the ratios torchless / llama.cpp and
+torchless / its own B=1 figure, and per sequence how many leading greedy tokens agree.
+
+    python benchmarks/compare.py --batch 1,8,16 [--threads 1,2] [--runs 3] [--gen-tokens 64]
 
 llama-cpp-python is used from the current python if it imports; otherwise from a separate venv
 (~/.cache/torchless/bench-venv, made with --system-site-packages), which is created and
@@ -145,6 +159,215 @@ def measure(args, one_run, load_s, vocab_size, prompt, info) -> dict:
             "tokens": tokens}
 
 
+# -- batched decoding (--batch) ------------------------------------------------------------------
+
+# Short, distinct prompts (8 to 16 SmolLM2 tokens each); a batch of B takes the first B (past the
+# end of the list, the list again with a numbered prefix, so that every prompt stays distinct).
+PROMPTS = [
+    "Question: what is the capital of France? Answer: the capital of France is",
+    "Once upon a time, in a small village by the sea, there lived",
+    "Name the three primary colors and explain why they are called primary:",
+    "Write a short poem about the autumn rain falling on the city.",
+    "The best way to learn a new language as an adult is",
+    "At sea level, pure water boils at a temperature of",
+    "In computer science, a linked list is a data structure that",
+    "My favourite breakfast is eggs with toast because",
+    "The largest planet in our solar system is called",
+    "Here is a recipe for a simple tomato soup:",
+    "The history of the Roman Empire began when",
+    "To train a puppy to sit, you should first",
+    "The main difference between a virus and a bacterium is",
+    "Photosynthesis is the process by which green plants",
+    "A good night's sleep helps the human brain to",
+    "The first person to walk on the moon was",
+]
+
+
+def batch_prompts(model: Path, n: int) -> dict:
+    """The prompt ids of the largest batch and the end-of-sequence ids, from torchless's
+    tokenizer: computed once by the driver and handed to both engines."""
+    from torchless.loader import Parameters
+
+    tok = Parameters.load(model).tokenizer
+    texts = [PROMPTS[i % len(PROMPTS)] if i < len(PROMPTS)
+             else f"{i // len(PROMPTS) + 1}. {PROMPTS[i % len(PROMPTS)]}" for i in range(n)]
+    return {"prompts": [tok.encode(t) for t in texts], "eos": sorted(tok.eos_ids)}
+
+
+def run_torchless_batch(args) -> dict:
+    import numba
+
+    try:
+        from threadpoolctl import threadpool_limits
+        blas_limit = threadpool_limits(limits=args.threads)  # kept alive for the whole process
+    except ImportError:
+        blas_limit = None
+    numba.set_num_threads(args.threads)
+
+    from torchless import LLM
+
+    work = json.loads(Path(args.work).read_text())
+    t0 = time.perf_counter()
+    llm = LLM(str(args.model))
+    load_s = time.perf_counter() - t0
+    seqs = []  # the engine's Sequence objects of the current call: their token ids
+    add = llm.engine.add
+    llm.engine.add = lambda seq: seqs.append(seq) or add(seq)
+
+    def one_run(prompts):
+        seqs.clear()
+        t0 = time.perf_counter()
+        out = llm.create_completion(prompts, max_tokens=args.gen_tokens, temperature=0)
+        wall = time.perf_counter() - t0
+        tokens = [s.tokens[len(s.prompt_ids):] for s in sorted(seqs, key=lambda s: s.index)]
+        n = out["usage"]["completion_tokens"]
+        if n != sum(map(len, tokens)):
+            raise RuntimeError(f"usage says {n} completion tokens, the sequences hold "
+                               f"{sum(map(len, tokens))}")
+        return wall, tokens
+
+    return measure_batch(args, work, one_run, load_s, {
+        "engine": "torchless", "version": _torchless_version(),
+        "numba": numba.__version__, "numba_threads": numba.get_num_threads(),
+        "blas": _blas_info(blas_limit)})
+
+
+def run_llamacpp_batch(args) -> dict:
+    import numpy as np
+    import llama_cpp as lc
+
+    work = json.loads(Path(args.work).read_text())
+    eos = set(work["eos"])
+    lc.llama_backend_init()
+    _quiet_llama_log(lc)
+    t0 = time.perf_counter()
+    model = lc.llama_model_load_from_file(str(args.model).encode(), lc.llama_model_default_params())
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {args.model}")
+    load_s = time.perf_counter() - t0
+    n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+    settings = {}
+
+    def one_run(prompts, ctx):
+        B = len(prompts)
+        total = sum(map(len, prompts))
+        batch = lc.llama_batch_init(max(total, B), 0, 1)
+        mem = lc.llama_get_memory(ctx)
+        lc.llama_memory_clear(mem, True)
+        try:
+            t0 = time.perf_counter()
+            # prefill: every prompt in one llama_decode, sequence id i; logits of its last token
+            rows, k = [], 0
+            for i, ids in enumerate(prompts):
+                for j, tok in enumerate(ids):
+                    _batch_set(batch, k, tok, j, i, j == len(ids) - 1)
+                    k += 1
+                rows.append(k - 1)
+            batch.n_tokens = k
+            if lc.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed (prefill)")
+            tokens = [[] for _ in prompts]
+            live = list(range(B))  # the sequences still generating, in the order of `rows`
+            pos = [len(ids) for ids in prompts]
+            while live:
+                nxt = []
+                for i, row in zip(live, rows):
+                    logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, row),
+                                                   shape=(n_vocab,))
+                    tok = int(np.argmax(logits))
+                    if tok in eos:
+                        continue
+                    tokens[i].append(tok)
+                    if len(tokens[i]) < args.gen_tokens:
+                        nxt.append((i, tok))
+                if not nxt:
+                    break
+                # one decode step: one token per unfinished sequence, logits for each
+                for k, (i, tok) in enumerate(nxt):
+                    _batch_set(batch, k, tok, pos[i], i, True)
+                    pos[i] += 1
+                batch.n_tokens = len(nxt)
+                if lc.llama_decode(ctx, batch) != 0:
+                    raise RuntimeError("llama_decode failed (decode step)")
+                live, rows = [i for i, _ in nxt], list(range(len(nxt)))
+            wall = time.perf_counter() - t0
+        finally:
+            lc.llama_batch_free(batch)
+        return wall, tokens
+
+    def new_context(B):
+        longest = max(map(len, work["prompts"][:B]))
+        p = lc.llama_context_default_params()
+        p.n_seq_max = B
+        p.n_ctx = B * (longest + args.gen_tokens + 16)  # without kv_unified: n_ctx / B per sequence
+        p.n_batch = p.n_ubatch = max(512, sum(map(len, work["prompts"][:B])))
+        p.n_threads = p.n_threads_batch = args.threads
+        p.no_perf = True
+        ctx = lc.llama_init_from_model(model, p)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not make a context for {B} sequences")
+        settings.update(n_ctx=p.n_ctx, n_batch=p.n_batch, flash_attn_type=p.flash_attn_type,
+                        kv_unified=bool(p.kv_unified), type_k=p.type_k)
+        return ctx
+
+    contexts = {}
+
+    def run_b(prompts):
+        B = len(prompts)
+        if B not in contexts:
+            for ctx in contexts.values():
+                lc.llama_free(ctx)
+            contexts.clear()
+            contexts[B] = new_context(B)
+        return one_run(prompts, contexts[B])
+
+    result = measure_batch(args, work, run_b, load_s, {
+        "engine": "llama.cpp", "version": f"llama-cpp-python {lc.__version__}",
+        "system_info": _llama_system_info(lc)})
+    result["settings"] = settings  # of the last context: n_ctx is that of the largest B
+    for ctx in contexts.values():
+        lc.llama_free(ctx)
+    lc.llama_model_free(model)
+    return result
+
+
+def _batch_set(batch, k: int, token: int, pos: int, seq: int, logits: bool) -> None:
+    batch.token[k] = token
+    batch.pos[k] = pos
+    batch.n_seq_id[k] = 1
+    batch.seq_id[k][0] = seq
+    batch.logits[k] = logits
+
+
+_KEEP = []  # ctypes callbacks handed to llama.cpp must outlive the calls
+
+
+def _quiet_llama_log(lc) -> None:
+    """llama.cpp logs every context it makes to stderr: a callback that drops it."""
+    import ctypes
+
+    cb = lc.llama_log_callback(lambda level, text, user_data: None)
+    _KEEP.append(cb)
+    lc.llama_log_set(cb, ctypes.c_void_p(0))
+
+
+def measure_batch(args, work, one_run, load_s, info) -> dict:
+    """Per batch size: one warm-up call, then --inner-runs measured ones (median wall time)."""
+    per_b = {}
+    for B in args.batch:
+        prompts = work["prompts"][:B]
+        one_run(prompts)  # warm-up: compilation, page faults, allocator pools
+        walls, tokens = [], None
+        for _ in range(args.inner_runs):
+            wall, tokens = one_run(prompts)
+            walls.append(wall)
+        wall = statistics.median(walls)
+        n = sum(map(len, tokens))
+        per_b[str(B)] = {"wall_s": wall, "gen_tokens": n, "tok_s": n / wall, "tokens": tokens}
+    return {**info, "threads": args.threads, "load_s": load_s, "peak_rss_mb": peak_rss_mb(),
+            "batch": per_b}
+
+
 def _torchless_version() -> str:
     from importlib.metadata import version
 
@@ -222,6 +445,8 @@ def run_engine(python: str, engine: str, args, threads: int) -> dict:
            "-m", str(args.model), "--threads", str(threads),
            "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
            "--seed", str(args.seed), "--inner-runs", str(args.inner_runs)]
+    if args.batch:
+        cmd += ["--batch", ",".join(map(str, args.batch)), "--work", str(args.work)]
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
@@ -300,6 +525,104 @@ def compare(args) -> None:
         print(f"  greedy tokens: the engines agree on the first {agree} of {args.gen_tokens}")
 
 
+def span(values) -> str:
+    values = list(values)
+    return f"{statistics.median(values):.1f} [{min(values):.1f}-{max(values):.1f}]"
+
+
+def compare_batch(args) -> None:
+    import tempfile
+
+    from torchless.hub import resolve_model
+
+    args.model = resolve_model(args.model or "smollm2")
+    py = llama_python(args.no_install)
+    work = batch_prompts(args.model, max(args.batch))
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="compare-batch-",
+                                     delete=False) as f:
+        json.dump(work, f)
+        args.work = f.name
+    try:
+        _compare_batch(args, py, work)
+    finally:
+        os.unlink(args.work)
+
+
+def _compare_batch(args, py, work) -> None:
+    T, batches, med = args.gen_tokens, args.batch, statistics.median
+    lengths = [len(p) for p in work["prompts"]]
+    print(f"date      {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    print(f"machine   {machine()}")
+    print(f"model     {args.model} ({args.model.stat().st_size / 1e6:.1f} MB)")
+    print(f"workload  batches of {', '.join(map(str, batches))} sequences; up to {T} greedy tokens "
+          f"each (fewer if it ends); prompts of {min(lengths)}-{max(lengths)} tokens (the first "
+          f"B of: {' '.join(map(str, lengths))}); end of sequence: ids {work['eos']}")
+    print(f"          tok/s = completion tokens of the batch / wall time of the whole generation "
+          f"(prefill included); per subprocess and B 1 warm-up + {args.inner_runs} measured; "
+          f"{args.runs} subprocess pairs per thread count, alternating torchless, llama.cpp, ...")
+    try:
+        print(f"load      {os.getloadavg()[0]:.2f} (1-min load average at start)")
+    except OSError:
+        pass
+    summary, versions_shown = [], False
+    for threads in args.threads:
+        t_runs, l_runs = [], []
+        for i in range(args.runs):
+            t_runs.append(run_engine(sys.executable, "torchless", args, threads))
+            l_runs.append(run_engine(py, "llamacpp", args, threads))
+            pair = "; ".join(f"B={B} {t_runs[-1]['batch'][str(B)]['tok_s']:.1f} / "
+                             f"{l_runs[-1]['batch'][str(B)]['tok_s']:.1f}" for B in batches)
+            print(f"  [threads {threads}] pair {i + 1}/{args.runs}: {pair} tok/s "
+                  f"(torchless / llama.cpp)", flush=True)
+        if not versions_shown:
+            t, l = t_runs[0], l_runs[0]
+            print(f"torchless {t['version']}; numba {t['numba']}; BLAS: {t['blas']}")
+            print(f"llama.cpp {l['version']}; context: {l['settings']} (largest B); "
+                  f"{l['system_info']}")
+            versions_shown = True
+        for B in batches:
+            b = str(B)
+            tl = [r["batch"][b]["tok_s"] for r in t_runs]
+            ll = [r["batch"][b]["tok_s"] for r in l_runs]
+            ratio = [x / y for x, y in zip(tl, ll)]
+            print(f"\n== threads {threads}, batch {B} ==")
+            print(f"  {'':<24} {'total tok/s median [min-max]':>30} {'tokens':>8}")
+            for name, runs, vals in (("torchless", t_runs, tl), ("llama.cpp", l_runs, ll)):
+                print(f"  {name:<24} {span(vals):>30} {runs[0]['batch'][b]['gen_tokens']:>8}")
+            print(ratio_line("torchless / llama.cpp", ratio))
+            own = None
+            if "1" in t_runs[0]["batch"] and B != 1:
+                own = [r["batch"][b]["tok_s"] / r["batch"]["1"]["tok_s"] for r in t_runs]
+                print(ratio_line("torchless / its B=1", own))
+                print(ratio_line("llama.cpp / its B=1",
+                                 [r["batch"][b]["tok_s"] / r["batch"]["1"]["tok_s"]
+                                  for r in l_runs]))
+            t_tok, l_tok = t_runs[0]["batch"][b]["tokens"], l_runs[0]["batch"][b]["tokens"]
+            prefix = [same_prefix(x, y) for x, y in zip(t_tok, l_tok)]
+            full = sum(x == y for x, y in zip(t_tok, l_tok))
+            print(f"  greedy tokens: {full} of {B} sequences identical; identical leading tokens "
+                  f"per sequence (of torchless / llama.cpp lengths):")
+            print("    " + "  ".join(f"{n}({len(x)}/{len(y)})"
+                                     for n, x, y in zip(prefix, t_tok, l_tok)))
+            for name, runs in (("torchless", t_runs), ("llama.cpp", l_runs)):
+                if any(r["batch"][b]["tokens"] != runs[0]["batch"][b]["tokens"] for r in runs):
+                    print(f"  NOTE: {name}'s greedy tokens differ between its runs")
+            if B != 1 and "1" in t_runs[0]["batch"]:
+                solo = t_runs[0]["batch"]["1"]["tokens"][0]
+                if t_tok[0] != solo:
+                    print(f"  NOTE: torchless's sequence 1 differs from its B=1 run after "
+                          f"{same_prefix(t_tok[0], solo)} tokens")
+            summary.append((threads, B, span(ll), span(tl), ratio, own, full, B))
+    print("\n| threads | B | llama.cpp tok/s | torchless tok/s | torchless / llama.cpp "
+          "(min / median / max) | torchless / its B=1 | sequences identical |")
+    print("|---|---|---|---|---|---|---|")
+    for threads, B, ls, ts, ratio, own, full, n in summary:
+        own_s = (f"{statistics.median(own):.2f} ({min(own):.2f}-{max(own):.2f})"
+                 if own else "-")
+        print(f"| {threads} | {B} | {ls} | {ts} | {min(ratio):.2f} / {med(ratio):.2f} / "
+              f"{max(ratio):.2f} | {own_s} | {full}/{n} |")
+
+
 def thread_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -309,7 +632,10 @@ def main(argv=None) -> None:
     ap.add_argument("-m", "--model", default=None,
                     help="GGUF file (default: SmolLM2-135M-Instruct Q4_1, pulled if needed)")
     ap.add_argument("--prompt-tokens", type=int, default=256)
-    ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--gen-tokens", type=int, default=None,
+                    help="greedy tokens per sequence (default 128; 64 with --batch)")
+    ap.add_argument("--batch", type=thread_list, default=None,
+                    help="batched mode: comma-separated batch sizes, e.g. 1,8,16")
     ap.add_argument("--runs", type=int, default=5, help="subprocess pairs per thread count")
     ap.add_argument("--threads", type=thread_list, default=[2],
                     help="thread count, or a comma-separated list (e.g. 1,2) to do each")
@@ -319,7 +645,12 @@ def main(argv=None) -> None:
     ap.add_argument("--engine", choices=["torchless", "llamacpp"], help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--inner-runs", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)  # the prompts of --batch, a JSON file
     args = ap.parse_args(argv)
+    if args.gen_tokens is None:
+        args.gen_tokens = 64 if args.batch else 128
+    if args.batch is not None and (not args.batch or min(args.batch) < 1):
+        ap.error("--batch takes positive batch sizes, e.g. 1,8,16")
     if args.engine:
         if len(args.threads) != 1:
             ap.error("--engine takes one thread count")
@@ -328,10 +659,33 @@ def main(argv=None) -> None:
         if args.model is None:
             from torchless.hub import resolve_model
             args.model = resolve_model("smollm2")
-        result = (run_torchless if args.engine == "torchless" else run_llamacpp)(args)
+        own_work = bool(args.batch) and not args.work
+        if own_work:
+            args.work = _work_file(args)
+        if args.batch:
+            run = run_torchless_batch if args.engine == "torchless" else run_llamacpp_batch
+        else:
+            run = run_torchless if args.engine == "torchless" else run_llamacpp
+        try:
+            result = run(args)
+        finally:
+            if own_work:
+                os.unlink(args.work)
         print(json.dumps(result) if args.json else result)
+    elif args.batch:
+        compare_batch(args)
     else:
         compare(args)
+
+
+def _work_file(args) -> str:
+    """--engine ... --batch by hand, without the driver: write the prompts now."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="compare-batch-",
+                                     delete=False) as f:
+        json.dump(batch_prompts(Path(args.model), max(args.batch)), f)
+    return f.name
 
 
 if __name__ == "__main__":

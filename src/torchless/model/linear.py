@@ -14,7 +14,7 @@ from functools import cached_property
 import numpy as np
 
 from ..kernels import fused, gemm, qmatmul
-from ..kernels.adaptive import _get_num_threads, _matvec
+from ..kernels.adaptive import _get_num_threads, _matmul, _matvec
 from ..quant import QTensor
 
 
@@ -39,17 +39,18 @@ class Linear:
         # The layout the quantized kernels read; made once, at load.
         return qmatmul.prepare(self.weight)
 
-    def __call__(self, x: np.ndarray, fast: bool = False) -> np.ndarray:
-        """x: (T, in) -> (T, out)"""
+    def __call__(self, x: np.ndarray, fast: bool = False, work=None) -> np.ndarray:
+        """x: (T, in) -> (T, out). fast: the quantized kernels, cut into tasks by `work` (a
+        WorkDistributionConfig; None: the adaptive choice), or BLAS for long prompt chunks."""
         if fast:
             x = np.ascontiguousarray(x, np.float32)
             y = np.empty((x.shape[0], self.shape[0]), np.float32)
             if x.shape[0] >= gemm.MIN_TOKENS_FOR_BLAS:
                 gemm.matmul_blas_into(self.packed, x, y, _get_num_threads())
-            elif x.shape[0] == 1:  # the decode kernel: no tile is expanded to float32 first
-                qmatmul.matvec_into(self.packed, x[0], y[0])
-            else:
-                qmatmul.matmul_into(self.packed, x, y)
+            elif x.shape[0] == 1:  # the decode kernel
+                _matvec(self.packed, x[0], y[0], work)
+            else:  # a micro-batch: each weight tile read once for all its rows
+                _matmul(self.packed, x, y, work)
         else:
             y = x @ self.dense.T
         return y if self.bias is None else y + self.bias
@@ -78,8 +79,8 @@ class RowParallelLinear(Linear):
         super().__init__(full.weight.col_slice(start, stop))
         self.group = group
 
-    def __call__(self, x: np.ndarray, fast: bool = False) -> np.ndarray:
-        return self.group.all_reduce_sum(np.ascontiguousarray(super().__call__(x, fast)))
+    def __call__(self, x: np.ndarray, fast: bool = False, work=None) -> np.ndarray:
+        return self.group.all_reduce_sum(np.ascontiguousarray(super().__call__(x, fast, work)))
 
     def matvec_into(self, x: np.ndarray, out: np.ndarray, work=None) -> np.ndarray:
         super().matvec_into(x, out, work)
@@ -94,9 +95,9 @@ class VocabParallelLinear(Linear):
         super().__init__(full.weight.row_slice(start, stop))
         self.vocab_size, self.start, self.stop, self.group = full.shape[0], start, stop, group
 
-    def __call__(self, x: np.ndarray, fast: bool = False) -> np.ndarray:
+    def __call__(self, x: np.ndarray, fast: bool = False, work=None) -> np.ndarray:
         logits = np.zeros((len(x), self.vocab_size), np.float32)
-        logits[:, self.start:self.stop] = super().__call__(x, fast)
+        logits[:, self.start:self.stop] = super().__call__(x, fast, work)
         return self.group.all_reduce_sum(logits)
 
     def matvec_into(self, x: np.ndarray, out: np.ndarray, work=None) -> np.ndarray:

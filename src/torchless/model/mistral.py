@@ -209,13 +209,13 @@ class Mistral:
         product over all N rows, so a weight is read once per micro-batch; only attention is
         per sequence. Positions come from the spans, not from the caches, so pipeline stages
         can work on later tokens of a sequence before earlier ones have left the last stage."""
-        c = self.config
+        c, w = self.config, self.work
         for li in range(start, stop):
             layer = self.layers[li]
             h = ops.rmsnorm(x, layer.attn_norm, c.norm_eps)
             x = x + self._attention_block(layer, li, spans, h, fast)
             h = ops.rmsnorm(x, layer.ffn_norm, c.norm_eps)
-            x = x + layer.ffn_down(ops.silu(layer.ffn_gate(h, fast)) * layer.ffn_up(h, fast), fast)
+            x = x + layer.ffn_down(ops.silu(layer.ffn_gate(h, fast, w)) * layer.ffn_up(h, fast, w), fast, w)
         return x
 
     def finish(self, spans: list["Span"], x: np.ndarray, all_logits: bool = False,
@@ -223,7 +223,7 @@ class Mistral:
         """Logits after the last layer: of every row with all_logits, else of each span's last
         token (len(spans), vocab). Advances each sequence's cache past its span."""
         rows = np.arange(len(x)) if all_logits else np.cumsum([len(sp.tokens) for sp in spans]) - 1
-        logits = self.output(ops.rmsnorm(x[rows], self.output_norm, self.config.norm_eps), fast)
+        logits = self.output(ops.rmsnorm(x[rows], self.output_norm, self.config.norm_eps), fast, self.work)
         for sp in spans:
             sp.state.cache.advance(sp.start + len(sp.tokens))
         return logits
@@ -238,11 +238,11 @@ class Mistral:
 
     def _attention_block(self, layer: LayerWeights, li: int, spans: list["Span"],
                          h: np.ndarray, fast: bool) -> np.ndarray:
-        c = self.config
+        c, w = self.config, self.work
         n_heads, n_kv_heads = self.layout.n_heads, self.layout.n_kv_heads
-        q = layer.attn_q(h, fast).reshape(len(h), n_heads, c.head_dim)
-        k = layer.attn_k(h, fast).reshape(len(h), n_kv_heads, c.head_dim)
-        v = layer.attn_v(h, fast).reshape(len(h), n_kv_heads, c.head_dim)
+        q = layer.attn_q(h, fast, w).reshape(len(h), n_heads, c.head_dim)
+        k = layer.attn_k(h, fast, w).reshape(len(h), n_kv_heads, c.head_dim)
+        v = layer.attn_v(h, fast, w).reshape(len(h), n_kv_heads, c.head_dim)
         out = np.empty((len(h), n_heads, c.head_dim), np.float32)
         row = 0
         for sp in spans:
@@ -250,10 +250,10 @@ class Mistral:
             row = rows.stop
             if fast and len(sp.tokens) == 1:  # a decode step: the compiled one-token kernel
                 self._attend_one(li, sp.state, sp.start, q[row - 1], k[row - 1], v[row - 1],
-                                 out[row - 1])
+                                 out[row - 1], w)
             else:
                 out[rows] = self._attend(li, sp, q[rows], k[rows], v[rows])
-        return layer.attn_output(out.reshape(len(h), -1), fast)
+        return layer.attn_output(out.reshape(len(h), -1), fast, w)
 
     def _attend(self, li: int, sp: "Span", q, k, v) -> np.ndarray:
         c, cache = self.config, sp.state.cache
