@@ -245,3 +245,85 @@ def test_n_choices_of_a_seeded_request_differ_and_repeat(client):
     first = [c.text for c in client.completions.create(**kw).choices]
     assert len(first) == 3 and len(set(first)) > 1
     assert [c.text for c in client.completions.create(**kw).choices] == first
+
+
+# -- failures: a step that raises, an engine that cannot step, a client that goes away ----------
+
+def _patched_server(tiny_llama_gguf, forward):
+    """A server on its own LLM whose micro-batches go through forward(real, spans)."""
+    own = LLM(str(tiny_llama_gguf))
+    real = own.runner.model.forward_spans
+    own.runner.model.forward_spans = lambda spans, *a, **k: forward(real, spans, *a, **k)
+    return own, _serve(own, max_batch=1)
+
+
+def test_a_failing_step_fails_its_request_and_the_server_goes_on(tiny_llama_gguf, llm):
+    poison = llm.tokenize("Zebra")[-1]
+
+    def forward(real, spans, *a, **k):
+        if any(poison in sp.tokens for sp in spans):
+            raise RuntimeError("injected failure")
+        return real(spans, *a, **k)
+
+    own, (base, logs, app, srv, thread) = _patched_server(tiny_llama_gguf, forward)
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
+        with pytest.raises(openai.InternalServerError, match="injected failure"):
+            client.completions.create(model="x", prompt="Zebra", max_tokens=4)
+        with pytest.raises(openai.APIError, match="injected failure"):  # an error event in the stream
+            list(client.completions.create(model="x", prompt="Zebra", max_tokens=4, stream=True))
+        ok = client.completions.create(model="x", prompt="Hello", max_tokens=6, temperature=0)
+        assert ok.choices[0].text == llm("Hello", max_tokens=6, temperature=0)["choices"][0]["text"]
+        assert _get(base + "/health")[0] == 200
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def test_health_is_503_when_the_engine_cannot_step(tiny_llama_gguf):
+    own, (base, logs, app, srv, thread) = _patched_server(tiny_llama_gguf, lambda real, spans, *a, **k: real(spans, *a, **k))
+    engine = app.state.engine
+
+    def broken():
+        raise MemoryError("no memory left")
+
+    engine.engine.step = broken
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
+        with pytest.raises(openai.InternalServerError, match="no memory left"):
+            client.completions.create(model="x", prompt="Hello", max_tokens=4)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            _get(base + "/health")
+        assert e.value.code == 503
+        with pytest.raises(openai.InternalServerError, match="engine has stopped"):
+            client.completions.create(model="x", prompt="Hello", max_tokens=4)
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def test_a_non_streamed_request_whose_client_goes_away_is_cancelled(tiny_llama_gguf):
+    def slow(real, spans, *a, **k):  # 500 tokens would take over 10 s
+        time.sleep(0.02)
+        return real(spans, *a, **k)
+
+    own, (base, logs, app, srv, thread) = _patched_server(tiny_llama_gguf, slow)
+    engine = app.state.engine
+    try:
+        body = json.dumps({"prompt": "Tell me a story", "max_tokens": 500, "temperature": 0}).encode()
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            deadline = time.monotonic() + 10
+            while engine.batch_size == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert engine.batch_size == 1
+        gone = time.monotonic()  # the client closed its connection without reading
+        while engine.batch_size and time.monotonic() < gone + 10:
+            time.sleep(0.02)
+        assert engine.batch_size == 0 and time.monotonic() - gone < 3
+        assert engine.tokens_generated < 250
+    finally:
+        srv.should_exit = True
+        thread.join(10)

@@ -27,6 +27,7 @@ from ..sampling import Sampler, SamplingParams
 from .engine import EngineThread, Request
 
 MAX_BODY_BYTES = 1 << 20
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 DRAIN_BYTES = 16 << 20
 
 
@@ -144,16 +145,29 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
         c = sum(j.completion_tokens for j in jobs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    async def respond(jobs, events, meta, make_choice, make_delta, stream):
+    async def respond(http, jobs, events, meta, make_choice, make_delta, stream):
         if not stream:
             texts, reasons, left = [""] * len(jobs), [None] * len(jobs), len(jobs)
             try:
+                loop = asyncio.get_running_loop()
+                check_at = loop.time() + DISCONNECT_POLL_S
                 while left:
-                    i, text, reason = await events.get()
+                    try:
+                        item = await asyncio.wait_for(events.get(), max(0.0, check_at - loop.time()))
+                    except asyncio.TimeoutError:
+                        item = None
+                    if loop.time() >= check_at:  # tokens arriving must not hide a departure
+                        check_at = loop.time() + DISCONNECT_POLL_S
+                        if await http.is_disconnected():
+                            log("client gone: request cancelled")
+                            return PlainTextResponse("", status_code=499)  # nobody reads it
+                    if item is None:
+                        continue
+                    i, text, reason = item
                     texts[i] += text or ""
                     if reason is not None:
                         if reason.startswith("error"):
-                            raise APIError(500, reason, kind="server_error")
+                            raise APIError(500, reason[len("error: "):], kind="server_error")
                         reasons[i], left = reason, left - 1
             finally:  # an error, or the client gone: the other choices stop too
                 for job in jobs:
@@ -201,7 +215,7 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
         meta = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion",
                     created=int(time.time()), model=model_id)
         choice = lambda i, t, r: dict(index=i, text=t, logprobs=None, finish_reason=r)  # noqa: E731
-        return await respond(jobs, events, meta, choice, choice, stream)
+        return await respond(http, jobs, events, meta, choice, choice, stream)
 
     async def chat(http: HTTPRequest):
         body = await parse(http)
@@ -220,7 +234,7 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
         delta = lambda i, t, r: dict(index=i, delta=dict(content=t) if t else {},  # noqa: E731
                                      logprobs=None, finish_reason=r)
         meta_kind = "chat.completion.chunk" if stream else "chat.completion"
-        return await respond(jobs, events, dict(meta, object=meta_kind), whole, delta, stream)
+        return await respond(http, jobs, events, dict(meta, object=meta_kind), whole, delta, stream)
 
     async def models(http: HTTPRequest):
         if api_key is not None and http.headers.get("authorization") != f"Bearer {api_key}":
