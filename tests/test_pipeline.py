@@ -121,6 +121,14 @@ def test_pipeline_prefill_in_chunks_equals_one_process(tiny_models):
         assert state.pos == 40
     finally:
         pipe.close()
+    # a budget of two 8-token chunks: the prefill keeps two in flight, never five
+    two_chunks = 2 * PipelineConfig.micro_batch_bytes(model.config.hidden_size, tokens=8)
+    pipe = PipelineParallelMistral(model, 2, PipelineConfig(num_micro_batches=2, memory_budget=two_chunks))
+    try:
+        assert_close_rel(pipe.prefill(pipe.new_state(64), tokens, chunk_size=8), ref)
+        assert pipe.peak_in_flight_bytes == two_chunks
+    finally:
+        pipe.close()
 
 
 def test_pipeline_stays_within_its_memory_budget(tiny_models):

@@ -151,6 +151,18 @@ def assert_mpi_generate_prints_what_one_process_prints(model, ranks, spec,
     mpi = mpiexec(ranks, sys.executable, "-m", "torchless", *args, "--parallel", spec)
     assert single.returncode == 0 and mpi.returncode == 0, mpi.stderr
     assert mpi.stdout == single.stdout and single.stdout.strip()
+    return mpi
+
+
+def test_parallel_auto_says_what_it_chose(smollm2_path):
+    """In one process: every core on the model. Under 3 ranks, SmolLM2's 9 heads split 3 ways:
+    tensor parallelism."""
+    one = subprocess.run([sys.executable, "-m", "torchless", "generate", "-m", str(smollm2_path),
+                          "--parallel", "auto", "--max-tokens", "2", "hi"], capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0 and "parallel: none (one process" in one.stderr, one.stderr
+    mpi = assert_mpi_generate_prints_what_one_process_prints(smollm2_path, 3, "auto", max_tokens=6)
+    assert "parallel: tp=3 (3 MPI ranks: tensor parallelism" in mpi.stderr
 
 
 def test_mpi_generate_prints_what_one_process_prints(smollm2_path):

@@ -60,6 +60,11 @@ def _load(model, parallel=None, n_ctx=None):
 
     llm = LLM(model, parallel=parallel, n_ctx=n_ctx)
     _err(f"loaded {llm.model_path} in {llm.load_time:.2f} s")
+    chosen = llm.runner.parallel
+    if chosen.reason:  # --parallel auto: say what it chose, and why
+        _err(f"parallel: {chosen.spec()} ({chosen.reason})")
+    if llm.runner.numa is not None:
+        _err(f"NUMA: {llm.runner.numa.reason}")
     return llm
 
 

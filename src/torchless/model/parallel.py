@@ -39,6 +39,7 @@ class ParallelConfig:
     pipeline_config: PipelineConfig = field(default_factory=PipelineConfig)
     work: WorkDistributionConfig = field(default_factory=WorkDistributionConfig)
     backend: str = "threads"
+    reason: str = field(default="", compare=False)  # why for_model chose this, for the user
 
     def __post_init__(self):
         if self.pipeline_stages < 1:
@@ -62,16 +63,33 @@ class ParallelConfig:
         return cls(tensor=TensorParallelConfig(world_size, rank), backend=_backend())
 
     @classmethod
-    def for_model(cls, config) -> "ParallelConfig":
-        """Sensible settings for this model on this machine. Below a few GB of weights one
-        process using every core is fastest (tensor parallelism pays an all-reduce per block),
-        so that is the choice unless running under mpiexec with several ranks."""
+    def for_model(cls, config=None) -> "ParallelConfig":
+        """Sensible settings for this model (a ModelConfig; None: judged by the ranks alone) on
+        this machine, with `reason` saying why. In one process: every core on the one model
+        (measured fastest below a few GB of weights: tensor parallelism pays an all-reduce per
+        block, and a pipeline pays off only for batches), NUMA-aware where there are several
+        nodes. Under mpiexec with N ranks: tensor parallelism over them if the heads split N
+        ways, else a pipeline of N stages."""
         from ..distributed import current_group
+        from ..kernels.workdist import NumaHint, num_cpus
 
-        world = current_group().world_size
-        if world > 1:
-            return cls.tensor_parallel(world, current_group().rank)
-        return cls.default()
+        group = current_group()
+        world = group.world_size
+        nodes = len(NumaHint("local").nodes)
+        work = WorkDistributionConfig(numa_aware=nodes > 1)
+        if world == 1:
+            return cls(work=work, reason=f"one process, {num_cpus()} cores, {nodes} NUMA node(s): "
+                                         "every core works on each product")
+        if config is None or world <= config.n_heads:
+            return cls(tensor=TensorParallelConfig(world, group.rank), work=work, backend="mpi",
+                       reason=f"{world} MPI ranks: tensor parallelism, each rank holds 1/{world} "
+                              "of every weight")
+        if world <= config.n_layers:
+            return cls(pipeline_stages=world, work=work, backend="mpi",
+                       reason=f"{world} MPI ranks, more than the {config.n_heads} heads: a pipeline "
+                              f"of {world} stages")
+        raise TorchlessError(f"--parallel auto: {world} MPI ranks cannot split {config.n_heads} "
+                             f"heads or {config.n_layers} layers")
 
     def spec(self) -> str:
         """The string form, as --parallel takes it."""
@@ -87,7 +105,7 @@ class ParallelConfig:
         if spec in ("", "none", "1"):
             return cls.default()
         if spec == "auto":
-            return cls.for_model(None)
+            return cls.for_model()
         values = {}
         for part in spec.split(","):
             key, sep, value = part.partition("=")

@@ -195,9 +195,14 @@ class PipelineParallelMistral(PipelineBuffers, Runner):
         tokens = [int(t) for t in tokens]
         start = state.pos
         spans = [Span(state, tokens[i:i + chunk_size], start + i) for i in range(0, len(tokens), chunk_size)]
+        in_flight = 0
         for i, sp in enumerate(spans):
+            if in_flight and not self.has_room([sp]):  # within the memory budget, prefill too
+                self.collect()
+                in_flight -= 1
             self.submit(i, [sp])
-        for _ in spans:  # they leave in the order they went in
+            in_flight += 1
+        for _ in range(in_flight):  # they leave in the order they went in
             _, logits = self.collect()
         state.logits[:] = logits[-1]
         return state.logits

@@ -64,6 +64,10 @@ class Runner:
     def weight_bytes_per_token(self) -> int:
         return self.model.weight_bytes_per_token()
 
+    def linears(self) -> list:
+        """The linear layers this process holds."""
+        return self.model.linears()
+
     def close(self) -> None:
         pass
 
@@ -87,13 +91,41 @@ class LocalRunner(Runner):
 
 def make_runner(params, parallel=None) -> Runner:
     """The runner for a parallel configuration (a ParallelConfig, its string form, or None
-    for one process). Under mpiexec every rank calls this and gets its own part of the model."""
-    from .mistral import Mistral
+    for one process; "auto": ParallelConfig.for_model). Under mpiexec every rank calls this and
+    gets its own part of the model. The runner keeps the configuration it ran (`parallel`) and
+    what the NUMA hint did (`numa`)."""
     from .parallel import ParallelConfig
 
     if isinstance(parallel, str):
-        parallel = ParallelConfig.from_string(parallel)
+        auto = parallel.strip() == "auto"
+        parallel = ParallelConfig.for_model(params.config) if auto else ParallelConfig.from_string(parallel)
     parallel = parallel or ParallelConfig.default()
+    runner = _make(params, parallel)
+    runner.parallel = parallel
+    runner.numa = _apply_numa(runner, parallel)
+    return runner
+
+
+def _apply_numa(runner, parallel):
+    """With `work.numa_aware`: an MPI rank pins its threads to the node it runs on; one process
+    interleaves the weights' pages over the nodes, since all its threads read all of them. On
+    one node this does nothing, and the hint's `reason` says so."""
+    from ..kernels.workdist import NumaHint
+
+    if not parallel.work.numa_aware:
+        return None
+    if parallel.backend == "mpi":
+        return NumaHint.local()
+    hint = NumaHint.interleaved()
+    for linear in runner.linears():
+        for array in (linear.packed.codes, linear.packed.scale):
+            hint.apply_to(array)
+    return hint
+
+
+def _make(params, parallel) -> Runner:
+    from .mistral import Mistral
+
     world, stages = parallel.tensor.world_size, parallel.pipeline_stages
     if world == 1 and stages == 1:
         model = Mistral.load(params)

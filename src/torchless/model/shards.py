@@ -109,6 +109,9 @@ class ThreadedTensorParallel(Runner):
     def collect(self):
         return self._done.popleft()
 
+    def linears(self) -> list:
+        return [linear for shard in self.shards for linear in shard.linears()]
+
     def weight_bytes_per_token(self) -> int:
         return sum(shard.weight_bytes_per_token() for shard in self.shards)  # this process reads all
 
