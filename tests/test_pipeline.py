@@ -131,6 +131,37 @@ def test_pipeline_prefill_in_chunks_equals_one_process(tiny_models):
         pipe.close()
 
 
+@pytest.mark.parametrize("async_execution", [False, True])
+def test_both_pipeline_modes_give_each_sequence_its_own_tokens(tiny_models, async_execution):
+    model = Mistral.load(Parameters.load(tiny_models["llama"][2]))
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (3, 7, 1, 5, 2)]
+    alone = run_engine(LocalRunner(model), prompts, 6)
+    config = PipelineConfig(num_micro_batches=3, async_execution=async_execution)
+    pipe = PipelineParallelMistral(model, 2, config)
+    try:
+        assert run_engine(pipe, prompts, 6) == alone
+    finally:
+        pipe.close()
+
+
+def test_the_lockstep_pipeline_runs_the_pipeline_states_schedule(tiny_models):
+    """Without async_execution each tick is the seed's clock: the stages work exactly on the
+    slots of PipelineState, the GPipe fill/drain diagonal."""
+    from torchless import PipelineState
+
+    model = Mistral.load(Parameters.load(tiny_models["llama"][2]))
+    pipe = PipelineParallelMistral(model, 2, PipelineConfig(num_micro_batches=4))
+    try:
+        for i in range(4):
+            pipe.submit(i, [Span(pipe.new_state(8), [i + 1], 0)])
+        assert [pipe.collect()[0] for _ in range(4)] == [0, 1, 2, 3]
+        assert pipe.ticks == PipelineState(2, 4).schedule(4)
+        assert pipe.ticks[1] == [(0, 1), (1, 0)]  # stage 1 on micro-batch 0 while stage 0 on 1
+    finally:
+        pipe.close()
+
+
 def test_pipeline_stays_within_its_memory_budget(tiny_models):
     model = Mistral.load(Parameters.load(tiny_models["mistral"][2]))
     one_token = PipelineConfig.micro_batch_bytes(model.config.hidden_size)

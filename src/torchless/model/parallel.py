@@ -55,7 +55,7 @@ class ParallelConfig:
     @classmethod
     def pipeline(cls, n_micro_batches: int, n_stages: int = 2) -> "ParallelConfig":
         return cls(pipeline_stages=n_stages,
-                   pipeline_config=PipelineConfig(num_micro_batches=n_micro_batches),
+                   pipeline_config=PipelineConfig(num_micro_batches=n_micro_batches, async_execution=True),
                    backend=_backend())
 
     @classmethod
@@ -86,6 +86,7 @@ class ParallelConfig:
                               "of every weight")
         if world <= config.n_layers:
             return cls(pipeline_stages=world, work=work, backend="mpi",
+                       pipeline_config=PipelineConfig(async_execution=True),
                        reason=f"{world} MPI ranks, more than the {config.n_heads} heads: a pipeline "
                               f"of {world} stages")
         raise TorchlessError(f"--parallel auto: {world} MPI ranks cannot split {config.n_heads} "
@@ -126,7 +127,8 @@ class ParallelConfig:
         tp = values.get("tp", 1)
         return cls(tensor=TensorParallelConfig(tp, rank % tp),
                    pipeline_stages=values.get("pp", 1),
-                   pipeline_config=PipelineConfig(num_micro_batches=values.get("mb", 4)),
+                   pipeline_config=PipelineConfig(num_micro_batches=values.get("mb", 4),
+                                                  async_execution=True),
                    backend=backend)
 
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 
 import numba
 import numpy as np
 
 from ..errors import TorchlessError
-from ..kernels.pipeline import PipelineConfig, predicted_bubble
+from ..kernels.pipeline import PipelineConfig, PipelineState, predicted_bubble
 from .mistral import InferenceState, Mistral, Span
 from .runner import Runner
 
@@ -67,8 +68,34 @@ class PipelineBuffers:
         return PipelineConfig.micro_batch_bytes(self.config.hidden_size,
                                                 tokens=sum(len(sp.tokens) for sp in spans))
 
+    def _start_schedule(self, n_stages: int) -> None:
+        # The seed's state machine keeps the books of the micro-batches in flight: at most
+        # num_micro_batches, ids in submission order, leaving in that order.
+        self.schedule = PipelineState(n_stages, self.n_micro_batches)
+        self._outstanding = 0
+
     def has_room(self, spans: list[Span]) -> bool:
-        return self.in_flight_bytes + self._buffer_bytes(spans) <= self.pipeline_config.memory_budget
+        return (self._outstanding < self.n_micro_batches and self.in_flight_bytes
+                + self._buffer_bytes(spans) <= self.pipeline_config.memory_budget)
+
+    def _enter(self) -> int:
+        """A micro-batch enters stage 0 (free-running stages): the clock ticks until it can."""
+        while not self.schedule.can_accept():
+            if self.schedule.in_flight >= self.schedule.max_depth:
+                raise TorchlessError(f"the pipeline already holds {self.schedule.max_depth} "
+                                     "micro-batches (its num_micro_batches)")
+            self.schedule.advance()
+        self._outstanding += 1
+        return self.schedule.push()
+
+    def _leave(self, mb: int) -> None:
+        """Micro-batch `mb` left the last stage: it must be the oldest in flight."""
+        while not self.schedule.has_output():
+            self.schedule.advance()
+        expected = self.schedule.pop()
+        self._outstanding -= 1
+        if mb != expected:
+            raise TorchlessError(f"pipeline order broken: micro-batch {mb} left before {expected}")
 
     def _reserve(self, spans: list[Span]) -> None:
         for sp in spans:
@@ -99,6 +126,12 @@ class PipelineBuffers:
 
 
 class PipelineParallelMistral(PipelineBuffers, Runner):
+    """Stages as threads. With `async_execution` they run free: each takes the next micro-batch
+    from its queue as soon as it is done with the last. Without it (the seed's default) they run
+    in lockstep, the seed's clock: each tick every stage works on the micro-batch in its slot of
+    the `PipelineState`, then all advance together (stage k on micro-batch i while stage k+1 is
+    on i-1, as in GPipe)."""
+
     def __init__(self, model: Mistral, n_stages: int = 2, config: PipelineConfig | None = None,
                  threads_per_stage: int | None = None):
         from threadpoolctl import threadpool_limits
@@ -108,6 +141,11 @@ class PipelineParallelMistral(PipelineBuffers, Runner):
         # Decode reads every weight once per micro-batch: balance the stages by bytes read.
         costs, output_cost = layer_costs(model)
         self.stages = stage_bounds(costs, n_stages, output_cost)
+        self._start_schedule(n_stages)
+        self._pending: deque = deque()  # lockstep: submitted, waiting for stage 0's slot
+        self._work: dict[int, tuple] = {}  # lockstep: micro-batch id -> (tag, spans, its hidden states)
+        self.ticks: list[list[tuple[int, int]]] = []  # lockstep: (stage, micro-batch) at work per tick
+        self._ready: deque = deque()    # lockstep: (tag, logits) out of the last stage
         threads_per_stage = threads_per_stage or max(1, numba.get_num_threads() // n_stages)
         # BLAS is the prefill's, per stage thread; its own pool would oversubscribe the cores.
         self._blas = threadpool_limits(limits=1, user_api="blas")
@@ -139,7 +177,7 @@ class PipelineParallelMistral(PipelineBuffers, Runner):
             item = self._inbox[k].get()
             if item is None:
                 return
-            tag, spans, x = item
+            mb, tag, spans, x, reply = item
             t0 = time.perf_counter()
             try:
                 if k == 0:
@@ -150,10 +188,12 @@ class PipelineParallelMistral(PipelineBuffers, Runner):
             except Exception as e:  # noqa: BLE001 - reported to the driver, with the stage
                 result, error = None, f"pipeline stage {k} (layers {start}-{stop - 1}) failed: {type(e).__name__}: {e}"
             self.busy_seconds[k] += time.perf_counter() - t0
-            if error is not None or last:
-                self._outbox.put((tag, result, error, self._buffer_bytes(spans)))
+            if reply is not None:  # lockstep: the clock hands it on
+                reply.put((mb, result, error))
+            elif error is not None or last:
+                self._outbox.put((mb, tag, result, error, self._buffer_bytes(spans)))
             else:
-                self._inbox[k + 1].put((tag, spans, result))
+                self._inbox[k + 1].put((mb, tag, spans, result, None))
 
     # -- the runner interface ---------------------------------------------------------------
 
@@ -168,11 +208,20 @@ class PipelineParallelMistral(PipelineBuffers, Runner):
         if self._failed:
             raise TorchlessError(f"the pipeline is stopped: {self._failed}")
         self._reserve(spans)
-        self._inbox[0].put((tag, spans, None))
+        if self.pipeline_config.async_execution:
+            self._inbox[0].put((self._enter(), tag, spans, None, None))
+        else:
+            self._outstanding += 1
+            self._pending.append((tag, spans))
 
     def collect(self, timeout: float = 600.0):
+        if not self.pipeline_config.async_execution:
+            while not self._ready:
+                self._tick(timeout)
+            self._outstanding -= 1
+            return self._ready.popleft()
         try:
-            tag, logits, error, nbytes = self._outbox.get(timeout=timeout)
+            mb, tag, logits, error, nbytes = self._outbox.get(timeout=timeout)
         except queue.Empty:
             self._failed = f"no micro-batch left the pipeline in {timeout:.0f} s"
             raise TorchlessError(f"the pipeline is stuck: {self._failed}") from None
@@ -182,7 +231,39 @@ class PipelineParallelMistral(PipelineBuffers, Runner):
             # silently shortened output.
             self._failed = error
             raise TorchlessError(error)
+        self._leave(mb)
         return tag, logits
+
+    def _tick(self, timeout: float) -> None:
+        """One clock tick of the lockstep pipeline: every occupied stage works at once, then
+        the micro-batches advance one stage."""
+        if self._pending and self.schedule.can_accept():
+            tag, spans = self._pending.popleft()
+            self._work[self.schedule.push()] = (tag, spans, None)
+        if self.schedule.in_flight == 0:
+            raise TorchlessError("collect: nothing was submitted to the pipeline")
+        replies: queue.Queue = queue.Queue()
+        busy = [(k, mb) for k, mb in enumerate(self.schedule.slots) if mb is not None]
+        self.ticks.append(busy)
+        for k, mb in busy:
+            tag, spans, x = self._work[mb]
+            self._inbox[k].put((mb, tag, spans, x, replies))
+        for _ in busy:
+            try:
+                mb, result, error = replies.get(timeout=timeout)
+            except queue.Empty:
+                self._failed = f"a pipeline tick took over {timeout:.0f} s"
+                raise TorchlessError(f"the pipeline is stuck: {self._failed}") from None
+            if error is not None:
+                self._failed = error
+                raise TorchlessError(error)
+            tag, spans, _ = self._work[mb]
+            self._work[mb] = (tag, spans, result)
+        self.schedule.advance()
+        while self.schedule.has_output():
+            tag, spans, logits = self._work.pop(self.schedule.pop())
+            self._release(self._buffer_bytes(spans))
+            self._ready.append((tag, logits))
 
     # -- the seed's one-sequence interface ------------------------------------------------------
 

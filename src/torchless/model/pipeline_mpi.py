@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 
+from ..errors import TorchlessError
 from ..kernels.pipeline import PipelineConfig
 from ..loader import release_pages
 from .mistral import Mistral, Span
@@ -33,6 +34,11 @@ DATA, RESULT = 11, 12
 
 class MPIPipelineMistral(PipelineBuffers, Runner):
     def __init__(self, model: Mistral, group, config: PipelineConfig | None = None, tp: int = 1):
+        config = config or PipelineConfig(async_execution=True)
+        if not config.async_execution:
+            raise TorchlessError("a pipeline of MPI ranks runs its stages asynchronously (each "
+                                 "rank takes the next micro-batch when it is done): "
+                                 "PipelineConfig(async_execution=True)")
         super().__init__(model.config, config)
         self.group, self.comm = group, group.comm
         n_stages = group.world_size // tp
@@ -49,6 +55,7 @@ class MPIPipelineMistral(PipelineBuffers, Runner):
         self.model, self.config = model, model.config
         costs, output_cost = layer_costs(model)
         self.stages = stage_bounds(costs, n_stages, output_cost)
+        self._start_schedule(n_stages)
         self.last_stage = n_stages - 1
         self.prev, self.next = group.rank - tp, group.rank + tp
         self.result_rank = self.last_stage * tp  # shard 0 of the last stage returns the logits
@@ -125,11 +132,12 @@ class MPIPipelineMistral(PipelineBuffers, Runner):
 
     def submit(self, tag, spans: list[Span]) -> None:
         self._reserve(spans)
-        self._handle((STEP, tag, self.states.describe(spans), self.states.take_done(), None))
+        self._handle((STEP, (self._enter(), tag), self.states.describe(spans), self.states.take_done(), None))
 
     def collect(self):
-        tag, logits, nbytes = self.comm.recv(source=self.result_rank, tag=RESULT)
+        (mb, tag), logits, nbytes = self.comm.recv(source=self.result_rank, tag=RESULT)
         self._release(nbytes)
+        self._leave(mb)
         return tag, logits
 
     def end_call(self) -> None:
