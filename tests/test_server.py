@@ -53,9 +53,10 @@ def server(llm):
     thread.join(10)
 
 
-def test_a_pipelined_server_gives_each_request_its_own_text(tiny_llama_gguf, llm):
-    """--parallel pp=2,mb=2: concurrent requests go through two stage threads as micro-batches."""
-    piped = LLM(str(tiny_llama_gguf), parallel="pp=2,mb=2")
+@pytest.mark.parametrize("spec", ["pp=2,mb=2", "tp=2"])
+def test_a_parallel_server_gives_each_request_its_own_text(tiny_llama_gguf, llm, spec):
+    """Concurrent requests through two stage threads as micro-batches, or two tensor shards."""
+    piped = LLM(str(tiny_llama_gguf), parallel=spec)
     base, logs, app, srv, thread = _serve(piped, max_batch=4)
     try:
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
@@ -72,7 +73,8 @@ def test_a_pipelined_server_gives_each_request_its_own_text(tiny_llama_gguf, llm
         for t in threads:
             t.join(60)
         assert results == [llm(p, max_tokens=8, temperature=0)["choices"][0]["text"] for p in prompts]
-        assert all(b > 0 for b in piped.runner.busy_seconds)
+        if spec.startswith("pp"):
+            assert all(b > 0 for b in piped.runner.busy_seconds)
     finally:
         srv.should_exit = True
         thread.join(10)
