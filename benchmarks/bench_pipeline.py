@@ -5,7 +5,8 @@
 Runs, in one script on the same prompts (each mode in its own subprocess, so thread settings
 and peak RSS are its own; rounds alternate the modes so slow spells hit all alike):
   sequential   one process at 1 thread, one prompt after another (the single-sequence path)
-  batched      all prompts as one micro-batch per step, 1 process at 2 threads, no pipeline
+  batched-1t   all prompts as one micro-batch per step, 1 process at 1 thread, no pipeline
+  batched      the same at 2 threads
   pp2-threads  2 pipeline stages as threads of one process, 1 thread each, --mb micro-batches
   pp2-mpi      mpiexec -n 2: one stage per rank, 1 thread each
 For the pipelines it also reports each stage's idle share of the wall time (the bubble) next to
@@ -29,6 +30,7 @@ PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", 
 
 MODES = {  # name -> (threads per process, --parallel, mpi ranks)
     "sequential": (1, None, 0),
+    "batched-1t": (1, None, 0),
     "batched": (2, None, 0),
     "pp2-threads": (2, "pp=2,mb={mb}", 0),
     "pp2-mpi": (1, "pp=2,mb={mb}", 2),
@@ -113,14 +115,19 @@ def main(argv=None) -> None:
         for mode in modes:
             runs[mode].append(launch(mode, args))
             print(f"round {rnd + 1} {mode:12s} {runs[mode][-1]['tok_s']:7.1f} tok/s", file=sys.stderr, flush=True)
-    base = statistics.median(r["tok_s"] for r in runs["sequential"]) if "sequential" in runs else None
+    def median_of(mode):
+        return statistics.median(r["tok_s"] for r in runs[mode]) if mode in runs else float("nan")
+
+    bases = [median_of(m) for m in ("sequential", "batched-1t", "batched")]
     print(f"{args.prompts} prompts x {args.tokens} new tokens, greedy; median of {args.rounds} rounds")
-    print(f"{'mode':12s} {'tok/s':>8s} {'min':>7s} {'max':>7s} {'x seq':>6s} {'RSS MB':>7s}  bubble (idle share per stage; predicted)")
+    print(f"{'mode':12s} {'tok/s':>8s} {'min':>7s} {'max':>7s} {'x seq':>6s} {'x b-1t':>6s} {'x b-2t':>6s} "
+          f"{'RSS MB':>7s}  bubble (idle share per stage; predicted)")
     for mode in modes:
         rates = [r["tok_s"] for r in runs[mode]]
         med = statistics.median(rates)
-        line = (f"{mode:12s} {med:8.1f} {min(rates):7.1f} {max(rates):7.1f} "
-                f"{(med / base if base else float('nan')):6.2f} {statistics.median(r['peak_rss_mb'] for r in runs[mode]):7.0f}")
+        ratios = " ".join(f"{med / b:6.2f}" for b in bases)
+        line = (f"{mode:12s} {med:8.1f} {min(rates):7.1f} {max(rates):7.1f} {ratios} "
+                f"{statistics.median(r['peak_rss_mb'] for r in runs[mode]):7.0f}")
         if "bubble" in runs[mode][0]:
             idle = [statistics.median(r["bubble"]["idle_share"][k] for r in runs[mode])
                     for k in range(len(runs[mode][0]["bubble"]["idle_share"]))]

@@ -167,6 +167,19 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, body, st
     assert _get(server[0] + "/health")[0] == 200
 
 
+@pytest.mark.parametrize("body", [
+    b"[" * 100000 + b"]" * 100000,                         # nested past the parser's recursion limit
+    json.dumps({"prompt": "\ud800 lone surrogate"}).encode(),
+    json.dumps({"model": "x", "messages": [{"role": "user", "content": "\udfff"}]}).encode(),
+    json.dumps({"prompt": ""}).encode(),                    # no tokens at all
+])
+def test_hostile_bodies_get_a_400_and_the_server_stays_up(server, body):
+    url = server[0] + ("/v1/chat/completions" if b"messages" in body else "/v1/completions")
+    status, answer = _post(url, body)
+    assert status == 400 and answer["error"]["type"] == "invalid_request_error", answer
+    assert _post(server[0] + "/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 2}).encode())[0] == 200
+
+
 def test_prompt_longer_than_the_context(server, llm):
     code, payload = _post(server[0] + "/v1/completions", json.dumps(
         {"prompt": "word " * (llm.n_ctx + 10)}).encode())

@@ -86,6 +86,8 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise APIError(400, "the body's JSON is nested too deeply") from None
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object")
         return body
