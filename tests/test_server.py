@@ -172,7 +172,7 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, body, st
     json.dumps({"prompt": "\ud800 lone surrogate"}).encode(),
     json.dumps({"model": "x", "messages": [{"role": "user", "content": "\udfff"}]}).encode(),
     json.dumps({"prompt": ""}).encode(),                    # no tokens at all
-])
+], ids=["deep", "surrogate-prompt", "surrogate-message", "empty-prompt"])
 def test_hostile_bodies_get_a_400_and_the_server_stays_up(server, body):
     url = server[0] + ("/v1/chat/completions" if b"messages" in body else "/v1/completions")
     status, answer = _post(url, body)
