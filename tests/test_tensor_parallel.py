@@ -55,6 +55,28 @@ def test_threads_equal_single_process(tiny_models, qwen2_gguf, arch, world):
         model.close()
 
 
+def test_the_strategies_decide_how_each_block_is_split(tiny_models):
+    """Attention replicated (none, none), the MLP split (column, row): the same logits, each
+    shard holding every head and half the FFN; a split that needs an all-gather is refused."""
+    from torchless.kernels.tensor_parallel import TensorParallelStrategy as S
+
+    path = tiny_models["mistral"][2]
+    tp = TensorParallelConfig(attention_qkv_strategy=S.NONE, attention_output_strategy=S.NONE)
+    model = ThreadedTensorParallel.load(Parameters.load(path), 2, tp)
+    try:
+        assert_close_rel(sharded_logits(model), single_logits(path))
+        config = model.config
+        for shard in model.shards:
+            assert shard.layout.n_heads == config.n_heads
+            assert shard.layers[0].attn_q.shape[0] == config.n_heads * config.head_dim
+            assert shard.layers[0].ffn_gate.shape[0] == config.intermediate_size // 2
+    finally:
+        model.close()
+    with pytest.raises(TorchlessError, match="MLP as column then column is not supported"):
+        ThreadedTensorParallel.load(Parameters.load(path), 2, TensorParallelConfig(
+            mlp_down_strategy=S.COLUMN_PARALLEL))
+
+
 def test_smollm2_on_two_threads(smollm2_path):
     ids = [504, 3575, 282, 4649, 314, 7042, 30]
     model = ThreadedTensorParallel.load(Parameters.load(smollm2_path), 2)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import TorchlessError
 from ..kernels.pipeline import PipelineConfig
-from ..kernels.tensor_parallel import TensorParallelConfig
+from ..kernels.tensor_parallel import TensorParallelConfig, TensorParallelStrategy
 from ..kernels.workdist import WorkDistributionConfig
 from ..loader import release_pages
 from .linear import Linear, RowParallelLinear, VocabParallelLinear
@@ -140,28 +140,52 @@ def _backend() -> str:
 
 # -- tensor parallelism --------------------------------------------------------------------------
 
+def splits(first: TensorParallelStrategy, second: TensorParallelStrategy, block: str) -> bool:
+    """Whether a block's strategies split it (column- then row-parallel: Megatron's split, one
+    all-reduce) or replicate it (none and none: every rank computes all of it)."""
+    if (first, second) == (TensorParallelStrategy.COLUMN_PARALLEL, TensorParallelStrategy.ROW_PARALLEL):
+        return True
+    if (first, second) == (TensorParallelStrategy.NONE, TensorParallelStrategy.NONE):
+        return False
+    raise TorchlessError(f"tensor parallelism: the {block} as {first.value} then {second.value} "
+                         "is not supported; use column then row (split) or none and none (replicated)")
+
+
 def shard_layout(config, tp: TensorParallelConfig, align: int) -> tuple[ShardLayout, dict]:
-    """This rank's heads, FFN rows and vocabulary rows; raises if the world cannot split them."""
+    """This rank's heads, FFN rows and vocabulary rows, as tp's strategies split them; raises
+    if the world cannot split them."""
     world, hd = tp.world_size, config.head_dim
-    if world > config.n_heads:
-        raise TorchlessError(f"tensor parallelism over {world} ranks cannot split "
-                             f"{config.n_heads} attention heads (at most {config.n_heads} ranks)")
-    q0, q1 = tp.local_range(config.n_heads)
     kv_of_q = np.arange(config.n_heads) // (config.n_heads // config.n_kv_heads)
+    q0, q1 = 0, config.n_heads
+    if splits(tp.attention_qkv_strategy, tp.attention_output_strategy, "attention"):
+        if world > config.n_heads:
+            raise TorchlessError(f"tensor parallelism over {world} ranks cannot split "
+                                 f"{config.n_heads} attention heads (at most {config.n_heads} ranks)")
+        q0, q1 = tp.local_range(config.n_heads)
+        if (q0 * hd) % align or (q1 * hd) % align:
+            raise TorchlessError(f"tensor parallelism over {world} ranks splits the attention output "
+                                 f"at column {q0 * hd}, not a multiple of its {align}-value blocks")
     k0, k1 = int(kv_of_q[q0]), int(kv_of_q[q1 - 1]) + 1  # a KV head is replicated where needed
-    if (q0 * hd) % align or (q1 * hd) % align:
-        raise TorchlessError(f"tensor parallelism over {world} ranks splits the attention output "
-                             f"at column {q0 * hd}, not a multiple of its {align}-value blocks")
-    try:
-        i0, i1 = tp.local_range_aligned(config.intermediate_size, align)
-    except ValueError as e:
-        raise TorchlessError(f"tensor parallelism over {world} ranks: {e}") from None
-    if i0 == i1:
-        raise TorchlessError(f"tensor parallelism over {world} ranks cannot split the FFN of "
-                             f"{config.intermediate_size} in blocks of {align}")
+    i0, i1 = 0, config.intermediate_size
+    if splits(tp.mlp_gate_up_strategy, tp.mlp_down_strategy, "MLP"):
+        try:
+            i0, i1 = tp.local_range_aligned(config.intermediate_size, align)
+        except ValueError as e:
+            raise TorchlessError(f"tensor parallelism over {world} ranks: {e}") from None
+        if i0 == i1:
+            raise TorchlessError(f"tensor parallelism over {world} ranks cannot split the FFN of "
+                                 f"{config.intermediate_size} in blocks of {align}")
     layout = ShardLayout(q1 - q0, k1 - k0, i1 - i0, tuple(int(k - k0) for k in kv_of_q[q0:q1]))
     return layout, {"q": (q0 * hd, q1 * hd), "kv": (k0 * hd, k1 * hd), "ffn": (i0, i1),
                     "vocab": tp.local_range(config.vocab_size)}
+
+
+def _second(linear: Linear, start: int, stop: int, group) -> Linear:
+    """The second product of a block: row-parallel over this rank's inputs, or whole where the
+    block is replicated."""
+    if (start, stop) == (0, linear.shape[1]):
+        return linear
+    return RowParallelLinear(linear, start, stop, group)
 
 
 class TensorParallelMistral(Mistral):
@@ -187,15 +211,15 @@ class TensorParallelMistral(Mistral):
         align = max(_block_size(full.layers[0].attn_output), _block_size(full.layers[0].ffn_down))
         layout, r = shard_layout(full.config, tp, align)
         group = group if tp.world_size > 1 else _Alone()
-        # Column-parallel (split output features): Q/K/V, gate, up. Row-parallel (split input
-        # features, all-reduced): the attention output and down projections.
+        # By tp's strategies, column-parallel (split output features): Q/K/V, gate, up; row-
+        # parallel (split input features, all-reduced): the attention output and down projection.
         layers = [LayerWeights(
             attn_norm=layer.attn_norm, ffn_norm=layer.ffn_norm,
             attn_q=layer.attn_q.rows(*r["q"]), attn_k=layer.attn_k.rows(*r["kv"]),
             attn_v=layer.attn_v.rows(*r["kv"]),
-            attn_output=RowParallelLinear(layer.attn_output, *r["q"], group),
+            attn_output=_second(layer.attn_output, *r["q"], group),
             ffn_gate=layer.ffn_gate.rows(*r["ffn"]), ffn_up=layer.ffn_up.rows(*r["ffn"]),
-            ffn_down=RowParallelLinear(layer.ffn_down, *r["ffn"], group)) for layer in full.layers]
+            ffn_down=_second(layer.ffn_down, *r["ffn"], group)) for layer in full.layers]
         output = VocabParallelLinear(full.output, *r["vocab"], group)
         model = cls(full.config, full.embedding, layers, full.output_norm, output, layout)
         model.tp_config, model.group = tp, group

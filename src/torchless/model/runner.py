@@ -157,4 +157,4 @@ def _make(params, parallel) -> Runner:
         return PipelineParallelMistral(Mistral.load(params), stages, parallel.pipeline_config)
     from .shards import ThreadedTensorParallel
 
-    return ThreadedTensorParallel.load(params, world)
+    return ThreadedTensorParallel.load(params, world, parallel.tensor)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import replace
 
 import numba
 
@@ -25,10 +26,13 @@ from .runner import Runner
 
 
 class ThreadedTensorParallel(Runner):
-    def __init__(self, full: Mistral, world_size: int, timeout: float = 60.0):
+    def __init__(self, full: Mistral, world_size: int, timeout: float = 60.0,
+                 tp: TensorParallelConfig | None = None):
+        """tp: the strategies to split by (its world_size and rank are this object's)."""
         self.config = full.config
         self.groups = ThreadGroup.create(world_size, timeout=timeout)
-        self.shards = [TensorParallelMistral.shard(full, TensorParallelConfig(world_size, r), g)
+        tp = tp or TensorParallelConfig()
+        self.shards = [TensorParallelMistral.shard(full, replace(tp, world_size=world_size, rank=r), g)
                        for r, g in enumerate(self.groups)]
         self.model = self  # the seed's one-sequence interface is this object's own
         self._done = deque()
@@ -41,8 +45,8 @@ class ThreadedTensorParallel(Runner):
             w.start()
 
     @classmethod
-    def load(cls, params, world_size: int) -> "ThreadedTensorParallel":
-        return cls(Mistral.load(params, fast=False), world_size)
+    def load(cls, params, world_size: int, tp: TensorParallelConfig | None = None) -> "ThreadedTensorParallel":
+        return cls(Mistral.load(params, fast=False), world_size, tp=tp)
 
     def _serve(self, rank: int, n_threads: int):
         numba.set_num_threads(n_threads)  # per calling thread: each shard gets its share of cores
