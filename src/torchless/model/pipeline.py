@@ -45,11 +45,18 @@ def stage_bounds(layer_costs, n_stages: int, tail_cost: float = 0.0) -> list[tup
 
 
 def layer_costs(model: Mistral) -> tuple[list[int], int]:
-    """Bytes of each layer's weights as stored, and of the output projection: what a decode
-    step reads. Read from the file's tensor sizes, so nothing is repacked to plan stages."""
+    """Multiply-adds per token of each layer's products, and of the output projection. A
+    pipeline pays off on micro-batches of several sequences, whose products are compute-bound
+    (the batched integer kernels), so their cost follows the weight count, not the bytes: by
+    bytes the Q8_0 head of SmolLM2 weighed 13.6 Q4_1 layers and its stage sat idle 30% of the
+    time (benchmarks/bench_pipeline.py). Read from the tensor shapes: nothing is repacked."""
     kinds = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-    return ([sum(getattr(layer, kind).weight.nbytes for kind in kinds) for layer in model.layers],
-            model.output.weight.nbytes)
+
+    def weights(linear):
+        rows, cols = linear.shape
+        return rows * cols
+    return ([sum(weights(getattr(layer, kind)) for kind in kinds) for layer in model.layers],
+            weights(model.output))
 
 
 class PipelineBuffers:
@@ -138,7 +145,7 @@ class PipelineParallelMistral(PipelineBuffers, Runner):
 
         super().__init__(model.config, config)
         self.model = model
-        # Decode reads every weight once per micro-batch: balance the stages by bytes read.
+        # Balance the stages by their multiply-adds (see layer_costs).
         costs, output_cost = layer_costs(model)
         self.stages = stage_bounds(costs, n_stages, output_cost)
         self._start_schedule(n_stages)
