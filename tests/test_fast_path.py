@@ -86,3 +86,91 @@ def test_decode_allocates_nothing_per_token(model):
                 if s.size_diff > 0)
     tracemalloc.stop()
     assert grown < 4096, f"decode allocated {grown} bytes over 5 tokens"
+
+
+# -- the compiled blocks (kernels/fused_layer.py) against the kernel-by-kernel path --------------
+
+def unfused(model):
+    """The same model with every block run kernel by kernel (what the fused blocks replace)."""
+    unfused_blocks = [(None, None)] * len(model.layers)
+    model.fused_blocks = lambda work=None: unfused_blocks
+    return model
+
+
+def decode_logits(model, tokens):
+    state = InferenceState(model.config)
+    return np.stack([model.fast_forward(state, t).copy() for t in tokens])
+
+
+def batched_logits(model, prompts, n_steps):
+    """Each prompt prefilled but its last token, then n_steps micro-batches of one-token spans,
+    one span per prompt; greedy from the reference's logits so both paths see the same tokens."""
+    from torchless.model.mistral import Span
+
+    states = [InferenceState(model.config) for _ in prompts]
+    for state, prompt in zip(states, prompts):
+        if len(prompt) > 1:
+            model.prefill(state, prompt[:-1])
+    tokens, out = [p[-1] for p in prompts], []
+    for _ in range(n_steps):
+        out.append(model.forward_spans([Span(s, [t], s.pos) for s, t in zip(states, tokens)]))
+        tokens = [int(t) % model.config.vocab_size for t in out[-1].argmax(axis=1)]
+    return np.stack(out)
+
+
+@pytest.fixture(params=["mistral", "llama", "qwen2"])
+def hf_arch_model(request, tiny_models):
+    """Sliding window (mistral), plain (llama), Q/K/V bias and rotate-half RoPE (qwen2)."""
+    return Mistral.load(Parameters.load(tiny_models[request.param][2]))
+
+
+@pytest.fixture
+def mixed_model(tmp_path_factory):
+    """Layers whose matrices mix "q4", "q8" and "f32" packings, as Q4_K_M files mix them."""
+    kinds = {}
+    for qtype in ("Q4_K", "Q6_K", "Q8_0", "F16"):
+        path = write_random_gguf(tmp_path_factory.mktemp(qtype) / "m.gguf", qtype, sliding_window=9)
+        kinds[qtype] = Mistral.load(Parameters.load(path))
+    model = kinds["Q4_K"]
+    model.layers[0].attn_v = kinds["Q6_K"].layers[0].attn_v
+    model.layers[0].ffn_down = kinds["Q8_0"].layers[0].ffn_down
+    model.layers[1].attn_q = kinds["F16"].layers[1].attn_q
+    model.layers[1].ffn_up = kinds["Q6_K"].layers[1].ffn_up
+    assert {m.packed.kind for m in model.linears()} == {"q4", "q8", "f32"}
+    return model
+
+
+PROMPTS = [TOKENS[:3], TOKENS[3:15], TOKENS[15:16], TOKENS[5:19]]
+
+
+def test_fused_decode_equals_unfused_on_each_architecture(hf_arch_model, threads):
+    tokens = [t % hf_arch_model.config.vocab_size for t in TOKENS]
+    fused = decode_logits(hf_arch_model, tokens)
+    assert_close_rel(fused, reference_logits(hf_arch_model, tokens))
+    assert_close_rel(fused, decode_logits(unfused(hf_arch_model), tokens), rel=1e-5)
+
+
+def test_fused_micro_batch_equals_unfused_on_each_architecture(hf_arch_model, threads):
+    prompts = [[t % hf_arch_model.config.vocab_size for t in p] for p in PROMPTS]
+    fused = batched_logits(hf_arch_model, prompts, 6)
+    assert_close_rel(fused, batched_logits(unfused(hf_arch_model), prompts, 6), rel=1e-5)
+
+
+def test_fused_paths_on_mixed_layers(mixed_model, threads):
+    ref = reference_logits(mixed_model, TOKENS)
+    assert_close_rel(decode_logits(mixed_model, TOKENS), ref)
+    assert_close_rel(batched_logits(mixed_model, PROMPTS, 4),
+                     batched_logits(unfused(mixed_model), PROMPTS, 4))
+
+
+def test_fused_decode_counts_the_same_tasks(model, threads):
+    """The fused blocks run the scheduler's task functions on its plans: the stats move exactly
+    as kernel by kernel."""
+    moved = []
+    for m in (model, unfused(Mistral(model.config, model.embedding, model.layers, model.output_norm,
+                                     model.output))):
+        adaptive.GLOBAL_STATS.reset()
+        decode_logits(m, TOKENS[:6])
+        moved.append(adaptive.GLOBAL_STATS.tasks_created)
+    assert moved[0] == moved[1]
+    assert (moved[0] > 0) == (threads > 1)

@@ -5,6 +5,8 @@ faster paths. It is written once for T tokens at a time, and `prefill` runs the 
 chunks of the prompt with the products done by the quantized kernels. `fast_forward` is the
 one-token decode step: compiled kernels on the repacked quantized weights, writing into buffers
 allocated once per state, with the products cut into tasks by the work-distribution scheduler.
+Decode steps and micro-batches of one-token spans run each block of a layer as one compiled
+`nogil` call (kernels/fused_layer.py), so the GIL is held only between blocks.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ContextOverflowError, ModelFileError
-from ..kernels import fused, gemm, ops, qmatmul
-from ..kernels.adaptive import attention_parallel_adaptive
+from numba import typed
+
+from ..kernels import fused, fused_layer, gemm, ops, qmatmul
+from ..kernels.adaptive import _get_num_threads, attention_parallel_adaptive
 from ..loader import release_pages, trim_heap
 from ..quant import QTensor
 from .kv_cache import KVCache
@@ -43,6 +47,10 @@ class LayerWeights:
     ffn_gate: Linear       # (intermediate, hidden)
     ffn_up: Linear         # (intermediate, hidden)
     ffn_down: Linear       # (hidden, intermediate)
+
+
+ATTENTION_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output")
+MLP_LINEARS = ("ffn_gate", "ffn_up", "ffn_down")
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,7 @@ class Mistral:
         self.layout = layout or ShardLayout.full(config)
         self.kv_map = np.array(self.layout.kv_map, dtype=np.int64)  # local query head -> local KV head
         self._rope_cos = self._rope_sin = np.zeros((0, config.head_dim // 2), np.float32)
+        self._fused_weights: dict = {}  # (work, threads) -> per layer (attention, mlp) weight tuples
 
     def new_state(self, max_seq_len: int | None = None) -> InferenceState:
         return InferenceState(self.config, max_seq_len, self.layout)
@@ -138,6 +147,24 @@ class Mistral:
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights one decode step reads: every packed matrix, once."""
         return sum(linear.packed.nbytes for linear in self.linears())
+
+    def fused_blocks(self, work=None) -> list[tuple]:
+        """Per layer, the weight tuples of its attention block (q, k, v, output) and of its
+        SwiGLU block (gate, up, down) for the compiled blocks of kernels/fused_layer.py; None for
+        a block with a linear that is not a plain Linear (a tensor-parallel shard's, which
+        all-reduces its product), which then runs kernel by kernel."""
+        n_threads = _get_num_threads()
+        blocks = self._fused_weights.get((work, n_threads))
+        if blocks is None:
+            def block(layer, kinds):
+                linears = [getattr(layer, kind) for kind in kinds]
+                if any(type(linear) is not Linear for linear in linears):
+                    return None
+                return tuple(fused_layer.weight_args(linear, work, n_threads) for linear in linears)
+
+            blocks = self._fused_weights[(work, n_threads)] = [
+                (block(layer, ATTENTION_LINEARS), block(layer, MLP_LINEARS)) for layer in self.layers]
+        return blocks
 
     def rope_at(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
         """cos, sin (head_dim // 2,) of one position, from a table grown as positions come."""
@@ -210,12 +237,49 @@ class Mistral:
         per sequence. Positions come from the spans, not from the caches, so pipeline stages
         can work on later tokens of a sequence before earlier ones have left the last stage."""
         c, w = self.config, self.work
+        if fast and self._fusable(spans, start, stop):
+            return self._run_layers_fused(spans, x, start, stop)
         for li in range(start, stop):
             layer = self.layers[li]
             h = ops.rmsnorm(x, layer.attn_norm, c.norm_eps)
             x = x + self._attention_block(layer, li, spans, h, fast)
             h = ops.rmsnorm(x, layer.ffn_norm, c.norm_eps)
             x = x + layer.ffn_down(ops.silu(layer.ffn_gate(h, fast, w)) * layer.ffn_up(h, fast, w), fast, w)
+        return x
+
+    def _fusable(self, spans: list["Span"], start: int, stop: int) -> bool:
+        """Whether a micro-batch runs as compiled blocks: one-token spans of distinct sequences
+        (a sequence's later token must see its earlier one's key), every block fusable."""
+        if any(len(sp.tokens) != 1 for sp in spans) or len({id(sp.state) for sp in spans}) < len(spans):
+            return False
+        return all(a is not None and m is not None for a, m in self.fused_blocks(self.work)[start:stop])
+
+    def _run_layers_fused(self, spans: list["Span"], x: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """run_layers for one-token spans: per layer one compiled call per block, each product
+        once for all rows, each sequence attending over its own cache."""
+        c, n_threads = self.config, _get_num_threads()
+        caches = [sp.state.cache for sp in spans]
+        positions = np.array([sp.start for sp in spans], np.int64)
+        n_valid = np.array([cache.n_valid(sp.start) for cache, sp in zip(caches, spans)], np.int64)
+        for cache, n in zip(caches, n_valid):
+            cache._reserve(int(n))  # before the arrays are handed over: it may replace them
+        slots = positions % np.array([cache.cache_len for cache in caches], np.int64)
+        self.rope_at(int(positions.max()))
+        cos, sin = self._rope_cos[positions], self._rope_sin[positions]
+        k_caches, v_caches = typed.List([ca.k for ca in caches]), typed.List([ca.v for ca in caches])
+        kv_bytes = 2 * 4 * self.layout.n_kv_heads * c.head_dim * int(n_valid.sum())
+        plan = fused_layer.attention_plan(len(spans) * self.layout.n_heads, int(n_valid.mean()),
+                                          kv_bytes, self.work, n_threads)
+        inline = fused_layer.inline_bytes(n_threads)
+        x = np.array(x, np.float32)  # updated in place: not the caller's array
+        blocks = self.fused_blocks(self.work)
+        for li in range(start, stop):
+            layer, (attention, mlp) = self.layers[li], blocks[li]
+            fused_layer.run_counted(fused_layer.batch_attention_block, x, layer.attn_norm, c.norm_eps,
+                                    *attention, cos, sin, c.rope_interleaved, k_caches, v_caches, li,
+                                    slots, n_valid, self.kv_map, plan, inline)
+            fused_layer.run_counted(fused_layer.batch_mlp_block, x, layer.ffn_norm, c.norm_eps, *mlp,
+                                    self.layout.intermediate_size, inline)
         return x
 
     def finish(self, spans: list["Span"], x: np.ndarray, all_logits: bool = False,
@@ -309,6 +373,25 @@ class Mistral:
 
     def decode_attention(self, li: int, state: InferenceState, work=None):
         """x += attention block of layer li for the token at state.pos (one token, in place)."""
+        weights = self.fused_blocks(work)[li][0]
+        if weights is None:
+            return self._decode_attention_unfused(li, state, work)
+        c, cache, pos, n_threads = self.config, state.cache, state.pos, _get_num_threads()
+        n_valid = cache.n_valid(pos)
+        cache._reserve(n_valid)
+        if state.scores.shape[0] < n_valid:
+            state.scores = np.empty(cache.k.shape[1], np.float32)
+        k_layer, v_layer = cache.layer(li)
+        cos, sin = self.rope_at(pos)
+        kv_bytes = 2 * 4 * n_valid * self.layout.n_kv_heads * c.head_dim
+        plan = fused_layer.attention_plan(self.layout.n_heads, n_valid, kv_bytes, work, n_threads)
+        fused_layer.run_counted(
+            fused_layer.attention_block, state.x, state.h, state.q, state.k, state.v, state.att,
+            state.o, state.scores, self.layers[li].attn_norm, c.norm_eps, *weights, cos, sin,
+            c.rope_interleaved, k_layer, v_layer, pos % cache.cache_len, n_valid, self.kv_map, plan,
+            fused_layer.inline_bytes(n_threads))
+
+    def _decode_attention_unfused(self, li: int, state: InferenceState, work=None):
         c, layer, x, h = self.config, self.layers[li], state.x, state.h
         fused.rmsnorm_into(x, layer.attn_norm, c.norm_eps, h)
         layer.attn_q.matvec_into(h, state.q.reshape(-1), work)
@@ -322,6 +405,14 @@ class Mistral:
 
     def decode_mlp(self, li: int, state: InferenceState, work=None):
         """x += SwiGLU block of layer li (one token, in place)."""
+        weights = self.fused_blocks(work)[li][1]
+        if weights is None:
+            return self._decode_mlp_unfused(li, state, work)
+        fused_layer.run_counted(fused_layer.mlp_block, state.x, state.h, state.gate, state.up,
+                                state.o, self.layers[li].ffn_norm, self.config.norm_eps, *weights,
+                                fused_layer.inline_bytes(_get_num_threads()))
+
+    def _decode_mlp_unfused(self, li: int, state: InferenceState, work=None):
         layer, x, h = self.layers[li], state.x, state.h
         fused.rmsnorm_into(x, layer.ffn_norm, self.config.norm_eps, h)
         layer.ffn_gate.matvec_into(h, state.gate, work)

@@ -1,0 +1,275 @@
+"""A decoder block as one compiled call: the attention block (rmsnorm, Q/K/V products, RoPE,
+the KV cache write, GQA attention, output product, residual add) and the SwiGLU block, for one
+token of one sequence or for a micro-batch of one-token spans of different sequences.
+
+Why: run as separate kernels a decode step is ~200 Python-level calls per token, and between
+them the calling thread holds the GIL, so pipeline stage threads and the server's engine thread
+serialize on it. A block here is one `nogil` call; the GIL is taken only between blocks.
+
+The products inside are the scheduler's own compiled task functions (`adaptive._tasks_*`,
+`adaptive._batch_*tasks_*`) on the plans `adaptive` makes, or the serial kernels where the work
+is under the inline threshold, exactly as `adaptive._matvec`/`_matmul` choose; each block
+returns the tasks it created and how many ran on their owner, so `GLOBAL_STATS` stays exact.
+
+A product's weight is a tuple (codes, scale, min, group, bias, nbytes, bounds, owners, starts):
+the packed arrays, a bias (empty: none), the bytes it reads, and its task plan. Its kind is told
+apart by type at compile time: "q4" codes are uint8, "q8" int8, "f32" a 3-D float32 array.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from . import adaptive, qmatmul, qmatmul_batch
+from .fused import add_bias, add_into, attend_heads, rmsnorm_into, rope_rows, swiglu_into
+
+_FM = {"contract"}
+
+
+def _kernels_of(codes_type):
+    """(serial matvec, matvec tasks, serial batch, batch tasks) of a weight's codes type."""
+    if codes_type.ndim == 3:
+        kind = "f32"
+    else:
+        kind = "q4" if codes_type.dtype == types.uint8 else "q8"
+    serial_batch = qmatmul_batch.INT_SERIAL.get(kind)
+    return (qmatmul._KERNELS[kind][0], adaptive._TASK_KERNELS[kind],
+            serial_batch, qmatmul_batch.FLOAT_TILES[kind], adaptive._BATCH_TASK_KERNELS[kind])
+
+
+def _product(weight, x, out, inline_bytes):
+    """out = W x (+ bias) for one row x; returns (tasks created, tasks run by their owner)."""
+
+
+def _batch_product(weight, X, out, inline_bytes):
+    """out = X W^T (+ bias) for every row of X; returns (tasks created, tasks local)."""
+
+
+@overload(_product)
+def _product_impl(weight, x, out, inline_bytes):
+    serial, tasks, _, _, _ = _kernels_of(weight.types[0])
+
+    def impl(weight, x, out, inline_bytes):
+        codes, scale, mn, group, bias, nbytes, bounds, owners, starts = weight
+        created = local = 0
+        if nbytes < inline_bytes:
+            serial(codes, scale, mn, group, x, out, 0, out.shape[0])
+        else:
+            local, _ = tasks(codes, scale, mn, group, x, out, bounds, owners, starts)
+            created = bounds.shape[0] - 1
+        if bias.shape[0]:
+            add_bias(out, bias)
+        return created, local
+
+    return impl
+
+
+@overload(_batch_product)
+def _batch_product_impl(weight, X, out, inline_bytes):
+    _, _, serial_int, serial_float, tasks = _kernels_of(weight.types[0])
+    integer = serial_int is not None
+
+    def impl(weight, X, out, inline_bytes):
+        codes, scale, mn, group, bias, nbytes, bounds, owners, starts = weight
+        created = local = 0
+        if nbytes * X.shape[0] < inline_bytes:
+            if integer:
+                serial_int(codes, scale, mn, group, X, out)
+            else:
+                serial_float(codes, scale, mn, X, out, 0, codes.shape[0])
+        else:
+            local, _ = tasks(codes, scale, mn, group, X, out, bounds, owners, starts)
+            created = bounds.shape[0] - 1
+        if bias.shape[0]:
+            for m in range(out.shape[0]):
+                add_bias(out[m], bias)
+        return created, local
+
+    return impl
+
+
+@njit(nogil=True, cache=True)
+def _rope_and_store(q, k, v, cos, sin, interleaved, k_layer, v_layer, slot):
+    """RoPE on q (n_heads, head_dim) and k (n_kv_heads, head_dim) in place; k, v into the slot."""
+    rope_rows(q, cos, sin, interleaved)
+    rope_rows(k, cos, sin, interleaved)
+    k_layer[slot] = k
+    v_layer[slot] = v
+
+
+@njit(nogil=True, cache=True)
+def attention_block(x, h, q, k, v, att, o, scores, norm, eps, wq, wk, wv, wo, cos, sin,
+                    interleaved, k_layer, v_layer, slot, n_valid, kv_map, attention_plan,
+                    inline_bytes):
+    """x += the attention block of one layer for one token. q, att: (n_heads, head_dim); k, v:
+    (n_kv_heads * head_dim,); k_layer, v_layer: the layer's cache (slots, n_kv_heads, head_dim),
+    grown to hold `slot`; attention_plan: (bounds, owners, starts) over heads, owners empty to
+    run on this thread. Returns (tasks created, tasks local)."""
+    rmsnorm_into(x, norm, eps, h)
+    c1, l1 = _product(wq, h, q.reshape(-1), inline_bytes)
+    c2, l2 = _product(wk, h, k, inline_bytes)
+    c3, l3 = _product(wv, h, v, inline_bytes)
+    kv_shape = (k_layer.shape[1], k_layer.shape[2])
+    _rope_and_store(q, k.reshape(kv_shape), v.reshape(kv_shape), cos, sin, interleaved,
+                    k_layer, v_layer, slot)
+    bounds, owners, starts = attention_plan
+    c4 = l4 = 0
+    if owners.shape[0] == 0:
+        attend_heads(q, k_layer, v_layer, n_valid, kv_map, att, 0, q.shape[0], scores)
+    else:
+        l4, _ = adaptive._attention_tasks(q, k_layer, v_layer, n_valid, kv_map, att, bounds,
+                                          owners, starts)
+        c4 = bounds.shape[0] - 1
+    c5, l5 = _product(wo, att.reshape(-1), o, inline_bytes)
+    add_into(x, o)
+    return c1 + c2 + c3 + c4 + c5, l1 + l2 + l3 + l4 + l5
+
+
+@njit(nogil=True, cache=True)
+def mlp_block(x, h, gate, up, o, norm, eps, w_gate, w_up, w_down, inline_bytes):
+    """x += the SwiGLU block of one layer for one token. Returns (tasks created, tasks local)."""
+    rmsnorm_into(x, norm, eps, h)
+    c1, l1 = _product(w_gate, h, gate, inline_bytes)
+    c2, l2 = _product(w_up, h, up, inline_bytes)
+    swiglu_into(gate, up, gate)
+    c3, l3 = _product(w_down, gate, o, inline_bytes)
+    add_into(x, o)
+    return c1 + c2 + c3, l1 + l2 + l3
+
+
+# -- a micro-batch of B one-token spans, one per sequence ---------------------------------------
+
+@njit(nogil=True, cache=True)
+def _rmsnorm_rows(X, norm, eps):
+    H = np.empty_like(X)
+    for m in range(X.shape[0]):
+        rmsnorm_into(X[m], norm, eps, H[m])
+    return H
+
+
+@njit(nogil=True, cache=True)
+def _attend_unit(Q, k_caches, v_caches, layer, n_valid, kv_map, ATT, unit, scores):
+    """Attention of one (sequence, head) pair: unit = sequence * n_heads + head."""
+    b, head = divmod(unit, Q.shape[1])
+    attend_heads(Q[b], k_caches[b][layer], v_caches[b][layer], n_valid[b], kv_map, ATT[b],
+                 head, head + 1, scores)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _batch_attention_tasks(Q, k_caches, v_caches, layer, n_valid, kv_map, ATT, bounds, owners,
+                           starts):
+    """The scheduler's claiming (as adaptive._attention_tasks) over (sequence, head) units."""
+    runners = np.empty(owners.shape[0], np.int64)
+    counters, ends = starts[:-1].copy(), starts[1:]
+    for w in prange(counters.shape[0]):
+        scores = np.empty(max(1, n_valid.max()), np.float32)
+        i = adaptive._claim(counters, ends, w)
+        while i >= 0:
+            for unit in range(bounds[i], bounds[i + 1]):
+                _attend_unit(Q, k_caches, v_caches, layer, n_valid, kv_map, ATT, unit, scores)
+            runners[i] = w
+            i = adaptive._claim(counters, ends, w)
+    return adaptive._count_local(runners, owners), runners
+
+
+@njit(nogil=True, cache=True)
+def batch_attention_block(X, norm, eps, wq, wk, wv, wo, cos, sin, interleaved, k_caches,
+                          v_caches, layer, slots, n_valid, kv_map, attention_plan, inline_bytes):
+    """X (B, hidden) += the attention block of `layer`, row b the token of sequence b at the
+    position whose RoPE is cos[b], sin[b] and whose cache slot is slots[b]; k_caches[b],
+    v_caches[b]: sequence b's whole cache (n_layers, slots, n_kv_heads, head_dim), grown to
+    hold its slot. attention_plan: over the B * n_heads (sequence, head) units."""
+    B = X.shape[0]
+    n_kv_heads, head_dim = k_caches[0].shape[2], k_caches[0].shape[3]
+    n_heads = kv_map.shape[0]
+    H = _rmsnorm_rows(X, norm, eps)
+    Q = np.empty((B, n_heads, head_dim), np.float32)
+    K = np.empty((B, n_kv_heads, head_dim), np.float32)
+    V = np.empty((B, n_kv_heads, head_dim), np.float32)
+    c1, l1 = _batch_product(wq, H, Q.reshape(B, -1), inline_bytes)
+    c2, l2 = _batch_product(wk, H, K.reshape(B, -1), inline_bytes)
+    c3, l3 = _batch_product(wv, H, V.reshape(B, -1), inline_bytes)
+    for b in range(B):
+        _rope_and_store(Q[b], K[b], V[b], cos[b], sin[b], interleaved, k_caches[b][layer],
+                        v_caches[b][layer], slots[b])
+    ATT = np.empty_like(Q)
+    bounds, owners, starts = attention_plan
+    c4 = l4 = 0
+    if owners.shape[0] == 0:
+        scores = np.empty(max(1, n_valid.max()), np.float32)
+        for unit in range(B * n_heads):
+            _attend_unit(Q, k_caches, v_caches, layer, n_valid, kv_map, ATT, unit, scores)
+    else:
+        l4, _ = _batch_attention_tasks(Q, k_caches, v_caches, layer, n_valid, kv_map, ATT,
+                                       bounds, owners, starts)
+        c4 = bounds.shape[0] - 1
+    O = np.empty_like(X)
+    c5, l5 = _batch_product(wo, ATT.reshape(B, -1), O, inline_bytes)
+    X += O
+    return c1 + c2 + c3 + c4 + c5, l1 + l2 + l3 + l4 + l5
+
+
+@njit(nogil=True, cache=True)
+def batch_mlp_block(X, norm, eps, w_gate, w_up, w_down, intermediate, inline_bytes):
+    """X (B, hidden) += the SwiGLU block of one layer, every product once for all B rows."""
+    B = X.shape[0]
+    H = _rmsnorm_rows(X, norm, eps)
+    gate = np.empty((B, intermediate), np.float32)
+    up = np.empty_like(gate)
+    c1, l1 = _batch_product(w_gate, H, gate, inline_bytes)
+    c2, l2 = _batch_product(w_up, H, up, inline_bytes)
+    for m in range(B):
+        swiglu_into(gate[m], up[m], gate[m])
+    O = np.empty_like(X)
+    c3, l3 = _batch_product(w_down, gate, O, inline_bytes)
+    X += O
+    return c1 + c2 + c3, l1 + l2 + l3
+
+
+# -- what the blocks are called with ------------------------------------------------------------
+
+NO_BIAS = np.zeros(0, np.float32)
+_NO_TASKS = np.zeros(0, np.int64)
+SERIAL_PLAN = (_NO_TASKS, _NO_TASKS, _NO_TASKS)  # owners empty: run on the calling thread
+
+
+def inline_bytes(n_threads: int) -> int:
+    """Work (bytes of weights or cache read) under which a product or attention runs on the
+    calling thread, as adaptive._matvec decides; everything does at one thread."""
+    return 2**62 if n_threads == 1 else adaptive.inline_threshold_bytes()
+
+
+def weight_args(linear, work, n_threads: int) -> tuple:
+    """A Linear's weight tuple for the blocks (see the module docstring)."""
+    packed = linear.packed
+    bias = NO_BIAS if linear.bias is None else np.ascontiguousarray(linear.bias, np.float32)
+    plan = adaptive._matmul_plan(packed.rows, packed.cols, work, n_threads)
+    return (packed.codes, packed.scale, packed.min, packed.group, bias, packed.nbytes,
+            plan.bounds, plan.owners, plan.starts)
+
+
+def attention_plan(units: int, seq_len: int, work_bytes: int, work, n_threads: int) -> tuple:
+    """(bounds, owners, starts) over `units` (heads, or (sequence, head) pairs) as
+    adaptive.attention_parallel_adaptive plans them; SERIAL_PLAN for small work."""
+    if work_bytes < inline_bytes(n_threads):
+        return SERIAL_PLAN
+    config = work or adaptive.WorkDistributionConfig.for_attention(units, seq_len)
+    key = ("attention", units, config, n_threads)
+    plan = adaptive._plans.get(key)
+    if plan is None:
+        plan = adaptive._plans[key] = adaptive.TaskPlan(units, config, n_threads, align=1)
+    return plan.bounds, plan.owners, plan.starts
+
+
+def run_counted(block, *args) -> None:
+    """Call a block with numba's chunk size at one (each worker its own chunk, as the scheduler
+    wants: see adaptive._matvec) and count its tasks in GLOBAL_STATS."""
+    previous = adaptive._set_chunksize(1)
+    try:
+        created, local = block(*args)
+    finally:
+        adaptive._set_chunksize(previous)
+    if created:
+        adaptive.GLOBAL_STATS.record_counts(created, local)
