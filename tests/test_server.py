@@ -342,3 +342,15 @@ def test_a_non_streamed_request_whose_client_goes_away_is_cancelled(tiny_llama_g
     finally:
         srv.should_exit = True
         thread.join(10)
+
+
+def test_a_body_framed_two_ways_is_refused_at_once(server):
+    """Content-Length and chunked Transfer-Encoding together: a 400 at once, not a wait for a
+    body that one of the two framings says never ends (the start of request smuggling)."""
+    port = int(server[0].rsplit(":", 1)[1])
+    body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                  b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % (KEY.encode(), len(body)) + body)
+        head = s.recv(4096)
+    assert head.startswith(b"HTTP/1.1 400"), head

@@ -340,8 +340,10 @@ def cmd_serve(args) -> int:
         app = create_app(llm, args.max_batch, args.api_key)
         _err(f"serving on http://{args.host}:{args.port}/v1 (max batch {args.max_batch})")
         # in-flight streams get a few seconds after SIGTERM, then the server stops
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                    timeout_graceful_shutdown=3)
+        # h11: a strict HTTP/1.1 parser (a request with both Content-Length and chunked
+        # Transfer-Encoding is refused, not read ambiguously); idle connections close after 5 s
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http="h11",
+                    timeout_keep_alive=5, timeout_graceful_shutdown=3)
         return 0
     return _driving(serve)(args)
 

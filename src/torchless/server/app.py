@@ -70,6 +70,9 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
     async def parse(request: HTTPRequest) -> dict:
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
             raise APIError(401, "missing or wrong API key", kind="authentication_error")
+        if "content-length" in request.headers and "transfer-encoding" in request.headers:
+            # two framings of one body: the way request smuggling starts (RFC 9112, 6.1)
+            raise APIError(400, "a request may not have both Content-Length and Transfer-Encoding")
         # Keep at most MAX_BODY_BYTES, but read on (discarding) up to DRAIN_BYTES before
         # answering 413: closing on a client still sending makes it see a reset, not our error.
         parts, total = [], 0
