@@ -72,18 +72,17 @@ def run_torchless(args) -> dict:
     import numba
     import numpy as np
 
-    try:
-        from threadpoolctl import threadpool_limits
-        blas_limit = threadpool_limits(limits=args.threads)  # kept alive for the whole process
-    except ImportError:
-        blas_limit = None
     numba.set_num_threads(args.threads)
-
     from torchless import InferenceState, Mistral, Parameters
 
     t0 = time.perf_counter()
     model = Mistral.load(Parameters.load(args.model))
     load_s = time.perf_counter() - t0
+    try:  # after torchless is loaded: pools its imports brought in are limited too
+        from threadpoolctl import threadpool_limits
+        blas_limit = threadpool_limits(limits=args.threads)  # kept alive for the whole process
+    except ImportError:
+        blas_limit = None
     P, G = args.prompt_tokens, args.gen_tokens
     prompt = prompt_ids(model.config.vocab_size, P, args.seed)
     state = InferenceState(model.config, max_seq_len=P + G + 1)
@@ -197,19 +196,18 @@ def batch_prompts(model: Path, n: int) -> dict:
 def run_torchless_batch(args) -> dict:
     import numba
 
-    try:
-        from threadpoolctl import threadpool_limits
-        blas_limit = threadpool_limits(limits=args.threads)  # kept alive for the whole process
-    except ImportError:
-        blas_limit = None
     numba.set_num_threads(args.threads)
-
     from torchless import LLM
 
     work = json.loads(Path(args.work).read_text())
     t0 = time.perf_counter()
     llm = LLM(str(args.model))
     load_s = time.perf_counter() - t0
+    try:  # after torchless is loaded: pools its imports brought in are limited too
+        from threadpoolctl import threadpool_limits
+        blas_limit = threadpool_limits(limits=args.threads)  # kept alive for the whole process
+    except ImportError:
+        blas_limit = None
     seqs = []  # the engine's Sequence objects of the current call: their token ids
     add = llm.engine.add
     llm.engine.add = lambda seq: seqs.append(seq) or add(seq)
@@ -458,8 +456,8 @@ def run_engine(python: str, engine: str, args, threads: int) -> dict:
     return json.loads(lines[-1])
 
 
-def ratio_line(name: str, ratios: list[float]) -> str:
-    return (f"  {name:<16} min {min(ratios):6.2f}   median {statistics.median(ratios):6.2f}   "
+def ratio_line(name: str, ratios: list[float], width: int = 16) -> str:
+    return (f"  {name:<{width}} min {min(ratios):6.2f}   median {statistics.median(ratios):6.2f}   "
             f"max {max(ratios):6.2f}   ({len(ratios)} paired runs)")
 
 
@@ -589,14 +587,14 @@ def _compare_batch(args, py, work) -> None:
             print(f"  {'':<24} {'total tok/s median [min-max]':>30} {'tokens':>8}")
             for name, runs, vals in (("torchless", t_runs, tl), ("llama.cpp", l_runs, ll)):
                 print(f"  {name:<24} {span(vals):>30} {runs[0]['batch'][b]['gen_tokens']:>8}")
-            print(ratio_line("torchless / llama.cpp", ratio))
+            print(ratio_line("torchless / llama.cpp", ratio, 24))
             own = None
             if "1" in t_runs[0]["batch"] and B != 1:
                 own = [r["batch"][b]["tok_s"] / r["batch"]["1"]["tok_s"] for r in t_runs]
-                print(ratio_line("torchless / its B=1", own))
+                print(ratio_line("torchless / its B=1", own, 24))
                 print(ratio_line("llama.cpp / its B=1",
                                  [r["batch"][b]["tok_s"] / r["batch"]["1"]["tok_s"]
-                                  for r in l_runs]))
+                                  for r in l_runs], 24))
             t_tok, l_tok = t_runs[0]["batch"][b]["tokens"], l_runs[0]["batch"][b]["tokens"]
             prefix = [same_prefix(x, y) for x, y in zip(t_tok, l_tok)]
             full = sum(x == y for x, y in zip(t_tok, l_tok))
