@@ -5,19 +5,25 @@ Three figures per path, the paths alternating run by run (medians, min and max):
 - decode tok/s of one thread, one sequence;
 - the GIL share: a probe thread spinning in Python beside the decoding thread gets the GIL only
   while the decoder does not hold it, so 1 - (its rate beside the decoder / its rate alone) is
-  the share of wall time the decoder holds (or waits for) the GIL;
+  the share of wall time the decoder holds (or waits for) the GIL. On a machine whose cores are
+  busy the probe also waits for a core and overstates it: --py-spy instead samples a child
+  decoding alone with `py-spy record --gil` (samples holding the GIL) and `--idle` (all
+  samples), decode steps (--py-spy-batch 1) or micro-batches of B one-token spans;
 - total tok/s of two threads each decoding its own sequence, over one thread's;
 and with --batch, tok/s of micro-batches of B one-token spans through `forward_spans`.
 numba runs one thread per caller throughout, so the threads compete only for the GIL and cores.
 
     python benchmarks/bench_gil.py [-m smollm2] [--tokens 48] [--runs 5] [--batch 8,16]
+    python benchmarks/bench_gil.py --py-spy --py-spy-batch 1,8 [--tokens 300] [--runs 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -89,6 +95,28 @@ def batch_rate(model: Mistral, batch: int, n_steps: int) -> float:
     return batch * n_steps / (time.perf_counter() - t0)
 
 
+def measured_run(model: Mistral, n_tokens: int, batch: int) -> None:
+    """What a --py-spy child runs after its warm-up; its samples are those under this name."""
+    if batch == 1:
+        decode(model, n_tokens)
+    else:
+        batch_rate(model, batch, max(1, n_tokens // batch))
+
+
+def py_spy_gil_share(args, path: str, batch: int) -> float:
+    """GIL samples / all samples of a child's measured_run, sampled by py-spy."""
+    child = [sys.executable, __file__, "-m", args.model, "--child", path, "--tokens",
+             str(args.tokens), "--py-spy-batch", str(batch)]
+    counts = []
+    for mode in ("--gil", "--idle"):
+        with tempfile.NamedTemporaryFile(suffix=".txt") as out:
+            subprocess.run(["py-spy", "record", mode, "-r", "200", "-f", "raw", "-o", out.name, "--",
+                            *child], check=True, capture_output=True)
+            lines = open(out.name).read().splitlines()
+        counts.append(sum(int(line.rsplit(" ", 1)[1]) for line in lines if "measured_run (" in line))
+    return counts[0] / max(1, counts[1])
+
+
 def summary(values: list[float], fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
@@ -100,9 +128,28 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--batch", default="", help="micro-batch sizes, e.g. 8,16")
     parser.add_argument("--batch-threads", type=int, default=1)
+    parser.add_argument("--py-spy", action="store_true", help="GIL share sampled by py-spy")
+    parser.add_argument("--py-spy-batch", default="1", help="1: decode steps; B: micro-batches")
+    parser.add_argument("--child", choices=("fused", "unfused"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.py_spy:
+        for _ in range(args.runs):
+            for batch in (int(b) for b in args.py_spy_batch.split(",")):
+                for path in ("unfused", "fused"):
+                    print(f"B={batch} {path} GIL share {py_spy_gil_share(args, path, batch):.3f}",
+                          flush=True)
+        return 0
     numba.set_num_threads(1)
     model = Mistral.load(Parameters.load(resolve_model(args.model)))
+    if args.child:
+        set_fused(model, args.child == "fused")
+        batch = int(args.py_spy_batch)
+        if batch == 1:  # warm-up (compiling, loading caches), outside measured_run's samples
+            decode(model, 4)
+        else:
+            batch_rate(model, batch, 2)
+        measured_run(model, args.tokens, batch)
+        return 0
     sys.setswitchinterval(PROBE_SWITCH_INTERVAL_S)
     results = {path: {"tok/s": [], "GIL share": [], "2 threads tok/s": [], "2 threads / 1": []}
                for path in ("unfused", "fused")}
