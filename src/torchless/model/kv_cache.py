@@ -42,6 +42,11 @@ class KVCache:
         self.k = self.v = np.zeros((n_layers, 0, n_kv_heads, head_dim), np.float32)
         self.pos = 0
 
+    def reserve(self, n_positions: int) -> None:
+        """Make room now for positions 0..n_positions-1. Growing replaces the arrays, so where
+        several threads write one sequence's cache (pipeline stages), it must happen before."""
+        self._reserve(min(n_positions, self.cache_len))
+
     def _reserve(self, n_slots: int) -> None:
         """Make room for slots 0..n_slots-1 (keeping what is written)."""
         if n_slots <= self.k.shape[1]:

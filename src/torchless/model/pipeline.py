@@ -209,7 +209,11 @@ class PipelineParallelMistral(PipelineBuffers, Runner):
         return self.n_micro_batches
 
     def new_state(self, max_seq_len: int | None = None) -> InferenceState:
-        return self.model.new_state(max_seq_len)
+        state = self.model.new_state(max_seq_len)
+        # Stage threads write different layers of one cache at once, and growing it would
+        # replace the arrays under them: take its whole size now (pages come as written).
+        state.cache.reserve(state.max_seq_len)
+        return state
 
     def submit(self, tag, spans: list[Span]) -> None:
         if self._failed:
