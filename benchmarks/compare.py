@@ -572,6 +572,10 @@ def _compare_batch(args, py, work) -> None:
                              f"{l_runs[-1]['batch'][str(B)]['tok_s']:.1f}" for B in batches)
             print(f"  [threads {threads}] pair {i + 1}/{args.runs}: {pair} tok/s "
                   f"(torchless / llama.cpp)", flush=True)
+        try:  # llama.cpp's threads spin at barriers: a busy machine hurts it at threads = cores
+            print(f"  [threads {threads}] 1-min load average now {os.getloadavg()[0]:.2f}")
+        except OSError:
+            pass
         if not versions_shown:
             t, l = t_runs[0], l_runs[0]
             print(f"torchless {t['version']}; numba {t['numba']}; BLAS: {t['blas']}")
