@@ -174,3 +174,18 @@ def test_fused_decode_counts_the_same_tasks(model, threads):
         moved.append(adaptive.GLOBAL_STATS.tasks_created)
     assert moved[0] == moved[1]
     assert (moved[0] > 0) == (threads > 1)
+
+
+@pytest.mark.parametrize("path", ["forward", "fast_forward"])
+def test_debug_names_the_first_block_whose_activations_are_not_finite(tiny_models, path):
+    from torchless import Mistral, Parameters, TorchlessError
+
+    model = Mistral.load(Parameters.load(tiny_models["llama"][2]))
+    model.layers[1].ffn_norm = np.full_like(model.layers[1].ffn_norm, np.inf)
+    step = getattr(model, path)
+    with np.errstate(all="ignore"):  # without debug: silent garbage
+        assert not np.isfinite(step(model.new_state(8), 3)).all()
+    where = "layer 1" if path == "forward" else "layer 1 MLP"
+    with pytest.raises(TorchlessError, match=f"non-finite activation.* after {where}$"):
+        with np.errstate(all="ignore"):
+            step(model.new_state(8), 3, debug=True)

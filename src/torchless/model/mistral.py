@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ModelConfig
-from ..errors import ContextOverflowError, ModelFileError
+from ..errors import ContextOverflowError, ModelFileError, TorchlessError
 from numba import typed
 
 from ..kernels import fused, fused_layer, gemm, ops, qmatmul
@@ -357,19 +357,38 @@ class Mistral:
         return logits
 
     def forward(self, state: InferenceState, token: int, debug: bool = False) -> np.ndarray:
-        """One token through the reference path; leaves its logits in state.logits."""
-        self._forward_tokens(state, [token], all_logits=False)
+        """One token through the reference path; leaves its logits in state.logits. debug:
+        raise, naming the layer, as soon as an activation stops being finite."""
+        if not debug:
+            self._forward_tokens(state, [token], all_logits=False)
+            return state.logits
+        sp = Span(state, [int(token)], state.pos)
+        state.cache.check_fits(sp.start + 1)
+        x = self.embed(sp.tokens)
+        for li in range(len(self.layers)):
+            x = self.run_layers([sp], x, li, li + 1)
+            check_finite(x, f"layer {li}")
+        state.logits[:] = self.finish([sp], x)[-1]
+        check_finite(state.logits, "the output projection")
         return state.logits
 
     def fast_forward(self, state: InferenceState, token: int, debug: bool = False) -> np.ndarray:
-        """One token through the compiled kernels; leaves its logits in state.logits."""
+        """One token through the compiled kernels; leaves its logits in state.logits. debug:
+        raise, naming the block, as soon as an activation stops being finite."""
         state.cache.check_fits(state.pos + 1)
         self.embed_into(token, state.x)
         for li in range(len(self.layers)):
             self.decode_attention(li, state, self.work)
+            if debug:
+                check_finite(state.x, f"layer {li} attention")
             self.decode_mlp(li, state, self.work)
+            if debug:
+                check_finite(state.x, f"layer {li} MLP")
         state.cache.advance(state.pos + 1)
-        return self.decode_logits(state, self.work)
+        logits = self.decode_logits(state, self.work)
+        if debug:
+            check_finite(logits, "the output projection")
+        return logits
 
     def decode_attention(self, li: int, state: InferenceState, work=None):
         """x += attention block of layer li for the token at state.pos (one token, in place)."""
@@ -449,3 +468,10 @@ class Mistral:
             outs = [self._forward_tokens(state, tokens[i:i + chunk_size], all_logits, fast=True)
                     for i in range(0, len(tokens), chunk_size)]
         return np.concatenate(outs) if all_logits else state.logits
+
+
+def check_finite(x: np.ndarray, where: str) -> None:
+    """debug=True's check: one line naming where activations first stopped being finite."""
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).sum())
+        raise TorchlessError(f"debug: {bad} non-finite activation(s) after {where}")

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import TorchlessError
 from ..kernels.pipeline import PipelineConfig, PipelineState, predicted_bubble
-from .mistral import InferenceState, Mistral, Span
+from .mistral import InferenceState, Mistral, Span, check_finite
 from .runner import Runner
 
 
@@ -300,9 +300,12 @@ class PipelineParallelMistral(PipelineBuffers, Runner):
         return state.logits
 
     def forward(self, state: InferenceState, token: int, debug: bool = False) -> np.ndarray:
+        """debug: the logits are checked to be finite (the stages' activations are not)."""
         self.submit("one", [Span(state, [int(token)], state.pos)])
         _, logits = self.collect()
         state.logits[:] = logits[-1]
+        if debug:
+            check_finite(state.logits, "the last stage")
         return state.logits
 
     fast_forward = forward

@@ -24,7 +24,7 @@ import time
 from ..errors import TorchlessError
 from ..kernels.pipeline import PipelineConfig
 from ..loader import release_pages
-from .mistral import Mistral, Span
+from .mistral import Mistral, Span, check_finite
 from .pipeline import PipelineBuffers, layer_costs, stage_bounds
 from .runner import Runner
 from .tp_mpi import CLOSE, END, STEP, RankStates
@@ -166,9 +166,12 @@ class MPIPipelineMistral(PipelineBuffers, Runner):
     # -- the seed's one-sequence interface (rank 0, while the others follow) ---------------------
 
     def forward(self, state, token: int, debug: bool = False):
+        """debug: the logits are checked to be finite (the stages' activations are not)."""
         self.submit("one", [Span(state, [int(token)], state.pos)])
         _, logits = self.collect()
         state.logits[:] = logits[-1]
+        if debug:
+            check_finite(state.logits, "the last stage")
         return state.logits
 
     fast_forward = forward

@@ -91,10 +91,10 @@ class ThreadedTensorParallel(Runner):
             states=[shard.new_state(max_seq_len) for shard in self.shards])
 
     def forward(self, state, token: int, debug: bool = False):
-        return self._run("forward", lambda r: (state.states[r], token))
+        return self._run("forward", lambda r: (state.states[r], token, debug))
 
     def fast_forward(self, state, token: int, debug: bool = False):
-        return self._run("fast_forward", lambda r: (state.states[r], token))
+        return self._run("fast_forward", lambda r: (state.states[r], token, debug))
 
     def prefill(self, state, tokens, chunk_size: int = 256, all_logits: bool = False):
         tokens = list(tokens)
