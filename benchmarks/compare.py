@@ -163,10 +163,9 @@ def measure(args, one_run, load_s, vocab_size, prompt, info) -> dict:
 # Short, distinct prompts (8 to 16 SmolLM2 tokens each); a batch of B takes the first B (past the
 # end of the list, the list again with a numbered prefix, so that every prompt stays distinct).
 PROMPTS = [
-    "Question: what is the capital of France? Answer: the capital of France is",
     "Once upon a time, in a small village by the sea, there lived",
     "Name the three primary colors and explain why they are called primary:",
-    "Write a short poem about the autumn rain falling on the city.",
+    "The autumn rain fell on the city all night, and in the morning the streets",
     "The best way to learn a new language as an adult is",
     "At sea level, pure water boils at a temperature of",
     "In computer science, a linked list is a data structure that",
@@ -179,6 +178,7 @@ PROMPTS = [
     "Photosynthesis is the process by which green plants",
     "A good night's sleep helps the human brain to",
     "The first person to walk on the moon was",
+    "Question: what is the capital of France? Answer: the capital of France is",
 ]
 
 
