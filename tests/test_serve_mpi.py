@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from torchless import LLM
 
-from test_server import _free_port
+from test_server import _free_port, concurrent_greedy_texts
 
 PROMPTS = ["Hello", "Once upon a time", "1, 2, 3,", "The quick brown fox"]
 
@@ -75,18 +74,7 @@ def test_mpi_server_gives_each_request_the_text_of_one_process(tiny_llama_gguf, 
         base = f"http://127.0.0.1:{port}"
         _wait_healthy(base, proc)
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
-        results = [None] * len(PROMPTS)
-
-        def one(i):  # concurrent: they share decode steps across the ranks
-            results[i] = client.completions.create(model="x", prompt=PROMPTS[i], max_tokens=8,
-                                                   temperature=0).choices[0].text
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(PROMPTS))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert results == expected
+        assert concurrent_greedy_texts(client, PROMPTS, 8) == expected
         chat = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}],
                                               max_tokens=6, temperature=0)
         assert chat.choices[0].message.content == alone.create_chat_completion(

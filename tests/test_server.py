@@ -53,6 +53,22 @@ def server(llm):
     thread.join(10)
 
 
+def concurrent_greedy_texts(client, prompts, max_tokens) -> list[str]:
+    """Each prompt's greedy completion, all requested at once (so they share decode steps)."""
+    results = [None] * len(prompts)
+
+    def one(i):
+        results[i] = client.completions.create(model="x", prompt=prompts[i], max_tokens=max_tokens,
+                                               temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
 @pytest.mark.parametrize("spec", ["pp=2,mb=2", "tp=2"])
 def test_a_parallel_server_gives_each_request_its_own_text(tiny_llama_gguf, llm, spec):
     """Concurrent requests through two stage threads as micro-batches, or two tensor shards."""
@@ -61,18 +77,8 @@ def test_a_parallel_server_gives_each_request_its_own_text(tiny_llama_gguf, llm,
     try:
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
         prompts = ["Hello", "Once upon a time", "1, 2, 3,", "The quick brown fox"]
-        results = [None] * len(prompts)
-
-        def one(i):
-            results[i] = client.completions.create(model="x", prompt=prompts[i], max_tokens=8,
-                                                   temperature=0).choices[0].text
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert results == [llm(p, max_tokens=8, temperature=0)["choices"][0]["text"] for p in prompts]
+        assert concurrent_greedy_texts(client, prompts, 8) == [
+            llm(p, max_tokens=8, temperature=0)["choices"][0]["text"] for p in prompts]
         if spec.startswith("pp"):
             assert all(b > 0 for b in piped.runner.busy_seconds)
     finally:
