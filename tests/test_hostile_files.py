@@ -21,7 +21,6 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # model_factory, when run as a script
 
