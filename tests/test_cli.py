@@ -42,15 +42,21 @@ def test_greedy_generate_prints_exactly_the_completion(tiny_llama_gguf):
     from torchless.api import LLM
 
     prompt = "Once upon a time"
-    expected = LLM(str(tiny_llama_gguf))(prompt, max_tokens=8, temperature=0)["choices"][0]["text"]
-    r = run("generate", "-m", tiny_llama_gguf, "--max-tokens", 8, "--temperature", 0, prompt)
+    llm = LLM(str(tiny_llama_gguf))
+    expected = llm(prompt, max_tokens=8, temperature=0)["choices"][0]["text"]
+    r = run("generate", "-m", tiny_llama_gguf, "--raw", "--max-tokens", 8, "--temperature", 0, prompt)
     assert r.returncode == 0, r.stderr
     assert r.stdout == expected
     assert "loaded" in r.stderr and "generated" in r.stderr  # diagnostics on stderr only
     assert "loaded" not in r.stdout
 
-    piped = run("generate", "-m", tiny_llama_gguf, "--max-tokens", 8, "--temperature", 0, "-", stdin=prompt)
+    piped = run("generate", "-m", tiny_llama_gguf, "--raw", "--max-tokens", 8, "--temperature", 0, "-",
+                stdin=prompt)
     assert piped.returncode == 0 and piped.stdout == expected
+    # without --raw the prompt is a user message in the model's chat template, as llama-cli does
+    chat = run("generate", "-m", tiny_llama_gguf, "--max-tokens", 8, "--temperature", 0, prompt)
+    assert chat.returncode == 0 and chat.stdout == llm.create_chat_completion(
+        [{"role": "user", "content": prompt}], max_tokens=8, temperature=0)["choices"][0]["message"]["content"]
 
 
 def test_generate_stop_string(tiny_llama_gguf):
@@ -63,7 +69,7 @@ def test_generate_stop_string(tiny_llama_gguf):
 
 @pytest.mark.slow
 def test_generate_default_model_chat(smollm2_path):
-    r = run("generate", "-m", smollm2_path, "--chat", "--temperature", 0, "--max-tokens", 40,
+    r = run("generate", "-m", smollm2_path, "--temperature", 0, "--max-tokens", 40,
             "What is the capital of France?")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout and "<|im_end|>" not in r.stdout
@@ -125,7 +131,7 @@ def test_help(command):
     assert r.returncode == 0 and r.stdout.startswith("usage: torchless")
     if command == "generate":
         for flag in ("--max-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--repeat-penalty",
-                     "--seed", "--stop", "--parallel", "--chat", "PROMPT"):
+                     "--seed", "--stop", "--parallel", "--raw", "PROMPT"):
             assert flag in r.stdout
     if command is None:
         assert all(c in r.stdout for c in SUBCOMMANDS)

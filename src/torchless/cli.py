@@ -119,7 +119,7 @@ def cmd_generate(args) -> int:
 def _generate(args, llm) -> int:
     kwargs = _sampling_kwargs(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if args.chat:
+    if not args.raw and llm.tokenizer.chat_template is not None:  # as llama-cli and ollama run do
         chunks = llm.create_chat_completion([dict(role="user", content=prompt)], stream=True, **kwargs)
         result = _stream_out(chunks, lambda c: c["delta"].get("content", ""))
     else:
@@ -264,11 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sampling = _sampling_parent()
 
-    p = sub.add_parser("generate", parents=[sampling], help="complete a prompt, streaming to stdout",
-                       description="Print the completion of PROMPT to stdout as it is generated; "
+    p = sub.add_parser("generate", parents=[sampling], help="answer a prompt (in the chat template; --raw: complete it), streaming to stdout",
+                       description="Print the model's answer to PROMPT (a user message in its chat "
+                                   "template; --raw: a plain completion) to stdout as it is generated; "
                                    "load time and speed go to stderr.")
     _add_model_args(p)
-    p.add_argument("--chat", action="store_true", help="wrap PROMPT as a user message in the chat template")
+    p.add_argument("--raw", action="store_true",
+                   help="complete PROMPT as plain text (default: PROMPT is a user message in the "
+                        "model's chat template, where it has one)")
     p.add_argument("prompt", metavar="PROMPT", help="the prompt text, or - to read it from stdin")
     p.set_defaults(func=cmd_generate)
 
