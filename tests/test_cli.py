@@ -125,6 +125,15 @@ def test_inspect(tiny_llama_gguf):
     assert "token_embd.weight" in out and "total:" in out
 
 
+def test_version_and_threads(tiny_llama_gguf):
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.startswith("torchless ")
+    ok = run("generate", "-m", tiny_llama_gguf, "--threads", 1, "--max-tokens", 2, "hi")
+    assert ok.returncode == 0, ok.stderr
+    assert_one_error_line(run("generate", "-m", tiny_llama_gguf, "--threads", 0, "hi"), "--threads 0")
+    assert_one_error_line(run("serve", "-m", tiny_llama_gguf, "--threads", 999), "--threads 999")
+
+
 @pytest.mark.parametrize("command", [None, *SUBCOMMANDS])
 def test_help(command):
     r = run(*([command] if command else []), "--help")

@@ -73,6 +73,7 @@ def _driving(command):
     the other ranks; on the other ranks of an MPI job, rank 0's steps until it is done. Only
     rank 0 reads stdin, prints, or binds a port."""
     def run(args) -> int:
+        _set_threads(args.threads)
         llm = _load(args.model, args.parallel, args.n_ctx)
         if not llm.runner.is_driver:
             while llm.runner.follow():
@@ -247,8 +248,22 @@ def cmd_pull(args) -> int:
 
 # -- the parser --------------------------------------------------------------------------------
 
+def _set_threads(threads: int | None) -> None:
+    """--threads: numba's worker count, set before loading (tensor-parallel shards split it)."""
+    if threads is None:
+        return
+    import numba
+
+    if threads < 1 or threads > numba.config.NUMBA_NUM_THREADS:
+        raise TorchlessError(f"--threads {threads}: from 1 to {numba.config.NUMBA_NUM_THREADS} "
+                             f"here (set NUMBA_NUM_THREADS to allow more)")
+    numba.set_num_threads(threads)
+
+
 def _add_model_args(p, model_default=None) -> None:
     p.add_argument("-m", "--model", default=model_default, help=MODEL_HELP)
+    p.add_argument("--threads", type=int, default=None,
+                   help="worker threads (default: the cores this process may use)")
     p.add_argument("--n-ctx", type=int, default=None,
                    help="context size in tokens (default and maximum: the model's)")
     p.add_argument("--parallel", default=None, metavar="SPEC",
@@ -259,8 +274,14 @@ def _add_model_args(p, model_default=None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
     parser = argparse.ArgumentParser(prog="torchless",
                                      description="Run Mistral- and Llama-family models on the CPU.")
+    try:
+        parser.add_argument("--version", action="version", version=f"torchless {version('torchless')}")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        pass
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sampling = _sampling_parent()
 
@@ -305,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
     p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default 8)")
     p.add_argument("--n-ctx", type=int, default=None, help="context size in tokens (default: the model's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="worker threads (default: the cores this process may use)")
     p.add_argument("--parallel", default=None, metavar="SPEC",
                    help="tp=N, pp=S,mb=M or tp=N,pp=S as for generate: threads of this process, "
                         "or one shard or stage per rank under mpiexec (rank 0 serves HTTP)")
@@ -368,11 +391,7 @@ def cmd_bench(args) -> int:
             raise TorchlessError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     path = resolve_model(args.model)
     _err(f"benchmarking {path}")
-    if args.threads:
-        if args.threads > numba.config.NUMBA_NUM_THREADS:
-            raise TorchlessError(f"--threads {args.threads}: at most {numba.config.NUMBA_NUM_THREADS} "
-                                 f"here (set NUMBA_NUM_THREADS to allow more)")
-        numba.set_num_threads(args.threads)  # before loading: tensor-parallel shards split these
+    _set_threads(args.threads)
     parallel = ParallelConfig.from_string(args.parallel) if args.parallel else None
     if parallel is not None and parallel.pipeline_stages > 1:
         raise TorchlessError("bench times one sequence, which a pipeline does not speed up; "
