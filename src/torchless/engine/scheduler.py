@@ -60,7 +60,8 @@ class Scheduler:
         return admitted
 
     def next_micro_batch(self, max_seqs: int) -> list[tuple[Sequence, list[int], int]]:
-        """(sequence, tokens, start position) for up to `max_seqs` sequences not in flight."""
+        """(sequence, tokens, start position) for up to `max_seqs` sequences with tokens not yet
+        sent: the running ones in admission order, so decode steps go before new prompts."""
         batch, budget = [], self.chunk_size
         for seq in self.running:
             if len(batch) == max_seqs or budget == 0:
