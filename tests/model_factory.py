@@ -66,8 +66,10 @@ def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def write_gguf(model, path: Path, quant: str | None = None, tokenizer_metadata: dict | None = None) -> Path:
-    """Write `model` as GGUF. quant: a gguf quantization type name applied to 2-D weights."""
+def write_gguf(model, path: Path, quant=None, tokenizer_metadata: dict | None = None) -> Path:
+    """Write `model` as GGUF. quant: a gguf quantization type name applied to 2-D weights, or a
+    function of the GGUF tensor name giving one (or None: float32) per 2-D weight, to mix types
+    as llama.cpp's quantizer does (e.g. `mixed_q5_quant`)."""
     import gguf
 
     cfg = model.config
@@ -90,11 +92,14 @@ def write_gguf(model, path: Path, quant: str | None = None, tokenizer_metadata: 
 
     from torchless.loader import hf_to_gguf_name
 
-    qtype = getattr(gguf.GGMLQuantizationType, quant) if quant else None
+    qtype = getattr(gguf.GGMLQuantizationType, quant) if isinstance(quant, str) else None
     for name, tensor in model.state_dict().items():
         gguf_name = hf_to_gguf_name(name)
         if gguf_name is None or (cfg.tie_word_embeddings and gguf_name == "output.weight"):
             continue
+        if callable(quant):
+            qtype = getattr(gguf.GGMLQuantizationType, quant(gguf_name) or "F32")
+            qtype = None if qtype == gguf.GGMLQuantizationType.F32 else qtype
         arr = tensor.float().numpy().astype(np.float32)
         if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
             arr = _permute_qk(arr, cfg.num_attention_heads)
@@ -109,6 +114,12 @@ def write_gguf(model, path: Path, quant: str | None = None, tokenizer_metadata: 
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def mixed_q5_quant(gguf_name: str) -> str:
+    """A Q5_0/Q5_1 mix for `write_gguf(quant=...)`, as llama.cpp's fallbacks put them in a
+    Q4_K_M file: attention and the embedding in Q5_0, the FFN and the LM head in Q5_1."""
+    return "Q5_0" if "attn_" in gguf_name or gguf_name.startswith("token_embd") else "Q5_1"
 
 
 def _add_metadata(writer, key, value):

@@ -74,3 +74,61 @@ def test_sliding_window_changes_the_result(tiny_models):
     hf_model, folder, _ = tiny_models["mistral"]
     full = make_hf_model("mistral", seed=1, sliding_window=None)
     assert not np.allclose(hf_logits(full, SEQ)[-1], hf_logits(hf_model, SEQ)[-1], rtol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def q5_model(tmp_path_factory):
+    """A tiny llama GGUF mixing Q5_0 (attention, embedding) and Q5_1 (FFN, LM head), and
+    transformers loading that same file (its GGUF loader dequantizes with gguf-py)."""
+    import torch
+    import transformers
+
+    from model_factory import mixed_q5_quant
+
+    root = tmp_path_factory.mktemp("q5")
+    path = write_gguf(make_hf_model("llama", seed=4), root / "q5.gguf", quant=mixed_q5_quant)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(root), gguf_file=path.name, dtype=torch.float32)
+    hf.config._attn_implementation = "eager"
+    return path, hf.eval()
+
+
+Q5_SEQ = [int(t) for t in np.random.default_rng(5).integers(0, 300, 72)]  # >= 64: a BLAS prefill chunk
+
+
+def test_q5_0_q5_1_gguf_every_path_matches_transformers(q5_model, capsys):
+    """Every product path on Q5_0/Q5_1 weights against transformers on the same GGUF file:
+    the reference path, the fused decode blocks (matvec), a 72-token prefill chunk (BLAS), chunks
+    of 5 (the batched integer kernels) and a batched decode step of two sequences (the fused
+    batch blocks)."""
+    from torchless import cli
+    from torchless.model.mistral import Span
+
+    path, hf = q5_model
+    params = Parameters.load(path)
+    types = {name: t.ggml_type.name for name, t in params.tensors.items() if t.data.ndim == 2}
+    assert set(types.values()) == {"Q5_0", "Q5_1"}, types
+    assert types["blk.0.attn_q.weight"] == "Q5_0" and types["blk.0.ffn_down.weight"] == "Q5_1"
+    ref = hf_logits(hf, Q5_SEQ)
+    model = Mistral.load(params)
+
+    state = InferenceState(model.config)
+    assert_close_rel(np.stack([model.forward(state, t).copy() for t in Q5_SEQ[:12]]), ref[:12], 1e-4)
+    state = InferenceState(model.config)
+    assert_close_rel(np.stack([model.fast_forward(state, t).copy() for t in Q5_SEQ[:12]]), ref[:12], 1e-4)
+    state = InferenceState(model.config)
+    assert_close_rel(model.prefill(state, Q5_SEQ, all_logits=True), ref, 1e-4)
+    state = InferenceState(model.config)
+    assert_close_rel(model.prefill(state, Q5_SEQ[:20], chunk_size=5, all_logits=True), ref[:20], 1e-4)
+
+    a, b = InferenceState(model.config), InferenceState(model.config)
+    model.prefill(a, Q5_SEQ[:9])
+    model.prefill(b, Q5_SEQ[:4])
+    both = model.forward_spans([Span(a, [Q5_SEQ[9]], 9), Span(b, [Q5_SEQ[4]], 4)], fast=True)
+    assert_close_rel(both[0], ref[9], 1e-4)
+    assert_close_rel(both[1], ref[4], 1e-4)
+
+    assert cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    by_type = out[out.index("by type:"):].splitlines()
+    assert any(l.split()[:2] == ["Q5_0", "9"] for l in by_type), by_type  # embedding + 2 x 4 attention
+    assert any(l.split()[:2] == ["Q5_1", "7"] for l in by_type), by_type  # 2 x 3 FFN + LM head

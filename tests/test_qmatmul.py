@@ -15,7 +15,7 @@ from torchless.quant import QTensor
 
 QK_K = 256
 # types gguf-py can quantize: real quantized data; the k-quants: random valid blocks
-QUANTIZABLE = [GT.F32, GT.F16, GT.BF16, GT.Q4_0, GT.Q4_1, GT.Q8_0]
+QUANTIZABLE = [GT.F32, GT.F16, GT.BF16, GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q8_0]
 K_TYPES = [GT.Q4_K, GT.Q5_K, GT.Q6_K]
 ALL = QUANTIZABLE + K_TYPES
 
@@ -66,7 +66,7 @@ def test_matvec_all_types(qtype, rows):
     np.testing.assert_array_equal(out, out2)  # same arithmetic, thread count does not matter
 
 
-@pytest.mark.parametrize("qtype", [GT.Q4_1, GT.Q8_0, GT.Q6_K, GT.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [GT.Q4_1, GT.Q5_1, GT.Q8_0, GT.Q6_K, GT.F16], ids=lambda t: t.name)
 def test_row_ranges_write_only_their_rows(qtype):
     rows, cols = 101, 256
     qt, ref = make_weight(qtype, rows, cols, seed=3)
@@ -152,3 +152,28 @@ def test_bad_arguments():
         qm.matvec_into(w, x, np.zeros(9, np.float32))
     with pytest.raises(ValueError):
         qm.matmul_into(w, np.zeros((2, 64), np.float32), np.zeros((2, 7), np.float32))
+
+
+@pytest.mark.parametrize("qtype", [GT.Q5_0, GT.Q5_1], ids=lambda t: t.name)
+def test_q5_repacked_as_q8_exactly(qtype):
+    """Q5_0/Q5_1 become the "q8" kind: codes q - 16 (Q5_0, no min) or q (Q5_1, min m), scale d,
+    and scale * code + min is gguf-py's weight exactly, for random bytes (finite scales) too; the
+    BLAS prefill's transposed expansion of the same tiles is exact as well."""
+    from torchless.kernels import gemm
+
+    rows, cols = 70, 192
+    rng = np.random.default_rng(11)
+    head = 2 if qtype == GT.Q5_0 else 4
+    blocks = rng.integers(0, 256, (rows, cols // 32, head + 20), dtype=np.uint8)
+    scales = (rng.standard_normal((rows, cols // 32, head // 2)) * 10.0 ** rng.integers(-6, 3, (rows, cols // 32, 1)))
+    blocks[..., :head] = scales.astype(np.float16).view(np.uint8).reshape(rows, cols // 32, head)
+    raw = blocks.reshape(rows, -1)
+    ref = gq.dequantize(raw, qtype).reshape(rows, cols)
+    w = qm.prepare(QTensor(int(qtype), (rows, cols), raw))
+    assert (w.kind, w.group, w.codes.dtype) == ("q8", 32, np.int8)
+    assert w.min.shape[1] == (0 if qtype == GT.Q5_0 else cols // 32)  # Q5_0 has no min term
+    lo, hi = (-16, 15) if qtype == GT.Q5_0 else (0, 31)
+    assert w.codes.min() >= lo and w.codes.max() <= hi
+    np.testing.assert_array_equal(qm.dequantize_rows(w, 0, rows), ref)
+    out = np.empty((cols, rows - 3), np.float32)
+    np.testing.assert_array_equal(gemm.dequantize_transposed_into(w, out, 3, rows), ref[3:].T)

@@ -11,7 +11,8 @@ from torchless.quant import BLOCK_LAYOUT, GGMLType, QTensor, dequantize_blocks
 
 # Byte offsets of each type's float16 scale fields: filled with finite values so that the
 # comparison exercises the arithmetic rather than NaN propagation.
-F16_FIELDS = {GGMLType.Q4_0: [0], GGMLType.Q4_1: [0, 2], GGMLType.Q8_0: [0],
+F16_FIELDS = {GGMLType.Q4_0: [0], GGMLType.Q4_1: [0, 2], GGMLType.Q5_0: [0], GGMLType.Q5_1: [0, 2],
+              GGMLType.Q8_0: [0],
               GGMLType.Q4_K: [0, 2], GGMLType.Q5_K: [0, 2], GGMLType.Q6_K: [208]}
 TYPES = list(BLOCK_LAYOUT)
 
@@ -49,7 +50,8 @@ def test_dequantize_blocks_matches_gguf_py(t, seed):
     assert_bits_equal(dequantize_blocks(t, blocks), oracle(t, blocks).reshape(-1, block_size))
 
 
-@pytest.mark.parametrize("t", [GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q5_1,
+                               GGMLType.Q8_0], ids=lambda t: t.name)
 def test_dequantize_blocks_any_bytes(t):
     """Completely random bytes (NaN and inf scales included) still match bit for bit."""
     _, type_size = BLOCK_LAYOUT[t]
@@ -64,7 +66,7 @@ def test_block_layout_matches_gguf_py():
         assert gguf.GGMLQuantizationType(int(t)).name == t.name
 
 
-@pytest.mark.parametrize("type_id, name", [(GGMLType.IQ2_XXS, "IQ2_XXS"), (GGMLType.Q5_0, "Q5_0"), (99, "99")])
+@pytest.mark.parametrize("type_id, name", [(GGMLType.IQ2_XXS, "IQ2_XXS"), (GGMLType.Q8_1, "Q8_1"), (99, "99")])
 def test_unsupported_types_are_named(type_id, name):
     with pytest.raises(UnsupportedModelError, match=name):
         dequantize_blocks(type_id, np.zeros((1, 18), np.uint8))
@@ -142,3 +144,17 @@ def test_smollm2_every_tensor_matches_gguf_py(smollm2_path):
             assert q.shape == tuple(int(d) for d in reversed(rt.shape)), rt.name
             assert np.array_equal(q.data.reshape(-1), rt.data.view(np.uint8).reshape(-1)), rt.name
             assert_bits_equal(q.dequantize(), oracle(q.ggml_type, rt.data).reshape(q.shape))
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0],
+                         ids=lambda t: t.name)
+def test_count_nonfinite_scales(t):
+    """Every float16 scale field of a block (d, and m where the type has one) is checked."""
+    from torchless.quant import count_nonfinite_scales
+
+    q = random_qtensor(t, rows=4, blocks_per_row=3)
+    assert count_nonfinite_scales(q) == 0
+    data = q.data.copy().reshape(-1, BLOCK_LAYOUT[t][1])
+    for block, (off, value) in zip([1, 5], [(F16_FIELDS[t][-1], np.inf), (F16_FIELDS[t][0], np.nan)]):
+        data[block, off:off + 2] = np.array([value], np.float16).view(np.uint8)
+    assert count_nonfinite_scales(QTensor(t, q.shape, data.reshape(q.data.shape))) == 2

@@ -61,6 +61,8 @@ BLOCK_LAYOUT: dict[GGMLType, tuple[int, int]] = {
     GGMLType.BF16: (1, 2),
     GGMLType.Q4_0: (32, 2 + 16),
     GGMLType.Q4_1: (32, 2 + 2 + 16),
+    GGMLType.Q5_0: (32, 2 + 4 + 16),
+    GGMLType.Q5_1: (32, 2 + 2 + 4 + 16),
     GGMLType.Q8_0: (32, 2 + 32),
     GGMLType.Q4_K: (QK_K, 2 + 2 + 12 + QK_K // 2),
     GGMLType.Q5_K: (QK_K, 2 + 2 + 12 + QK_K // 8 + QK_K // 2),
@@ -72,7 +74,7 @@ BLOCK_LAYOUT: dict[GGMLType, tuple[int, int]] = {
 # type_traits): enough to size and list any tensor of a file, e.g. for `torchless inspect`.
 STORAGE_LAYOUT: dict[GGMLType, tuple[int, int]] = {
     **BLOCK_LAYOUT,
-    GGMLType.Q5_0: (32, 22), GGMLType.Q5_1: (32, 24), GGMLType.Q8_1: (32, 40),
+    GGMLType.Q8_1: (32, 40),
     GGMLType.Q2_K: (QK_K, 84), GGMLType.Q3_K: (QK_K, 110), GGMLType.Q8_K: (QK_K, 292),
     GGMLType.IQ2_XXS: (QK_K, 66), GGMLType.IQ2_XS: (QK_K, 74), GGMLType.IQ3_XXS: (QK_K, 98),
     GGMLType.IQ1_S: (QK_K, 50), GGMLType.IQ4_NL: (32, 18), GGMLType.IQ3_S: (QK_K, 110),
@@ -84,7 +86,8 @@ STORAGE_LAYOUT: dict[GGMLType, tuple[int, int]] = {
 
 # Byte offsets of the float16 scales (d, and m or dmin) within a block of each quantized type.
 _F16_SCALE_OFFSETS = {
-    GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q8_0: (0,),
+    GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q5_0: (0,), GGMLType.Q5_1: (0, 2),
+    GGMLType.Q8_0: (0,),
     GGMLType.Q4_K: (0, 2), GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,),
 }
 _F16_EXPONENT = 0x7C00  # all ones: infinity or NaN
@@ -136,6 +139,23 @@ def _q4_1(b):
     return d * _bits(qs, 16, [0, 4], 0x0F).astype(np.float32) + m
 
 
+def _q5_high(qh: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1: 4 bytes (a little-endian uint32) -> its 32 bits, bit i for element i."""
+    return np.unpackbits(qh, axis=-1, bitorder="little")
+
+
+def _q5_0(b):
+    d, qh, qs = _f16(b[:, :2]), b[:, 2:6], b[:, 6:]
+    q = (_bits(qs, 16, [0, 4], 0x0F) | (_q5_high(qh) << np.uint8(4))).astype(np.int8) - np.int8(16)
+    return d * q.astype(np.float32)
+
+
+def _q5_1(b):
+    d, m, qh, qs = _f16(b[:, :2]), _f16(b[:, 2:4]), b[:, 4:8], b[:, 8:]
+    q = (_bits(qs, 16, [0, 4], 0x0F) | (_q5_high(qh) << np.uint8(4))).astype(np.float32)
+    return (d * q) + m
+
+
 def _q8_0(b):
     return b[:, 2:].view(np.int8).astype(np.float32) * _f16(b[:, :2])
 
@@ -172,6 +192,8 @@ _DEQUANTIZE = {
     GGMLType.BF16: lambda b: (b.view(np.int16).astype(np.int32) << 16).view(np.float32),
     GGMLType.Q4_0: _q4_0,
     GGMLType.Q4_1: _q4_1,
+    GGMLType.Q5_0: _q5_0,
+    GGMLType.Q5_1: _q5_1,
     GGMLType.Q8_0: _q8_0,
     GGMLType.Q4_K: _q4_k,
     GGMLType.Q5_K: _q5_k,

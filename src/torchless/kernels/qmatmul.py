@@ -23,7 +23,8 @@ beat R=16/64 and 1- or 8-way unrolling by 1.4-1.5x).
         sub-blocks are re-arranged into the same form. Weight = scale * code + min.
         Used by Q4_0 (min = -8 d), Q4_1 (min = m), Q4_K (scale = d sc_j, min = -dmin m_j).
   "q8"  signed 8-bit codes (1 byte/weight): codes int8 (n_tiles, n_groups, G, TILE), G = 32 or
-        16. Used by Q8_0 (G=32), Q5_K (codes 0..31, G=32, with min), Q6_K (codes -32..31, G=16).
+        16. Used by Q8_0 (G=32), Q5_0 (codes q - 16 = -16..15, G=32), Q5_1 (codes 0..31, G=32,
+        min = m), Q5_K (codes 0..31, G=32, with min), Q6_K (codes -32..31, G=16).
   "f32" float32 (n_tiles, cols, TILE). Used by F32, and F16/BF16, which are converted to float32
         at load (twice their file size in memory; they are small or rare in quantized files).
 
@@ -50,9 +51,9 @@ from numba import njit, prange
 TILE = 32  # rows per tile: the vector width of the inner loop (4 x 8 float32 lanes on AVX2)
 
 # ggml type ids (quant.GGMLType values; kept as plain ints so this module stands alone)
-F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 8, 12, 13, 14, 30
-_TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0",
-               Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K", BF16: "BF16"}
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
+_TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1",
+               Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K", BF16: "BF16"}
 QK_K = 256
 
 # 'contract' only: lets LLVM fuse a*b+c into FMA. No reassociation is needed (the vectorized
@@ -130,6 +131,16 @@ def _decode(ggml_type: int, raw: np.ndarray, cols: int):
         qs = b[..., head:]
         codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (n, groups, 32)
         return codes.reshape(n, cols), d, mn.astype(np.float32), "q4", 32
+    if ggml_type in (Q5_0, Q5_1):
+        head = 2 if ggml_type == Q5_0 else 4
+        b = raw.reshape(n, cols // 32, head + 4 + 16)
+        d = _f16(b[..., 0:2])
+        qh = np.unpackbits(b[..., head:head + 4], axis=-1, bitorder="little")  # bit i: column i
+        qs = b[..., head + 4:]
+        q = (np.concatenate([qs & 0x0F, qs >> 4], axis=-1) | (qh << 4)).astype(np.int8)  # 0..31
+        if ggml_type == Q5_0:  # weight = d * (q - 16)
+            return (q - np.int8(16)).reshape(n, cols), d, None, "q8", 32
+        return q.reshape(n, cols), d, _f16(b[..., 2:4]), "q8", 32  # weight = d * q + m
     if ggml_type == Q8_0:
         b = raw.reshape(n, cols // 32, 34)
         return np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(n, cols), _f16(b[..., 0:2]), None, "q8", 32
@@ -176,7 +187,7 @@ def prepare(qtensor) -> PackedWeight:
         raise ValueError("qmatmul.prepare: data must be uint8 raw bytes")
     n_tiles = -(-rows // TILE)
     kinds = {F32: "f32", F16: "f32", BF16: "f32", Q4_0: "q4", Q4_1: "q4", Q4_K: "q4",
-             Q8_0: "q8", Q5_K: "q8", Q6_K: "q8"}
+             Q5_0: "q8", Q5_1: "q8", Q8_0: "q8", Q5_K: "q8", Q6_K: "q8"}
     if t not in kinds:
         raise ValueError(f"qmatmul: unsupported ggml type {t}")
     kind = kinds[t]
@@ -212,7 +223,7 @@ def prepare(qtensor) -> PackedWeight:
         scale[t0:t0 + nt] = s.reshape(nt, TILE, n_groups).transpose(0, 2, 1)
         if m is not None:
             mn[t0:t0 + nt] = m.reshape(nt, TILE, n_groups).transpose(0, 2, 1)
-    has_min = kind == "q4" or t == Q5_K
+    has_min = kind == "q4" or t in (Q5_1, Q5_K)
     if not has_min:
         mn = np.zeros((n_tiles, 0, TILE), np.float32)  # the kernels skip the min term
     return PackedWeight(t, (rows, cols), kind, group, codes, scale, mn)
