@@ -172,8 +172,13 @@ class LLM:
         if not self.runner.is_driver:  # another rank schedules: run its steps until the call ends
             self.runner.follow()
             return
-        for seq in self._active:
-            self.engine.cancel(seq)
+        if not all(seq.finished for seq in self._active):
+            # a stream left unfinished: it ends here, on every rank (their calls stay paired)
+            for seq in self._active:
+                self.engine.cancel(seq)
+            while self.engine.has_work():
+                self.engine.step()
+            self.runner.end_call()
         self._request += 1
         request, self._active = self._request, seqs
         for seq in seqs:
