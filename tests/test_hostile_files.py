@@ -282,3 +282,31 @@ if __name__ == "__main__":
     for (fmt, result), k in sorted(by_outcome.items()):
         print(f"{fmt:7} {result:22} {k}")
     print(f"{n} cases in {time.perf_counter() - start:.0f} s")
+
+
+# -- the isolated harness: each case in a worker process under time and memory limits ----------
+
+ISOLATED_CASES = 2000
+
+
+def _fuzz_models():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "fuzz_models.py"
+    spec = importlib.util.spec_from_file_location("fuzz_models", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fuzz_models"] = module  # the spawned workers import it by this name
+    sys.path.insert(0, str(path.parent))
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fuzz_sample_in_isolated_workers():
+    """tools/fuzz_models.py on a seeded sample: every case a clean error or a model that runs
+    (not another exception, a hang, a crash or running out of memory)."""
+    fuzz = _fuzz_models()
+    results = fuzz.run_isolated(fuzz.seeds_of(1, ISOLATED_CASES), workers=2, time_limit=10.0)
+    assert len(results) == ISOLATED_CASES
+    bad = [r for r in results if r["cls"] not in ("clean-error", "ok")]
+    assert not bad, "\n" + fuzz.table(results)
+    assert any(r["cls"] == "ok" for r in results), "no mutation loaded: the bases are broken"
