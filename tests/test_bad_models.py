@@ -250,6 +250,22 @@ def test_tokenizer_config_that_is_a_list(tiny_hf, tmp_path):
         Parameters.load(folder).tokenizer
 
 
+def test_tokenizer_config_token_that_is_not_text(tiny_hf, tmp_path):
+    folder = copy_folder(tiny_hf, tmp_path)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "\udcff"}))
+    with pytest.raises(ModelFileError, match=r"tokenizer_config.json: eos_token '\\udcff' is not valid text") as error:
+        Parameters.load(folder).tokenizer
+    assert_one_clean_line(error)
+
+
+def test_tokenizer_model_that_is_an_array():
+    metadata = {**tiny_tokenizer_metadata(), "tokenizer.ggml.model": np.array([64, 64])}
+    with pytest.raises(UnsupportedModelError, match=r"unsupported tokenizer model array\(\[64, 64\]") as error:
+        Tokenizer.from_gguf_metadata(metadata)
+    assert_one_clean_line(error)
+
+
 def test_non_finite_norm_weight_is_refused(tiny_hf, tmp_path):
     import struct
 
@@ -308,6 +324,16 @@ def test_chat_template_rendering_time_is_bounded(monkeypatch):
         render_chat_template("{% for i in range(100000) %}{% for j in range(100000) %}{{ i.real }}"
                              "{% endfor %}{% endfor %}", [{"role": "user", "content": "hi"}])
     assert time.monotonic() - start < 5
+
+
+def test_chat_template_lipsum_is_bounded_before_it_runs():
+    import time
+
+    start = time.monotonic()  # jinja's own lipsum(10**6) runs for minutes below any size limit
+    with pytest.raises(TorchlessError, match=r"lipsum\(1000000, max=100\) asks for more than"):
+        render_chat_template("{{ lipsum(10**6) }}", [{"role": "user", "content": "hi"}])
+    assert time.monotonic() - start < 1
+    assert len(render_chat_template("{{ lipsum(2, html=False) }}", [{"role": "user", "content": "hi"}])) > 20
 
 
 @pytest.mark.parametrize("template, error", [("{{ 1/0 }}", "ZeroDivisionError"), ("{{ 'a' - 1 }}", "TypeError"),

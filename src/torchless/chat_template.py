@@ -9,6 +9,7 @@ rendering stops after RENDER_SECONDS, checked at every operation the template pe
 
 from __future__ import annotations
 
+import builtins
 import contextvars
 import functools
 import json
@@ -131,12 +132,24 @@ def _strftime_now(fmt):
     return datetime.now().strftime(fmt)
 
 
+_MAX_LIPSUM_WORDS = 10_000
+
+
+def _bounded_lipsum(n=5, html=True, min=20, max=100):  # noqa: A002 - jinja's own parameter names
+    # Jinja's lipsum builds n paragraphs word by word in Python: lipsum(10**6) runs for minutes,
+    # long before any string grows past MAX_TEXT, so its size is bounded before it starts.
+    if not all(isinstance(v, int) for v in (n, min, max)) or n * builtins.max(min, max) > _MAX_LIPSUM_WORDS:
+        raise _TemplateLimit(f"lipsum({n!r}, max={max!r}) asks for more than {_MAX_LIPSUM_WORDS} words")
+    return jinja2.utils.generate_lorem_ipsum(n=n, html=html, min=min, max=max)
+
+
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
     env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _bounded_filter("tojson", _tojson)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.globals["lipsum"] = _bounded_lipsum
     return env.from_string(template)
 
 

@@ -111,7 +111,7 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, metadata: dict) -> Tokenizer:
         kind = metadata.get("tokenizer.ggml.model")
-        if kind not in ("gpt2", "llama"):
+        if not isinstance(kind, str) or kind not in ("gpt2", "llama"):  # an array is unhashable
             raise UnsupportedModelError(f"unsupported tokenizer model {kind!r} "
                                         "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)")
         tokens = _strings(_required(metadata, "tokenizer.ggml.tokens"), "tokenizer.ggml.tokens")
@@ -226,7 +226,14 @@ class Tokenizer:
             value = config.get(name)
             if isinstance(value, dict):
                 value = value.get("content")
-            return backend.token_to_id(value) if isinstance(value, str) else None
+            if not isinstance(value, str):
+                return None
+            try:
+                value.encode()
+            except UnicodeEncodeError:  # a lone surrogate, which the library cannot look up
+                raise ModelFileError(
+                    f"{folder / 'tokenizer_config.json'}: {name} {value!r} is not valid text") from None
+            return backend.token_to_id(value)
 
         bos_id, eos_id = named_id("bos_token"), named_id("eos_token")
         add_bos = config.get("add_bos_token")
