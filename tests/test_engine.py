@@ -141,3 +141,41 @@ def test_threaded_tensor_parallel_batch_equals_each_prompt_alone(tiny_llama_gguf
         assert [c["text"] for c in out["choices"]] == expected
     finally:
         sharded.close()
+
+
+def test_a_decode_step_runs_in_parts_a_thread_each_and_equals_the_whole(tiny_llama_gguf, prompts, monkeypatch):
+    """Quantized weights: the batched integer products give each row the same bits whatever
+    rows share its micro-batch, so the parts' logits equal the whole's exactly."""
+    import threading
+
+    import numba
+
+    from torchless.kernels.adaptive import GLOBAL_STATS
+    from torchless.model.mistral import Span
+
+    model = Mistral.load(Parameters.load(tiny_llama_gguf))
+    states = [model.new_state(64) for _ in prompts]
+    for state, prompt in zip(states, prompts):
+        model.prefill(state, prompt)
+    spans = [Span(state, [3 + i], len(prompt)) for i, (state, prompt) in enumerate(zip(states, prompts))]
+    numba.set_num_threads(1)
+    whole = model.forward_spans(spans)
+
+    calls = []
+    forward = model.forward_spans
+    monkeypatch.setattr(model, "forward_spans",
+                        lambda part: calls.append((threading.get_ident(), len(part))) or forward(part))
+    runner = LocalRunner(model)
+    numba.set_num_threads(2)
+    try:
+        before = GLOBAL_STATS.tasks_created, GLOBAL_STATS.local_tasks
+        runner.submit("step", spans)
+        tag, logits = runner.collect()
+        after = GLOBAL_STATS.tasks_created, GLOBAL_STATS.local_tasks
+        assert numba.get_num_threads() == 2  # restored on this thread
+    finally:
+        runner.close()
+    assert tag == "step" and sorted(n for _, n in calls) == [2, 3]
+    assert len({thread for thread, _ in calls}) == 2
+    assert after[0] - before[0] == 2 and after[1] - before[1] == 2  # the parts, no product tasks
+    np.testing.assert_array_equal(logits, whole)  # a row does not depend on its neighbours

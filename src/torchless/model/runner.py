@@ -23,6 +23,7 @@ from collections import deque
 from ..errors import TorchlessError
 from ..kernels.gemm import single_threaded_blas
 from ..kernels.workdist import WorkDistributionConfig
+from .batch_split import BatchSplit
 from .kv_cache import KVCache
 
 
@@ -77,16 +78,20 @@ class LocalRunner(Runner):
 
     def __init__(self, model):
         self.model, self.config, self._done = model, model.config, deque()
+        self._split = BatchSplit()  # a decode step's sequences in parts, a thread each
 
     def submit(self, tag, spans) -> None:
         try:
             with single_threaded_blas():  # the big products split over our own threads
-                self._done.append((tag, self.model.forward_spans(spans)))
+                self._done.append((tag, self._split.forward(self.model, spans)))
         except Exception as e:  # noqa: BLE001 - this micro-batch fails, the runner goes on
             self._done.append((tag, e))
 
     def collect(self):
         return self._done.popleft()
+
+    def close(self) -> None:
+        self._split.close()
 
 
 def make_runner(params, parallel=None) -> Runner:
