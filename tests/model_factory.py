@@ -122,6 +122,18 @@ def mixed_q5_quant(gguf_name: str) -> str:
     return "Q5_0" if "attn_" in gguf_name or gguf_name.startswith("token_embd") else "Q5_1"
 
 
+def mixed_low_bit_quant(gguf_name: str) -> str:
+    """A Q2_K/Q3_K/IQ4_NL/IQ4_XS mix for `write_random_gguf(qtype=...)`, each type on at least
+    one attention and one FFN or output product: the embedding Q3_K, Q/K Q2_K, V/output
+    IQ4_NL, gate/up IQ4_XS, down Q3_K, the LM head Q2_K."""
+    for part, t in [("token_embd", "Q3_K"), ("attn_q.", "Q2_K"), ("attn_k.", "Q2_K"), ("attn_v.", "IQ4_NL"),
+                    ("attn_output", "IQ4_NL"), ("ffn_gate", "IQ4_XS"), ("ffn_up", "IQ4_XS"),
+                    ("ffn_down", "Q3_K"), ("output.", "Q2_K")]:
+        if part in gguf_name:
+            return t
+    raise ValueError(gguf_name)
+
+
 def _add_metadata(writer, key, value):
     if isinstance(value, bool):
         writer.add_bool(key, value)
@@ -144,8 +156,10 @@ def tokenizer_metadata_of(gguf_path: Path) -> dict:
     return {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
 
 
-# f16 scale fields per block of the K types: (offset, typical magnitude)
-_K_SCALES = {"Q4_K": [(0, 1e-4), (2, 5e-5)], "Q5_K": [(0, 5e-5), (2, 2.5e-5)], "Q6_K": [(208, 2e-5)]}
+# f16 scale fields per block of the types gguf-py cannot quantize: (offset, typical magnitude)
+_K_SCALES = {"Q4_K": [(0, 1e-4), (2, 5e-5)], "Q5_K": [(0, 5e-5), (2, 2.5e-5)], "Q6_K": [(208, 2e-5)],
+             "Q2_K": [(80, 1.5e-3), (82, 2e-3)], "Q3_K": [(108, 1e-3)], "IQ4_NL": [(0, 1e-3)],
+             "IQ4_XS": [(0, 6e-5)]}
 
 
 def random_weight_blocks(rows: int, cols: int, qtype: str, rng) -> tuple[np.ndarray, object]:
@@ -171,7 +185,8 @@ def write_random_gguf(path: Path, qtype: str, seed: int = 0, hidden: int = 256, 
                       n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2, vocab: int = 320,
                       context: int = 256, sliding_window: int | None = None,
                       metadata: dict | None = None) -> Path:
-    """A random llama-architecture GGUF whose 2-D weights are all of `qtype`; `metadata` adds
+    """A random llama-architecture GGUF whose 2-D weights are all of `qtype` (or of `qtype(name)`,
+    when it is a function of the GGUF tensor name, e.g. `mixed_low_bit_quant`); `metadata` adds
     keys (e.g. `tiny_tokenizer_metadata()`)."""
     import gguf
 
@@ -196,7 +211,7 @@ def write_random_gguf(path: Path, qtype: str, seed: int = 0, hidden: int = 256, 
               "ffn_gate": (inter, hidden), "ffn_up": (inter, hidden), "ffn_down": (hidden, inter)}
 
     def add(name, rows, cols):
-        data, t = random_weight_blocks(rows, cols, qtype, rng)
+        data, t = random_weight_blocks(rows, cols, qtype(name) if callable(qtype) else qtype, rng)
         if data.dtype == np.uint8:  # stored bytes: the writer derives the shape from the type
             w.add_tensor(name, data, raw_dtype=t)
         else:

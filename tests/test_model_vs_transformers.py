@@ -132,3 +132,59 @@ def test_q5_0_q5_1_gguf_every_path_matches_transformers(q5_model, capsys):
     by_type = out[out.index("by type:"):].splitlines()
     assert any(l.split()[:2] == ["Q5_0", "9"] for l in by_type), by_type  # embedding + 2 x 4 attention
     assert any(l.split()[:2] == ["Q5_1", "7"] for l in by_type), by_type  # 2 x 3 FFN + LM head
+
+
+@pytest.fixture(scope="module")
+def low_bit_model(tmp_path_factory):
+    """A tiny random llama GGUF mixing Q2_K, Q3_K, IQ4_NL and IQ4_XS (random blocks: gguf-py
+    cannot quantize these), and transformers loading that same file (dequantized by gguf-py)."""
+    import torch
+    import transformers
+
+    from model_factory import mixed_low_bit_quant, write_random_gguf
+
+    root = tmp_path_factory.mktemp("lowbit")
+    path = write_random_gguf(root / "lowbit.gguf", mixed_low_bit_quant, seed=6)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(root), gguf_file=path.name, dtype=torch.float32)
+    hf.config._attn_implementation = "eager"
+    return path, hf.eval()
+
+
+def test_q2_k_q3_k_iq4_nl_iq4_xs_gguf_every_path_matches_transformers(low_bit_model, capsys):
+    """As the Q5_0/Q5_1 test: every product path (reference, fused decode, BLAS prefill chunk,
+    batched integer kernels in chunks of 5, a batched decode step of two sequences) on a file
+    whose weights are Q2_K, Q3_K, IQ4_NL and IQ4_XS, against transformers on the same file; and
+    `inspect` lists the four types."""
+    from torchless import cli
+    from torchless.model.mistral import Span
+
+    path, hf = low_bit_model
+    params = Parameters.load(path)
+    types = {name: t.ggml_type.name for name, t in params.tensors.items() if t.data.ndim == 2}
+    assert set(types.values()) == {"Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"}, types
+    seq = [int(t) for t in np.random.default_rng(7).integers(0, 320, 72)]  # >= 64: a BLAS prefill chunk
+    ref = hf_logits(hf, seq)
+    model = Mistral.load(params)
+    assert {lin.packed.kind for lin in model.linears()} == {"q8"}
+
+    state = InferenceState(model.config)
+    assert_close_rel(np.stack([model.forward(state, t).copy() for t in seq[:12]]), ref[:12], 1e-4)
+    state = InferenceState(model.config)
+    assert_close_rel(np.stack([model.fast_forward(state, t).copy() for t in seq[:12]]), ref[:12], 1e-4)
+    state = InferenceState(model.config)
+    assert_close_rel(model.prefill(state, seq, all_logits=True), ref, 1e-4)
+    state = InferenceState(model.config)
+    assert_close_rel(model.prefill(state, seq[:20], chunk_size=5, all_logits=True), ref[:20], 1e-4)
+
+    a, b = InferenceState(model.config), InferenceState(model.config)
+    model.prefill(a, seq[:9])
+    model.prefill(b, seq[:4])
+    both = model.forward_spans([Span(a, [seq[9]], 9), Span(b, [seq[4]], 4)], fast=True)
+    assert_close_rel(both[0], ref[9], 1e-4)
+    assert_close_rel(both[1], ref[4], 1e-4)
+
+    assert cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    by_type = out[out.index("by type:"):].splitlines()
+    for name, count in [("Q2_K", 5), ("Q3_K", 3), ("IQ4_NL", 4), ("IQ4_XS", 4)]:  # 2 layers
+        assert any(l.split()[:2] == [name, str(count)] for l in by_type), by_type

@@ -12,8 +12,11 @@ from torchless.quant import BLOCK_LAYOUT, GGMLType, QTensor, dequantize_blocks
 # Byte offsets of each type's float16 scale fields: filled with finite values so that the
 # comparison exercises the arithmetic rather than NaN propagation.
 F16_FIELDS = {GGMLType.Q4_0: [0], GGMLType.Q4_1: [0, 2], GGMLType.Q5_0: [0], GGMLType.Q5_1: [0, 2],
-              GGMLType.Q8_0: [0],
-              GGMLType.Q4_K: [0, 2], GGMLType.Q5_K: [0, 2], GGMLType.Q6_K: [208]}
+              GGMLType.Q8_0: [0], GGMLType.IQ4_NL: [0],
+              GGMLType.Q2_K: [80, 82], GGMLType.Q3_K: [108],
+              GGMLType.Q4_K: [0, 2], GGMLType.Q5_K: [0, 2], GGMLType.Q6_K: [208], GGMLType.IQ4_XS: [0]}
+# the types added to the fast kinds after the first release; each is held to gguf-py below
+NEW_TYPES = [GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS]
 TYPES = list(BLOCK_LAYOUT)
 
 
@@ -51,7 +54,7 @@ def test_dequantize_blocks_matches_gguf_py(t, seed):
 
 
 @pytest.mark.parametrize("t", [GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q5_1,
-                               GGMLType.Q8_0], ids=lambda t: t.name)
+                               GGMLType.Q8_0, *NEW_TYPES], ids=lambda t: t.name)
 def test_dequantize_blocks_any_bytes(t):
     """Completely random bytes (NaN and inf scales included) still match bit for bit."""
     _, type_size = BLOCK_LAYOUT[t]
@@ -146,8 +149,8 @@ def test_smollm2_every_tensor_matches_gguf_py(smollm2_path):
             assert_bits_equal(q.dequantize(), oracle(q.ggml_type, rt.data).reshape(q.shape))
 
 
-@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0],
-                         ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
+                               *NEW_TYPES], ids=lambda t: t.name)
 def test_count_nonfinite_scales(t):
     """Every float16 scale field of a block (d, and m where the type has one) is checked."""
     from torchless.quant import count_nonfinite_scales
@@ -158,3 +161,50 @@ def test_count_nonfinite_scales(t):
     for block, (off, value) in zip([1, 5], [(F16_FIELDS[t][-1], np.inf), (F16_FIELDS[t][0], np.nan)]):
         data[block, off:off + 2] = np.array([value], np.float16).view(np.uint8)
     assert count_nonfinite_scales(QTensor(t, q.shape, data.reshape(q.data.shape))) == 2
+
+
+# the "q8" kind each new type is repacked into at load: (group of columns per scale, has a min,
+# code range)
+Q8_REPACK = {GGMLType.Q2_K: (16, True, (0, 3)), GGMLType.Q3_K: (16, False, (-4, 3)),
+             GGMLType.IQ4_NL: (32, False, (-127, 113)), GGMLType.IQ4_XS: (32, False, (-127, 113))}
+
+
+@pytest.mark.parametrize("t", list(Q8_REPACK), ids=lambda t: t.name)
+def test_new_types_repacked_as_q8_exactly(t):
+    """Each new type becomes the kernels' "q8" kind, and scale * code + min is gguf-py's weight
+    exactly for random blocks (finite scales) -- through the row dequantizer (embedding lookups)
+    and the BLAS prefill's transposed expansion of the tiles. The products (decode matvec, the
+    batched kernels) on that kind are then held to the float64 product of gguf-py's weights."""
+    from torchless.kernels import gemm
+    from torchless.kernels import qmatmul as qm
+
+    rows, cols = 70, 512
+    block_size, _ = BLOCK_LAYOUT[t]
+    q = random_qtensor(t, rows=rows, blocks_per_row=cols // block_size, seed=11)
+    ref = oracle(t, q.data).reshape(rows, cols)
+    w = qm.prepare(q)
+    group, has_min, (lo, hi) = Q8_REPACK[t]
+    assert (w.kind, w.group, w.codes.dtype) == ("q8", group, np.int8)
+    assert w.min.shape[1] == (cols // group if has_min else 0)
+    assert w.codes.min() == lo and w.codes.max() == hi  # 70 x 512 random codes reach both ends
+    np.testing.assert_array_equal(qm.dequantize_rows(w, 0, rows), ref)
+    out = np.empty((cols, rows - 3), np.float32)
+    np.testing.assert_array_equal(gemm.dequantize_transposed_into(w, out, 3, rows), ref[3:].T)
+
+    from torchless.kernels import adaptive
+
+    X = np.random.default_rng(1).standard_normal((5, cols)).astype(np.float32)
+    X[:, 5] *= 40  # an outlier column, as real activations have
+    exact = X.astype(np.float64) @ ref.T.astype(np.float64)  # (5, rows)
+    float_bound = 1e-4 * (np.abs(X) @ np.abs(ref.T)) + 1e-30  # float32 accumulation
+    # the integer kernels carry each x as three int8 levels (see test_qmatmul.activation_bound)
+    amax = np.abs(X).reshape(5, -1, group).max(-1).repeat(group, axis=-1)
+    int_bound = amax @ np.abs(ref.T) / (2 * 127 * 254 ** 2) * 1.01 + 2e-5 * (np.abs(X) @ np.abs(ref.T))
+    y = np.full(rows, np.nan, np.float32)
+    qm.matvec_into(w, X[0], y)
+    np.testing.assert_array_less(np.abs(y - exact[0]), float_bound[0])
+    for fn, bound in ((qm.matmul_into, int_bound), (adaptive.matmul_adaptive_into, int_bound),
+                      (qm.matmul_float_into, float_bound)):
+        Y = np.full((5, rows), np.nan, np.float32)
+        fn(w, X, Y)
+        np.testing.assert_array_less(np.abs(Y - exact), bound)

@@ -64,9 +64,13 @@ BLOCK_LAYOUT: dict[GGMLType, tuple[int, int]] = {
     GGMLType.Q5_0: (32, 2 + 4 + 16),
     GGMLType.Q5_1: (32, 2 + 2 + 4 + 16),
     GGMLType.Q8_0: (32, 2 + 32),
+    GGMLType.IQ4_NL: (32, 2 + 16),
+    GGMLType.Q2_K: (QK_K, QK_K // 16 + QK_K // 4 + 2 + 2),
+    GGMLType.Q3_K: (QK_K, QK_K // 8 + QK_K // 4 + 12 + 2),
     GGMLType.Q4_K: (QK_K, 2 + 2 + 12 + QK_K // 2),
     GGMLType.Q5_K: (QK_K, 2 + 2 + 12 + QK_K // 8 + QK_K // 2),
     GGMLType.Q6_K: (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),
+    GGMLType.IQ4_XS: (QK_K, 2 + 2 + QK_K // 64 + QK_K // 2),
 }
 
 
@@ -75,10 +79,10 @@ BLOCK_LAYOUT: dict[GGMLType, tuple[int, int]] = {
 STORAGE_LAYOUT: dict[GGMLType, tuple[int, int]] = {
     **BLOCK_LAYOUT,
     GGMLType.Q8_1: (32, 40),
-    GGMLType.Q2_K: (QK_K, 84), GGMLType.Q3_K: (QK_K, 110), GGMLType.Q8_K: (QK_K, 292),
+    GGMLType.Q8_K: (QK_K, 292),
     GGMLType.IQ2_XXS: (QK_K, 66), GGMLType.IQ2_XS: (QK_K, 74), GGMLType.IQ3_XXS: (QK_K, 98),
-    GGMLType.IQ1_S: (QK_K, 50), GGMLType.IQ4_NL: (32, 18), GGMLType.IQ3_S: (QK_K, 110),
-    GGMLType.IQ2_S: (QK_K, 82), GGMLType.IQ4_XS: (QK_K, 136), GGMLType.I8: (1, 1),
+    GGMLType.IQ1_S: (QK_K, 50), GGMLType.IQ3_S: (QK_K, 110),
+    GGMLType.IQ2_S: (QK_K, 82), GGMLType.I8: (1, 1),
     GGMLType.I16: (1, 2), GGMLType.I32: (1, 4), GGMLType.I64: (1, 8), GGMLType.F64: (1, 8),
     GGMLType.IQ1_M: (QK_K, 56), GGMLType.TQ1_0: (QK_K, 54), GGMLType.TQ2_0: (QK_K, 66),
     GGMLType.MXFP4: (32, 17),
@@ -87,8 +91,9 @@ STORAGE_LAYOUT: dict[GGMLType, tuple[int, int]] = {
 # Byte offsets of the float16 scales (d, and m or dmin) within a block of each quantized type.
 _F16_SCALE_OFFSETS = {
     GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q5_0: (0,), GGMLType.Q5_1: (0, 2),
-    GGMLType.Q8_0: (0,),
-    GGMLType.Q4_K: (0, 2), GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,),
+    GGMLType.Q8_0: (0,), GGMLType.IQ4_NL: (0,),
+    GGMLType.Q2_K: (80, 82), GGMLType.Q3_K: (108,),
+    GGMLType.Q4_K: (0, 2), GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,), GGMLType.IQ4_XS: (0,),
 }
 _F16_EXPONENT = 0x7C00  # all ones: infinity or NaN
 
@@ -160,6 +165,40 @@ def _q8_0(b):
     return b[:, 2:].view(np.int8).astype(np.float32) * _f16(b[:, :2])
 
 
+def _q2_k(b):
+    n = b.shape[0]
+    sc, d, dmin = b[:, :16], _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    dl = (d * (sc & np.uint8(0x0F)).astype(np.float32)).reshape(n, 16, 1)
+    ml = (dmin * (sc >> np.uint8(4)).astype(np.float32)).reshape(n, 16, 1)
+    q = _bits(b[:, 16:80], 32, [0, 2, 4, 6], 0x03).reshape(n, 16, 16).astype(np.float32)
+    return (dl * q - ml).reshape(n, QK_K)
+
+
+def q3_k_scales(s: np.ndarray) -> np.ndarray:
+    """Q3_K: the 12 scale bytes (..., 12) -> 16 six-bit scales minus 32, int8 (..., 16): scale i
+    has its low nibble in byte i % 8 (low half first) and its high 2 bits in byte 8 + i % 4 at
+    bit 2 (i // 4)."""
+    s = s.reshape(-1, 12)
+    lo = _bits(s[:, :8], 8, [0, 4], 0x0F)
+    hi = _bits(s[:, 8:], 4, [0, 2, 4, 6], 0x03)
+    return (lo | (hi << np.uint8(4))).astype(np.int8) - np.int8(32)
+
+
+def q3_k_codes(hmask: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """Q3_K: hmask (n, 32) and qs (n, 64) -> the 256 codes, int8 (n, 256) in -4..3: 2 low bits
+    from qs, minus 4 where the element's hmask bit is 0."""
+    ql = _bits(qs, 32, [0, 2, 4, 6], 0x03).astype(np.int8)
+    qh = _bits(hmask, 32, range(8), 0x01) ^ np.uint8(1)
+    return ql - (qh << np.uint8(2)).astype(np.int8)
+
+
+def _q3_k(b):
+    n = b.shape[0]
+    dl = (_f16(b[:, 108:110]) * q3_k_scales(b[:, 96:108]).astype(np.float32)).reshape(n, 16, 1)
+    q = q3_k_codes(b[:, :32], b[:, 32:96]).reshape(n, 16, 16).astype(np.float32)
+    return (dl * q).reshape(n, QK_K)
+
+
 def _q4_k(b):
     n = b.shape[0]
     d, dmin = _f16(b[:, :2]).reshape(n, 1, 1), _f16(b[:, 2:4]).reshape(n, 1, 1)
@@ -186,6 +225,31 @@ def _q6_k(b):
     return (dl * q).reshape(n, QK_K)
 
 
+# IQ4_NL/IQ4_XS: a 4-bit index selects one of these 16 non-linear levels (ggml's kvalues_iq4nl)
+IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+
+
+def _iq4_nl(b):
+    return _f16(b[:, :2]) * IQ4NL_VALUES[_bits(b[:, 2:], 16, [0, 4], 0x0F)].astype(np.float32)
+
+
+def iq4_xs_scales(b: np.ndarray) -> np.ndarray:
+    """IQ4_XS: the 6 scale bytes (n, 6) (a uint16 of 8 high 2-bit parts, then 4 bytes of
+    8 low nibbles) -> the 8 six-bit scales minus 32 of a super-block's 32-groups, int8 (n, 8)."""
+    n = b.shape[0]
+    hi = np.ascontiguousarray(b[:, :2]).view(np.uint16) >> np.arange(0, 16, 2, dtype=np.uint16)
+    lo = b[:, 2:6].reshape(n, 4, 1) >> np.array([0, 4], np.uint8)
+    ls = (lo.reshape(n, 8) & np.uint8(0x0F)) | ((hi & np.uint16(3)).astype(np.uint8) << np.uint8(4))
+    return ls.astype(np.int8) - np.int8(32)
+
+
+def _iq4_xs(b):
+    n = b.shape[0]
+    dl = (_f16(b[:, :2]) * iq4_xs_scales(b[:, 2:8]).astype(np.float32)).reshape(n, 8, 1)
+    q = IQ4NL_VALUES[_bits(b[:, 8:], 16, [0, 4], 0x0F)].astype(np.float32).reshape(n, 8, 32)
+    return (dl * q).reshape(n, QK_K)
+
+
 _DEQUANTIZE = {
     GGMLType.F32: lambda b: b.view(np.float32),
     GGMLType.F16: lambda b: b.view(np.float16).astype(np.float32),
@@ -195,9 +259,13 @@ _DEQUANTIZE = {
     GGMLType.Q5_0: _q5_0,
     GGMLType.Q5_1: _q5_1,
     GGMLType.Q8_0: _q8_0,
+    GGMLType.IQ4_NL: _iq4_nl,
+    GGMLType.Q2_K: _q2_k,
+    GGMLType.Q3_K: _q3_k,
     GGMLType.Q4_K: _q4_k,
     GGMLType.Q5_K: _q5_k,
     GGMLType.Q6_K: _q6_k,
+    GGMLType.IQ4_XS: _iq4_xs,
 }
 
 

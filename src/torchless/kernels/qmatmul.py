@@ -48,12 +48,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..quant import IQ4NL_VALUES, iq4_xs_scales, q3_k_codes, q3_k_scales
+
 TILE = 32  # rows per tile: the vector width of the inner loop (4 x 8 float32 lanes on AVX2)
 
 # ggml type ids (quant.GGMLType values; kept as plain ints so this module stands alone)
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
+Q2_K, Q3_K, IQ4_NL, IQ4_XS = 10, 11, 20, 23
 _TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1",
-               Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K", BF16: "BF16"}
+               Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K", BF16: "BF16",
+               Q2_K: "Q2_K", Q3_K: "Q3_K", IQ4_NL: "IQ4_NL", IQ4_XS: "IQ4_XS"}
 QK_K = 256
 
 # 'contract' only: lets LLVM fuse a*b+c into FMA. No reassociation is needed (the vectorized
@@ -159,6 +163,29 @@ def _decode(ggml_type: int, raw: np.ndarray, cols: int):
         lo = ((qs >> np.array([0, 4], np.uint8).reshape(2, 1)) & 0x0F).reshape(n, nb, 8, 32)
         hi = (qh >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1  # (n, nb, 8, 32)
         return (lo | (hi << 4)).astype(np.int8).reshape(n, cols), scale, mn, "q8", 32
+    if ggml_type == Q2_K:  # weight = (d sc_j) q - dmin m_j per 16 columns
+        nb = cols // QK_K
+        b = raw.reshape(n, nb, 84)
+        sc, d, dmin = b[..., :16], _f16(b[..., 80:82])[..., None], _f16(b[..., 82:84])[..., None]
+        scale = (d * (sc & 0x0F).astype(np.float32)).reshape(n, -1)
+        mn = (-(dmin * (sc >> 4).astype(np.float32))).reshape(n, -1)
+        qs = b[..., 16:80].reshape(n, nb, 2, 1, 32)  # column 128 h + 32 k + j: byte 32 h + j >> 2k
+        q = (qs >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 0x03
+        return q.astype(np.int8).reshape(n, cols), scale, mn, "q8", 16
+    if ggml_type == Q3_K:  # weight = (d (sc_j - 32)) q per 16 columns
+        nb = cols // QK_K
+        b = raw.reshape(n * nb, 110)
+        scale = _f16(b[:, 108:110])[:, None] * q3_k_scales(b[:, 96:108]).astype(np.float32)
+        return q3_k_codes(b[:, :32], b[:, 32:96]).reshape(n, cols), scale.reshape(n, -1), None, "q8", 16
+    if ggml_type in (IQ4_NL, IQ4_XS):  # weight = scale * level[index] per 32 columns
+        head = 2 if ggml_type == IQ4_NL else 8
+        b = raw.reshape(n, -1, head + 16) if ggml_type == IQ4_NL else raw.reshape(n * (cols // QK_K), 136)
+        qs = b[..., head:].reshape(b.shape[:-1] + (-1, 16))  # per 32 columns: 16 bytes, low nibbles first
+        codes = IQ4NL_VALUES[np.concatenate([qs & 0x0F, qs >> 4], axis=-1)].reshape(n, cols)
+        d = _f16(b[..., 0:2])
+        if ggml_type == IQ4_NL:
+            return codes, d, None, "q8", 32
+        return codes, (d[:, None] * iq4_xs_scales(b[:, 2:8]).astype(np.float32)).reshape(n, -1), None, "q8", 32
     if ggml_type == Q6_K:
         nb = cols // QK_K
         b = raw.reshape(n, nb, 210)
@@ -187,11 +214,12 @@ def prepare(qtensor) -> PackedWeight:
         raise ValueError("qmatmul.prepare: data must be uint8 raw bytes")
     n_tiles = -(-rows // TILE)
     kinds = {F32: "f32", F16: "f32", BF16: "f32", Q4_0: "q4", Q4_1: "q4", Q4_K: "q4",
-             Q5_0: "q8", Q5_1: "q8", Q8_0: "q8", Q5_K: "q8", Q6_K: "q8"}
+             Q5_0: "q8", Q5_1: "q8", Q8_0: "q8", Q5_K: "q8", Q6_K: "q8",
+             Q2_K: "q8", Q3_K: "q8", IQ4_NL: "q8", IQ4_XS: "q8"}
     if t not in kinds:
         raise ValueError(f"qmatmul: unsupported ggml type {t}")
     kind = kinds[t]
-    group = {"f32": cols, "q4": 32}.get(kind, 16 if t == Q6_K else 32)
+    group = {"f32": cols, "q4": 32}.get(kind, 16 if t in (Q2_K, Q3_K, Q6_K) else 32)
     n_groups = cols // group
     if kind == "f32":
         codes = np.zeros((n_tiles, cols, TILE), np.float32)
@@ -223,7 +251,7 @@ def prepare(qtensor) -> PackedWeight:
         scale[t0:t0 + nt] = s.reshape(nt, TILE, n_groups).transpose(0, 2, 1)
         if m is not None:
             mn[t0:t0 + nt] = m.reshape(nt, TILE, n_groups).transpose(0, 2, 1)
-    has_min = kind == "q4" or t in (Q5_1, Q5_K)
+    has_min = kind == "q4" or t in (Q5_1, Q5_K, Q2_K)
     if not has_min:
         mn = np.zeros((n_tiles, 0, TILE), np.float32)  # the kernels skip the min term
     return PackedWeight(t, (rows, cols), kind, group, codes, scale, mn)
