@@ -134,6 +134,16 @@ def mixed_low_bit_quant(gguf_name: str) -> str:
     raise ValueError(gguf_name)
 
 
+def mixed_ternary_mxfp4_quant(gguf_name: str) -> str:
+    """A TQ1_0/TQ2_0/MXFP4 mix for `write_random_gguf(qtype=...)`: the embedding, V/output and
+    the LM head MXFP4, Q/K and down TQ1_0, gate/up TQ2_0."""
+    for part, t in [("attn_q.", "TQ1_0"), ("attn_k.", "TQ1_0"), ("ffn_down", "TQ1_0"), ("ffn_gate", "TQ2_0"),
+                    ("ffn_up", "TQ2_0")]:
+        if part in gguf_name:
+            return t
+    return "MXFP4"
+
+
 def _add_metadata(writer, key, value):
     if isinstance(value, bool):
         writer.add_bool(key, value)

@@ -134,34 +134,31 @@ def test_q5_0_q5_1_gguf_every_path_matches_transformers(q5_model, capsys):
     assert any(l.split()[:2] == ["Q5_1", "7"] for l in by_type), by_type  # 2 x 3 FFN + LM head
 
 
-@pytest.fixture(scope="module")
-def low_bit_model(tmp_path_factory):
-    """A tiny random llama GGUF mixing Q2_K, Q3_K, IQ4_NL and IQ4_XS (random blocks: gguf-py
-    cannot quantize these), and transformers loading that same file (dequantized by gguf-py)."""
+def _random_mixed_gguf_and_transformers(root, mix, seed):
+    """A tiny random llama GGUF whose 2-D weights are of the types `mix` gives per name, and
+    transformers loading that same file (its GGUF loader dequantizes with gguf-py)."""
     import torch
     import transformers
 
-    from model_factory import mixed_low_bit_quant, write_random_gguf
+    from model_factory import write_random_gguf
 
-    root = tmp_path_factory.mktemp("lowbit")
-    path = write_random_gguf(root / "lowbit.gguf", mixed_low_bit_quant, seed=6)
+    path = write_random_gguf(root / "m.gguf", mix, seed=seed)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(root), gguf_file=path.name, dtype=torch.float32)
     hf.config._attn_implementation = "eager"
     return path, hf.eval()
 
 
-def test_q2_k_q3_k_iq4_nl_iq4_xs_gguf_every_path_matches_transformers(low_bit_model, capsys):
+def _every_path_matches_transformers(path, hf, capsys, counts):
     """As the Q5_0/Q5_1 test: every product path (reference, fused decode, BLAS prefill chunk,
-    batched integer kernels in chunks of 5, a batched decode step of two sequences) on a file
-    whose weights are Q2_K, Q3_K, IQ4_NL and IQ4_XS, against transformers on the same file; and
-    `inspect` lists the four types."""
+    batched integer kernels in chunks of 5, a batched decode step of two sequences) against
+    transformers on the same file; all weights repacked as "q8"; `inspect` lists each type with
+    its tensor count."""
     from torchless import cli
     from torchless.model.mistral import Span
 
-    path, hf = low_bit_model
     params = Parameters.load(path)
     types = {name: t.ggml_type.name for name, t in params.tensors.items() if t.data.ndim == 2}
-    assert set(types.values()) == {"Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"}, types
+    assert set(types.values()) == set(counts), types
     seq = [int(t) for t in np.random.default_rng(7).integers(0, 320, 72)]  # >= 64: a BLAS prefill chunk
     ref = hf_logits(hf, seq)
     model = Mistral.load(params)
@@ -186,5 +183,21 @@ def test_q2_k_q3_k_iq4_nl_iq4_xs_gguf_every_path_matches_transformers(low_bit_mo
     assert cli.main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     by_type = out[out.index("by type:"):].splitlines()
-    for name, count in [("Q2_K", 5), ("Q3_K", 3), ("IQ4_NL", 4), ("IQ4_XS", 4)]:  # 2 layers
+    for name, count in counts.items():
         assert any(l.split()[:2] == [name, str(count)] for l in by_type), by_type
+
+
+def test_q2_k_q3_k_iq4_nl_iq4_xs_gguf_every_path_matches_transformers(tmp_path_factory, capsys):
+    """Q2_K, Q3_K, IQ4_NL and IQ4_XS weights (random blocks: gguf-py cannot quantize these)."""
+    from model_factory import mixed_low_bit_quant
+
+    path, hf = _random_mixed_gguf_and_transformers(tmp_path_factory.mktemp("lowbit"), mixed_low_bit_quant, 6)
+    _every_path_matches_transformers(path, hf, capsys, {"Q2_K": 5, "Q3_K": 3, "IQ4_NL": 4, "IQ4_XS": 4})
+
+
+def test_tq1_0_tq2_0_mxfp4_gguf_every_path_matches_transformers(tmp_path_factory, capsys):
+    """TQ1_0, TQ2_0 and MXFP4 weights (quantized from random floats by gguf-py)."""
+    from model_factory import mixed_ternary_mxfp4_quant
+
+    path, hf = _random_mixed_gguf_and_transformers(tmp_path_factory.mktemp("tq"), mixed_ternary_mxfp4_quant, 8)
+    _every_path_matches_transformers(path, hf, capsys, {"TQ1_0": 6, "TQ2_0": 4, "MXFP4": 6})

@@ -14,9 +14,10 @@ from torchless.quant import BLOCK_LAYOUT, GGMLType, QTensor, dequantize_blocks
 F16_FIELDS = {GGMLType.Q4_0: [0], GGMLType.Q4_1: [0, 2], GGMLType.Q5_0: [0], GGMLType.Q5_1: [0, 2],
               GGMLType.Q8_0: [0], GGMLType.IQ4_NL: [0],
               GGMLType.Q2_K: [80, 82], GGMLType.Q3_K: [108],
-              GGMLType.Q4_K: [0, 2], GGMLType.Q5_K: [0, 2], GGMLType.Q6_K: [208], GGMLType.IQ4_XS: [0]}
+              GGMLType.Q4_K: [0, 2], GGMLType.Q5_K: [0, 2], GGMLType.Q6_K: [208], GGMLType.IQ4_XS: [0],
+              GGMLType.TQ1_0: [52], GGMLType.TQ2_0: [64]}
 # the types added to the fast kinds after the first release; each is held to gguf-py below
-NEW_TYPES = [GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS]
+NEW_TYPES = [GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS, GGMLType.TQ1_0, GGMLType.TQ2_0]
 TYPES = list(BLOCK_LAYOUT)
 
 
@@ -27,6 +28,8 @@ def random_blocks(t: GGMLType, n_blocks: int, seed: int) -> np.ndarray:
     for off in F16_FIELDS.get(t, []):
         scale = (rng.standard_normal(n_blocks) * 10.0 ** rng.integers(-6, 3, n_blocks)).astype(np.float16)
         blocks[:, off:off + 2] = scale.view(np.uint8).reshape(n_blocks, 2)
+    if t == GGMLType.MXFP4:  # the e8m0 scale 2^(e - 127): moderate, and the subnormal e = 0, 1
+        blocks[:, 0] = rng.choice(np.r_[0, 1, 100:135], n_blocks).astype(np.uint8)
     if t in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):  # whole elements: keep them finite too
         dtype = {GGMLType.F32: np.float32, GGMLType.F16: np.float16, GGMLType.BF16: np.float32}[t]
         vals = rng.standard_normal(n_blocks).astype(dtype).view(np.uint8).reshape(n_blocks, -1)
@@ -54,7 +57,7 @@ def test_dequantize_blocks_matches_gguf_py(t, seed):
 
 
 @pytest.mark.parametrize("t", [GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q5_1,
-                               GGMLType.Q8_0, *NEW_TYPES], ids=lambda t: t.name)
+                               GGMLType.Q8_0, *NEW_TYPES, GGMLType.MXFP4], ids=lambda t: t.name)
 def test_dequantize_blocks_any_bytes(t):
     """Completely random bytes (NaN and inf scales included) still match bit for bit."""
     _, type_size = BLOCK_LAYOUT[t]
@@ -166,7 +169,9 @@ def test_count_nonfinite_scales(t):
 # the "q8" kind each new type is repacked into at load: (group of columns per scale, has a min,
 # code range)
 Q8_REPACK = {GGMLType.Q2_K: (16, True, (0, 3)), GGMLType.Q3_K: (16, False, (-4, 3)),
-             GGMLType.IQ4_NL: (32, False, (-127, 113)), GGMLType.IQ4_XS: (32, False, (-127, 113))}
+             GGMLType.IQ4_NL: (32, False, (-127, 113)), GGMLType.IQ4_XS: (32, False, (-127, 113)),
+             GGMLType.TQ1_0: (32, False, (-1, 1)), GGMLType.TQ2_0: (32, False, (-1, 2)),  # 3 (unused) decodes to 2
+             GGMLType.MXFP4: (32, False, (-12, 12))}
 
 
 @pytest.mark.parametrize("t", list(Q8_REPACK), ids=lambda t: t.name)

@@ -71,6 +71,9 @@ BLOCK_LAYOUT: dict[GGMLType, tuple[int, int]] = {
     GGMLType.Q5_K: (QK_K, 2 + 2 + 12 + QK_K // 8 + QK_K // 2),
     GGMLType.Q6_K: (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),
     GGMLType.IQ4_XS: (QK_K, 2 + 2 + QK_K // 64 + QK_K // 2),
+    GGMLType.TQ1_0: (QK_K, (QK_K - 4 * QK_K // 64) // 5 + QK_K // 64 + 2),
+    GGMLType.TQ2_0: (QK_K, QK_K // 4 + 2),
+    GGMLType.MXFP4: (32, 1 + 16),
 }
 
 
@@ -84,8 +87,7 @@ STORAGE_LAYOUT: dict[GGMLType, tuple[int, int]] = {
     GGMLType.IQ1_S: (QK_K, 50), GGMLType.IQ3_S: (QK_K, 110),
     GGMLType.IQ2_S: (QK_K, 82), GGMLType.I8: (1, 1),
     GGMLType.I16: (1, 2), GGMLType.I32: (1, 4), GGMLType.I64: (1, 8), GGMLType.F64: (1, 8),
-    GGMLType.IQ1_M: (QK_K, 56), GGMLType.TQ1_0: (QK_K, 54), GGMLType.TQ2_0: (QK_K, 66),
-    GGMLType.MXFP4: (32, 17),
+    GGMLType.IQ1_M: (QK_K, 56),
 }
 
 # Byte offsets of the float16 scales (d, and m or dmin) within a block of each quantized type.
@@ -94,6 +96,7 @@ _F16_SCALE_OFFSETS = {
     GGMLType.Q8_0: (0,), GGMLType.IQ4_NL: (0,),
     GGMLType.Q2_K: (80, 82), GGMLType.Q3_K: (108,),
     GGMLType.Q4_K: (0, 2), GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,), GGMLType.IQ4_XS: (0,),
+    GGMLType.TQ1_0: (52,), GGMLType.TQ2_0: (64,),  # MXFP4's power-of-two scale is always finite
 }
 _F16_EXPONENT = 0x7C00  # all ones: infinity or NaN
 
@@ -250,6 +253,41 @@ def _iq4_xs(b):
     return (dl * q).reshape(n, QK_K)
 
 
+def tq1_0_codes(b: np.ndarray) -> np.ndarray:
+    """TQ1_0: (n, 54) blocks -> the 256 ternary codes -1..1, int8 (n, 256). Bytes hold 5 (the
+    last 4: 4) base-3 digits as a fixed-point fraction: digit k of byte x is (x 3^k mod 256) 3 >> 8."""
+    n = b.shape[0]
+    pow3 = np.array([1, 3, 9, 27, 81], np.uint8).reshape(5, 1)
+    parts = [(b[:, :32].reshape(n, 1, 32) * pow3).reshape(n, -1),  # uint8 products wrap, as meant
+             (b[:, 32:48].reshape(n, 1, 16) * pow3).reshape(n, -1),
+             (b[:, 48:52].reshape(n, 1, 4) * pow3[:4]).reshape(n, -1)]
+    q = np.concatenate(parts, axis=-1)
+    return ((q.astype(np.uint16) * 3) >> 8).astype(np.int8) - np.int8(1)
+
+
+def _tq1_0(b):
+    return _f16(b[:, 52:54]) * tq1_0_codes(b).astype(np.float32)
+
+
+def _tq2_0(b):
+    q = _bits(b[:, :64], 32, [0, 2, 4, 6], 0x03).astype(np.int8) - np.int8(1)
+    return _f16(b[:, 64:66]) * q.astype(np.float32)
+
+
+# MXFP4: a 4-bit index selects an e2m1 value; stored doubled here (0.5 is folded into the scale)
+MXFP4_VALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)
+
+
+def mxfp4_half_scale(e: np.ndarray) -> np.ndarray:
+    """MXFP4: the e8m0 scale byte e -> 2^(e - 127) / 2 as float32 (subnormal for e < 2)."""
+    e = e.astype(np.uint32)
+    return np.where(e < 2, np.uint32(0x00200000) << e, (e - np.uint32(1)) << np.uint32(23)).view(np.float32)
+
+
+def _mxfp4(b):
+    return mxfp4_half_scale(b[:, :1]) * MXFP4_VALUES[_bits(b[:, 1:], 16, [0, 4], 0x0F)].astype(np.float32)
+
+
 _DEQUANTIZE = {
     GGMLType.F32: lambda b: b.view(np.float32),
     GGMLType.F16: lambda b: b.view(np.float16).astype(np.float32),
@@ -266,6 +304,9 @@ _DEQUANTIZE = {
     GGMLType.Q5_K: _q5_k,
     GGMLType.Q6_K: _q6_k,
     GGMLType.IQ4_XS: _iq4_xs,
+    GGMLType.TQ1_0: _tq1_0,
+    GGMLType.TQ2_0: _tq2_0,
+    GGMLType.MXFP4: _mxfp4,
 }
 
 

@@ -48,16 +48,20 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..quant import IQ4NL_VALUES, iq4_xs_scales, q3_k_codes, q3_k_scales
+# the bit-unpacking helpers and level tables of the newer block types (shared with quant.py's
+# dequantizers, so the repack and the oracle-tested dequantization read blocks the same way)
+from ..quant import (IQ4NL_VALUES, MXFP4_VALUES, iq4_xs_scales, mxfp4_half_scale, q3_k_codes,
+                     q3_k_scales, tq1_0_codes)
 
 TILE = 32  # rows per tile: the vector width of the inner loop (4 x 8 float32 lanes on AVX2)
 
-# ggml type ids (quant.GGMLType values; kept as plain ints so this module stands alone)
+# ggml type ids (quant.GGMLType values, as plain ints)
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
-Q2_K, Q3_K, IQ4_NL, IQ4_XS = 10, 11, 20, 23
+Q2_K, Q3_K, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0, MXFP4 = 10, 11, 20, 23, 34, 35, 39
 _TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1",
                Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K", BF16: "BF16",
-               Q2_K: "Q2_K", Q3_K: "Q3_K", IQ4_NL: "IQ4_NL", IQ4_XS: "IQ4_XS"}
+               Q2_K: "Q2_K", Q3_K: "Q3_K", IQ4_NL: "IQ4_NL", IQ4_XS: "IQ4_XS",
+               TQ1_0: "TQ1_0", TQ2_0: "TQ2_0", MXFP4: "MXFP4"}
 QK_K = 256
 
 # 'contract' only: lets LLVM fuse a*b+c into FMA. No reassociation is needed (the vectorized
@@ -186,6 +190,20 @@ def _decode(ggml_type: int, raw: np.ndarray, cols: int):
         if ggml_type == IQ4_NL:
             return codes, d, None, "q8", 32
         return codes, (d[:, None] * iq4_xs_scales(b[:, 2:8]).astype(np.float32)).reshape(n, -1), None, "q8", 32
+    if ggml_type in (TQ1_0, TQ2_0):  # weight = d q, q in -1..1; d per 256 columns, kept per 32
+        b = raw.reshape(n * (cols // QK_K), -1)
+        if ggml_type == TQ1_0:
+            q = tq1_0_codes(b)
+        else:  # column 128 h + 32 k + j: bits 2k of byte 32 h + j
+            q = ((b[:, :64].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 0x03)
+            q = q.astype(np.int8) - np.int8(1)
+        d = np.repeat(_f16(b[:, -2:]), QK_K // 32)
+        return q.reshape(n, cols), d.reshape(n, -1), None, "q8", 32
+    if ggml_type == MXFP4:  # weight = 2^(e-127) value[index] = 2^(e-128) (2 value[index])
+        b = raw.reshape(n, cols // 32, 17)
+        qs = b[..., 1:]
+        codes = MXFP4_VALUES[np.concatenate([qs & 0x0F, qs >> 4], axis=-1)].reshape(n, cols)
+        return codes, mxfp4_half_scale(b[..., 0]), None, "q8", 32
     if ggml_type == Q6_K:
         nb = cols // QK_K
         b = raw.reshape(n, nb, 210)
@@ -215,7 +233,7 @@ def prepare(qtensor) -> PackedWeight:
     n_tiles = -(-rows // TILE)
     kinds = {F32: "f32", F16: "f32", BF16: "f32", Q4_0: "q4", Q4_1: "q4", Q4_K: "q4",
              Q5_0: "q8", Q5_1: "q8", Q8_0: "q8", Q5_K: "q8", Q6_K: "q8",
-             Q2_K: "q8", Q3_K: "q8", IQ4_NL: "q8", IQ4_XS: "q8"}
+             Q2_K: "q8", Q3_K: "q8", IQ4_NL: "q8", IQ4_XS: "q8", TQ1_0: "q8", TQ2_0: "q8", MXFP4: "q8"}
     if t not in kinds:
         raise ValueError(f"qmatmul: unsupported ggml type {t}")
     kind = kinds[t]
