@@ -179,3 +179,22 @@ def test_a_decode_step_runs_in_parts_a_thread_each_and_equals_the_whole(tiny_lla
     assert len({thread for thread, _ in calls}) == 2
     assert after[0] - before[0] == 2 and after[1] - before[1] == 2  # the parts, no product tasks
     np.testing.assert_array_equal(logits, whole)  # a row does not depend on its neighbours
+
+
+def test_parts_are_balanced_by_tokens_or_the_micro_batch_runs_whole():
+    from types import SimpleNamespace
+
+    from torchless.model.batch_split import assign_parts
+
+    def spans(*lengths, states=None):
+        states = states or [object() for _ in lengths]
+        return [SimpleNamespace(tokens=[0] * n, state=s) for n, s in zip(lengths, states)]
+
+    assert assign_parts(spans(1, 1, 1, 1, 1), 2) == [[0, 2, 4], [1, 3]]
+    assert assign_parts(spans(1, 8, 1, 1, 1, 1, 1, 1, 1, 1), 2) == [[1, 9], [0, 2, 3, 4, 5, 6, 7, 8]]
+    assert assign_parts(spans(40, 1, 1, 1), 2) == [[0, 1, 2, 3]]  # 40 of 43 tokens in one part
+    assert assign_parts(spans(1, 1, 1, 1), 1) == [[0, 1, 2, 3]]
+    assert assign_parts(spans(1, 1), 4) == [[0, 1]]  # a part holds at least 2 tokens
+    assert assign_parts(spans(1, 1, 1, 1, 1, 1, 1, 1), 4) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    same = object()
+    assert assign_parts(spans(4, 1, 1, 1, states=[same, same, object(), object()]), 2) == [[0, 1, 2, 3]]

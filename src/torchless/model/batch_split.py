@@ -1,21 +1,24 @@
-"""A decode micro-batch cut into parts by sequence, each part run whole by its own thread.
+"""A micro-batch cut into parts by sequence, each part run whole by its own thread.
 
 Why: run as one micro-batch over T threads, every product of every layer is cut into row tasks,
-so a step is ~240 parallel regions, each ending in a barrier where one thread waits for the
-other, plus the serial pieces between them (norms, RoPE, attention at short context). With the
-sequences cut into T parts instead, each thread runs the whole model on its part with no
-barrier until the step ends: on 2 cores, SmolLM2, 8 sequences, this is ~1.3x the tok/s of the
-row-task split (benchmarks/compare.py --batch). The products keep their cost per row, since the
-batched integer kernels read each weight tile once per 4 rows of X, and a row's result does not
-depend on the other rows of its micro-batch, so the logits are the same either way.
+so a decode step is ~240 parallel regions, each ending in a barrier where one thread waits for
+the other, plus the serial pieces between them (norms, RoPE, attention at short context). With
+the sequences cut into T parts instead, each thread runs the whole model on its part with no
+barrier until the step ends (on 2 cores, SmolLM2, 8 sequences: see benchmarks/compare.py
+--batch). A decode row costs the same in a part as in the whole, since the batched integer
+kernels read each weight tile once per 4 rows of X; and a row's result does not depend on the
+other rows of its micro-batch, so a decode step's logits are the same bits either way (a
+prompt chunk in a smaller micro-batch may take the integer kernels rather than BLAS: the same
+up to rounding).
 
-The parts are the work distribution's tasks at this level (one per thread, so all local), and
-`WorkStealingStats` counts them. Each part's thread runs numba with T // parts threads, so a
-batch too small to give every thread its part still uses every core.
+The parts are the work distribution's tasks at this level, one per thread, all local, and
+`WorkStealingStats` counts them. They are balanced by tokens; a micro-batch whose parts would
+be too unequal (one long prompt chunk) runs whole, its products split into row tasks. A part's
+thread runs numba with T // parts threads, so a batch too small to give each thread a part
+still uses every core.
 
 Each thread reads every weight once per step, so the weight traffic grows with the parts; a
-part keeps at least MIN_ROWS_PER_PART sequences, which bounds it for a large model on many
-cores (a part of 1 row reads its weights for one token, 2 rows for two).
+part keeps at least MIN_ROWS_PER_PART tokens, which bounds it for a large model on many cores.
 """
 
 from __future__ import annotations
@@ -28,17 +31,30 @@ import numpy as np
 from ..kernels.adaptive import GLOBAL_STATS, _get_num_threads
 
 MIN_ROWS_PER_PART = 2
+# A micro-batch runs whole over T threads at about WHOLE_SPEEDUP / T of one thread's time per
+# token (measured ~1.3-1.5 on 2 cores), so parts pay only while the largest holds less than
+# WHOLE_SPEEDUP / T of the tokens: a long prompt chunk beside a few decode rows runs whole.
+WHOLE_SPEEDUP = 1.4
 
 
-def n_parts(spans, n_threads: int) -> int:
-    """How many parts a micro-batch runs as: one per thread for a decode step (one token of
-    each of several sequences) big enough, else 1 (prefill chunks keep the row-task split: a
-    chunk's tokens depend on each other, and its products are big enough to split well)."""
-    if n_threads < 2 or any(len(sp.tokens) != 1 for sp in spans):
-        return 1
-    if len({id(sp.state) for sp in spans}) < len(spans):
-        return 1
-    return max(1, min(n_threads, len(spans) // MIN_ROWS_PER_PART))
+def assign_parts(spans, n_threads: int) -> list[list[int]]:
+    """The spans' indices, cut into parts balanced by tokens (longest first, each to the part
+    with the fewest so far), or one part when the micro-batch should run whole: one thread, a
+    sequence with two spans in it (its later tokens read its earlier ones' keys), or parts too
+    unequal to pay."""
+    tokens = [len(sp.tokens) for sp in spans]
+    total = sum(tokens)
+    n = min(n_threads, len(spans), total // MIN_ROWS_PER_PART)
+    if n < 2 or len({id(sp.state) for sp in spans}) < len(spans):
+        return [list(range(len(spans)))]
+    parts, loads = [[] for _ in range(n)], [0] * n
+    for i in sorted(range(len(spans)), key=lambda i: -tokens[i]):
+        k = loads.index(min(loads))
+        parts[k].append(i)
+        loads[k] += tokens[i]
+    if max(loads) * n > WHOLE_SPEEDUP * total:
+        return [list(range(len(spans)))]
+    return [sorted(part) for part in parts]
 
 
 class BatchSplit:
@@ -49,25 +65,27 @@ class BatchSplit:
 
     def forward(self, model, spans) -> np.ndarray:
         n_threads = _get_num_threads()
-        parts = n_parts(spans, n_threads)
-        if parts == 1:
+        parts = assign_parts(spans, n_threads)
+        if len(parts) == 1:
             return model.forward_spans(spans)
-        bounds = [i * len(spans) // parts for i in range(parts + 1)]
-        threads_each = n_threads // parts
-        model.rope_at(max(sp.start for sp in spans))  # the table grows here, not in the threads
-        pool = self._pool_of(parts - 1, threads_each)
-        futures = [pool.submit(model.forward_spans, spans[a:b]) for a, b in zip(bounds[1:-1], bounds[2:])]
+        threads_each = n_threads // len(parts)
+        model.rope_at(max(sp.start + len(sp.tokens) for sp in spans))  # grown here, not in the threads
+        pool = self._pool_of(len(parts) - 1, threads_each)
+        futures = [pool.submit(model.forward_spans, [spans[i] for i in part]) for part in parts[1:]]
         numba.set_num_threads(threads_each)  # per thread in numba: this thread runs part 0
         try:
-            first = model.forward_spans(spans[:bounds[1]])
+            first = model.forward_spans([spans[i] for i in parts[0]])
         finally:
             numba.set_num_threads(n_threads)
             rest = [f.exception() or f.result() for f in futures]  # every part ends before we go on
         for r in rest:
             if isinstance(r, BaseException):
                 raise r
-        GLOBAL_STATS.record_counts(parts, parts)
-        return np.concatenate([first, *rest])
+        GLOBAL_STATS.record_counts(len(parts), len(parts))
+        logits = np.empty((len(spans), first.shape[1]), first.dtype)
+        for part, rows in zip(parts, [first, *rest]):
+            logits[part] = rows
+        return logits
 
     def _pool_of(self, workers: int, threads_each: int) -> ThreadPoolExecutor:
         if self._pool is None or self._pool_threads != (workers, threads_each):
