@@ -177,3 +177,21 @@ def test_q5_repacked_as_q8_exactly(qtype):
     np.testing.assert_array_equal(qm.dequantize_rows(w, 0, rows), ref)
     out = np.empty((cols, rows - 3), np.float32)
     np.testing.assert_array_equal(gemm.dequantize_transposed_into(w, out, 3, rows), ref[3:].T)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_blas_product_in_row_blocks_equals_the_expanded_weight(n_threads):
+    """matmul_blas_into expands and multiplies BLOCK_ROWS rows at a time, each thread its share:
+    every output column comes from its own row of W, whatever the blocks and shares."""
+    from torchless.kernels import gemm
+
+    rows, cols = 2 * gemm.BLOCK_ROWS + 37, 96  # blocks and shares that do not divide the rows
+    rng = np.random.default_rng(5)
+    raw = rng.integers(0, 256, (rows, cols // 32 * 20), dtype=np.uint8)
+    raw.reshape(rows, -1, 20)[:, :, :4] = np.frombuffer(np.float16([0.01, -0.02]).tobytes(), np.uint8)
+    w = qm.prepare(QTensor(int(GT.Q4_1), (rows, cols), raw))
+    X = rng.standard_normal((70, cols)).astype(np.float32)
+    out = np.full((70, rows), np.nan, np.float32)
+    gemm.matmul_blas_into(w, X, out, n_threads)
+    expected = X.astype(np.float64) @ qm.dequantize_rows(w, 0, rows).T.astype(np.float64)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)

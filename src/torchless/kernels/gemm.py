@@ -119,13 +119,23 @@ def _buffer(name: str, n: int) -> np.ndarray:
     return buf[:n]
 
 
+# Rows of a weight expanded and multiplied at a time: their float32 copy (cols x BLOCK_ROWS,
+# 576 KiB at cols 1152) stays in L2 between the expansion and the sgemm that reads it, where
+# expanding a thread's whole share first wrote, then read back, 4 bytes per weight through
+# memory. SmolLM2's MLP products at 1 thread, 96 rows of X: 17% faster (6% at 256 rows); 128
+# beat 32, 64 and 256.
+BLOCK_ROWS = 128
+
+
 def _part(w: PackedWeight, X: np.ndarray, out: np.ndarray, r0: int, r1: int):
-    cols, n = w.shape[1], r1 - r0
-    wt = _buffer("weights", cols * n).reshape(cols, n)
-    dequantize_transposed_into(w, wt, r0, r1)
-    result = _buffer("result", X.shape[0] * n).reshape(X.shape[0], n)
-    np.matmul(X, wt, out=result)
-    out[:, r0:r1] = result
+    cols = w.shape[1]
+    for b0 in range(r0, r1, BLOCK_ROWS):
+        b1 = min(r1, b0 + BLOCK_ROWS)
+        wt = _buffer("weights", cols * (b1 - b0)).reshape(cols, b1 - b0)
+        dequantize_transposed_into(w, wt, b0, b1)
+        result = _buffer("result", X.shape[0] * (b1 - b0)).reshape(X.shape[0], b1 - b0)
+        np.matmul(X, wt, out=result)
+        out[:, b0:b1] = result
 
 
 def matmul_blas_into(w: PackedWeight, X: np.ndarray, out: np.ndarray, n_threads: int) -> np.ndarray:
