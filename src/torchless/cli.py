@@ -412,9 +412,10 @@ def cmd_bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     global _quiet
-    from .distributed import current_group, run_guarded
+    from .distributed import current_group, run_guarded, supervise_rank
 
     args = build_parser().parse_args(argv)
+    supervise_rank()  # under mpiexec: a rank killed by a signal is named (by its parent process)
     group = current_group()  # under mpiexec: every rank runs this, rank 0 prints
     if group.rank != 0:
         _quiet = True

@@ -4,7 +4,9 @@ Model code talks to a `Group` and never learns which kind it has (gpt-fast's tp.
 group). Failure is the design constraint: a rank that raises must end the whole job within
 seconds, never leave the others blocked in a collective. So every blocking wait in a
 `ThreadGroup` has a timeout and is woken by `abort`, and `run_guarded` turns an exception on an
-MPI rank into `MPI_Abort`, which kills the job.
+MPI rank into `MPI_Abort`, which kills the job. A rank killed by a signal cannot say so, and the
+launcher kills the others at once (MPICH's hydra with SIGKILL), so `supervise_rank` keeps a small
+parent process beside each rank that waits for it and names it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import os
 import pickle
 import queue
+import signal
+import socket
 import sys
 import threading
 import time
@@ -245,6 +249,8 @@ class MPIGroup(Group):
         self._MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.world_size = self.comm.Get_rank(), self.comm.Get_size()
+        if os.environ.get(FAULT_ENV):
+            _inject_fault(self, os.environ[FAULT_ENV])
 
     def all_reduce_sum(self, array):
         _check_reduce_buffer(array)
@@ -280,7 +286,59 @@ class MPIGroup(Group):
         os._exit(1)  # MPICH's MPI_Abort can return in the caller before the launcher kills it
 
 
+FAULT_ENV = "TORCHLESS_TEST_FAULT"  # for tests only: RANK:raise:N or RANK:kill:N
+
+
+def _inject_fault(group: MPIGroup, spec: str) -> None:
+    """Make this rank fail at its N-th communication (any call that sends or receives through the
+    group's communicator, counted from 1): `raise` raises RuntimeError, `kill` sends itself
+    SIGKILL. Tests use it to fail a rank in the middle of any command; nothing else should set it."""
+    try:
+        rank, action, count = spec.split(":")
+        rank, count = int(rank), int(count)
+        if action not in ("raise", "kill"):
+            raise ValueError
+    except ValueError:
+        raise TorchlessError(f"{FAULT_ENV}={spec!r}: expected RANK:raise:N or RANK:kill:N") from None
+    if rank == group.rank:
+        group.comm = _FaultyComm(group.comm, action, count)
+
+
+class _FaultyComm:
+    """A communicator that fails at the count-th communication through it (see _inject_fault)."""
+
+    _COUNTED = {"Allreduce", "allreduce", "Send", "send", "Recv", "recv", "Isend", "isend", "Irecv",
+                "irecv", "Barrier", "barrier", "Bcast", "bcast", "Allgather", "allgather", "Gather",
+                "gather", "Sendrecv", "sendrecv"}
+
+    def __init__(self, comm, action: str, count: int):
+        self._comm, self._action, self._left = comm, action, count
+
+    def __getattr__(self, name):
+        attr = getattr(self._comm, name)
+        if name not in self._COUNTED:
+            return attr
+
+        def call(*args, **kwargs):
+            self._left -= 1
+            if self._left == 0:
+                if self._action == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise RuntimeError(f"injected failure ({FAULT_ENV})")
+            return attr(*args, **kwargs)
+        return call
+
+
 _current: Group | None = None
+
+
+def _launched_size() -> int | None:
+    """The world size an MPI launcher put in the environment (None: PMIx alone, size unknown;
+    0: not launched by one). Read before MPI is initialized, so a plain run never initializes it."""
+    size = os.environ.get("PMI_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE"))  # MPICH/Slurm, Open MPI
+    if size is not None:
+        return int(size) if size.strip().isdigit() else 0
+    return None if "PMIX_RANK" in os.environ else 0
 
 
 def current_group() -> Group:
@@ -288,12 +346,85 @@ def current_group() -> Group:
     global _current
     if _current is None:
         _current = SingleGroup()
-        # Ask the launcher's environment first, so a plain run never initializes MPI.
-        size = os.environ.get("PMI_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE"))  # MPICH/Slurm, Open MPI
-        if (size is not None and int(size) > 1) or (size is None and "PMIX_RANK" in os.environ):
+        size = _launched_size()
+        if size is None or size > 1:
             group = MPIGroup()  # PMIx alone names the rank but not the size
             _current = group if group.world_size > 1 else _current
     return _current
+
+
+SUPERVISOR_ENV = "TORCHLESS_RANK_SUPERVISOR"  # 0: run each rank without its supervising parent
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def supervise_rank() -> None:
+    """Under an MPI launcher with more than one rank (on Linux), fork: the child returns and runs
+    the rank; this process stays as its parent, passes on the signals it is sent, and when the
+    child ends, exits as it did. If a signal it did not pass on killed the child (SIGKILL from
+    the OOM killer or a user, SIGSEGV), it first prints one line naming the rank, its pid and host,
+    and the signal: by the time the launcher reports the job's end, every other rank is gone too.
+
+    The launcher sees the parent's pid; the rank is its child, as it would be under a wrapper
+    shell. Call this first, before MPI is initialized or threads are started."""
+    size = _launched_size()
+    if (not sys.platform.startswith("linux") or os.environ.get(SUPERVISOR_ENV, "1") == "0"
+            or (size is not None and size <= 1)):
+        return
+    os.environ[SUPERVISOR_ENV] = "0"  # the rank, and anything it starts, is not supervised again
+    rank = next((os.environ[k] for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK") if k in os.environ), "?")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    child = os.fork()
+    if child == 0:
+        _die_with_parent(parent)
+        return
+    forwarded: set[int] = set()
+
+    def forward(signum, _frame):
+        forwarded.add(signum)
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass
+
+    for signum in _FORWARDED:
+        signal.signal(signum, forward)
+    _, status = os.waitpid(child, 0)  # retried after each forwarded signal (PEP 475)
+    if os.WIFEXITED(status):
+        os._exit(os.WEXITSTATUS(status))
+    signum = os.WTERMSIG(status)
+    # Quiet when the signal was passed on from here, or asked rank 0 (the one that speaks for
+    # the job: `serve` stops on SIGTERM) to stop; any other rank stopped by any signal is named.
+    if signum not in forwarded and not (rank == "0" and signum in (signal.SIGTERM, signal.SIGINT)):
+        try:
+            name = f" ({signal.Signals(signum).name})"
+        except ValueError:
+            name = ""
+        line = (f"torchless: rank {rank} (pid {child}, host {socket.gethostname()}) stopped: "
+                f"killed by signal {signum}{name}\n")
+        try:
+            os.write(2, line.encode(errors="replace"))  # one write: no interleaving
+        except OSError:
+            pass
+    if signum in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE,
+                  signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM):
+        if signum != signal.SIGKILL:  # end as the rank did, for the launcher (no core file)
+            signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    os._exit(128 + signum)
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the rank: be killed if the supervising parent is (the launcher's clean-up kills only it)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
 
 
 def _describe(exc: BaseException) -> str:
