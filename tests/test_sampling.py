@@ -32,6 +32,12 @@ from torchless.sampling import Sampler, SamplingParams, StopStrings, sample
     ("repeat_last_n", -2, ">= -1"),
     ("seed", -1, ">= 0"),
     ("temperature", "hot", "number"),
+    ("presence_penalty", 2.5, "in [-2, 2]"),
+    ("frequency_penalty", -3, "in [-2, 2]"),
+    ("logit_bias", {"x": 1}, "token ids"),
+    ("logit_bias", {-1: 1}, "token ids"),
+    ("logit_bias", {5: 101}, "[-100, 100]"),
+    ("logit_bias", [3], "map token ids"),
 ])
 def test_invalid_values_name_the_parameter_and_range(field, value, words):
     with pytest.raises(TorchlessError) as info:
@@ -142,6 +148,33 @@ def test_repetition_penalty_follows_llama_cpp():
     np.testing.assert_allclose(whole._penalized(logits, [0, 1, 2])[:3], [1.0, -4.0, 0.5])
     off = Sampler(SamplingParams(repeat_penalty=2.0, repeat_last_n=0))
     assert off._penalized(logits, [0]) is logits
+
+
+def test_openai_penalties_count_only_the_generated_tokens_and_bias_adds():
+    logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0], np.float32)
+    params = SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.25,
+                            logit_bias={"4": 10, 0: -1.5})
+    assert params.logit_bias == ((0, -1.5), (4, 10.0))  # JSON's string keys are token ids
+    s = Sampler(params)
+    history = [0, 1, 2, 1, 1]  # the prompt is [0, 1]: its tokens are not counted
+    penalized = s._penalized(logits, history, n_prompt=2)
+    np.testing.assert_allclose(penalized, [2.0 - 1.5, 1.0 - 0.5 - 2 * 0.25, 0.5 - 0.5 - 0.25, 0.0, -1.0 + 10])
+    assert s(logits, history, 2) == 4  # and greedy sees it
+    np.testing.assert_allclose(s._penalized(logits, history)[1], 1.0 - 0.5 - 3 * 0.25)  # all generated
+    assert Sampler(SamplingParams(temperature=0))._penalized(logits, history, 2) is logits  # off: no copy
+    with pytest.raises(TorchlessError, match="outside the vocabulary"):
+        Sampler(SamplingParams(logit_bias={5: 1.0}))._penalized(logits, [])
+
+
+def test_log_softmax_and_top_logprobs():
+    from torchless.sampling import log_softmax, token_logprobs
+
+    logits = _known_logits()
+    np.testing.assert_allclose(np.exp(log_softmax(logits))[ORDER], PROBS, rtol=1e-6)
+    lp, top = token_logprobs(logits, int(ORDER[3]), 2)
+    assert lp == pytest.approx(np.log(PROBS[3]))
+    assert [i for i, _ in top] == list(ORDER[:2]) and top[0][1] == pytest.approx(np.log(PROBS[0]))
+    assert token_logprobs(logits, 0, 0)[1] == []
 
 
 def test_sample_function():

@@ -14,7 +14,11 @@ from .errors import TorchlessError
 @dataclass(frozen=True)
 class SamplingParams:
     """llama.cpp's settings and defaults. temperature 0 means greedy; top_k 0 means no limit;
-    repeat_last_n -1 means the whole history; seed None means a fresh random seed."""
+    repeat_last_n -1 means the whole history; seed None means a fresh random seed.
+
+    presence_penalty and frequency_penalty are OpenAI's: subtracted from the logit of each token
+    already generated (not the prompt's), once, and once per occurrence. logit_bias maps token
+    ids to a value in [-100, 100] added to their logits (a dict; kept as sorted pairs)."""
 
     temperature: float = 0.8
     top_k: int = 40
@@ -23,6 +27,9 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple = ()
 
     def __post_init__(self):
         def number(name, allowed, ok):
@@ -43,21 +50,56 @@ class SamplingParams:
         number("top_p", "in (0, 1]", lambda v: 0 < v <= 1)
         number("min_p", "in [0, 1]", lambda v: 0 <= v <= 1)
         number("repeat_penalty", "> 0 and finite (1 = off)", lambda v: 0 < v < math.inf)
+        number("presence_penalty", "in [-2, 2]", lambda v: -2 <= v <= 2)
+        number("frequency_penalty", "in [-2, 2]", lambda v: -2 <= v <= 2)
         integer("top_k", 0)
         integer("repeat_last_n", -1)
         if self.seed is not None:
             integer("seed", 0)
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether any setting changes the logits before the choice (penalties, bias)."""
+        return (self.repeat_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0 or bool(self.logit_bias))
+
+
+def _logit_bias(bias) -> tuple:
+    """{token id (int or its decimal string, as JSON keys are): bias} -> sorted (id, bias) pairs."""
+    pairs = bias.items() if isinstance(bias, dict) else bias
+    try:
+        pairs = list(pairs or ())
+    except TypeError:
+        raise TorchlessError(f"logit_bias must map token ids to numbers, got {bias!r}") from None
+    out = {}
+    for pair in pairs:
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise TorchlessError(f"logit_bias must map token ids to numbers, got {bias!r}")
+        key, value = pair
+        try:
+            token = int(key) if isinstance(key, (int, np.integer, str)) and not isinstance(key, bool) else None
+        except ValueError:
+            token = None
+        if token is None or token < 0:
+            raise TorchlessError(f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not -100 <= value <= 100:
+            raise TorchlessError(f"logit_bias values must be numbers in [-100, 100], got {value!r} for {key!r}")
+        out[token] = float(value)
+    return tuple(sorted(out.items()))
+
 
 class Sampler:
     """`sampler(logits, history) -> token id`, built once per request (mlx-lm's make_sampler).
 
-    The order is Hugging Face's: repetition penalty, top-k, temperature, softmax, top-p, min-p.
-    Only the top-k candidates are sorted, so with top_k set no vocab-sized sort runs per token.
+    The order is Hugging Face's: repetition penalty (then OpenAI's presence and frequency
+    penalties and logit_bias), top-k, temperature, softmax, top-p, min-p. Only the top-k
+    candidates are sorted, so with top_k set no vocab-sized sort runs per token.
+    `history[n_prompt:]` is the generated part, what presence and frequency penalties count.
     """
 
     def __init__(self, params: SamplingParams | None = None, rng: np.random.Generator | None = None):
@@ -65,9 +107,9 @@ class Sampler:
         self.rng = rng if rng is not None else np.random.default_rng(self.params.seed)
         self._work: np.ndarray | None = None  # (vocab,) float32, reused across calls
 
-    def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+    def __call__(self, logits: np.ndarray, history: Sequence[int] = (), n_prompt: int = 0) -> int:
         p = self.params
-        logits = self._penalized(logits, history)
+        logits = self._penalized(logits, history, n_prompt)
         if p.greedy:
             return int(np.argmax(logits))
 
@@ -93,21 +135,55 @@ class Sampler:
         choice = min(int(np.searchsorted(cumulative, draw, side="right")), keep - 1)
         return int(candidates[choice])
 
-    def _penalized(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
-        """llama.cpp's repetition penalty over the last repeat_last_n tokens: positive logits are
-        divided by the penalty and negative ones multiplied, once per distinct token."""
+    def _penalized(self, logits: np.ndarray, history: Sequence[int], n_prompt: int = 0) -> np.ndarray:
+        """The logits after the penalties and the bias, in a work copy (the caller's stay as they
+        are; with none of them set, the caller's own array). llama.cpp's repetition penalty: over
+        the last repeat_last_n tokens, positive logits divided by it and negative ones multiplied,
+        once per distinct token. OpenAI's: presence_penalty once and frequency_penalty once per
+        occurrence, subtracted for each token of history[n_prompt:]. Then logit_bias is added."""
         p = self.params
         n = len(history) if p.repeat_last_n == -1 else p.repeat_last_n
-        if p.repeat_penalty == 1.0 or n == 0 or len(history) == 0:
+        repeat = p.repeat_penalty != 1.0 and n > 0 and len(history) > 0
+        generated = history[n_prompt:] if (p.presence_penalty or p.frequency_penalty) else ()
+        if not (repeat or len(generated) or p.logit_bias):
             return logits
         if self._work is None or self._work.shape != logits.shape:
             self._work = np.empty(logits.shape, np.float32)
         work = self._work
-        np.copyto(work, logits)  # the caller's logits stay untouched
-        recent = np.unique(np.asarray(history[-n:], dtype=np.int64))
-        values = work[recent]
-        work[recent] = np.where(values > 0, values / p.repeat_penalty, values * p.repeat_penalty)
+        np.copyto(work, logits)
+        if repeat:
+            recent = np.unique(np.asarray(history[-n:], dtype=np.int64))
+            values = work[recent]
+            work[recent] = np.where(values > 0, values / p.repeat_penalty, values * p.repeat_penalty)
+        if len(generated):
+            ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+            work[ids] -= (p.presence_penalty + p.frequency_penalty * counts).astype(np.float32)
+        if p.logit_bias:
+            ids, bias = (np.array(v) for v in zip(*p.logit_bias))
+            if ids[-1] >= len(work):
+                raise TorchlessError(f"logit_bias names token {ids[-1]}, outside the vocabulary "
+                                     f"(0..{len(work) - 1})")
+            work[ids] += bias.astype(np.float32)
         return work
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log p of every token (float64), of the raw logits: what logprobs report."""
+    x = np.asarray(logits, dtype=np.float64)
+    shifted = x - x.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token`, and the `top` most likely tokens with theirs (best first)."""
+    lp = log_softmax(logits)
+    best = []
+    if top > 0:
+        top = min(top, len(lp))
+        ids = np.argpartition(-lp, top - 1)[:top]
+        ids = ids[np.argsort(-lp[ids], kind="stable")]
+        best = [(int(i), float(lp[i])) for i in ids]
+    return float(lp[token]), best
 
 
 def sample(logits: np.ndarray, history: Sequence[int] = (), **params) -> int:
