@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from torchless.api import LLM
@@ -171,3 +172,97 @@ def test_tensor_parallel_llm_writes_the_same_text(llm, tiny_llama_gguf):
     finally:
         sharded.close()
     assert ours == llm(PROMPT, max_tokens=10, temperature=0)["choices"][0]["text"]
+
+
+# -- logprobs and echo (issue 13) ------------------------------------------------------------------
+
+def _ids_of(llm, texts) -> list[int]:
+    """Token ids from the texts logprobs report (each unique in this vocabulary)."""
+    from torchless.logprobs import token_text
+
+    table = {}
+    for i in range(llm.config.vocab_size):
+        table.setdefault(token_text(llm.tokenizer, i), []).append(i)
+    assert all(len(table[t]) == 1 for t in texts)
+    return [table[t][0] for t in texts]
+
+
+def _reference_logprobs(llm, ids) -> np.ndarray:
+    """log-softmax of the reference forward's logits after each of ids, one token at a time."""
+    state = llm.model.new_state(len(ids) + 1)
+    rows = []
+    for t in ids:
+        x = np.array(llm.model.forward(state, t), dtype=np.float64)
+        rows.append(x - x.max() - np.log(np.exp(x - x.max()).sum()))
+    return np.array(rows)
+
+
+def test_logprobs_and_echo_equal_a_log_softmax_of_the_logits(llm):
+    kw = dict(max_tokens=6, temperature=0.8, top_k=0, min_p=0.0, seed=4, logprobs=2)
+    r = llm(PROMPT, echo=True, **kw)
+    (choice,) = r["choices"]
+    lp = choice["logprobs"]
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    prompt = llm.tokenize(PROMPT)
+    assert choice["text"].startswith(PROMPT) and len(lp["tokens"]) == len(prompt) + r["usage"]["completion_tokens"]
+    ids = _ids_of(llm, lp["tokens"])
+    assert ids[:len(prompt)] == prompt
+    ref = _reference_logprobs(llm, ids)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    np.testing.assert_allclose(lp["token_logprobs"][1:], [ref[i - 1][ids[i]] for i in range(1, len(ids))], atol=1e-4)
+    for i in range(1, len(ids)):
+        top = sorted(lp["top_logprobs"][i].values(), reverse=True)
+        np.testing.assert_allclose(top[:2], np.sort(ref[i - 1])[::-1][:2], atol=1e-4)
+        assert lp["tokens"][i] in lp["top_logprobs"][i]  # the chosen token, always
+    for token, at in zip(lp["tokens"], lp["text_offset"]):
+        assert choice["text"][at:at + len(token)] == token
+    plain = llm(PROMPT, **kw)["choices"][0]
+    assert plain["text"] == choice["text"][len(PROMPT):]
+    assert plain["logprobs"]["token_logprobs"] == lp["token_logprobs"][len(prompt):]
+    assert plain["logprobs"]["text_offset"] == lp["text_offset"][len(prompt):]  # from the prompt's start
+    chunks = list(llm(PROMPT, echo=True, stream=True, **kw))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert [v for c in chunks if c["choices"][0]["logprobs"] for v in c["choices"][0]["logprobs"]["tokens"]] \
+        == lp["tokens"]
+    echoed = llm(PROMPT, max_tokens=3, echo=True)["choices"][0]
+    assert echoed["text"].startswith(PROMPT) and echoed["logprobs"] is None
+
+
+def test_chat_logprobs(llm):
+    messages = [{"role": "user", "content": "Hi there"}]
+    r = llm.create_chat_completion(messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = r["choices"][0]["logprobs"]["content"]
+    assert len(content) == r["usage"]["completion_tokens"]
+    prompt = llm._prompt_ids(llm._render_chat(messages), template=True)
+    ids = prompt + _ids_of(llm, [c["token"] for c in content])
+    ref = _reference_logprobs(llm, ids)
+    for j, c in enumerate(content):
+        row = ref[len(prompt) + j - 1]
+        assert c["logprob"] == pytest.approx(row.max(), abs=1e-4)  # greedy: the likeliest
+        assert [t["logprob"] for t in c["top_logprobs"]] == pytest.approx(np.sort(row)[::-1][:3], abs=1e-4)
+        assert bytes(c["bytes"]) == llm.tokenizer.token_bytes(ids[len(prompt) + j])
+    chunks = list(llm.create_chat_completion(messages, max_tokens=6, temperature=0, logprobs=True,
+                                             top_logprobs=3, stream=True))
+    assert [c for k in chunks if k["choices"][0]["logprobs"] for c in k["choices"][0]["logprobs"]["content"]] == content
+    assert llm.create_chat_completion(messages, max_tokens=2)["choices"][0]["logprobs"] is None
+    with pytest.raises(TorchlessError, match="top_logprobs"):
+        llm.create_chat_completion(messages, top_logprobs=2)
+
+
+def test_content_parts_are_joined(llm):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]
+    assert llm.create_chat_completion(parts, max_tokens=5, temperature=0)["choices"][0]["message"] == \
+        llm.create_chat_completion([{"role": "user", "content": "Hi there"}], max_tokens=5,
+                                   temperature=0)["choices"][0]["message"]
+    with pytest.raises(TorchlessError, match="image_url"):
+        llm.create_chat_completion([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
+
+
+def test_echo_logprobs_need_a_runner_that_can_score_the_prompt(tiny_llama_gguf):
+    piped = LLM(str(tiny_llama_gguf), parallel="pp=2,mb=2")
+    try:
+        with pytest.raises(TorchlessError, match="without a pipeline"):
+            piped(PROMPT, max_tokens=2, logprobs=1, echo=True)
+        assert piped(PROMPT, max_tokens=2, logprobs=1)["choices"][0]["logprobs"]["tokens"]
+    finally:
+        piped.close()

@@ -15,7 +15,10 @@ from .engine.sequence import Sequence
 from .errors import TorchlessError
 from .generate import check_prompt_fits
 from .hub import DEFAULT_MODEL
+from .logprobs import chat_logprobs, completion_logprobs, merge_completion_logprobs, prompt_offsets
 from .sampling import Sampler, SamplingParams
+
+MAX_LOGPROBS = 20  # the most alternatives a request may ask for per token (vLLM's default limit)
 
 
 class LLM:
@@ -87,18 +90,32 @@ class LLM:
                           temperature: float = 0.0, top_p: float = 0.95, top_k: int = 40,
                           min_p: float = 0.05, repeat_penalty: float = 1.0,
                           stop: str | list[str] | None = None, seed: int | None = None,
-                          stream: bool = False):
+                          stream: bool = False, logprobs: int | None = None, echo: bool = False,
+                          presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                          logit_bias: dict | None = None):
         """OpenAI's text_completion dict, or with stream=True an iterator of its chunks. A list
         of prompts (strings or token-id lists) gives one choice each, generated as one batch.
 
-        max_tokens None or <= 0 generates until end of sequence or a full context.
+        max_tokens None or <= 0 generates until end of sequence or a full context. logprobs=N
+        reports each token's log-probability (of the raw logits) and the N likeliest; echo puts
+        the prompt before the completion (with logprobs, the prompt's too).
         """
         meta = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion",
                     created=int(time.time()), model=self.model_path)
-        prompts = [self._prompt_ids(p) for p in (prompt if _is_batch(prompt) else [prompt])]
-        sampling = (temperature, top_k, top_p, min_p, repeat_penalty, seed)
-        seqs = [self._sequence(ids, i, sampling, max_tokens, stop) for i, ids in enumerate(prompts)]
-        chunks = self._completion_chunks(seqs, meta)
+        batch = list(prompt) if _is_batch(prompt) else [prompt]
+        prompts = [self._prompt_ids(p) for p in batch]
+        texts = [p if isinstance(p, str) else p.decode("utf-8", "replace") if isinstance(p, bytes)
+                 else self.detokenize(ids) for p, ids in zip(batch, prompts)]
+        logprobs = _top_count(logprobs, "logprobs")
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repeat_penalty=repeat_penalty, seed=seed, presence_penalty=presence_penalty,
+                        frequency_penalty=frequency_penalty, logit_bias=logit_bias)
+        seqs = [self._sequence(ids, i, sampling, max_tokens, stop, logprobs, echo)
+                for i, ids in enumerate(prompts)]
+        for seq in seqs:  # now, so that the echoed prompt's chunk has them
+            if seq.wants_prompt_logprobs:
+                seq.score_prompt(self.engine.prompt_logits(seq.prompt_ids))
+        chunks = self._completion_chunks(seqs, meta, texts, echo)
         return chunks if stream else _merge_chunks(chunks, meta, len(seqs))
 
     __call__ = create_completion
@@ -107,39 +124,60 @@ class LLM:
                                temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40,
                                min_p: float = 0.05, repeat_penalty: float = 1.0,
                                stop: str | list[str] | None = None, seed: int | None = None,
-                               stream: bool = False):
-        """OpenAI's chat.completion dict (or chat.completion.chunk iterator), via the model's template."""
+                               stream: bool = False, logprobs: bool = False,
+                               top_logprobs: int | None = None, presence_penalty: float = 0.0,
+                               frequency_penalty: float = 0.0, logit_bias: dict | None = None):
+        """OpenAI's chat.completion dict (or chat.completion.chunk iterator), via the model's
+        template. logprobs=True reports each token's log-probability, top_logprobs=N the N
+        likeliest tokens at each position too."""
+        if not isinstance(logprobs, bool):
+            raise TorchlessError(f"logprobs must be True or False for a chat, got {logprobs!r}")
+        top = _top_count(top_logprobs, "top_logprobs")
+        if top is not None and not logprobs:
+            raise TorchlessError("top_logprobs needs logprobs=True")
         ids = self._prompt_ids(self._render_chat(messages), template=True)
-        seq = self._sequence(ids, 0, (temperature, top_k, top_p, min_p, repeat_penalty, seed),
-                             max_tokens, stop)
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repeat_penalty=repeat_penalty, seed=seed, presence_penalty=presence_penalty,
+                        frequency_penalty=frequency_penalty, logit_bias=logit_bias)
+        seq = self._sequence(ids, 0, sampling, max_tokens, stop, (top or 0) if logprobs else None)
         meta = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_path)
         chunks = self._chat_chunks(seq, meta)
         if stream:
             return chunks
-        text, reason, usage = "", None, _usage(len(ids), 0)
+        text, reason, usage, content = "", None, _usage(len(ids), 0), []
         for chunk in chunks:
             choice = chunk["choices"][0]
             text += choice["delta"].get("content", "")
             reason, usage = choice["finish_reason"] or reason, chunk.get("usage", usage)
+            content += (choice["logprobs"] or {}).get("content", [])
         return dict(meta, object="chat.completion",
                     choices=[dict(index=0, message=dict(role="assistant", content=text),
-                                  logprobs=None, finish_reason=reason)],
+                                  logprobs=dict(content=content, refusal=None) if logprobs else None,
+                                  finish_reason=reason)],
                     usage=usage)
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _sequence(self, ids, index, sampling, max_tokens, stop) -> Sequence:
-        temperature, top_k, top_p, min_p, repeat_penalty, seed = sampling
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repeat_penalty=repeat_penalty, seed=seed)
+    def sampling_params(self, **settings) -> SamplingParams:
+        """SamplingParams, with logit_bias checked against this model's vocabulary."""
+        params = SamplingParams(**settings)
+        if params.logit_bias and params.logit_bias[-1][0] >= self.config.vocab_size:
+            raise TorchlessError(f"logit_bias names token {params.logit_bias[-1][0]}, outside the "
+                                 f"vocabulary (0..{self.config.vocab_size - 1})")
+        return params
+
+    def _sequence(self, ids, index, sampling: dict, max_tokens, stop, logprobs=None,
+                  echo=False) -> Sequence:
+        params = self.sampling_params(**sampling)
         # Without a per-call seed, calls share the LLM's generator, so seed=... on LLM makes a
         # whole session reproducible (llama-cpp-python's behaviour).
-        sampler = Sampler(params, rng=self._rng if seed is None else None)
+        sampler = Sampler(params, rng=self._rng if params.seed is None else None)
         budget = self.n_ctx - len(ids)
         if max_tokens is not None and max_tokens > 0:
             budget = min(budget, max_tokens)
         return Sequence(ids, sampler, budget, self.tokenizer.eos_ids,
-                        self.tokenizer.stream_decoder(), stop, index)
+                        self.tokenizer.stream_decoder(), stop, index,
+                        logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
 
     def _prompt_ids(self, prompt, template: bool = False) -> list[int]:
         if isinstance(prompt, (str, bytes)):
@@ -159,12 +197,7 @@ class LLM:
         return ids
 
     def _render_chat(self, messages) -> str:
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise TorchlessError("messages must be a non-empty list of {'role': ..., 'content': ...}")
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise TorchlessError(f"each message needs a string 'role' and 'content', got {m!r}")
-        return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(chat_messages(messages), add_generation_prompt=True)
 
     def _events(self, seqs: list[Sequence]):
         """Run the engine until every sequence of this call has finished; yield their events.
@@ -202,26 +235,53 @@ class LLM:
                     self.engine.step()
                 self.runner.end_call()
 
-    def _completion_chunks(self, seqs, meta):
-        """text_completion chunks, each naming its choice by index, as tokens come."""
+    def _completion_chunks(self, seqs, meta, prompts: list[str], echo: bool = False):
+        """text_completion chunks, each naming its choice by index, as tokens come. With echo, a
+        choice's first chunk is its prompt."""
+        sent = {seq.seq_id: 0 for seq in seqs}  # logprob entries already in a chunk
+
+        def logprobs(seq, head=None):
+            if seq.logprobs is None:
+                return None
+            new, sent[seq.seq_id] = seq.token_logprobs[sent[seq.seq_id]:], len(seq.token_logprobs)
+            base = len(prompts[seq.index])
+            if head is None:
+                return completion_logprobs(self.tokenizer, new, base)
+            return completion_logprobs(self.tokenizer, new, base, head,
+                                       prompt_offsets(self.tokenizer, seq.prompt_ids))
+
+        if echo and self.runner.is_driver:
+            for seq in seqs:
+                yield dict(meta, choices=[dict(text=prompts[seq.index], index=seq.index,
+                                               logprobs=logprobs(seq, seq.prompt_logprobs or []),
+                                               finish_reason=None)])
         for event in self._events(seqs):
             seq = event.seq
             if event.finish_reason is not None:
-                yield dict(meta, choices=[dict(text=event.text, index=seq.index, logprobs=None,
+                yield dict(meta, choices=[dict(text=event.text, index=seq.index, logprobs=logprobs(seq),
                                                finish_reason=event.finish_reason)],
                            usage=_usage(len(seq.prompt_ids), seq.completion_tokens))
-            elif event.text:
-                yield dict(meta, choices=[dict(text=event.text, index=seq.index, logprobs=None,
+            elif event.text or (seq.logprobs is not None and len(seq.token_logprobs) > sent[seq.seq_id]):
+                yield dict(meta, choices=[dict(text=event.text, index=seq.index, logprobs=logprobs(seq),
                                                finish_reason=None)])
 
     def _chat_chunks(self, seq, meta):
         meta = dict(meta, object="chat.completion.chunk")
+        sent = 0
+
+        def logprobs():
+            nonlocal sent
+            if seq.logprobs is None:
+                return None
+            new, sent = seq.token_logprobs[sent:], len(seq.token_logprobs)
+            return dict(content=chat_logprobs(self.tokenizer, new), refusal=None)
+
         if self.runner.is_driver:
             yield dict(meta, choices=[dict(index=0, delta=dict(role="assistant"), logprobs=None,
                                            finish_reason=None)])
         for event in self._events([seq]):
-            if event.text:
-                yield dict(meta, choices=[dict(index=0, delta=dict(content=event.text), logprobs=None,
+            if event.text or (seq.logprobs is not None and len(seq.token_logprobs) > sent):
+                yield dict(meta, choices=[dict(index=0, delta=dict(content=event.text), logprobs=logprobs(),
                                                finish_reason=None)])
             if event.finish_reason is not None:
                 yield dict(meta, choices=[dict(index=0, delta={}, logprobs=None,
@@ -240,15 +300,54 @@ def _is_batch(prompt) -> bool:
         isinstance(p, (str, bytes, list, tuple)) for p in prompt)
 
 
+def _top_count(value, name: str) -> int | None:
+    """A logprobs / top_logprobs count: None (off) or an integer in 0..20."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS:
+        raise TorchlessError(f"{name} must be an integer from 0 to {MAX_LOGPROBS}, got {value!r}")
+    return value
+
+
+def chat_messages(messages) -> list[dict]:
+    """OpenAI's messages as the chat template takes them: `content` given as a list of text
+    parts is joined; an assistant turn may have null content with `tool_calls`."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise TorchlessError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise TorchlessError(f"each message needs a string 'role' and 'content', got {m!r}")
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise TorchlessError(f"messages[{i}].content: parts of type {kind!r} are not "
+                                         "supported yet (only 'text')")
+                if not isinstance(part.get("text"), str):
+                    raise TorchlessError(f"messages[{i}].content: a text part needs a string 'text'")
+                texts.append(part["text"])
+            content = "".join(texts)
+        elif content is None and m["role"] == "assistant" and m.get("tool_calls"):
+            content = ""  # templates that know tool_calls read them; others see an empty turn
+        elif not isinstance(content, str):
+            raise TorchlessError(f"each message needs a string 'role' and 'content', got {m!r}")
+        out.append(dict(m, content=content))
+    return out
+
+
 def _merge_chunks(chunks, meta, n: int) -> dict:
     """The non-streamed text_completion of a batch: its chunks joined per choice."""
-    texts, reasons, usage = [""] * n, [None] * n, [None] * n
+    texts, reasons, usage, logprobs = [""] * n, [None] * n, [None] * n, [[] for _ in range(n)]
     for chunk in chunks:
         choice = chunk["choices"][0]
         texts[choice["index"]] += choice["text"]
+        logprobs[choice["index"]].append(choice["logprobs"])
         if choice["finish_reason"] is not None:
             reasons[choice["index"]], usage[choice["index"]] = choice["finish_reason"], chunk["usage"]
     # (a later stage of an MPI pipeline gets no chunks: its result is empty; rank 0 has the text)
     total = {k: sum((u or {}).get(k, 0) for u in usage) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-    return dict(meta, choices=[dict(text=t, index=i, logprobs=None, finish_reason=r)
-                               for i, (t, r) in enumerate(zip(texts, reasons))], usage=total)
+    return dict(meta, choices=[dict(text=t, index=i, logprobs=merge_completion_logprobs(lp), finish_reason=r)
+                               for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))], usage=total)

@@ -274,6 +274,10 @@ class Tokenizer:
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (maybe part of a UTF-8 character)."""
+        return self._piece(token_id, False)
+
     @property
     def bos_token(self) -> str:
         return self._tokens[self.bos_id] if self.bos_id is not None else ""

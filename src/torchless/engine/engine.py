@@ -43,8 +43,27 @@ class Engine:
         self.tokens_generated = 0
 
     def add(self, seq: Sequence) -> Sequence:
+        if seq.wants_prompt_logprobs and seq.prompt_logprobs is None:
+            seq.score_prompt(self.prompt_logits(seq.prompt_ids))
         self.scheduler.add(seq)
         return seq
+
+    @property
+    def can_score_prompts(self) -> bool:
+        """Whether prompt_logits can run: a runner in this process that holds nothing between steps."""
+        return self.runner.depth == 1 and self.runner.group is None
+
+    def prompt_logits(self, ids: list[int]):
+        """The logits of every position of a prompt (T, vocab), in a pass of its own, outside the
+        batch (echo with logprobs needs them all; a micro-batch keeps only each span's last)."""
+        if not self.can_score_prompts:
+            raise TorchlessError("the prompt's logprobs (echo with logprobs) need the model in one "
+                                 "process without a pipeline")
+        state = self.runner.new_state(len(ids))
+        try:
+            return self.runner.model.prefill(state, ids, all_logits=True)
+        finally:
+            self.runner.release(state)
 
     def cancel(self, seq: Sequence) -> None:
         """End a sequence at the next token boundary (its client went away, or it was

@@ -1,6 +1,10 @@
 """A sequence: one prompt and its completion, from admission to its finish reason (nano-vllm's
 engine/sequence.py). It turns the logits of its last token into a token, and that token into
-text: the tokenizer's stream decoder (never half a UTF-8 character), then the stop strings."""
+text: the tokenizer's stream decoder (never half a UTF-8 character), then the stop strings.
+
+Asked to (`logprobs`: how many alternatives), it also records each sampled token's
+log-probability under the raw logits (before penalties and temperature, as OpenAI reports
+them), its best alternatives, and where its text starts in the decoded completion."""
 
 from __future__ import annotations
 
@@ -9,15 +13,16 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..sampling import StopStrings
+from ..sampling import StopStrings, token_logprobs
 
 
 class Sequence:
     _ids = itertools.count()
 
-    def __init__(self, prompt_ids: list[int], sampler: Callable[[np.ndarray, list[int]], int],
+    def __init__(self, prompt_ids: list[int], sampler: Callable[[np.ndarray, list[int], int], int],
                  max_tokens: int, eos_ids: Iterable[int] = (), decoder=None,
-                 stop: list[str] | str | None = None, index: int = 0):
+                 stop: list[str] | str | None = None, index: int = 0,
+                 logprobs: int | None = None, prompt_logprobs: bool = False):
         self.seq_id = next(Sequence._ids)
         self.index = index                  # the caller's name for it: a choice index
         self.prompt_ids = [int(t) for t in prompt_ids]
@@ -31,6 +36,12 @@ class Sequence:
         self.n_cached = 0                   # tokens whose keys and values are in the cache
         self.in_flight = 0                  # micro-batches holding its tokens, not yet returned
         self.finish_reason: str | None = None
+        self.logprobs = logprobs            # alternatives to record per token; None: record nothing
+        # per completion token: (token, logprob, [(id, logprob), ...], offset in the decoded text)
+        self.token_logprobs: list[tuple] = []
+        self.wants_prompt_logprobs = prompt_logprobs  # echo: score the prompt too (Engine.add)
+        self.prompt_logprobs: list[tuple] | None = None  # per prompt token; the first has none
+        self._decoded = 0                   # characters the decoder has produced
 
     @property
     def completion_tokens(self) -> int:
@@ -69,11 +80,15 @@ class Sequence:
     def take(self, logits: np.ndarray) -> str:
         """Sample the next token from the logits of the last one; return the text it adds
         (held back while it may be the start of a stop string). Sets finish_reason at the end."""
-        token = int(self.sampler(logits, self.tokens))
+        token = int(self.sampler(logits, self.tokens, len(self.prompt_ids)))
         if token in self.eos_ids:
             return self.finish("stop")
         self.tokens.append(token)
-        text = self.stops.push(self.decoder.push(token)) if self.decoder else ""
+        piece = self.decoder.push(token) if self.decoder else ""
+        if self.logprobs is not None:
+            self.token_logprobs.append((token, *token_logprobs(logits, token, self.logprobs), self._decoded))
+        self._decoded += len(piece)
+        text = self.stops.push(piece) if self.decoder else ""
         if self.stops.stopped:
             self.finish_reason = "stop"
             return text
@@ -88,3 +103,11 @@ class Sequence:
             text = self.stops.push(self.decoder.flush()) + self.stops.flush()
         self.finish_reason = "stop" if self.stops.stopped else reason
         return text
+
+    def score_prompt(self, logits: np.ndarray) -> None:
+        """Record the prompt's logprobs from the logits of every prompt position (T, vocab):
+        token i's comes from row i - 1; the first token has none."""
+        top = self.logprobs or 0
+        self.prompt_logprobs = [(self.prompt_ids[0], None, None)]
+        for row, token in zip(logits[:-1], self.prompt_ids[1:]):
+            self.prompt_logprobs.append((token, *token_logprobs(row, token, top)))
