@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -159,8 +160,8 @@ def test_greedy_output_does_not_depend_on_the_batch(client, llm):
 
 @pytest.mark.parametrize("body, status, param", [
     ('{"prompt": "hi", "max_tokens": -3}', 400, "max_tokens"),
-    ('{"prompt": "hi", "temperature": -1}', 400, None),
-    ('{"prompt": "hi", "top_p": 7}', 400, None),
+    ('{"prompt": "hi", "temperature": -1}', 400, "temperature"),
+    ('{"prompt": "hi", "top_p": 7}', 400, "top_p"),
     ('{"prompt": 5}', 400, "prompt"),
     ('{"prompt": "hi", "max_tokens": "many"}', 400, "max_tokens"),
     ('{"prompt": "hi", "stop": 3}', 400, "stop"),
@@ -360,3 +361,218 @@ def test_a_body_framed_two_ways_is_refused_at_once(server):
                   b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % (KEY.encode(), len(body)) + body)
         head = s.recv(4096)
     assert head.startswith(b"HTTP/1.1 400"), head
+
+
+# -- issue 13: logprobs, every field honoured or refused, content parts, streaming, endpoints ----
+
+def _reference_logprobs(llm, ids) -> np.ndarray:
+    """log-softmax (float64) of the reference forward's logits after each token of ids: row i
+    is the distribution of token i + 1. One token at a time: not the engine's batched path."""
+    state = llm.model.new_state(len(ids) + 1)
+    rows = []
+    for t in ids:
+        x = np.array(llm.model.forward(state, t), dtype=np.float64)
+        rows.append(x - x.max() - np.log(np.exp(x - x.max()).sum()))
+    return np.array(rows)
+
+
+@pytest.fixture(scope="module")
+def ids_of_text(llm):
+    """token text (as logprobs write it) -> token id; the texts of the tokens used are unique."""
+    from torchless.logprobs import token_text
+
+    table = {}
+    for i in range(llm.config.vocab_size):
+        table.setdefault(token_text(llm.tokenizer, i), []).append(i)
+    return lambda texts: [table[t][0] if len(table[t]) == 1 else pytest.fail(f"{t!r} is ambiguous")
+                          for t in texts]
+
+
+def _check_top(top: dict, row: np.ndarray, chosen_text: str, k: int, text_of):
+    """top: the k likeliest of row (by text), plus the chosen token."""
+    best = np.argsort(-row, kind="stable")[:k]
+    want = {text_of(int(i)): row[i] for i in best}
+    assert set(want) <= set(top) and len(top) <= k + 1 and chosen_text in top
+    for text, value in want.items():
+        assert top[text] == pytest.approx(value, abs=1e-4)
+
+
+def test_completion_logprobs_and_echo_equal_a_log_softmax_of_the_logits(client, llm, ids_of_text):
+    from torchless.logprobs import token_text
+
+    prompt = "The quick brown fox"
+    kw = dict(model="x", prompt=prompt, max_tokens=6, temperature=0.8, seed=5, logprobs=3)
+    echoed = client.completions.create(echo=True, **kw).choices[0]
+    lp = echoed.logprobs
+    n_prompt = len(llm.tokenize(prompt))
+    assert echoed.text.startswith(prompt) and len(lp.tokens) > n_prompt
+    ids = ids_of_text(lp.tokens)
+    assert ids[:n_prompt] == llm.tokenize(prompt)
+    ref = _reference_logprobs(llm, ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # the first token: none
+    np.testing.assert_allclose(lp.token_logprobs[1:], [ref[i - 1][ids[i]] for i in range(1, len(ids))],
+                               atol=1e-4)  # temperature 0.8 sampled them; the logprobs are raw
+    for i in range(1, len(ids)):
+        _check_top(lp.top_logprobs[i], ref[i - 1], lp.tokens[i], 3, lambda t: token_text(llm.tokenizer, t))
+    for token, at in zip(lp.tokens, lp.text_offset):  # offsets from the start of the prompt
+        assert echoed.text[at:at + len(token)] == token
+    # without echo: the completion's part, offsets still counted from the prompt's start
+    plain = client.completions.create(**kw).choices[0]
+    assert plain.text == echoed.text[len(prompt):]
+    assert plain.logprobs.tokens == lp.tokens[n_prompt:]
+    assert plain.logprobs.token_logprobs == lp.token_logprobs[n_prompt:]
+    assert plain.logprobs.text_offset == lp.text_offset[n_prompt:]
+    # streamed: the chunks' lists add up to the same
+    chunks = list(client.completions.create(echo=True, stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == echoed.text
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [v for c in chunks if c.choices[0].logprobs for v in getattr(c.choices[0].logprobs, key)] == \
+            getattr(lp, key)
+
+
+def test_chat_logprobs_equal_a_log_softmax_of_the_logits(client, llm, ids_of_text):
+    messages = [{"role": "user", "content": "Say hi"}]
+    kw = dict(model="x", messages=messages, max_tokens=6, temperature=0.9, seed=2, logprobs=True)
+    r = client.chat.completions.create(top_logprobs=2, **kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    prompt = llm._prompt_ids(llm._render_chat(messages), template=True)
+    ids = prompt + ids_of_text([c.token for c in content])
+    ref = _reference_logprobs(llm, ids)
+    for j, c in enumerate(content):
+        row = ref[len(prompt) + j - 1]
+        assert c.logprob == pytest.approx(row[ids[len(prompt) + j]], abs=1e-4)
+        assert bytes(c.bytes) == llm.tokenizer.token_bytes(ids[len(prompt) + j])
+        assert [t.logprob for t in c.top_logprobs] == pytest.approx(sorted(row)[::-1][:2], abs=1e-4)
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    bare = client.chat.completions.create(**kw).choices[0].logprobs.content
+    assert [c.token for c in bare] == [c.token for c in content] and all(c.top_logprobs == [] for c in bare)
+    assert client.chat.completions.create(**dict(kw, logprobs=False)).choices[0].logprobs is None
+    streamed = [c for chunk in client.chat.completions.create(top_logprobs=2, stream=True, **kw)
+                if chunk.choices and chunk.choices[0].logprobs for c in chunk.choices[0].logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+
+
+def test_sampling_fields_are_honoured_with_openai_defaults(client, llm):
+    """The server samples as the library does with the same settings; top_k, min_p and the
+    penalties are off unless asked for (the library's own defaults are llama.cpp's)."""
+    prompt = "Once upon a time"
+    off = dict(top_k=0, min_p=0.0, top_p=1.0)
+    got = client.completions.create(model="x", prompt=prompt, max_tokens=10, temperature=1.0, seed=9)
+    assert got.choices[0].text == llm(prompt, max_tokens=10, temperature=1.0, seed=9, **off)["choices"][0]["text"]
+    settings = dict(top_k=5, min_p=0.1, repeat_penalty=1.3, presence_penalty=0.5, frequency_penalty=1.5,
+                    logit_bias={llm.tokenize(" the")[-1]: 3.0})
+    got = client.completions.create(model="x", prompt=prompt, max_tokens=10, temperature=0.7, seed=3,
+                                    frequency_penalty=1.5, presence_penalty=0.5,
+                                    logit_bias={str(k): v for k, v in settings["logit_bias"].items()},
+                                    extra_body=dict(top_k=5, min_p=0.1, repeat_penalty=1.3))
+    want = llm(prompt, max_tokens=10, temperature=0.7, seed=3, top_p=1.0, **settings)["choices"][0]["text"]
+    assert got.choices[0].text == want
+    forced = llm.tokenize(" sea")[-1]
+    r = client.completions.create(model="x", prompt=prompt, max_tokens=4, temperature=0,
+                                  logit_bias={str(forced): 100})
+    assert r.choices[0].text == llm.detokenize([forced] * 4)
+
+
+@pytest.mark.parametrize("endpoint, extra, param", [
+    ("chat", dict(response_format={"type": "json_object"}), "response_format"),
+    ("chat", dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
+    ("chat", dict(tool_choice="auto"), "tool_choice"),
+    ("chat", dict(extra_body={"frobnicate": 1}), "frobnicate"),
+    ("chat", dict(top_logprobs=3), "top_logprobs"),
+    ("chat", dict(stream_options={"include_usage": True}), "stream_options"),
+    ("chat", dict(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:,"}}]}]), "messages"),
+    ("completions", dict(suffix="end"), "suffix"),
+    ("completions", dict(best_of=3), "best_of"),
+    ("completions", dict(logprobs=50), "logprobs"),
+    ("completions", dict(extra_body={"logit_bias": {"999999999": 1}}), "logit_bias"),
+    ("completions", dict(extra_body={"presence_penalty": 3}), "presence_penalty"),
+    ("completions", dict(extra_body={"mirostat": 2}), "mirostat"),
+])
+def test_fields_not_supported_are_refused_with_a_400_naming_them(client, endpoint, extra, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        if endpoint == "chat":
+            client.chat.completions.create(**dict(dict(model="x", messages=[{"role": "user", "content": "Hi"}],
+                                                       max_tokens=2), **extra))
+        else:
+            client.completions.create(model="x", prompt="Hi", max_tokens=2, **extra)
+    assert e.value.body["param"] == param and param in e.value.body["message"]
+
+
+def test_fields_that_ask_for_nothing_more_are_accepted(client):
+    r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                       response_format={"type": "text"}, tool_choice="none", user="me",
+                                       metadata={"k": "v"}, store=False)
+    assert r.choices[0].message.role == "assistant"
+
+
+def test_content_parts_and_tool_call_turns(client, llm):
+    joined = [{"role": "user", "content": "Hello there"}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}]
+    kw = dict(model="x", max_tokens=6, temperature=0)
+    assert client.chat.completions.create(messages=parts, **kw).choices[0].message.content == \
+        client.chat.completions.create(messages=joined, **kw).choices[0].message.content
+    turns = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": None, "tool_calls": [
+                 {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+             {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    r = client.chat.completions.create(messages=turns, **kw)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming_role_first_and_usage_only_when_asked(client, llm):
+    messages = [{"role": "user", "content": "Hi"}]
+    chunks = list(client.chat.completions.create(model="x", messages=messages, max_tokens=5, temperature=0,
+                                                 stream=True, n=2))
+    for i in (0, 1):
+        own = [c for c in chunks if c.choices and c.choices[0].index == i]
+        assert own[0].choices[0].delta.role == "assistant"
+        assert all(c.choices[0].delta.role is None for c in own[1:])
+    assert all(c.usage is None for c in chunks)
+    chunks = list(client.chat.completions.create(model="x", messages=messages, max_tokens=5, temperature=0,
+                                                 stream=True, n=2, stream_options={"include_usage": True}))
+    *body, last = chunks
+    assert last.choices == [] and all(c.usage is None for c in body)
+    n_prompt = len(llm._prompt_ids(llm._render_chat(messages), template=True))
+    assert last.usage.prompt_tokens == n_prompt  # the prompt once, however many choices
+    whole = client.chat.completions.create(model="x", messages=messages, max_tokens=5, temperature=0, n=2)
+    assert whole.usage.prompt_tokens == n_prompt
+    assert last.usage.completion_tokens == whole.usage.completion_tokens
+    done = list(client.completions.create(model="x", prompt="Hi", max_tokens=3, stream=True,
+                                          stream_options={"include_usage": True}))
+    assert done[-1].choices == [] and done[-1].usage.prompt_tokens == len(llm.tokenize("Hi"))
+
+
+def test_tokenize_detokenize_and_the_model_endpoints(client, server, llm, tiny_llama_gguf):
+    text = "Hello world, again"
+    code, out = _post(server[0] + "/tokenize", json.dumps({"content": text}).encode())
+    assert code == 200 and out["tokens"] == llm.tokenize(text, add_bos=False)  # llama.cpp's default
+    code, out = _post(server[0] + "/tokenize", json.dumps({"content": text, "add_special": True,
+                                                           "with_pieces": True}).encode())
+    assert [t["id"] for t in out["tokens"]] == llm.tokenize(text, add_bos=True)
+    assert "".join(t["piece"] for t in out["tokens"]).endswith(text)
+    code, out = _post(server[0] + "/tokenize", json.dumps({"prompt": text}).encode())  # vLLM's
+    assert out["tokens"] == llm.tokenize(text, add_bos=True) and out["count"] == len(out["tokens"])
+    code, out = _post(server[0] + "/detokenize", json.dumps({"tokens": llm.tokenize(text, add_bos=False)}).encode())
+    assert code == 200 and out == {"content": text}
+    assert _post(server[0] + "/detokenize", b'{"tokens": [-1]}')[0] == 400
+    assert _post(server[0] + "/tokenize", b'{"content": "x"}', key="wrong")[0] == 401
+    name = tiny_llama_gguf.stem  # the file's stem, not its path
+    assert [m.id for m in client.models.list().data] == [name] and client.models.retrieve(name).id == name
+    assert client.completions.create(model=name, prompt="Hi", max_tokens=1).model == name
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("no-such-model")
+    assert e.value.body["code"] == "model_not_found"
+
+
+def test_served_model_name(tiny_llama_gguf):
+    from starlette.testclient import TestClient
+
+    from torchless.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--served-model-name", "mine"]).served_model_name == "mine"
+    own = LLM(str(tiny_llama_gguf))
+    with TestClient(create_app(own, model_name="mine", log=lambda m: None)) as http:
+        assert http.get("/v1/models").json()["data"][0]["id"] == "mine"
+        assert http.get("/v1/models/mine").status_code == 200

@@ -324,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model's id in responses and /v1/models (default: the model file's stem)")
     p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default 8)")
     p.add_argument("--n-ctx", type=int, default=None, help="context size in tokens (default: the model's)")
     p.add_argument("--threads", type=int, default=None,
@@ -363,7 +365,7 @@ def cmd_serve(args) -> int:
         raise TorchlessError("--port must be 1..65535 and --max-batch at least 1")
 
     def serve(args, llm) -> int:
-        app = create_app(llm, args.max_batch, args.api_key)
+        app = create_app(llm, args.max_batch, args.api_key, model_name=args.served_model_name)
         _err(f"serving on http://{args.host}:{args.port}/v1 (max batch {args.max_batch})")
         # in-flight streams get a few seconds after SIGTERM, then the server stops
         # h11: a strict HTTP/1.1 parser (a request with both Content-Length and chunked

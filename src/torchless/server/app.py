@@ -15,20 +15,59 @@ import sys
 import time
 import uuid
 from dataclasses import replace
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from ..api import MAX_LOGPROBS, chat_messages
 from ..engine import Sequence
 from ..errors import TorchlessError
-from ..sampling import Sampler, SamplingParams
+from ..logprobs import chat_logprobs, completion_logprobs, prompt_offsets
+from ..sampling import Sampler
 from .engine import EngineThread, Request
 
 MAX_BODY_BYTES = 1 << 20
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 DRAIN_BYTES = 16 << 20
+
+# OpenAI's request fields. Each is honoured, or changes nothing here (user, metadata, ...), or is
+# refused with a 400 naming it unless it asks for what the server does anyway (`_refuse`). The
+# sampling fields of llama.cpp's server and vLLM (top_k, min_p, repeat_penalty, ...) are honoured
+# too; any other field is refused, as OpenAI does.
+SAMPLING_FIELDS = {"model", "max_tokens", "n", "stop", "temperature", "top_p", "seed", "stream",
+                   "stream_options", "presence_penalty", "frequency_penalty", "logit_bias", "user",
+                   "top_k", "min_p", "repeat_penalty", "repetition_penalty", "repeat_last_n"}
+COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix"}
+CHAT_FIELDS = SAMPLING_FIELDS | {
+    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools",
+    "tool_choice", "parallel_tool_calls", "functions", "function_call", "metadata", "store",
+    "service_tier", "modalities", "audio", "prediction", "reasoning_effort", "web_search_options",
+    "verbosity", "prompt_cache_key", "safety_identifier"}
+# field -> whether its value asks for nothing more than the server does without it
+_HARMLESS = {
+    "suffix": lambda v: v is None or v == "",
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "tools": lambda v: v is None or v == [],
+    "tool_choice": lambda v: v is None or v == "none",
+    "functions": lambda v: v is None or v == [],
+    "function_call": lambda v: v is None or v == "none",
+    "modalities": lambda v: v is None or v == ["text"],
+    "audio": lambda v: v is None,
+    "prediction": lambda v: v is None,
+    "reasoning_effort": lambda v: v is None,
+    "web_search_options": lambda v: v is None,
+    "verbosity": lambda v: v is None,
+    "store": lambda v: v is None or v is False,
+}
+
+
+def served_name(model_path: str) -> str:
+    """The model's id in responses by default: a file's stem, a folder's name."""
+    path = Path(model_path)
+    return path.stem if path.suffix.lower() == ".gguf" else path.name
 
 
 class APIError(Exception):
@@ -53,6 +92,18 @@ def _field(body: dict, name: str, types, default, check=None, what: str = ""):
     return value
 
 
+def _refuse(body: dict, known: set) -> None:
+    """A 400 naming the first field that is unknown, or asks for what is not supported yet."""
+    for name in body:
+        if name not in known:
+            raise APIError(400, f"Unrecognized request argument supplied: {name}", name)
+    for name, harmless in _HARMLESS.items():
+        if name in body and not harmless(body[name]):
+            raise APIError(400, f"'{name}' is not supported yet (got {json.dumps(body[name])[:80]})", name)
+    if body.get("best_of") is not None and body["best_of"] != body.get("n", 1):
+        raise APIError(400, "'best_of' is not supported yet (other than equal to n)", "best_of")
+
+
 def _closing(engine):
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -61,15 +112,20 @@ def _closing(engine):
     return lifespan
 
 
-def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) -> Starlette:
+def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None,
+               model_name: str | None = None) -> Starlette:
+    """model_name: the id in `model` fields and /v1/models (default: the model file's stem)."""
     log = log or (lambda m: print(f"torchless serve: {m}", file=sys.stderr, flush=True))
     llm.engine.scheduler.max_batch = max_batch
     engine = EngineThread(llm.engine, log)
-    model_id = str(llm.model_path)
+    model_id = model_name or served_name(llm.model_path)
 
-    async def parse(request: HTTPRequest) -> dict:
+    def check_key(request: HTTPRequest) -> None:
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
             raise APIError(401, "missing or wrong API key", kind="authentication_error")
+
+    async def parse(request: HTTPRequest) -> dict:
+        check_key(request)
         if "content-length" in request.headers and "transfer-encoding" in request.headers:
             # two framings of one body: the way request smuggling starts (RFC 9112, 6.1)
             raise APIError(400, "a request may not have both Content-Length and Transfer-Encoding")
@@ -95,8 +151,10 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
             raise APIError(400, "the body must be a JSON object")
         return body
 
-    def sampling(body: dict, default_max_tokens: int) -> tuple[SamplingParams, int, list | None, int]:
-        # OpenAI's defaults: 16 tokens for completions, up to the context for chat
+    def sampling(body: dict, default_max_tokens: int) -> tuple:
+        """(SamplingParams, max_tokens, stop, n). OpenAI's defaults: temperature 1, top_p 1, no
+        top_k, min_p or penalties (they apply only when the request sets them, as in vLLM);
+        16 tokens for completions, up to the context for chat."""
         max_tokens = _field(body, "max_tokens", int, default_max_tokens, lambda v: v >= 1, "an integer >= 1")
         if "max_completion_tokens" in body:
             max_tokens = _field(body, "max_completion_tokens", int, max_tokens, lambda v: v >= 1,
@@ -107,14 +165,41 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
             stop = [stop]
         if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)):
             raise APIError(400, "'stop' must be a string or a list of strings", "stop")
+        number = (int, float)
+        repeat = "repetition_penalty" if body.get("repetition_penalty") is not None else "repeat_penalty"
+        settings = dict(
+            temperature=_field(body, "temperature", number, 1.0),
+            top_p=_field(body, "top_p", number, 1.0),
+            top_k=_field(body, "top_k", int, 0, what="an integer >= 0 (0: off)"),
+            min_p=_field(body, "min_p", number, 0.0),
+            repeat_penalty=_field(body, repeat, number, 1.0),
+            repeat_last_n=_field(body, "repeat_last_n", int, 64, what="an integer >= -1"),
+            presence_penalty=_field(body, "presence_penalty", number, 0.0),
+            frequency_penalty=_field(body, "frequency_penalty", number, 0.0),
+            logit_bias=_field(body, "logit_bias", dict, {}, what="a map of token ids to numbers"),
+            seed=_field(body, "seed", int, None))
         try:
-            params = SamplingParams(
-                temperature=float(_field(body, "temperature", (int, float), 1.0)),
-                top_p=float(_field(body, "top_p", (int, float), 1.0)),
-                seed=_field(body, "seed", int, None))
+            params = llm.sampling_params(**settings)
         except (TorchlessError, ValueError) as e:
-            raise APIError(400, str(e)) from None
+            name = next((k for k in settings if str(e).startswith(k)), None)
+            raise APIError(400, str(e), name) from None
         return params, max_tokens, stop, n
+
+    def stream_settings(body: dict) -> tuple[bool, bool]:
+        """(stream, include_usage)."""
+        stream = _field(body, "stream", bool, False, what="a boolean")
+        options = body.get("stream_options")
+        if options is None:
+            return stream, False
+        if not stream:
+            raise APIError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise APIError(400, "'stream_options' supports only {\"include_usage\": bool} yet", "stream_options")
+        return stream, _field(options, "include_usage", bool, False, what="a boolean")
+
+    def top_count(body: dict, name: str, default=None):
+        return _field(body, name, int, default, lambda v: 0 <= v <= MAX_LOGPROBS,
+                      f"an integer from 0 to {MAX_LOGPROBS}")
 
     def check_fits(ids: list[int], max_tokens: int) -> int:
         n_ctx = llm.n_ctx
@@ -125,19 +210,25 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
                            "prompt", code="context_length_exceeded")
         return min(max_tokens, n_ctx - len(ids))
 
-    async def run(prompts: list[list[int]], params, max_tokens, stop, n):
-        """Start every choice at once (they batch together) and stream or collect them."""
+    async def run(prompts: list[list[int]], params, max_tokens, stop, n, logprobs=None, echo=False):
+        """Start every choice at once (they batch together) and stream or collect them.
+        logprobs: alternatives to record per token (None: none); echo with logprobs: the
+        prompt's too (scored on the engine thread when the request joins)."""
+        if echo and logprobs is not None and not llm.engine.can_score_prompts:
+            raise APIError(400, "'echo' with 'logprobs' is not supported with this --parallel "
+                           "configuration yet", "echo")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         jobs = []
         for i, (ids, j) in enumerate((p, j) for p in prompts for j in range(n)):
             budget = check_fits(ids, max_tokens)
-            emit = (lambda i: lambda text, reason: loop.call_soon_threadsafe(
-                events.put_nowait, (i, text, reason)))(i)
+            emit = (lambda i: lambda text, reason, entries=(): loop.call_soon_threadsafe(
+                events.put_nowait, (i, text, reason, list(entries))))(i)
             # n choices of one seeded request differ from each other, and repeat across calls
             own = params if params.seed is None or j == 0 else replace(params, seed=params.seed + j)
             seq = Sequence(ids, Sampler(own), budget, llm.tokenizer.eos_ids,
-                           llm.tokenizer.stream_decoder(), stop, index=i)
+                           llm.tokenizer.stream_decoder(), stop, index=i, logprobs=logprobs,
+                           prompt_logprobs=echo and logprobs is not None)
             jobs.append(Request(seq, emit, prompt=ids))
         for job in jobs:
             engine.submit(job)
@@ -150,7 +241,11 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
         c = sum(j.completion_tokens for j in jobs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    async def respond(http, jobs, events, meta, make_choice, make_delta, stream):
+    async def respond(http, jobs, events, meta, make_choice, make_delta, stream,
+                      include_usage=False, opening=None):
+        """make_choice(i, text, reason): a whole choice. make_delta(i, text, reason, entries): a
+        chunk's choice, or None to send nothing; opening(i): chunks to send before a choice's
+        first (the chat role, an echoed prompt)."""
         if not stream:
             texts, reasons, left = [""] * len(jobs), [None] * len(jobs), len(jobs)
             try:
@@ -168,7 +263,7 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
                             return PlainTextResponse("", status_code=499)  # nobody reads it
                     if item is None:
                         continue
-                    i, text, reason = item
+                    i, text, reason, _ = item
                     texts[i] += text or ""
                     if reason is not None:
                         if reason.startswith("error"):
@@ -180,23 +275,34 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
             return JSONResponse(dict(meta, choices=[make_choice(i, t, r) for i, (t, r) in
                                                     enumerate(zip(texts, reasons))], usage=usage(jobs)))
 
+        def line(choices, **extra):
+            chunk = dict(meta, choices=choices, **extra)
+            if include_usage:  # OpenAI: null on every chunk but the last
+                chunk.setdefault("usage", None)
+            return f"data: {json.dumps(chunk)}\n\n"
+
         async def sse():
-            left = len(jobs)
+            left, opened = len(jobs), set()
             try:
                 while left:
-                    i, text, reason = await events.get()
+                    i, text, reason, entries = await events.get()
                     if reason is not None and reason.startswith("error"):
                         # OpenAI's way: an error object in the stream, then the end of it
                         error = {"message": reason[len("error: "):], "type": "server_error",
                                  "param": None, "code": None}
                         yield f"data: {json.dumps({'error': error})}\n\n"
                         break
+                    if opening is not None and i not in opened:
+                        opened.add(i)
+                        for choice in opening(i):
+                            yield line([choice])
                     if reason is not None:
                         left -= 1
-                    chunk = dict(meta, choices=[make_delta(i, text or "", reason)])
-                    if not left:
-                        chunk["usage"] = usage(jobs)
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                    choice = make_delta(i, text or "", reason, entries)
+                    if choice is not None:
+                        yield line([choice])
+                if not left and include_usage:
+                    yield line([], usage=usage(jobs))
                 yield "data: [DONE]\n\n"
             finally:  # the client went away (or we are done): free its sequences
                 for job in jobs:
@@ -206,6 +312,7 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
 
     async def completions(http: HTTPRequest):
         body = await parse(http)
+        _refuse(body, COMPLETION_FIELDS)
         prompt = body.get("prompt")
         if isinstance(prompt, str):
             prompts = [prompt]
@@ -214,38 +321,121 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
         else:
             raise APIError(400, "'prompt' must be a string or a non-empty list of strings", "prompt")
         params, max_tokens, stop, n = sampling(body, 16)
-        stream = _field(body, "stream", bool, False, what="a boolean")
+        stream, include_usage = stream_settings(body)
+        logprobs = top_count(body, "logprobs")
+        echo = _field(body, "echo", bool, False, what="a boolean")
         ids = [llm.tokenize(p) for p in prompts]
-        jobs, events = await run(ids, params, max_tokens, stop, n)
+        jobs, events = await run(ids, params, max_tokens, stop, n, logprobs, echo)
+        prompt_of = [prompts[i // n] for i in range(len(jobs))]
         meta = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion",
                     created=int(time.time()), model=model_id)
-        choice = lambda i, t, r: dict(index=i, text=t, logprobs=None, finish_reason=r)  # noqa: E731
-        return await respond(http, jobs, events, meta, choice, choice, stream)
+
+        def prompt_part(i):  # an echoed prompt's logprobs
+            seq = jobs[i].seq
+            return completion_logprobs(llm.tokenizer, [], 0, seq.prompt_logprobs,
+                                       prompt_offsets(llm.tokenizer, seq.prompt_ids))
+
+        def choice(i, text, reason):
+            seq, lp = jobs[i].seq, None
+            if logprobs is not None:
+                lp = completion_logprobs(llm.tokenizer, seq.token_logprobs, len(prompt_of[i]),
+                                         *((seq.prompt_logprobs, prompt_offsets(llm.tokenizer, seq.prompt_ids))
+                                           if echo else ()))
+            return dict(index=i, text=(prompt_of[i] if echo else "") + text, logprobs=lp, finish_reason=reason)
+
+        def delta(i, text, reason, entries):
+            lp = None if logprobs is None else completion_logprobs(llm.tokenizer, entries, len(prompt_of[i]))
+            return dict(index=i, text=text, logprobs=lp, finish_reason=reason)
+
+        def opening(i):
+            lp = prompt_part(i) if logprobs is not None else None
+            return [dict(index=i, text=prompt_of[i], logprobs=lp, finish_reason=None)]
+
+        return await respond(http, jobs, events, meta, choice, delta, stream, include_usage,
+                             opening if echo else None)
 
     async def chat(http: HTTPRequest):
         body = await parse(http)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            raise APIError(400, "'messages' must be a non-empty list of {role, content} strings", "messages")
+        _refuse(body, CHAT_FIELDS)
+        try:
+            messages = chat_messages(body.get("messages"))
+        except TorchlessError as e:
+            raise APIError(400, str(e), "messages") from None
         params, max_tokens, stop, n = sampling(body, llm.n_ctx)
-        stream = _field(body, "stream", bool, False, what="a boolean")
-        ids = llm._prompt_ids(llm._render_chat(messages), template=True)
-        jobs, events = await run([ids], params, max_tokens, stop, n)
+        stream, include_usage = stream_settings(body)
+        want_logprobs = _field(body, "logprobs", bool, False, what="a boolean")
+        top = top_count(body, "top_logprobs")
+        if top is not None and not want_logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        logprobs = (top or 0) if want_logprobs else None
+        ids = llm._prompt_ids(llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+                              template=True)
+        jobs, events = await run([ids], params, max_tokens, stop, n, logprobs)
         meta = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model_id)
-        whole = lambda i, t, r: dict(index=i, message=dict(role="assistant", content=t),  # noqa: E731
-                                     logprobs=None, finish_reason=r)
-        delta = lambda i, t, r: dict(index=i, delta=dict(content=t) if t else {},  # noqa: E731
-                                     logprobs=None, finish_reason=r)
+
+        def chat_lp(entries):
+            return None if logprobs is None else dict(content=chat_logprobs(llm.tokenizer, entries),
+                                                      refusal=None)
+
+        def whole(i, text, reason):
+            return dict(index=i, message=dict(role="assistant", content=text),
+                        logprobs=chat_lp(jobs[i].seq.token_logprobs), finish_reason=reason)
+
+        def delta(i, text, reason, entries):
+            if not text and not entries and reason is None:
+                return None
+            return dict(index=i, delta=dict(content=text) if text or entries else {},
+                        logprobs=chat_lp(entries) if entries else None, finish_reason=reason)
+
+        def opening(i):  # OpenAI's first chunk of a choice: the role
+            return [dict(index=i, delta=dict(role="assistant", content=""), logprobs=None,
+                         finish_reason=None)]
+
         meta_kind = "chat.completion.chunk" if stream else "chat.completion"
-        return await respond(http, jobs, events, dict(meta, object=meta_kind), whole, delta, stream)
+        return await respond(http, jobs, events, dict(meta, object=meta_kind), whole, delta, stream,
+                             include_usage, opening)
+
+    def model_card() -> dict:
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": "torchless"}
 
     async def models(http: HTTPRequest):
-        if api_key is not None and http.headers.get("authorization") != f"Bearer {api_key}":
-            raise APIError(401, "missing or wrong API key", kind="authentication_error")
-        return JSONResponse({"object": "list", "data": [
-            {"id": model_id, "object": "model", "created": 0, "owned_by": "torchless"}]})
+        check_key(http)
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def model(http: HTTPRequest):
+        check_key(http)
+        name = http.path_params["name"]
+        if name != model_id:
+            raise APIError(404, f"The model '{name}' does not exist", "model", code="model_not_found")
+        return JSONResponse(model_card())
+
+    async def tokenize(http: HTTPRequest):
+        """llama.cpp's {"content", "add_special", "with_pieces"} or vLLM's {"prompt",
+        "add_special_tokens"} (each with its own default for adding BOS) -> {"tokens": [...]}."""
+        body = await parse(http)
+        key = "content" if "content" in body else "prompt"
+        text = body.get(key)
+        if not isinstance(text, str):
+            raise APIError(400, "'content' (or 'prompt') must be a string", key)
+        special = "add_special" if key == "content" else "add_special_tokens"
+        add = _field(body, special, bool, key == "prompt", what="a boolean")
+        ids = llm.tokenize(text, add_bos=add)
+        tokens = ids
+        if _field(body, "with_pieces", bool, False, what="a boolean"):
+            decoded = [llm.tokenizer.token_bytes(t).decode("utf-8", "replace") for t in ids]
+            tokens = [{"id": t, "piece": piece} for t, piece in zip(ids, decoded)]
+        return JSONResponse({"tokens": tokens, "count": len(ids), "max_model_len": llm.n_ctx})
+
+    async def detokenize(http: HTTPRequest):
+        body = await parse(http)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise APIError(400, "'tokens' must be a list of token ids", "tokens")
+        bad = [t for t in ids if not 0 <= t < llm.config.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary "
+                                f"(0..{llm.config.vocab_size - 1})", "tokens")
+        return JSONResponse({"content": llm.detokenize(ids)})
 
     async def health(http: HTTPRequest):
         if not engine.alive:
@@ -276,6 +466,9 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None) ->
         Route("/v1/completions", wrap(completions), methods=["POST"]),
         Route("/v1/chat/completions", wrap(chat), methods=["POST"]),
         Route("/v1/models", wrap(models), methods=["GET"]),
+        Route("/v1/models/{name:path}", wrap(model), methods=["GET"]),
+        Route("/tokenize", wrap(tokenize), methods=["POST"]),
+        Route("/detokenize", wrap(detokenize), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ], lifespan=_closing(engine))

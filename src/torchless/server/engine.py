@@ -23,8 +23,11 @@ from ..kernels.gemm import single_threaded_blas
 @dataclass
 class Request:
     seq: Sequence
-    emit: object  # emit(text, finish_reason): called on the engine thread; "error: ..." on failure
+    # emit(text, finish_reason, logprobs=()): called on the engine thread; "error: ..." on
+    # failure. logprobs: the entries the sequence recorded since the last emit (if it records)
+    emit: object
     prompt: list | None = None  # the request's prompt ids, shared by its n choices
+    logprobs_sent: int = 0
     cancelled: bool = False
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
@@ -117,8 +120,12 @@ class EngineThread:
                 self._requests.pop(request.seq.seq_id, None)
                 self.engine.cancel(request.seq)
             else:
+                try:
+                    self.engine.add(request.seq)  # (with echo and logprobs, scores the prompt)
+                except Exception as e:  # noqa: BLE001 - this request fails, the engine goes on
+                    request.emit(None, f"error: {type(e).__name__}: {e}")
+                    continue
                 self._requests[request.seq.seq_id] = request
-                self.engine.add(request.seq)
 
     def _dispatch(self, event) -> None:
         request = self._requests.get(event.seq.seq_id)
@@ -126,16 +133,18 @@ class EngineThread:
             return
         if request.first_token_s is None:
             request.first_token_s = time.perf_counter() - request.started
+        entries = event.seq.token_logprobs[request.logprobs_sent:]
+        request.logprobs_sent += len(entries)
         if event.finish_reason is None:
-            if event.text:
-                request.emit(event.text, None)
+            if event.text or entries:
+                request.emit(event.text, None, entries)
             return
         del self._requests[event.seq.seq_id]
         if event.finish_reason == "error":
             request.emit(None, f"error: {event.error}")
             self.log(f"request failed: {event.error}")
             return
-        request.emit(event.text, event.finish_reason)
+        request.emit(event.text, event.finish_reason, entries)
         took = time.perf_counter() - request.started
         n = request.completion_tokens
         self.log(f"request done: {request.prompt_tokens} prompt + {n} tokens in {took:.2f} s "
