@@ -198,3 +198,34 @@ def test_parts_are_balanced_by_tokens_or_the_micro_batch_runs_whole():
     assert assign_parts(spans(1, 1, 1, 1, 1, 1, 1, 1), 4) == [[0, 4], [1, 5], [2, 6], [3, 7]]
     same = object()
     assert assign_parts(spans(4, 1, 1, 1, states=[same, same, object(), object()]), 2) == [[0, 1, 2, 3]]
+
+
+def test_the_servers_engine_thread_runs_with_its_creators_thread_count(model, prompts):
+    """numba's thread count is per thread and a new thread starts with all the cores: `serve
+    --threads 1` ran its engine on every core until the engine thread took its creator's."""
+    import threading
+
+    import numba
+
+    from torchless.server.engine import EngineThread, Request
+
+    seen, done = [], threading.Event()
+
+    class ThreadCountRunner(LocalRunner):
+        def submit(self, tag, spans):
+            seen.append(numba.get_num_threads())
+            super().submit(tag, spans)
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        server_engine = EngineThread(Engine(ThreadCountRunner(model)))
+    finally:
+        numba.set_num_threads(before)
+    try:
+        server_engine.submit(Request(Sequence(prompts[1], greedy(), 3),
+                                     lambda text, reason, entries=(): reason and done.set()))
+        assert done.wait(60)
+    finally:
+        server_engine.close()
+    assert seen and set(seen) == {1}

@@ -49,6 +49,9 @@ class EngineThread:
         self.requests_total = 0
         self.error: str | None = None
         self._stopped = False
+        # numba's thread count is per thread, and a new one starts with all the cores: the
+        # engine thread takes its creator's (--threads)
+        self._threads = numba.get_num_threads()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="torchless-engine")
         self._thread.start()
 
@@ -91,6 +94,7 @@ class EngineThread:
     # -- the engine thread -----------------------------------------------------------------------
 
     def _loop(self) -> None:
+        numba.set_num_threads(self._threads)
         with single_threaded_blas():
             try:
                 while not self._stopped:
