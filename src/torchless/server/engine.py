@@ -16,6 +16,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numba
+
 from ..engine import Engine, Sequence
 from ..kernels.gemm import single_threaded_blas
 
