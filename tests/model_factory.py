@@ -144,6 +144,17 @@ def mixed_ternary_mxfp4_quant(gguf_name: str) -> str:
     return "MXFP4"
 
 
+def mixed_iq_quant(gguf_name: str) -> str:
+    """The lattice types for `write_random_gguf(qtype=...)`: embedding and down IQ3_S, Q IQ2_XXS,
+    K IQ2_XS, V IQ3_XXS, attention output and the LM head IQ2_S, gate IQ1_S, up IQ1_M."""
+    for part, t in [("token_embd", "IQ3_S"), ("attn_q.", "IQ2_XXS"), ("attn_k.", "IQ2_XS"),
+                    ("attn_v.", "IQ3_XXS"), ("attn_output", "IQ2_S"), ("ffn_gate", "IQ1_S"),
+                    ("ffn_up", "IQ1_M"), ("ffn_down", "IQ3_S"), ("output.", "IQ2_S")]:
+        if part in gguf_name:
+            return t
+    raise ValueError(gguf_name)
+
+
 def _add_metadata(writer, key, value):
     if isinstance(value, bool):
         writer.add_bool(key, value)
@@ -169,7 +180,9 @@ def tokenizer_metadata_of(gguf_path: Path) -> dict:
 # f16 scale fields per block of the types gguf-py cannot quantize: (offset, typical magnitude)
 _K_SCALES = {"Q4_K": [(0, 1e-4), (2, 5e-5)], "Q5_K": [(0, 5e-5), (2, 2.5e-5)], "Q6_K": [(208, 2e-5)],
              "Q2_K": [(80, 1.5e-3), (82, 2e-3)], "Q3_K": [(108, 1e-3)], "IQ4_NL": [(0, 1e-3)],
-             "IQ4_XS": [(0, 6e-5)]}
+             "IQ4_XS": [(0, 6e-5)], "IQ2_XXS": [(0, 1.5e-3)], "IQ2_XS": [(0, 1.5e-3)],
+             "IQ2_S": [(0, 1.5e-3)], "IQ3_XXS": [(0, 6e-4)], "IQ3_S": [(0, 6e-4)], "IQ1_S": [(0, 1e-2)],
+             "IQ1_M": []}  # IQ1_M: see _iq1_m_scale
 
 
 def random_weight_blocks(rows: int, cols: int, qtype: str, rng) -> tuple[np.ndarray, object]:
@@ -188,7 +201,16 @@ def random_weight_blocks(rows: int, cols: int, qtype: str, rng) -> tuple[np.ndar
     for off, mag in _K_SCALES[qtype]:
         scale = (mag * rng.uniform(0.5, 1.5, len(raw))).astype(np.float16)
         raw[:, off:off + 2] = scale.view(np.uint8).reshape(-1, 2)
+    if qtype == "IQ1_M":
+        _iq1_m_scale(raw, (1e-2 * rng.uniform(0.5, 1.5, len(raw))).astype(np.float16))
     return raw.reshape(rows, -1), t
+
+
+def _iq1_m_scale(blocks: np.ndarray, d: np.ndarray) -> None:
+    """IQ1_M keeps its f16 d in the top nibbles of its 4 scale words (bytes 48..55): set it."""
+    nib = (d.view(np.uint16)[:, None] >> np.array([0, 4, 8, 12], np.uint16)) & np.uint16(0xF)
+    words = (blocks[:, 48:56].copy().view(np.uint16) & np.uint16(0x0FFF)) | (nib << np.uint16(12))
+    blocks[:, 48:56] = words.view(np.uint8)
 
 
 def write_random_gguf(path: Path, qtype: str, seed: int = 0, hidden: int = 256, inter: int = 512,

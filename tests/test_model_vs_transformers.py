@@ -201,3 +201,12 @@ def test_tq1_0_tq2_0_mxfp4_gguf_every_path_matches_transformers(tmp_path_factory
 
     path, hf = _random_mixed_gguf_and_transformers(tmp_path_factory.mktemp("tq"), mixed_ternary_mxfp4_quant, 8)
     _every_path_matches_transformers(path, hf, capsys, {"TQ1_0": 6, "TQ2_0": 4, "MXFP4": 6})
+
+
+def test_iq_lattice_types_gguf_every_path_matches_transformers(tmp_path_factory, capsys):
+    """IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S and IQ1_M weights (random blocks)."""
+    from model_factory import mixed_iq_quant
+
+    path, hf = _random_mixed_gguf_and_transformers(tmp_path_factory.mktemp("iq"), mixed_iq_quant, 9)
+    _every_path_matches_transformers(path, hf, capsys, {"IQ3_S": 3, "IQ2_XXS": 2, "IQ2_XS": 2, "IQ3_XXS": 2,
+                                                         "IQ2_S": 3, "IQ1_S": 2, "IQ1_M": 2})

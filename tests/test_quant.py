@@ -15,9 +15,11 @@ F16_FIELDS = {GGMLType.Q4_0: [0], GGMLType.Q4_1: [0, 2], GGMLType.Q5_0: [0], GGM
               GGMLType.Q8_0: [0], GGMLType.IQ4_NL: [0],
               GGMLType.Q2_K: [80, 82], GGMLType.Q3_K: [108],
               GGMLType.Q4_K: [0, 2], GGMLType.Q5_K: [0, 2], GGMLType.Q6_K: [208], GGMLType.IQ4_XS: [0],
-              GGMLType.TQ1_0: [52], GGMLType.TQ2_0: [64]}
+              GGMLType.TQ1_0: [52], GGMLType.TQ2_0: [64], GGMLType.IQ2_XXS: [0], GGMLType.IQ2_XS: [0],
+              GGMLType.IQ2_S: [0], GGMLType.IQ3_XXS: [0], GGMLType.IQ3_S: [0], GGMLType.IQ1_S: [0]}
 # the types added to the fast kinds after the first release; each is held to gguf-py below
-NEW_TYPES = [GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS, GGMLType.TQ1_0, GGMLType.TQ2_0]
+NEW_TYPES = [GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS, GGMLType.TQ1_0, GGMLType.TQ2_0,
+             GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S, GGMLType.IQ3_XXS, GGMLType.IQ3_S, GGMLType.IQ1_S]
 TYPES = list(BLOCK_LAYOUT)
 
 
@@ -28,6 +30,11 @@ def random_blocks(t: GGMLType, n_blocks: int, seed: int) -> np.ndarray:
     for off in F16_FIELDS.get(t, []):
         scale = (rng.standard_normal(n_blocks) * 10.0 ** rng.integers(-6, 3, n_blocks)).astype(np.float16)
         blocks[:, off:off + 2] = scale.view(np.uint8).reshape(n_blocks, 2)
+    if t == GGMLType.IQ1_M:  # d is the top nibbles of 4 uint16 scale words: keep it finite
+        d = (rng.standard_normal(n_blocks) * 10.0 ** rng.integers(-6, 3, n_blocks)).astype(np.float16)
+        nib = (d.view(np.uint16)[:, None] >> np.array([0, 4, 8, 12], np.uint16)) & np.uint16(0xF)
+        words = blocks[:, 48:56].copy().view(np.uint16) & np.uint16(0x0FFF) | (nib << np.uint16(12))
+        blocks[:, 48:56] = words.view(np.uint8)
     if t == GGMLType.MXFP4:  # the e8m0 scale 2^(e - 127): moderate, and the subnormal e = 0, 1
         blocks[:, 0] = rng.choice(np.r_[0, 1, 100:135], n_blocks).astype(np.uint8)
     if t in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):  # whole elements: keep them finite too
@@ -57,7 +64,7 @@ def test_dequantize_blocks_matches_gguf_py(t, seed):
 
 
 @pytest.mark.parametrize("t", [GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q5_1,
-                               GGMLType.Q8_0, *NEW_TYPES, GGMLType.MXFP4], ids=lambda t: t.name)
+                               GGMLType.Q8_0, *NEW_TYPES, GGMLType.MXFP4, GGMLType.IQ1_M], ids=lambda t: t.name)
 def test_dequantize_blocks_any_bytes(t):
     """Completely random bytes (NaN and inf scales included) still match bit for bit."""
     _, type_size = BLOCK_LAYOUT[t]
@@ -66,13 +73,23 @@ def test_dequantize_blocks_any_bytes(t):
         assert_bits_equal(dequantize_blocks(t, blocks), oracle(t, blocks).reshape(300, -1))
 
 
+def test_iq_grids_match_gguf_py():
+    """The lattice tables stored in torchless (quant_grids) are gguf-py's, value for value."""
+    from torchless.quant_grids import grid
+
+    for name in ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M"]:
+        cls = getattr(gguf.quants, name)
+        cls.init_grid()
+        assert np.array_equal(grid(name).astype(np.float32), cls.grid.reshape(cls.grid_shape)), name
+
+
 def test_block_layout_matches_gguf_py():
     for t, layout in BLOCK_LAYOUT.items():
         assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(t))] == layout
         assert gguf.GGMLQuantizationType(int(t)).name == t.name
 
 
-@pytest.mark.parametrize("type_id, name", [(GGMLType.IQ2_XXS, "IQ2_XXS"), (GGMLType.Q8_1, "Q8_1"), (99, "99")])
+@pytest.mark.parametrize("type_id, name", [(GGMLType.Q8_K, "Q8_K"), (GGMLType.Q8_1, "Q8_1"), (99, "99")])
 def test_unsupported_types_are_named(type_id, name):
     with pytest.raises(UnsupportedModelError, match=name):
         dequantize_blocks(type_id, np.zeros((1, 18), np.uint8))
@@ -171,7 +188,11 @@ def test_count_nonfinite_scales(t):
 Q8_REPACK = {GGMLType.Q2_K: (16, True, (0, 3)), GGMLType.Q3_K: (16, False, (-4, 3)),
              GGMLType.IQ4_NL: (32, False, (-127, 113)), GGMLType.IQ4_XS: (32, False, (-127, 113)),
              GGMLType.TQ1_0: (32, False, (-1, 1)), GGMLType.TQ2_0: (32, False, (-1, 2)),  # 3 (unused) decodes to 2
-             GGMLType.MXFP4: (32, False, (-12, 12))}
+             GGMLType.MXFP4: (32, False, (-12, 12)),
+             GGMLType.IQ2_XXS: (32, False, (-43, 43)), GGMLType.IQ2_XS: (16, False, (-43, 43)),
+             GGMLType.IQ2_S: (16, False, (-43, 43)), GGMLType.IQ3_XXS: (32, False, (-62, 62)),
+             GGMLType.IQ3_S: (32, False, (-15, 15)), GGMLType.IQ1_S: (32, False, (-9, 9)),
+             GGMLType.IQ1_M: (16, False, (-9, 9))}
 
 
 @pytest.mark.parametrize("t", list(Q8_REPACK), ids=lambda t: t.name)

@@ -74,6 +74,13 @@ BLOCK_LAYOUT: dict[GGMLType, tuple[int, int]] = {
     GGMLType.TQ1_0: (QK_K, (QK_K - 4 * QK_K // 64) // 5 + QK_K // 64 + 2),
     GGMLType.TQ2_0: (QK_K, QK_K // 4 + 2),
     GGMLType.MXFP4: (32, 1 + 16),
+    GGMLType.IQ2_XXS: (QK_K, 2 + QK_K // 4),
+    GGMLType.IQ2_XS: (QK_K, 2 + QK_K // 4 + QK_K // 32),
+    GGMLType.IQ2_S: (QK_K, 2 + QK_K // 4 + QK_K // 16),
+    GGMLType.IQ3_XXS: (QK_K, 2 + QK_K // 4 + QK_K // 8),
+    GGMLType.IQ3_S: (QK_K, 2 + QK_K // 4 + QK_K // 8 + QK_K // 32 + 4),
+    GGMLType.IQ1_S: (QK_K, 2 + QK_K // 8 + QK_K // 16),
+    GGMLType.IQ1_M: (QK_K, QK_K // 8 + QK_K // 16 + QK_K // 32),
 }
 
 
@@ -82,12 +89,8 @@ BLOCK_LAYOUT: dict[GGMLType, tuple[int, int]] = {
 STORAGE_LAYOUT: dict[GGMLType, tuple[int, int]] = {
     **BLOCK_LAYOUT,
     GGMLType.Q8_1: (32, 40),
-    GGMLType.Q8_K: (QK_K, 292),
-    GGMLType.IQ2_XXS: (QK_K, 66), GGMLType.IQ2_XS: (QK_K, 74), GGMLType.IQ3_XXS: (QK_K, 98),
-    GGMLType.IQ1_S: (QK_K, 50), GGMLType.IQ3_S: (QK_K, 110),
-    GGMLType.IQ2_S: (QK_K, 82), GGMLType.I8: (1, 1),
+    GGMLType.Q8_K: (QK_K, 292), GGMLType.I8: (1, 1),
     GGMLType.I16: (1, 2), GGMLType.I32: (1, 4), GGMLType.I64: (1, 8), GGMLType.F64: (1, 8),
-    GGMLType.IQ1_M: (QK_K, 56),
 }
 
 # Byte offsets of the float16 scales (d, and m or dmin) within a block of each quantized type.
@@ -97,6 +100,8 @@ _F16_SCALE_OFFSETS = {
     GGMLType.Q2_K: (80, 82), GGMLType.Q3_K: (108,),
     GGMLType.Q4_K: (0, 2), GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,), GGMLType.IQ4_XS: (0,),
     GGMLType.TQ1_0: (52,), GGMLType.TQ2_0: (64,),  # MXFP4's power-of-two scale is always finite
+    GGMLType.IQ2_XXS: (0,), GGMLType.IQ2_XS: (0,), GGMLType.IQ2_S: (0,), GGMLType.IQ3_XXS: (0,),
+    GGMLType.IQ3_S: (0,), GGMLType.IQ1_S: (0,),  # IQ1_M's d is spread over 4 nibbles: not listed
 }
 _F16_EXPONENT = 0x7C00  # all ones: infinity or NaN
 
@@ -288,6 +293,95 @@ def _mxfp4(b):
     return mxfp4_half_scale(b[:, :1]) * MXFP4_VALUES[_bits(b[:, 1:], 16, [0, 4], 0x0F)].astype(np.float32)
 
 
+# -- the lattice ("IQ") types: codes into a grid, with sign bits and 4-bit (3-bit) scales ---------
+
+# IQ2_XXS/IQ2_XS/IQ3_XXS: a 7-bit sign index selects 8 sign bits of even parity (ggml's ksigns)
+_KSIGNS = np.array([i | (bin(i).count("1") & 1) << 7 for i in range(128)], np.uint8)
+IQ_GROUP = {GGMLType.IQ2_XXS: 32, GGMLType.IQ2_XS: 16, GGMLType.IQ2_S: 16, GGMLType.IQ3_XXS: 32,
+            GGMLType.IQ3_S: 32, GGMLType.IQ1_S: 32, GGMLType.IQ1_M: 16}  # columns per scale
+
+
+def _sign_bits(s: np.ndarray) -> np.ndarray:
+    """(n, k) sign bytes -> (n, 8 k) int8 +1 / -1, bit j of byte i for element 8 i + j."""
+    return np.int8(1) - np.int8(2) * np.unpackbits(s, axis=-1, bitorder="little").view(np.int8)
+
+
+def _ksigns(u32: np.ndarray) -> np.ndarray:
+    """(n, k) uint32 -> (n, 32 k) +1 / -1: four 7-bit sign indices (bits 0, 7, 14, 21) each."""
+    idx = (u32[..., None] >> np.array([0, 7, 14, 21], np.uint32)) & np.uint32(0x7F)
+    return _sign_bits(_KSIGNS[idx].reshape(u32.shape[0], -1))
+
+
+def _points(name: str, idx: np.ndarray) -> np.ndarray:
+    """(n, k) grid indices -> (n, k * width) int8 grid values."""
+    from .quant_grids import grid
+
+    return grid(name)[idx].reshape(idx.shape[0], -1)
+
+
+def _nibbles(b: np.ndarray) -> np.ndarray:
+    """(n, k) bytes -> (n, 2 k) float32: low then high nibble of each byte in turn."""
+    return np.stack([b & np.uint8(0x0F), b >> np.uint8(4)], axis=-1).reshape(b.shape[0], -1).astype(np.float32)
+
+
+def iq_codes(t: GGMLType, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An IQ1/IQ2/IQ3 type's (n, type_size) blocks -> (codes, scale): codes int8 (n, 256), scale
+    float32 (n, 256 // IQ_GROUP[t]), weight = scale * code, with gguf-py's rounding (exactly: each
+    gguf-py weight is one product of a scale and a small integer, or of dl and grid + delta,
+    which is dl / 8 times the integer 8 (grid + delta), a power-of-two step). Codes are grid
+    values with their signs (IQ2: 8, 25, 43; IQ3_XXS: 4..62; IQ3_S: 1..15) or, for IQ1, 8 times
+    grid + delta (grid -1, 0, 1; delta +-1/8): -9..9."""
+    n = b.shape[0]
+    d = _f16(b[:, :2]) if t != GGMLType.IQ1_M else None
+    if t == GGMLType.IQ2_XXS:
+        aux = b[:, 2:].view(np.uint32).reshape(n, 8, 2)  # per 32: 4 grid indices, signs and scale
+        codes = _points("IQ2_XXS", b[:, 2:].reshape(n, 8, 8)[:, :, :4].reshape(n, 32)) * _ksigns(aux[..., 1])
+        return codes, d * (np.float32(0.5) + (aux[..., 1] >> 28).astype(np.float32)) * np.float32(0.25)
+    if t in (GGMLType.IQ2_XS, GGMLType.IQ2_S):
+        db = d * (np.float32(0.5) + _nibbles(b[:, -8:])) * np.float32(0.25)
+        if t == GGMLType.IQ2_XS:  # 32 uint16: 9-bit grid index, 7-bit sign index
+            qs = b[:, 2:66].view(np.uint16)
+            signs = _sign_bits(_KSIGNS[qs >> np.uint16(9)])
+            return _points("IQ2_XS", qs & np.uint16(511)) * signs, db
+        qh = (b[:, 66:74, None] >> np.array([0, 2, 4, 6], np.uint8)) & np.uint8(3)  # 2 high bits each
+        idx = b[:, 2:34].astype(np.uint16) | (qh.reshape(n, 32).astype(np.uint16) << np.uint16(8))
+        return _points("IQ2_S", idx) * _sign_bits(b[:, 34:66]), db
+    if t == GGMLType.IQ3_XXS:
+        aux = b[:, 66:98].view(np.uint32)  # per 32: 4 sign indices and a 4-bit scale
+        codes = _points("IQ3_XXS", b[:, 2:66]) * _ksigns(aux)
+        return codes, d * (np.float32(0.5) + (aux >> 28).astype(np.float32)) * np.float32(0.5)
+    if t == GGMLType.IQ3_S:
+        qh = np.unpackbits(b[:, 66:74], axis=-1, bitorder="little").astype(np.uint16)
+        idx = b[:, 2:66].astype(np.uint16) | (qh << np.uint16(8))
+        sc = (b[:, 106:110, None] >> np.array([0, 4], np.uint8)) & np.uint8(0x0F)
+        return _points("IQ3_S", idx) * _sign_bits(b[:, 74:106]), d * (1 + 2 * sc.reshape(n, 8))
+    if t == GGMLType.IQ1_S:
+        qh = b[:, 34:50].view(np.uint16)  # per 32: 4 x 3 high index bits, 3-bit scale, delta sign
+        idx = b[:, 2:34].astype(np.uint16) | (((qh[..., None] >> np.array([0, 3, 6, 9], np.uint16)) & np.uint16(7))
+                                              .reshape(n, 32) << np.uint16(8))
+        delta = np.where(qh & np.uint16(0x8000), np.int8(-1), np.int8(1)).repeat(32, axis=-1)
+        dl = d * (2 * ((qh >> np.uint16(12)) & np.uint16(7)) + 1)
+        return np.int8(8) * _points("IQ1_S", idx) + delta, dl * np.float32(0.125)
+    if t == GGMLType.IQ1_M:
+        qs, qh, sc = b[:, :32], b[:, 32:48], b[:, 48:56].view(np.uint16)
+        d = (((sc & np.uint16(0xF000)) >> np.array([12, 8, 4, 0], np.uint16)).sum(-1, dtype=np.uint16)
+             .view(np.float16).astype(np.float32)[:, None])  # the top nibbles of the 4 scale words
+        hi = (qh[..., None] >> np.array([0, 4], np.uint8)).reshape(n, 32)  # per 8: 3 index bits, delta
+        idx = qs.astype(np.uint16) | ((hi & np.uint8(7)).astype(np.uint16) << np.uint16(8))
+        delta = np.where(hi & np.uint8(8), np.int8(-1), np.int8(1)).repeat(8, axis=-1)
+        dl = d * (2 * ((sc[..., None] >> np.array([0, 3, 6, 9], np.uint16)) & np.uint16(7)).reshape(n, 16) + 1)
+        return np.int8(8) * _points("IQ1_S", idx) + delta, dl * np.float32(0.125)
+    raise ValueError(t)
+
+
+def _iq(t: GGMLType):
+    def dequantize(b):
+        codes, scale = iq_codes(t, b)
+        n, g = scale.shape
+        return (scale.reshape(n, g, 1) * codes.reshape(n, g, -1).astype(np.float32)).reshape(n, QK_K)
+    return dequantize
+
+
 _DEQUANTIZE = {
     GGMLType.F32: lambda b: b.view(np.float32),
     GGMLType.F16: lambda b: b.view(np.float16).astype(np.float32),
@@ -307,6 +401,7 @@ _DEQUANTIZE = {
     GGMLType.TQ1_0: _tq1_0,
     GGMLType.TQ2_0: _tq2_0,
     GGMLType.MXFP4: _mxfp4,
+    **{t: _iq(t) for t in IQ_GROUP},
 }
 
 

@@ -50,18 +50,21 @@ from numba import njit, prange
 
 # the bit-unpacking helpers and level tables of the newer block types (shared with quant.py's
 # dequantizers, so the repack and the oracle-tested dequantization read blocks the same way)
-from ..quant import (IQ4NL_VALUES, MXFP4_VALUES, iq4_xs_scales, mxfp4_half_scale, q3_k_codes,
-                     q3_k_scales, tq1_0_codes)
+from ..quant import (IQ4NL_VALUES, IQ_GROUP, MXFP4_VALUES, iq4_xs_scales, iq_codes, mxfp4_half_scale,
+                     q3_k_codes, q3_k_scales, tq1_0_codes)
 
 TILE = 32  # rows per tile: the vector width of the inner loop (4 x 8 float32 lanes on AVX2)
 
 # ggml type ids (quant.GGMLType values, as plain ints)
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
 Q2_K, Q3_K, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0, MXFP4 = 10, 11, 20, 23, 34, 35, 39
+IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ3_S, IQ2_S, IQ1_M = 16, 17, 18, 19, 21, 22, 29
+_IQ_GROUP = {int(t): g for t, g in IQ_GROUP.items()}  # lattice types: columns per scale
 _TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1",
                Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K", BF16: "BF16",
                Q2_K: "Q2_K", Q3_K: "Q3_K", IQ4_NL: "IQ4_NL", IQ4_XS: "IQ4_XS",
-               TQ1_0: "TQ1_0", TQ2_0: "TQ2_0", MXFP4: "MXFP4"}
+               TQ1_0: "TQ1_0", TQ2_0: "TQ2_0", MXFP4: "MXFP4", IQ2_XXS: "IQ2_XXS", IQ2_XS: "IQ2_XS",
+               IQ3_XXS: "IQ3_XXS", IQ1_S: "IQ1_S", IQ3_S: "IQ3_S", IQ2_S: "IQ2_S", IQ1_M: "IQ1_M"}
 QK_K = 256
 
 # 'contract' only: lets LLVM fuse a*b+c into FMA. No reassociation is needed (the vectorized
@@ -204,6 +207,9 @@ def _decode(ggml_type: int, raw: np.ndarray, cols: int):
         qs = b[..., 1:]
         codes = MXFP4_VALUES[np.concatenate([qs & 0x0F, qs >> 4], axis=-1)].reshape(n, cols)
         return codes, mxfp4_half_scale(b[..., 0]), None, "q8", 32
+    if ggml_type in _IQ_GROUP:  # weight = scale * code, decoded as quant.py dequantizes
+        codes, scale = iq_codes(ggml_type, raw.reshape(n * (cols // QK_K), -1))
+        return codes.reshape(n, cols), scale.reshape(n, -1), None, "q8", _IQ_GROUP[ggml_type]
     if ggml_type == Q6_K:
         nb = cols // QK_K
         b = raw.reshape(n, nb, 210)
@@ -233,11 +239,12 @@ def prepare(qtensor) -> PackedWeight:
     n_tiles = -(-rows // TILE)
     kinds = {F32: "f32", F16: "f32", BF16: "f32", Q4_0: "q4", Q4_1: "q4", Q4_K: "q4",
              Q5_0: "q8", Q5_1: "q8", Q8_0: "q8", Q5_K: "q8", Q6_K: "q8",
-             Q2_K: "q8", Q3_K: "q8", IQ4_NL: "q8", IQ4_XS: "q8", TQ1_0: "q8", TQ2_0: "q8", MXFP4: "q8"}
+             Q2_K: "q8", Q3_K: "q8", IQ4_NL: "q8", IQ4_XS: "q8", TQ1_0: "q8", TQ2_0: "q8", MXFP4: "q8",
+             **{t: "q8" for t in _IQ_GROUP}}
     if t not in kinds:
         raise ValueError(f"qmatmul: unsupported ggml type {t}")
     kind = kinds[t]
-    group = {"f32": cols, "q4": 32}.get(kind, 16 if t in (Q2_K, Q3_K, Q6_K) else 32)
+    group = {"f32": cols, "q4": 32}.get(kind, 16 if t in (Q2_K, Q3_K, Q6_K) else _IQ_GROUP.get(t, 32))
     n_groups = cols // group
     if kind == "f32":
         codes = np.zeros((n_tiles, cols, TILE), np.float32)
