@@ -204,7 +204,9 @@ def test_logprobs_and_echo_equal_a_log_softmax_of_the_logits(llm):
     lp = choice["logprobs"]
     assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
     prompt = llm.tokenize(PROMPT)
-    assert choice["text"].startswith(PROMPT) and len(lp["tokens"]) == len(prompt) + r["usage"]["completion_tokens"]
+    ended = choice["finish_reason"] == "stop"  # the end-of-sequence token is reported too
+    assert choice["text"].startswith(PROMPT)
+    assert len(lp["tokens"]) == len(prompt) + r["usage"]["completion_tokens"] + ended
     ids = _ids_of(llm, lp["tokens"])
     assert ids[:len(prompt)] == prompt
     ref = _reference_logprobs(llm, ids)
@@ -232,7 +234,7 @@ def test_chat_logprobs(llm):
     messages = [{"role": "user", "content": "Hi there"}]
     r = llm.create_chat_completion(messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
     content = r["choices"][0]["logprobs"]["content"]
-    assert len(content) == r["usage"]["completion_tokens"]
+    assert len(content) == r["usage"]["completion_tokens"] + (r["choices"][0]["finish_reason"] == "stop")
     prompt = llm._prompt_ids(llm._render_chat(messages), template=True)
     ids = prompt + _ids_of(llm, [c["token"] for c in content])
     ref = _reference_logprobs(llm, ids)

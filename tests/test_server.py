@@ -422,6 +422,12 @@ def test_completion_logprobs_and_echo_equal_a_log_softmax_of_the_logits(client, 
     assert plain.logprobs.tokens == lp.tokens[n_prompt:]
     assert plain.logprobs.token_logprobs == lp.token_logprobs[n_prompt:]
     assert plain.logprobs.text_offset == lp.text_offset[n_prompt:]
+    # an end-of-sequence token is reported too (lm-eval's scoring reads all but the last entry)
+    eos = llm.tokenizer.eos_id
+    ended = client.completions.create(**dict(kw, max_tokens=1, logit_bias={str(eos): 100}), echo=True).choices[0]
+    assert ended.text == prompt and ended.finish_reason == "stop"
+    assert ended.logprobs.tokens == lp.tokens[:n_prompt] + [token_text(llm.tokenizer, eos)]
+    assert ended.logprobs.token_logprobs[-1] == pytest.approx(ref[n_prompt - 1][eos], abs=1e-4)
     # streamed: the chunks' lists add up to the same
     chunks = list(client.completions.create(echo=True, stream=True, **kw))
     assert "".join(c.choices[0].text for c in chunks) == echoed.text
@@ -435,7 +441,8 @@ def test_chat_logprobs_equal_a_log_softmax_of_the_logits(client, llm, ids_of_tex
     kw = dict(model="x", messages=messages, max_tokens=6, temperature=0.9, seed=2, logprobs=True)
     r = client.chat.completions.create(top_logprobs=2, **kw)
     content = r.choices[0].logprobs.content
-    assert len(content) == r.usage.completion_tokens
+    ended = r.choices[0].finish_reason == "stop"  # the end-of-sequence token has its logprob too
+    assert len(content) == r.usage.completion_tokens + ended
     prompt = llm._prompt_ids(llm._render_chat(messages), template=True)
     ids = prompt + ids_of_text([c.token for c in content])
     ref = _reference_logprobs(llm, ids)
@@ -444,7 +451,7 @@ def test_chat_logprobs_equal_a_log_softmax_of_the_logits(client, llm, ids_of_tex
         assert c.logprob == pytest.approx(row[ids[len(prompt) + j]], abs=1e-4)
         assert bytes(c.bytes) == llm.tokenizer.token_bytes(ids[len(prompt) + j])
         assert [t.logprob for t in c.top_logprobs] == pytest.approx(sorted(row)[::-1][:2], abs=1e-4)
-    assert "".join(c.token for c in content) == r.choices[0].message.content
+    assert "".join(c.token for c in content[:r.usage.completion_tokens]) == r.choices[0].message.content
     bare = client.chat.completions.create(**kw).choices[0].logprobs.content
     assert [c.token for c in bare] == [c.token for c in content] and all(c.top_logprobs == [] for c in bare)
     assert client.chat.completions.create(**dict(kw, logprobs=False)).choices[0].logprobs is None
@@ -515,7 +522,8 @@ def test_content_parts_and_tool_call_turns(client, llm):
         client.chat.completions.create(messages=joined, **kw).choices[0].message.content
     turns = [{"role": "user", "content": "Weather in Paris?"},
              {"role": "assistant", "content": None, "tool_calls": [
-                 {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                 {"id": "c1", "type": "function",
+                  "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}}]},
              {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
     r = client.chat.completions.create(messages=turns, **kw)
     assert r.choices[0].finish_reason in ("stop", "length")

@@ -37,7 +37,8 @@ class Sequence:
         self.in_flight = 0                  # micro-batches holding its tokens, not yet returned
         self.finish_reason: str | None = None
         self.logprobs = logprobs            # alternatives to record per token; None: record nothing
-        # per completion token: (token, logprob, [(id, logprob), ...], offset in the decoded text)
+        # per sampled token (an end-of-sequence one too, though it adds no text and is not counted):
+    # (token, logprob, [(id, logprob), ...], offset in the decoded text)
         self.token_logprobs: list[tuple] = []
         self.wants_prompt_logprobs = prompt_logprobs  # echo: score the prompt too (Engine.add)
         self.prompt_logprobs: list[tuple] | None = None  # per prompt token; the first has none
@@ -81,12 +82,12 @@ class Sequence:
         """Sample the next token from the logits of the last one; return the text it adds
         (held back while it may be the start of a stop string). Sets finish_reason at the end."""
         token = int(self.sampler(logits, self.tokens, len(self.prompt_ids)))
+        if self.logprobs is not None:  # (an end-of-sequence token too, as vLLM reports it)
+            self.token_logprobs.append((token, *token_logprobs(logits, token, self.logprobs), self._decoded))
         if token in self.eos_ids:
             return self.finish("stop")
         self.tokens.append(token)
         piece = self.decoder.push(token) if self.decoder else ""
-        if self.logprobs is not None:
-            self.token_logprobs.append((token, *token_logprobs(logits, token, self.logprobs), self._decoded))
         self._decoded += len(piece)
         text = self.stops.push(piece) if self.decoder else ""
         if self.stops.stopped:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numba
 
 from ..engine import Engine, Sequence
+from ..errors import TorchlessError
 from ..kernels.gemm import single_threaded_blas
 
 
@@ -129,7 +130,8 @@ class EngineThread:
                 try:
                     self.engine.add(request.seq)  # (with echo and logprobs, scores the prompt)
                 except Exception as e:  # noqa: BLE001 - this request fails, the engine goes on
-                    request.emit(None, f"error: {type(e).__name__}: {e}")
+                    why = str(e) if isinstance(e, TorchlessError) else f"{type(e).__name__}: {e}"
+                    request.emit(None, f"error: {why}")
                     continue
                 self._requests[request.seq.seq_id] = request
 
