@@ -356,8 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_serve(args) -> int:
     try:
-        import uvicorn
-
+        from .server import limits
         from .server.app import create_app
     except ImportError:
         raise TorchlessError("serve needs the server extra: pip install 'torchless[serve]'") from None
@@ -367,11 +366,8 @@ def cmd_serve(args) -> int:
     def serve(args, llm) -> int:
         app = create_app(llm, args.max_batch, args.api_key, model_name=args.served_model_name)
         _err(f"serving on http://{args.host}:{args.port}/v1 (max batch {args.max_batch})")
-        # in-flight streams get a few seconds after SIGTERM, then the server stops
-        # h11: a strict HTTP/1.1 parser (a request with both Content-Length and chunked
-        # Transfer-Encoding is refused, not read ambiguously); idle connections close after 5 s
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http="h11",
-                    timeout_keep_alive=5, timeout_graceful_shutdown=3)
+        # h11 with deadlines for slow clients; in-flight streams get a few seconds after SIGTERM
+        limits.run(app, args.host, args.port)
         return 0
     return _driving(serve)(args)
 
