@@ -195,3 +195,24 @@ def test_blas_product_in_row_blocks_equals_the_expanded_weight(n_threads):
     gemm.matmul_blas_into(w, X, out, n_threads)
     expected = X.astype(np.float64) @ qm.dequantize_rows(w, 0, rows).T.astype(np.float64)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_nbytes_is_what_prepare_holds():
+    """`inspect`'s packed column comes from packed_nbytes, without repacking: for every type the
+    kernels run, it must equal what prepare really allocates (rows not a multiple of a tile)."""
+    from torchless.quant import BLOCK_LAYOUT
+
+    rng = np.random.default_rng(3)
+    rows, cols = 37, 256
+    tested = 0
+    for t, (block, size) in BLOCK_LAYOUT.items():
+        try:
+            qm.packed_layout(t, cols)
+        except ValueError:
+            continue
+        tested += 1
+        raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
+        if t in (GT.F32, GT.F16, GT.BF16):
+            raw = np.zeros_like(raw)  # finite values
+        assert qm.prepare(QTensor(int(t), (rows, cols), raw)).nbytes == qm.packed_nbytes(t, (rows, cols)), t
+    assert tested >= 20

@@ -228,15 +228,36 @@ def cmd_inspect(args) -> int:
     print(f"\ntensors ({len(tensors)}):")
     _table([(_printable(name), t.ggml_type.name, "x".join(map(str, t.shape)), _size(t.nbytes))
             for name, t in tensors.items()], ("name", "type", "shape", "size"), right_aligned={3})
-    count, nbytes = Counter(), Counter()
+    count, nbytes, packed = Counter(), Counter(), Counter()
     for t in tensors.values():
         count[t.ggml_type.name] += 1
         nbytes[t.ggml_type.name] += t.nbytes
+        packed[t.ggml_type.name] += _packed_nbytes(t)
     print("\nby type:")
-    _table([(name, str(count[name]), _size(nbytes[name])) for name in sorted(count)],
-           ("type", "tensors", "size"), right_aligned={1, 2})
-    print(f"\ntotal: {_size(sum(nbytes.values()))}")
+    _table([(name, str(count[name]), _size(nbytes[name]),
+             _size(packed[name]) if packed[name] >= 0 else "-",
+             f"{packed[name] / nbytes[name]:.2f}x" if packed[name] >= 0 and nbytes[name] else "-")
+            for name in sorted(count)],
+           ("type", "tensors", "size", "packed", "packed/size"), right_aligned={1, 2, 3, 4})
+    total, total_packed = sum(nbytes.values()), sum(packed.values())
+    if min(packed.values(), default=0) < 0:
+        print(f"\ntotal: {_size(total)}")
+    else:
+        print(f"\ntotal: {_size(total)} in the file, {_size(total_packed)} packed "
+              f"({total_packed / max(total, 1):.2f}x: the 2-D weights as the product kernels hold them)")
     return 0
+
+
+def _packed_nbytes(tensor) -> int:
+    """Bytes a 2-D weight takes once repacked (a vector stays as it is); -1: a type not run."""
+    from .kernels.qmatmul import packed_nbytes
+
+    if len(tensor.shape) != 2:
+        return tensor.nbytes
+    try:
+        return packed_nbytes(tensor.ggml_type, tensor.shape)
+    except ValueError:
+        return -1
 
 
 def cmd_pull(args) -> int:

@@ -228,6 +228,32 @@ def _decode(ggml_type: int, raw: np.ndarray, cols: int):
     raise ValueError(f"qmatmul: unsupported ggml type {ggml_type}")
 
 
+def packed_layout(ggml_type: int, cols: int) -> tuple[str, int, bool]:
+    """(kind, group, has_min) of a type's packed form: which kernels run it, the columns that
+    share a scale, and whether a min term is kept."""
+    t = int(ggml_type)
+    kinds = {F32: "f32", F16: "f32", BF16: "f32", Q4_0: "q4", Q4_1: "q4", Q4_K: "q4",
+             Q5_0: "q8", Q5_1: "q8", Q8_0: "q8", Q5_K: "q8", Q6_K: "q8",
+             Q2_K: "q8", Q3_K: "q8", IQ4_NL: "q8", IQ4_XS: "q8", TQ1_0: "q8", TQ2_0: "q8", MXFP4: "q8",
+             **{t: "q8" for t in _IQ_GROUP}}
+    if t not in kinds:
+        raise ValueError(f"qmatmul: unsupported ggml type {t}")
+    kind = kinds[t]
+    group = {"f32": cols, "q4": 32}.get(kind, 16 if t in (Q2_K, Q3_K, Q6_K) else _IQ_GROUP.get(t, 32))
+    return kind, group, kind == "q4" or t in (Q5_1, Q5_K, Q2_K)
+
+
+def packed_nbytes(ggml_type: int, shape) -> int:
+    """What `prepare` will hold for a weight of this type and shape, without repacking it."""
+    rows, cols = (int(v) for v in shape)
+    kind, group, has_min = packed_layout(ggml_type, cols)
+    tiles = -(-rows // TILE)
+    if kind == "f32":
+        return tiles * cols * TILE * 4
+    code_bytes = tiles * cols * TILE // (2 if kind == "q4" else 1)
+    return code_bytes + tiles * (cols // group) * TILE * 4 * (2 if has_min else 1)
+
+
 def prepare(qtensor) -> PackedWeight:
     """Repack a 2-D weight (`.ggml_type`, `.shape` (rows, cols), `.data` uint8 (rows, row_bytes))
     into the tiled layout of this module. Copies: the result does not keep the mapped file alive."""
@@ -237,14 +263,7 @@ def prepare(qtensor) -> PackedWeight:
     if raw.dtype != np.uint8:
         raise ValueError("qmatmul.prepare: data must be uint8 raw bytes")
     n_tiles = -(-rows // TILE)
-    kinds = {F32: "f32", F16: "f32", BF16: "f32", Q4_0: "q4", Q4_1: "q4", Q4_K: "q4",
-             Q5_0: "q8", Q5_1: "q8", Q8_0: "q8", Q5_K: "q8", Q6_K: "q8",
-             Q2_K: "q8", Q3_K: "q8", IQ4_NL: "q8", IQ4_XS: "q8", TQ1_0: "q8", TQ2_0: "q8", MXFP4: "q8",
-             **{t: "q8" for t in _IQ_GROUP}}
-    if t not in kinds:
-        raise ValueError(f"qmatmul: unsupported ggml type {t}")
-    kind = kinds[t]
-    group = {"f32": cols, "q4": 32}.get(kind, 16 if t in (Q2_K, Q3_K, Q6_K) else _IQ_GROUP.get(t, 32))
+    kind, group, has_min = packed_layout(t, cols)
     n_groups = cols // group
     if kind == "f32":
         codes = np.zeros((n_tiles, cols, TILE), np.float32)
@@ -276,7 +295,6 @@ def prepare(qtensor) -> PackedWeight:
         scale[t0:t0 + nt] = s.reshape(nt, TILE, n_groups).transpose(0, 2, 1)
         if m is not None:
             mn[t0:t0 + nt] = m.reshape(nt, TILE, n_groups).transpose(0, 2, 1)
-    has_min = kind == "q4" or t in (Q5_1, Q5_K, Q2_K)
     if not has_min:
         mn = np.zeros((n_tiles, 0, TILE), np.float32)  # the kernels skip the min term
     return PackedWeight(t, (rows, cols), kind, group, codes, scale, mn)
