@@ -334,3 +334,81 @@ def write_tiny_hf_folder(folder: Path, seed: int = 0, hidden: int = 64, inter: i
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHATML}))
     return folder
+
+
+# -- RoPE scaling and head sizes as llama.cpp's converter writes them ----------------------------
+
+def llama_cpp_rope_extras(config, gguf_arch: str) -> tuple[dict, dict]:
+    """(metadata, tensors) that llama.cpp's convert_hf_to_gguf.py adds for a transformers config:
+    attention.key_length / value_length and rope.dimension_count from head_dim; rope.scaling.*
+    for linear and yarn; for llama3 no key, but the rope_freqs.weight tensor of per-pair factors
+    (each frequency is divided by its factor)."""
+    import math
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    meta = {f"{gguf_arch}.attention.key_length": head_dim, f"{gguf_arch}.attention.value_length": head_dim,
+            f"{gguf_arch}.rope.dimension_count": head_dim}
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    kind, tensors = rope.get("rope_type", rope.get("type", "default")), {}
+    if kind == "linear":
+        meta.update({f"{gguf_arch}.rope.scaling.type": "linear",
+                     f"{gguf_arch}.rope.scaling.factor": float(rope["factor"])})
+    elif kind == "yarn":
+        meta.update({f"{gguf_arch}.rope.scaling.type": "yarn",
+                     f"{gguf_arch}.rope.scaling.factor": float(rope["factor"]),
+                     f"{gguf_arch}.rope.scaling.original_context_length": int(rope["original_max_position_embeddings"])})
+        for hf_key, key in [("attention_factor", "yarn_attn_factor"), ("beta_fast", "yarn_beta_fast"),
+                            ("beta_slow", "yarn_beta_slow")]:
+            if rope.get(hf_key) is not None:
+                meta[f"{gguf_arch}.rope.scaling.{key}"] = float(rope[hf_key])
+    elif kind == "llama3":
+        base = float(rope["rope_theta"])
+        freqs = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+        factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+        context = int(rope["original_max_position_embeddings"])
+        factors = []
+        for freq in freqs:
+            wavelen = 2 * math.pi / float(freq)
+            if wavelen < context / high:
+                factors.append(1.0)
+            elif wavelen > context / low:
+                factors.append(factor)
+            else:
+                smooth = (context / wavelen - low) / (high - low)
+                factors.append(1 / ((1 - smooth) / factor + smooth))
+        tensors["rope_freqs.weight"] = np.array(factors, np.float32)
+    return meta, tensors
+
+
+def write_gguf_with_rope(model, path: Path, quant=None) -> Path:
+    """write_gguf, plus llama_cpp_rope_extras (RoPE scaling keys or tensor, explicit head size)."""
+    arch = ARCHS[next(a for a, v in ARCHS.items() if v["cls"] == type(model).__name__)]["gguf_arch"]
+    meta, tensors = llama_cpp_rope_extras(model.config, arch)
+    write_gguf(model, path, quant=quant, tokenizer_metadata=meta)
+    return add_gguf_tensors(path, tensors) if tensors else path
+
+
+def add_gguf_tensors(path: Path, tensors: dict) -> Path:
+    """Rewrite the GGUF at `path` in place with float32 `tensors` (name -> array) added."""
+    import gguf
+
+    from torchless.formats.gguf import GGUFFile
+
+    source = GGUFFile(path)
+    out = path.with_name(path.name + ".tmp")
+    w = gguf.GGUFWriter(str(out), source.metadata["general.architecture"])
+    for key, value in source.metadata.items():
+        if key != "general.architecture":
+            _add_metadata(w, key, value)
+    for name, info in source.tensor_infos.items():
+        data = np.array(source._map[info.start:info.stop])
+        w.add_tensor(name, data.reshape(info.shape[:-1] + (-1,)), raw_dtype=gguf.GGMLQuantizationType(info.ggml_type))
+    for name, array in tensors.items():
+        w.add_tensor(name, np.asarray(array, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    source.close()
+    out.replace(path)
+    return path

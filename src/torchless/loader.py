@@ -72,7 +72,10 @@ class Parameters:
                 params = cls._load_hf_folder(path)
             else:
                 gguf = GGUFFile(path)
-                config = ModelConfig.from_gguf(gguf.metadata, gguf.tensor_infos.keys())
+                rope_freqs = None  # llama.cpp's llama3 RoPE factors, a small f32 tensor
+                if "rope_freqs.weight" in gguf.tensor_infos:
+                    rope_freqs = gguf.tensors["rope_freqs.weight"].dequantize()
+                config = ModelConfig.from_gguf(gguf.metadata, gguf.tensor_infos.keys(), rope_freqs)
                 params = cls(path, config, gguf.tensors, gguf.metadata, gguf)
             check_tensors(params.config, params.tensors)
         except TorchlessError as e:

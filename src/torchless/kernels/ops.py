@@ -21,11 +21,15 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
-def rope_tables(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin of shape (len(positions), head_dim // 2): the angle of each rotary pair."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    angles = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+def rope_tables(positions: np.ndarray, inv_freq: np.ndarray,
+                attention_factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin of shape (len(positions), head_dim // 2): the angle of each rotary pair.
+
+    inv_freq: (head_dim // 2,) the angle per position of each pair (ModelConfig.rope_inv_freq,
+    RoPE scaling included); attention_factor multiplies both (YaRN's magnitude correction)."""
+    angles = np.asarray(positions, dtype=np.float64)[:, None] * np.asarray(inv_freq, np.float64)[None, :]
+    return ((np.cos(angles) * attention_factor).astype(np.float32),
+            (np.sin(angles) * attention_factor).astype(np.float32))
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool) -> np.ndarray:

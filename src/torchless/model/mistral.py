@@ -171,7 +171,7 @@ class Mistral:
         if pos >= len(self._rope_cos):
             n = max(2 * len(self._rope_cos), pos + 1, 256)
             self._rope_cos, self._rope_sin = ops.rope_tables(
-                np.arange(n), self.config.head_dim, self.config.rope_theta)
+                np.arange(n), self.config.rope_inv_freq, self.config.rope_attention_factor)
         return self._rope_cos[pos], self._rope_sin[pos]
 
     @classmethod
@@ -329,7 +329,7 @@ class Mistral:
     def _attend(self, li: int, sp: "Span", q, k, v) -> np.ndarray:
         c, cache = self.config, sp.state.cache
         positions = np.arange(sp.start, sp.start + len(sp.tokens))
-        cos, sin = ops.rope_tables(positions, c.head_dim, c.rope_theta)
+        cos, sin = ops.rope_tables(positions, c.rope_inv_freq, c.rope_attention_factor)
         q = ops.apply_rope(q, cos, sin, c.rope_interleaved)
         k = ops.apply_rope(k, cos, sin, c.rope_interleaved)
         # Keys visible to this run: what the cache holds (in position order), then the run.
