@@ -6,6 +6,7 @@ the deadlines belong to the protocol, whatever the app."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -47,12 +48,17 @@ async def stream(request):
     return StreamingResponse(chunks())
 
 
+housekeeping: list = []
+
+
 @pytest.fixture(scope="module")
 def base():
     app = Starlette(routes=[Route("/echo", echo, methods=["POST", "GET"]), Route("/stream", stream)])
     port = _free_port()
     config = limits.server_config(app, "127.0.0.1", port, header_timeout=HEADER, body_timeout=BODY,
                                   write_timeout=WRITE, log_level="error")
+    assert isinstance(config.app, limits.Housekeeping)
+    housekeeping[:] = [config.app]
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -191,3 +197,38 @@ def test_an_ambiguous_body_length_is_refused(base):
                   b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
         data, _ = _read_until_closed(s)
     assert data.startswith(b"HTTP/1.1 400"), data
+
+
+def test_a_client_gone_before_its_body_is_read_is_no_server_error(base):
+    errors = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    events["body"].clear()
+    try:
+        with _connect(base) as s:
+            s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+            time.sleep(0.2)
+        deadline = time.monotonic() + 5
+        while not events["body"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+    finally:
+        logger.removeHandler(handler)
+    assert events["body"] == ["disconnect"]
+    assert errors == [], [r.getMessage() for r in errors]  # was "Exception in ASGI application" and a traceback
+
+
+@pytest.mark.skipif(limits._malloc_trim() is None, reason="needs glibc's malloc_trim")
+def test_freed_memory_is_handed_back_once_idle(base):
+    keeper = housekeeping[0]
+    time.sleep(keeper.idle_delay + 0.5)
+    before = keeper.trims
+    with _connect(base) as s:
+        s.sendall(REQUEST)
+        assert _response(s).startswith(b"HTTP/1.1 200")
+    time.sleep(keeper.idle_delay + 0.5)
+    assert keeper.trims == before + 1
+    time.sleep(keeper.idle_delay + 0.5)
+    assert keeper.trims == before + 1  # nothing served since: nothing to hand back
