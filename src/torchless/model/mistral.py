@@ -476,6 +476,19 @@ class Mistral:
                     for i in range(0, len(tokens), chunk_size)]
         return np.concatenate(outs) if all_logits else state.logits
 
+    def hidden_states(self, state: InferenceState, tokens, chunk_size: int = 256) -> np.ndarray:
+        """(T, hidden): each token's last hidden state after the final norm, what the LM head
+        would read (embeddings pool them). Runs like prefill, from state.pos."""
+        tokens, out = [int(t) for t in tokens], []
+        with gemm.single_threaded_blas():
+            for i in range(0, len(tokens), chunk_size):
+                sp = Span(state, tokens[i:i + chunk_size], state.pos)
+                state.cache.check_fits(sp.start + len(sp.tokens))
+                x = self.run_layers([sp], self.embed(sp.tokens), 0, len(self.layers), fast=True)
+                state.cache.advance(sp.start + len(sp.tokens))
+                out.append(ops.rmsnorm(x, self.output_norm, self.config.norm_eps))
+        return np.concatenate(out)
+
 
 def check_finite(x: np.ndarray, where: str) -> None:
     """debug=True's check: one line naming where activations first stopped being finite."""
