@@ -330,4 +330,4 @@ def test_inspect_lists_any_gguf_that_parses_by_type(tmp_path, sample, capsys):
     out = capsys.readouterr().out
     assert "torchless cannot run this file" in out  # the sample has no model metadata
     by_type = out[out.index("by type:"):]
-    assert re.search(r"\n  Q5_0 +1 +44 B\n", by_type), by_type
+    assert re.search(r"\n  Q5_0 +1 +44 B +\S+ +\S+ +\S+\n", by_type), by_type  # and its packed size
