@@ -65,6 +65,14 @@ def make(backend: str, path: Path, **kwargs):
     return _models[key]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def close_models():
+    yield
+    for model in _models.values():
+        model.close()
+    _models.clear()
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
