@@ -199,10 +199,9 @@ def _table(rows, header, right_aligned=()) -> None:
 def cmd_inspect(args) -> int:
     from collections import Counter
 
-    from .config import ModelConfig
     from .formats.gguf import GGUFFile
     from .hub import resolve_model
-    from .loader import Parameters
+    from .loader import Parameters, gguf_config
 
     path = resolve_model(args.model)
     if path.is_dir():
@@ -212,7 +211,7 @@ def cmd_inspect(args) -> int:
         gguf = GGUFFile(path)
         metadata, tensors = gguf.metadata, gguf.tensor_infos
         try:
-            config = ModelConfig.from_gguf(metadata, tensors.keys())
+            config = gguf_config(gguf)
         except TorchlessError as e:
             config = e
     print(f"file: {path}")

@@ -51,6 +51,15 @@ def hf_to_gguf_name(name: str) -> str | None:
     return None  # e.g. rotary inv_freq buffers: not weights we use
 
 
+def gguf_config(gguf: GGUFFile) -> ModelConfig:
+    """A GGUF file's ModelConfig: its metadata, and llama.cpp's llama3 RoPE factors (the small
+    f32 tensor `rope_freqs.weight`) when it has them."""
+    rope_freqs = None
+    if "rope_freqs.weight" in gguf.tensor_infos:
+        rope_freqs = gguf.tensors["rope_freqs.weight"].dequantize()
+    return ModelConfig.from_gguf(gguf.metadata, gguf.tensor_infos.keys(), rope_freqs)
+
+
 class Parameters:
     """What a model file holds: config, memory-mapped tensors (stored format), tokenizer source."""
 
@@ -72,11 +81,7 @@ class Parameters:
                 params = cls._load_hf_folder(path)
             else:
                 gguf = GGUFFile(path)
-                rope_freqs = None  # llama.cpp's llama3 RoPE factors, a small f32 tensor
-                if "rope_freqs.weight" in gguf.tensor_infos:
-                    rope_freqs = gguf.tensors["rope_freqs.weight"].dequantize()
-                config = ModelConfig.from_gguf(gguf.metadata, gguf.tensor_infos.keys(), rope_freqs)
-                params = cls(path, config, gguf.tensors, gguf.metadata, gguf)
+                params = cls(path, gguf_config(gguf), gguf.tensors, gguf.metadata, gguf)
             check_tensors(params.config, params.tensors)
         except TorchlessError as e:
             message = str(e)  # the readers name the file already; the checks of values do not
