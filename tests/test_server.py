@@ -47,8 +47,9 @@ def _serve(llm, **kw):
 
 
 @pytest.fixture(scope="module")
-def server(llm):
-    base, logs, app, srv, thread = _serve(llm, max_batch=4, api_key=KEY)
+def server(tiny_llama_gguf):
+    # its own LLM: the server's engine thread steps it alone (`llm` is the library to compare with)
+    base, logs, app, srv, thread = _serve(LLM(str(tiny_llama_gguf)), max_batch=4, api_key=KEY)
     yield base, logs, app
     srv.should_exit = True
     thread.join(10)
@@ -584,3 +585,18 @@ def test_served_model_name(tiny_llama_gguf):
     with TestClient(create_app(own, model_name="mine", log=lambda m: None)) as http:
         assert http.get("/v1/models").json()["data"][0]["id"] == "mine"
         assert http.get("/v1/models/mine").status_code == 200
+
+
+def test_a_served_llm_refuses_direct_calls_that_would_race_its_engine(tiny_llama_gguf):
+    """Two threads stepping one engine take each other's tokens (an IndexError in the
+    scheduler, once): a served LLM says so instead."""
+    from torchless.errors import TorchlessError
+
+    own = LLM(str(tiny_llama_gguf))
+    app = create_app(own, log=lambda m: None)
+    with pytest.raises(TorchlessError, match="this LLM is serving HTTP requests"):
+        own.create_completion("hi", max_tokens=2)
+    with pytest.raises(TorchlessError, match="already serving"):
+        create_app(own, log=lambda m: None)
+    app.state.engine.close()
+    assert own.create_completion("hi", max_tokens=2, temperature=0)["choices"][0]["text"] is not None

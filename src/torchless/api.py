@@ -114,6 +114,7 @@ class LLM:
                 for i, ids in enumerate(prompts)]
         for seq in seqs:  # now, so that the echoed prompt's chunk has them
             if seq.wants_prompt_logprobs:
+                self._check_not_served()
                 seq.score_prompt(self.engine.prompt_logits(seq.prompt_ids))
         chunks = self._completion_chunks(seqs, meta, texts, echo)
         return chunks if stream else _merge_chunks(chunks, meta, len(seqs))
@@ -199,9 +200,15 @@ class LLM:
     def _render_chat(self, messages) -> str:
         return self.tokenizer.apply_chat_template(chat_messages(messages), add_generation_prompt=True)
 
+    def _check_not_served(self) -> None:
+        if self.engine.served_by is not None:
+            raise TorchlessError("this LLM is serving HTTP requests (create_app): a direct call "
+                                 "would step its engine beside the server's thread; use another LLM")
+
     def _events(self, seqs: list[Sequence]):
         """Run the engine until every sequence of this call has finished; yield their events.
         A newer call ends this one: its unfinished sequences are cancelled."""
+        self._check_not_served()
         if not self.runner.is_driver:  # another rank schedules: run its steps until the call ends
             self.runner.follow()
             return

@@ -37,6 +37,7 @@ class Engine:
     def __init__(self, runner, max_batch: int = 8, chunk_size: int = 256,
                  kv_budget_bytes: int | None = None):
         self.runner = runner
+        self.served_by = None  # the server's engine thread, once it steps this engine alone
         self.scheduler = Scheduler(max_batch, chunk_size, kv_budget_bytes, runner.cache_bytes)
         self._in_flight: dict[int, list] = {}
         self._tags = itertools.count()

@@ -46,6 +46,9 @@ class Request:
 
 class EngineThread:
     def __init__(self, engine: Engine, log=None):
+        if engine.served_by is not None:
+            raise TorchlessError("this engine is already serving: one server per LLM")
+        engine.served_by = self  # only this thread steps it now (LLM refuses direct calls)
         self.engine, self.log = engine, log or (lambda message: None)
         self._inbox: queue.Queue = queue.Queue()
         self._requests: dict[int, Request] = {}  # seq_id -> request, on the engine thread only
@@ -93,6 +96,8 @@ class EngineThread:
         self._stopped = True
         self._inbox.put(None)
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.engine.served_by = None
 
     # -- the engine thread -----------------------------------------------------------------------
 
