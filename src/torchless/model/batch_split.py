@@ -13,7 +13,8 @@ up to rounding).
 
 The parts are the work distribution's tasks at this level, one per thread, all local, and
 `WorkStealingStats` counts them. They are balanced by tokens; a micro-batch whose parts would
-be too unequal (one long prompt chunk) runs whole, its products split into row tasks. A part's
+be too unequal (one long prompt chunk) or long enough for BLAS runs whole, its products split
+into row tasks. A part's
 thread runs numba with T // parts threads, so a batch too small to give each thread a part
 still uses every core.
 
@@ -29,19 +30,24 @@ import numba
 import numpy as np
 
 from ..kernels.adaptive import GLOBAL_STATS, _get_num_threads
+from ..kernels.gemm import MIN_TOKENS_FOR_BLAS
 
 MIN_ROWS_PER_PART = 2
 # A micro-batch runs whole over T threads at about WHOLE_SPEEDUP / T of one thread's time per
 # token (measured ~1.3-1.5 on 2 cores), so parts pay only while the largest holds less than
 # WHOLE_SPEEDUP / T of the tokens: a long prompt chunk beside a few decode rows runs whole.
 WHOLE_SPEEDUP = 1.4
+# A part of MIN_TOKENS_FOR_BLAS tokens or more would expand every weight to float32 for BLAS,
+# each part again, where the whole micro-batch expands each row once over all threads: on 2
+# cores, SmolLM2, 16 prompts of 11 tokens ran 8% faster whole, 4 of 32 12% (8 of 11, whose
+# parts stay on the integer kernels, 25% faster in parts).
 
 
 def assign_parts(spans, n_threads: int) -> list[list[int]]:
     """The spans' indices, cut into parts balanced by tokens (longest first, each to the part
     with the fewest so far), or one part when the micro-batch should run whole: one thread, a
-    sequence with two spans in it (its later tokens read its earlier ones' keys), or parts too
-    unequal to pay."""
+    sequence with two spans in it (its later tokens read its earlier ones' keys), parts too
+    unequal to pay, or parts big enough for BLAS."""
     tokens = [len(sp.tokens) for sp in spans]
     total = sum(tokens)
     n = min(n_threads, len(spans), total // MIN_ROWS_PER_PART)
@@ -52,7 +58,7 @@ def assign_parts(spans, n_threads: int) -> list[list[int]]:
         k = loads.index(min(loads))
         parts[k].append(i)
         loads[k] += tokens[i]
-    if max(loads) * n > WHOLE_SPEEDUP * total:
+    if max(loads) * n > WHOLE_SPEEDUP * total or max(loads) >= MIN_TOKENS_FOR_BLAS:
         return [list(range(len(spans)))]
     return [sorted(part) for part in parts]
 
