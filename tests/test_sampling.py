@@ -301,3 +301,51 @@ def test_generate_rejects_a_prompt_that_does_not_fit(n_prompt):
 def test_generate_rejects_an_empty_prompt():
     with pytest.raises(TorchlessError, match="empty"):
         next(generate_tokens(FakeModel(), FakeState(), [], Sampler(), max_tokens=1))
+
+
+def _reference_keep(logits, temperature, top_p, min_p):
+    """The kept ids by a full sort of the vocabulary (best first, ties by id)."""
+    order = np.lexsort((np.arange(len(logits)), -logits))
+    scaled = logits[order].astype(np.float64) / temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    keep = len(probs)
+    if top_p < 1.0:
+        keep = min(keep, int(np.searchsorted(np.cumsum(probs), top_p)) + 1)
+    if min_p > 0.0:
+        keep = min(keep, int(np.count_nonzero(probs >= min_p * probs[0])))
+    return order[:max(keep, 1)], probs[:max(keep, 1)] / probs[:max(keep, 1)].sum()
+
+
+# Spreads of the logits chosen so that the cut falls in the first head of 256 (4.0, 6.0), past
+# it (2.0: top-p 0.8 needs ~700 tokens, min-p 0.02 keeps 353), or near the vocabulary's end.
+@pytest.mark.parametrize("top_p, min_p, spread", [(0.9, 0.0, 4.0), (0.8, 0.0, 2.0), (1.0, 0.02, 2.0),
+                                                  (0.99, 0.0, 1.5), (0.5, 0.2, 6.0), (0.999, 1e-4, 0.5)])
+def test_top_p_and_min_p_on_a_large_vocabulary_keep_what_a_full_sort_keeps(top_p, min_p, spread, monkeypatch):
+    """Without top_k the sampler sorts only a head of the best candidates, grown until top-p's or
+    min-p's cut falls inside it: it must keep exactly what sorting the whole vocabulary keeps,
+    draw with the same frequencies, and sort the whole vocabulary only when it must."""
+    logits = (np.random.default_rng(4).standard_normal(20000) * spread).astype(np.float32)
+    ids, probs = _reference_keep(logits, 0.8, top_p, min_p)
+    sorted_sizes = []
+    lexsort = np.lexsort
+    monkeypatch.setattr(np, "lexsort", lambda keys: sorted_sizes.append(len(keys[0])) or lexsort(keys))
+    s = Sampler(SamplingParams(temperature=0.8, top_k=0, top_p=top_p, min_p=min_p, seed=5))
+    kept_ids, kept_probs = s.kept(logits, len(logits))
+    np.testing.assert_array_equal(kept_ids, ids)
+    np.testing.assert_allclose(kept_probs / kept_probs.sum(), probs, rtol=1e-9)
+    draws = np.array([s(logits) for _ in range(4000)])
+    assert set(draws) <= set(ids)
+    best = ids[:5]  # the likeliest few: frequencies within 4 binomial sigmas
+    freq = np.array([np.count_nonzero(draws == i) for i in best]) / len(draws)
+    tolerance = 4 * np.sqrt(probs[:5] * (1 - probs[:5]) / len(draws)) + 1e-3
+    assert np.all(np.abs(freq - probs[:5]) <= tolerance), (freq, probs[:5])
+    if len(ids) < 200:
+        assert max(sorted_sizes) <= 256  # a short head sufficed: no vocabulary-sized sort
+
+
+def test_sampling_without_a_cut_sorts_nothing(monkeypatch):
+    monkeypatch.setattr(np, "argsort", lambda *a, **k: pytest.fail("sorted"))
+    monkeypatch.setattr(np, "lexsort", lambda *a, **k: pytest.fail("sorted"))
+    freq = _frequencies(SamplingParams(temperature=1.0, seed=3, top_k=0, top_p=1.0, min_p=0.0))
+    np.testing.assert_allclose(freq, _expected(8), atol=0.015)

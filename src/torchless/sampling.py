@@ -93,6 +93,9 @@ def _logit_bias(bias) -> tuple:
     return tuple(sorted(out.items()))
 
 
+_HEAD = 256  # candidates first sorted for top-p / min-p without top-k (grown 8x while too few)
+
+
 class Sampler:
     """`sampler(logits, history) -> token id`, built once per request (mlx-lm's make_sampler).
 
@@ -114,26 +117,62 @@ class Sampler:
             return int(np.argmax(logits))
 
         vocab = logits.shape[0]
-        if 0 < p.top_k < vocab:
-            candidates = np.argpartition(logits, vocab - p.top_k)[vocab - p.top_k:]
-        else:
-            candidates = np.arange(vocab)
-        candidates = candidates[np.argsort(-logits[candidates], kind="stable")]  # best first
-        scaled = logits[candidates].astype(np.float64) / p.temperature
-        probs = np.exp(scaled - scaled[0])
-        probs /= probs.sum()
+        top_k = p.top_k if 0 < p.top_k < vocab else vocab
+        if top_k == vocab and p.top_p >= 1.0 and p.min_p <= 0.0:
+            # Nothing to cut: draw from the softmax in vocabulary order, with no sort (a sort of
+            # a 49k vocabulary per token was half a 16-client server's engine thread).
+            scaled = logits.astype(np.float64) / p.temperature
+            cumulative = np.cumsum(np.exp(scaled - scaled.max()))
+            draw = self.rng.random() * cumulative[-1]
+            return min(int(np.searchsorted(cumulative, draw, side="right")), vocab - 1)
+        candidates, probs = self.kept(logits, top_k)
+        cumulative = np.cumsum(probs)
+        draw = self.rng.random() * cumulative[-1]
+        choice = min(int(np.searchsorted(cumulative, draw, side="right")), len(probs) - 1)
+        return int(candidates[choice])
 
+    def kept(self, logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens top-k, top-p and min-p keep, best first, and their probabilities (not yet
+        renormalized over them)."""
+        p = self.params
+        candidates, probs = self._best_first(logits, top_k)
         keep = len(probs)
         if p.top_p < 1.0:  # the smallest prefix whose mass reaches top_p (at least one token)
             keep = min(keep, int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1)
         if p.min_p > 0.0:  # tokens at least min_p times as likely as the best (sorted, so a prefix)
             keep = min(keep, int(np.count_nonzero(probs >= p.min_p * probs[0])))
         keep = max(keep, 1)
+        return candidates[:keep], probs[:keep]
 
-        cumulative = np.cumsum(probs[:keep])
-        draw = self.rng.random() * cumulative[-1]
-        choice = min(int(np.searchsorted(cumulative, draw, side="right")), keep - 1)
-        return int(candidates[choice])
+    def _best_first(self, logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates best first (ties by id) and their softmax probabilities at the
+        temperature: the top_k alone (normalized over them, as Hugging Face's top-k does), or,
+        with no top_k, as many of the best as top-p and min-p can keep, found without sorting
+        the whole vocabulary when a short head holds them, and normalized over all of it."""
+        p, vocab = self.params, logits.shape[0]
+        if top_k < vocab:
+            return self._sorted_probs(logits, np.argpartition(logits, vocab - top_k)[vocab - top_k:], None)
+        scaled = logits.astype(np.float64) / p.temperature
+        log_total = scaled.max() + np.log(np.exp(scaled - scaled.max()).sum())
+        head = min(vocab, _HEAD)
+        while True:
+            candidates = np.arange(vocab) if head == vocab else np.argpartition(logits, vocab - head)[vocab - head:]
+            candidates, probs = self._sorted_probs(logits, candidates, log_total)
+            # the kept prefix (the shorter of top-p's and min-p's) lies in the head when either
+            # ends inside it: the head's mass reaches top_p, or its last is under min_p of the best
+            top_p_inside = p.top_p < 1.0 and probs.sum() >= p.top_p
+            min_p_inside = p.min_p > 0.0 and probs[-1] < p.min_p * probs[0]
+            if head == vocab or top_p_inside or min_p_inside:
+                return candidates, probs
+            head = min(vocab, head * 8)
+
+    def _sorted_probs(self, logits, candidates, log_total):
+        candidates = candidates[np.lexsort((candidates, -logits[candidates]))]  # best first, ties by id
+        scaled = logits[candidates].astype(np.float64) / self.params.temperature
+        if log_total is None:  # normalized over the candidates
+            probs = np.exp(scaled - scaled[0])
+            return candidates, probs / probs.sum()
+        return candidates, np.exp(scaled - log_total)
 
     def _penalized(self, logits: np.ndarray, history: Sequence[int], n_prompt: int = 0) -> np.ndarray:
         """The logits after the penalties and the bias, in a work copy (the caller's stay as they
