@@ -16,6 +16,14 @@ ARCHS = {
                     extra=dict(sliding_window=7)),
     "llama": dict(cls="LlamaForCausalLM", cfg="LlamaConfig", gguf_arch="llama", extra={}),
     "qwen2": dict(cls="Qwen2ForCausalLM", cfg="Qwen2Config", gguf_arch="qwen2", extra={}),
+    # head_dim 16 with hidden 64 and 8 heads: q is wider than the hidden state
+    "qwen3": dict(cls="Qwen3ForCausalLM", cfg="Qwen3Config", gguf_arch="qwen3", extra=dict(head_dim=16)),
+    # 6 layers, as llama.cpp runs every Gemma 3 (whose GGUF keeps no pattern, local base or query
+    # scale): 5 local (window 4, RoPE base 10,000), then a global one (base 1,000 here); queries
+    # scaled by 1/sqrt(head_dim), as all but the 27B; tied embeddings
+    "gemma3": dict(cls="Gemma3ForCausalLM", cfg="Gemma3TextConfig", gguf_arch="gemma3", extra=dict(
+        num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+        rope_theta=1000.0, query_pre_attn_scalar=16, rms_norm_eps=1e-6, tie_word_embeddings=True)),
 }
 
 
@@ -75,6 +83,7 @@ def write_gguf(model, path: Path, quant=None, tokenizer_metadata: dict | None = 
     cfg = model.config
     arch_name = next(a for a, v in ARCHS.items() if v["cls"] == type(model).__name__)
     arch = ARCHS[arch_name]["gguf_arch"]
+    rope = global_rope_parameters(cfg)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -82,10 +91,14 @@ def write_gguf(model, path: Path, quant=None, tokenizer_metadata: dict | None = 
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
+    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or rope["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     if getattr(cfg, "sliding_window", None) and arch_name == "mistral":
+        w.add_sliding_window(cfg.sliding_window)
+    if arch_name == "gemma3":  # what convert_hf_to_gguf.py's Gemma3Model adds (write_gguf_with_rope: head_dim)
+        if cfg.final_logit_softcapping:
+            w.add_final_logit_softcapping(cfg.final_logit_softcapping)
         w.add_sliding_window(cfg.sliding_window)
     for key, value in (tokenizer_metadata or {}).items():
         _add_metadata(w, key, value)
@@ -94,7 +107,7 @@ def write_gguf(model, path: Path, quant=None, tokenizer_metadata: dict | None = 
 
     qtype = getattr(gguf.GGMLQuantizationType, quant) if isinstance(quant, str) else None
     for name, tensor in model.state_dict().items():
-        gguf_name = hf_to_gguf_name(name)
+        gguf_name = hf_to_gguf_name(name, arch_name)
         if gguf_name is None or (cfg.tie_word_embeddings and gguf_name == "output.weight"):
             continue
         if callable(quant):
@@ -105,6 +118,8 @@ def write_gguf(model, path: Path, quant=None, tokenizer_metadata: dict | None = 
             arr = _permute_qk(arr, cfg.num_attention_heads)
         elif arch == "llama" and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
             arr = _permute_qk(arr, cfg.num_key_value_heads)
+        elif arch == "gemma3" and gguf_name.endswith("norm.weight"):
+            arr = arr + np.float32(1.0)  # the converter folds Gemma3RMSNorm's (1 + w) in
         if qtype is not None and arr.ndim == 2:
             w.add_tensor(gguf_name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
         else:
@@ -348,7 +363,7 @@ def llama_cpp_rope_extras(config, gguf_arch: str) -> tuple[dict, dict]:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     meta = {f"{gguf_arch}.attention.key_length": head_dim, f"{gguf_arch}.attention.value_length": head_dim,
             f"{gguf_arch}.rope.dimension_count": head_dim}
-    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope = global_rope_parameters(config)
     kind, tensors = rope.get("rope_type", rope.get("type", "default")), {}
     if kind == "linear":
         meta.update({f"{gguf_arch}.rope.scaling.type": "linear",
@@ -378,6 +393,13 @@ def llama_cpp_rope_extras(config, gguf_arch: str) -> tuple[dict, dict]:
                 factors.append(1 / ((1 - smooth) / factor + smooth))
         tensors["rope_freqs.weight"] = np.array(factors, np.float32)
     return meta, tensors
+
+
+def global_rope_parameters(config) -> dict:
+    """The rope parameters of a transformers config (>= 5), of its global layers where they
+    differ by layer type (Gemma 3: the scaling applies to those only)."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    return dict(rope.get("full_attention", rope))
 
 
 def write_gguf_with_rope(model, path: Path, quant=None) -> Path:

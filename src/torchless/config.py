@@ -1,4 +1,5 @@
-"""ModelConfig: the shape of a Mistral/Llama/Qwen2 decoder, from GGUF metadata or config.json.
+"""ModelConfig: the shape of a Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Gemma 3), from
+GGUF metadata or config.json.
 
 Every value is read from a file that may be corrupt or hostile, so each one goes through a typed
 field reader (`integer`, `real`, `text`, `flag`) that names the key and the bad value in one line,
@@ -14,14 +15,31 @@ import numpy as np
 
 from .errors import ModelFileError, UnsupportedModelError, shown
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
 # Hugging Face `model_type` / `architectures[0]` -> our architecture name.
 _HF_ARCHITECTURES = {
     "llama": "llama", "LlamaForCausalLM": "llama",
     "mistral": "mistral", "MistralForCausalLM": "mistral",
     "qwen2": "qwen2", "Qwen2ForCausalLM": "qwen2",
+    "qwen3": "qwen3", "Qwen3ForCausalLM": "qwen3",
+    "gemma3_text": "gemma3", "Gemma3ForCausalLM": "gemma3",
+    "gemma3": "gemma3", "Gemma3ForConditionalGeneration": "gemma3",  # its text_config
 }
+
+# transformers' defaults for keys a config.json may leave out, where they differ from ours
+# (Gemma 3's are Gemma3TextConfig's: a multimodal config's text_config often names few keys).
+_HF_DEFAULTS = {
+    "qwen3": dict(head_dim=128),
+    "gemma3": dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                   hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131_072,
+                   rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096,
+                   tie_word_embeddings=True),
+}
+GEMMA3_GLOBAL_THETA, GEMMA3_LOCAL_THETA, GEMMA3_PATTERN = 1_000_000.0, 10_000.0, 6
+# transformers' hidden_act names -> ours: the gated MLP's activation
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 # -- typed field readers -------------------------------------------------------------------------
@@ -254,6 +272,18 @@ class ModelConfig:
     # Hugging Face files and GGUF `qwen2` pair dimension i with i + head_dim/2.
     rope_interleaved: bool = False
     rope_scaling: RopeScaling = RopeScaling()
+    # Per-layer attention (Gemma 3, Qwen with max_window_layers): which layers slide, when only
+    # some do (None: every layer, if sliding_window is set); local layers may have their own
+    # RoPE base, unscaled (None: the same rotary as global layers).
+    sliding_layers: tuple | None = None  # (n_layers,) bool
+    rope_local_theta: float | None = None
+    qk_norm: bool = False            # Qwen3, Gemma 3: RMSNorm over each head of q and k, before RoPE
+    post_norms: bool = False         # Gemma: each block's output normed before the residual add
+    activation: str = "silu"         # the gated MLP's: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    embedding_scale: float = 1.0     # Gemma: embeddings times sqrt(hidden), as float32
+    attention_scale: float | None = None  # scores' scale; None: 1 / sqrt(head_dim)
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+    norm_offset: float = 0.0         # added to every norm weight at load: Gemma's (1 + w) in HF files
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -278,6 +308,21 @@ class ModelConfig:
             raise ModelFileError(f"model config: norm_eps must not be negative, got {self.norm_eps}")
         if self.rope_scaling.kind == "yarn" and self.rope_theta == 1.0:  # its ramp divides by log(theta)
             raise ModelFileError("model config: YaRN RoPE scaling needs rope_theta other than 1")
+        if self.sliding_layers is not None:
+            if self.sliding_window is None or len(self.sliding_layers) != self.n_layers \
+                    or not all(isinstance(s, bool) for s in self.sliding_layers):
+                raise ModelFileError(f"model config: sliding_layers must be {self.n_layers} true/false "
+                                     "values, with a sliding_window")
+        if self.rope_local_theta is not None and real(self.rope_local_theta, "model config: rope_local_theta") <= 0:
+            raise ModelFileError(f"model config: rope_local_theta must be positive, got {self.rope_local_theta}")
+        if self.activation not in _ACTIVATIONS.values():
+            raise UnsupportedModelError(f"model config: MLP activation {shown(self.activation)} is not "
+                                        f"supported; supported: {', '.join(_ACTIVATIONS.values())}")
+        for name in ("embedding_scale", "attention_scale", "final_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and not real(value, f"model config: {name}") > 0:
+                raise ModelFileError(f"model config: {name} must be positive, got {value}")
+        real(self.norm_offset, "model config: norm_offset")
 
     @property
     def rope_inv_freq(self) -> np.ndarray:
@@ -290,11 +335,53 @@ class ModelConfig:
         return self.rope_scaling.attention_factor
 
     @property
+    def kv_window(self) -> int | None:
+        """The ring every layer's KV cache can be: the sliding window when all layers slide. Where
+        only some do, every layer keeps the whole context and local layers attend to the last
+        `sliding_window` positions of it."""
+        return self.sliding_window if self.sliding_layers is None else None
+
+    @property
     def kv_cache_len(self) -> int:
         """Entries per layer in the KV cache: a ring of `sliding_window` entries when windowed."""
-        if self.sliding_window is not None:
-            return min(self.sliding_window, self.context_length)
+        if self.kv_window is not None:
+            return min(self.kv_window, self.context_length)
         return self.context_length
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer (None: it attends to the whole context)."""
+        if self.sliding_layers is not None and not self.sliding_layers[layer]:
+            return None
+        return self.sliding_window
+
+    def layer_rope(self, layer: int) -> str:
+        """"local" where a sliding layer has its own RoPE base (Gemma 3), else "global"."""
+        return "local" if self.rope_local_theta is not None and self.layer_window(layer) else "global"
+
+    def rope_frequencies(self, kind: str = "global") -> tuple[np.ndarray, float]:
+        """(inv_freq (head_dim // 2,) float64, attention factor) of global or local layers; local
+        layers are unscaled, as transformers and llama.cpp run Gemma 3's."""
+        if kind == "local":
+            return RopeScaling().inverse_frequencies(self.head_dim, self.rope_local_theta), 1.0
+        return self.rope_inv_freq, self.rope_attention_factor
+
+    @property
+    def query_factor(self) -> float:
+        """What q is multiplied by so that the kernels' 1 / sqrt(head_dim) gives attention_scale."""
+        if self.attention_scale is None:
+            return 1.0
+        return self.attention_scale * math.sqrt(self.head_dim)
+
+    @property
+    def plain_attention(self) -> bool:
+        """Whether every attention block is Llama's (what the compiled blocks implement)."""
+        return not (self.qk_norm or self.post_norms or self.query_factor != 1.0
+                    or self.sliding_layers is not None or self.rope_local_theta is not None)
+
+    @property
+    def plain_mlp(self) -> bool:
+        """Whether every MLP block is Llama's SwiGLU (what the compiled blocks implement)."""
+        return self.activation == "silu" and not self.post_norms
 
     @classmethod
     def from_gguf(cls, metadata: dict, tensor_names=(), rope_freqs=None) -> "ModelConfig":
@@ -332,11 +419,24 @@ class ModelConfig:
         context = get("context_length", integer)
         scaling = rope_scaling_from_gguf(get, context, head_dim // 2, rope_freqs)
         window = get("attention.sliding_window", integer, 0, minimum=0)
+        n_layers = get("block_count", integer)
+        extra = {}
+        if arch == "gemma3":
+            # llama.cpp's: every 6th layer global, local layers at base 10,000 (or the file's
+            # rope.freq_base_swa) unscaled; norm weights hold (1 + w) already (the converter adds
+            # 1); the 27B (62 layers) scales queries by 1 / sqrt(hidden / heads).
+            sliding = tuple(i % GEMMA3_PATTERN < GEMMA3_PATTERN - 1 for i in range(n_layers)) if window else None
+            extra = dict(
+                sliding_layers=sliding if sliding and not all(sliding) else None,
+                rope_local_theta=get("rope.freq_base_swa", real, GEMMA3_LOCAL_THETA) if window else None,
+                post_norms=True, activation="gelu_tanh", embedding_scale=_embedding_scale(hidden),
+                attention_scale=(hidden // n_heads) ** -0.5 if n_layers == 62 else None,
+                final_logit_softcap=get("final_logit_softcapping", real, 0.0) or None)
         return cls(
             architecture=arch,
             hidden_size=hidden,
             intermediate_size=get("feed_forward_length", integer),
-            n_layers=get("block_count", integer),
+            n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=get("attention.head_count_kv", integer, n_heads),
             head_dim=head_dim,
@@ -347,8 +447,11 @@ class ModelConfig:
             norm_eps=get("attention.layer_norm_rms_epsilon", real, 1e-5),
             tie_embeddings="output.weight" not in tensor_names,
             attention_bias="blk.0.attn_q.bias" in tensor_names,
-            rope_interleaved=arch != "qwen2",
+            # llama.cpp permutes Q/K rows of llama files only (its NORM rope); the others are NEOX
+            rope_interleaved=arch in ("llama", "mistral"),
             rope_scaling=scaling,
+            qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+            **extra,
         )
 
     @classmethod
@@ -361,7 +464,11 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"config.json model_type {shown(config.get('model_type'))} is not supported; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        scaling = rope_scaling_from_hf(config)
+        if arch == "gemma3" and isinstance(config.get("text_config"), dict):  # the multimodal form
+            config = dict({k: config[k] for k in ("tie_word_embeddings",) if k in config}, **config["text_config"])
+        config = dict(_HF_DEFAULTS.get(arch, {}), **{k: v for k, v in config.items() if v is not None})
+        global_rope, local_rope = _hf_rope_dicts(config, arch)
+        scaling = rope_scaling_from_hf(dict(config, rope_scaling=global_rope, rope_parameters=None))
 
         def get(key, read, default=None, **limits):
             value = config.get(key)
@@ -373,30 +480,110 @@ class ModelConfig:
 
         hidden = get("hidden_size", integer)
         n_heads = get("num_attention_heads", integer)
-        window = None
-        if arch != "llama" and get("use_sliding_window", flag, True):
-            window = get("sliding_window", integer, 0, minimum=0) or None
-        rope_parameters = config.get("rope_parameters")  # where transformers >= 5 keeps it
-        if config.get("rope_theta") is None and isinstance(rope_parameters, dict):
-            config = dict(config, rope_theta=rope_parameters.get("rope_theta"))
+        n_layers = get("num_hidden_layers", integer)
+        window, sliding = _hf_sliding(config, arch, n_layers, get)
+        theta = config.get("rope_theta")  # else transformers >= 5's place, in the rope dict
+        if theta is None and isinstance(global_rope, dict):
+            theta = global_rope.get("rope_theta")
+        extra = {}
+        if arch in ("qwen3", "gemma3"):
+            if get("attention_bias", flag, False):
+                raise UnsupportedModelError(f"config.json: {arch} with attention_bias (a bias on the "
+                                            "attention output too) is not supported")
+            extra["qk_norm"] = True
+        if arch == "gemma3":
+            for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
+                if config.get(key):
+                    raise UnsupportedModelError(f"config.json: Gemma 3 with {key} {shown(config[key])} "
+                                                "is not supported")
+            act = config.get("hidden_activation", config.get("hidden_act"))
+            if act not in _ACTIVATIONS:
+                raise UnsupportedModelError(f"config.json: hidden activation {shown(act)} is not supported; "
+                                            f"supported: {', '.join(_ACTIVATIONS)}")
+            local_theta = local_rope.get("rope_theta", config.get("rope_local_base_freq", GEMMA3_LOCAL_THETA))
+            extra.update(
+                rope_local_theta=real(local_theta, "config.json rope_local_base_freq") if window else None,
+                post_norms=True, activation=_ACTIVATIONS[act], embedding_scale=_embedding_scale(hidden),
+                attention_scale=_positive(get("query_pre_attn_scalar", real), "config.json query_pre_attn_scalar") ** -0.5,
+                final_logit_softcap=get("final_logit_softcapping", real, 0.0) or None, norm_offset=1.0)
+            theta = GEMMA3_GLOBAL_THETA if theta is None else theta
         return cls(
             architecture=arch,
             hidden_size=hidden,
             intermediate_size=get("intermediate_size", integer),
-            n_layers=get("num_hidden_layers", integer),
+            n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=get("num_key_value_heads", integer, n_heads),
             head_dim=get("head_dim", integer, hidden // n_heads),
             vocab_size=get("vocab_size", integer),
             context_length=get("max_position_embeddings", integer, 2048),
             sliding_window=window,
-            rope_theta=get("rope_theta", real, 10000.0),
+            sliding_layers=sliding,
+            rope_theta=10000.0 if theta is None else real(theta, "config.json rope_theta"),
             norm_eps=get("rms_norm_eps", real, 1e-6),
             tie_embeddings=get("tie_word_embeddings", flag, False),
             attention_bias=arch == "qwen2" or get("attention_bias", flag, False),
             rope_interleaved=False,
             rope_scaling=scaling,
+            **extra,
         )
+
+
+def _embedding_scale(hidden: int) -> float:
+    """Gemma's sqrt(hidden), rounded to float32 as transformers (float32 weights) and llama.cpp
+    multiply by it."""
+    return float(np.float32(math.sqrt(hidden)))
+
+
+def _hf_rope_dicts(config: dict, arch: str) -> tuple[dict, dict]:
+    """(global, local) rope dicts of a config.json: transformers >= 5 keeps Gemma 3's per layer
+    type in rope_parameters {"full_attention": ..., "sliding_attention": ...}; earlier configs
+    have rope_scaling (global layers only), rope_theta and rope_local_base_freq."""
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and ("full_attention" in rope or "sliding_attention" in rope):
+        if arch != "gemma3":
+            raise UnsupportedModelError("config.json: RoPE parameters per layer type are supported "
+                                        "for Gemma 3 only")
+        global_rope, local_rope = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+    else:
+        global_rope, local_rope = config.get("rope_scaling") or rope or {}, {}
+    if not isinstance(local_rope, dict):  # a global one that is not a dict: rope_scaling_from_hf says
+        raise UnsupportedModelError(f"config.json: RoPE parameters {shown(rope)} are not supported")
+    kind = local_rope.get("rope_type", local_rope.get("type", "default"))
+    if kind != "default":
+        raise UnsupportedModelError(f"config.json: RoPE scaling {shown(kind)} on sliding-window layers "
+                                    "is not supported")
+    return global_rope, local_rope
+
+
+def _hf_sliding(config: dict, arch: str, n_layers: int, get) -> tuple[int | None, tuple | None]:
+    """(sliding_window, sliding_layers) as transformers runs the config: Mistral slides every
+    layer; Qwen2/3 only with use_sliding_window, the layers of `layer_types` (default: from
+    max_window_layers on); Gemma 3 the layers of `layer_types` (default: all but every
+    sliding_window_pattern-th). sliding_layers is None where every layer slides."""
+    if arch == "llama":
+        return None, None
+    if arch == "mistral":
+        return get("sliding_window", integer, 0, minimum=0) or None, None
+    if arch in ("qwen2", "qwen3") and not get("use_sliding_window", flag, False):
+        return None, None
+    window = get("sliding_window", integer, 0, minimum=0) or None
+    types = config.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != n_layers \
+                or not all(t in ("sliding_attention", "full_attention") for t in types):
+            raise ModelFileError(f"config.json layer_types must list {n_layers} of 'sliding_attention' "
+                                 f"and 'full_attention', got {shown(types)}")
+        sliding = tuple(t == "sliding_attention" for t in types)
+    elif arch == "gemma3":
+        pattern = get("sliding_window_pattern", integer, GEMMA3_PATTERN)
+        sliding = tuple(bool((i + 1) % pattern) for i in range(n_layers))
+    else:
+        first = get("max_window_layers", integer, 28, minimum=0)
+        sliding = tuple(i >= first for i in range(n_layers))
+    if window is None or not any(sliding):
+        return None, None
+    return window, None if all(sliding) else sliding
 
 
 def _json_list(value) -> list:

@@ -37,18 +37,36 @@ _HF_LAYER_TO_GGUF = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
 }
+# Gemma's sandwich norms, as gguf-py's tensor map names them for gemma3: its
+# post_attention_layernorm is a block's output norm, not the MLP's input norm.
+_HF_LAYER_TO_GGUF_BY_ARCH = {"gemma3": {
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}}
+# the text model inside a multimodal checkpoint (Gemma3ForConditionalGeneration, transformers
+# >= 4.52 and before)
+_HF_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                     ("language_model.lm_head.", "lm_head."))
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _BLOCK = re.compile(r"blk\.([0-9]{1,9})\.")  # longer numbers cannot be a block of a real model
 
 
-def hf_to_gguf_name(name: str) -> str | None:
+def hf_to_gguf_name(name: str, arch: str = "llama") -> str | None:
+    """The GGUF name of a Hugging Face tensor of an `arch` model (None: not a weight we use)."""
+    for prefix, replacement in _HF_TEXT_PREFIXES:
+        if name.startswith(prefix):
+            name = replacement + name[len(prefix):]
     if name in _HF_TO_GGUF:
         return _HF_TO_GGUF[name]
     m = _HF_LAYER.fullmatch(name)
-    if m and m.group(2) in _HF_LAYER_TO_GGUF:
-        return f"blk.{m.group(1)}.{_HF_LAYER_TO_GGUF[m.group(2)]}"
-    return None  # e.g. rotary inv_freq buffers: not weights we use
+    layer_names = {**_HF_LAYER_TO_GGUF, **_HF_LAYER_TO_GGUF_BY_ARCH.get(arch, {})}
+    if m and m.group(2) in layer_names:
+        return f"blk.{m.group(1)}.{layer_names[m.group(2)]}"
+    return None  # e.g. rotary inv_freq buffers, a vision tower: not weights we use
 
 
 def gguf_config(gguf: GGUFFile) -> ModelConfig:
@@ -114,7 +132,7 @@ class Parameters:
             if not (folder / file).is_file():
                 raise ModelFileError(f"{folder}: the index names {shown(file)}, which is missing")
             for name, tensor in read_safetensors(folder / file).items():
-                gguf_name = hf_to_gguf_name(name)
+                gguf_name = hf_to_gguf_name(name, config.architecture)
                 if gguf_name is not None:
                     tensors[gguf_name] = tensor
         return cls(folder, config, tensors, {"hf_config": hf_config})

@@ -1,4 +1,5 @@
-"""The Mistral/Llama/Qwen2 decoder: weights, per-sequence state, and the forward pass.
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Gemma 3): weights, per-sequence
+state, and the forward pass.
 
 `forward` is the reference: plain NumPy over float32 copies of the weights, the oracle for the
 faster paths. It is written once for T tokens at a time, and `prefill` runs the same code on
@@ -6,11 +7,14 @@ chunks of the prompt with the products done by the quantized kernels. `fast_forw
 one-token decode step: compiled kernels on the repacked quantized weights, writing into buffers
 allocated once per state, with the products cut into tasks by the work-distribution scheduler.
 Decode steps and micro-batches of one-token spans run each block of a layer as one compiled
-`nogil` call (kernels/fused_layer.py), so the GIL is held only between blocks.
+`nogil` call (kernels/fused_layer.py), so the GIL is held only between blocks. The compiled
+blocks are Llama's; a block with more (Qwen3's and Gemma's q/k norms, Gemma's output norms and
+GeGLU, per-layer windows and RoPE bases) runs kernel by kernel.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +51,10 @@ class LayerWeights:
     ffn_gate: Linear       # (intermediate, hidden)
     ffn_up: Linear         # (intermediate, hidden)
     ffn_down: Linear       # (hidden, intermediate)
+    attn_q_norm: np.ndarray | None = None          # (head_dim,) per-head norm of q (Qwen3, Gemma 3)
+    attn_k_norm: np.ndarray | None = None          # (head_dim,)
+    post_attention_norm: np.ndarray | None = None  # (hidden,) the attention output's norm (Gemma)
+    post_ffw_norm: np.ndarray | None = None        # (hidden,) the MLP output's norm (Gemma)
 
 
 ATTENTION_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output")
@@ -79,8 +87,11 @@ class InferenceState:
         self.config = config
         layout = layout or ShardLayout.full(config)
         max_seq_len = min(max_seq_len or config.context_length, config.context_length)
+        layer_windows = None
+        if config.sliding_layers is not None:
+            layer_windows = tuple(config.layer_window(i) for i in range(config.n_layers))
         self.cache = KVCache(config.n_layers, layout.n_kv_heads, config.head_dim, max_seq_len,
-                             config.sliding_window)
+                             config.kv_window, layer_windows)
         self.logits = np.zeros(config.vocab_size, np.float32)  # (vocab,)
         # One-token decode buffers, reused every step.
         kv_dim = layout.n_kv_heads * config.head_dim
@@ -123,6 +134,7 @@ class Mistral:
         self.layout = layout or ShardLayout.full(config)
         self.kv_map = np.array(self.layout.kv_map, dtype=np.int64)  # local query head -> local KV head
         self._rope_cos = self._rope_sin = np.zeros((0, config.head_dim // 2), np.float32)
+        self._rope_local = (self._rope_cos, self._rope_sin)  # the tables of local layers (Gemma 3)
         self._fused_weights: dict = {}  # (work, threads) -> per layer (attention, mlp) weight tuples
 
     def new_state(self, max_seq_len: int | None = None) -> InferenceState:
@@ -152,13 +164,16 @@ class Mistral:
         """Per layer, the weight tuples of its attention block (q, k, v, output) and of its
         SwiGLU block (gate, up, down) for the compiled blocks of kernels/fused_layer.py; None for
         a block with a linear that is not a plain Linear (a tensor-parallel shard's, which
-        all-reduces its product), which then runs kernel by kernel."""
+        all-reduces its product), or that is not Llama's (see ModelConfig.plain_attention), which
+        then runs kernel by kernel."""
         n_threads = _get_num_threads()
         blocks = self._fused_weights.get((work, n_threads))
         if blocks is None:
+            plain = {ATTENTION_LINEARS: self.config.plain_attention, MLP_LINEARS: self.config.plain_mlp}
+
             def block(layer, kinds):
                 linears = [getattr(layer, kind) for kind in kinds]
-                if any(type(linear) is not Linear for linear in linears):
+                if not plain[kinds] or any(type(linear) is not Linear for linear in linears):
                     return None
                 return tuple(fused_layer.weight_args(linear, work, n_threads) for linear in linears)
 
@@ -166,13 +181,17 @@ class Mistral:
                 (block(layer, ATTENTION_LINEARS), block(layer, MLP_LINEARS)) for layer in self.layers]
         return blocks
 
-    def rope_at(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin (head_dim // 2,) of one position, from a table grown as positions come."""
+    def rope_at(self, pos: int, kind: str = "global") -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin (head_dim // 2,) of one position for global or local layers (see
+        ModelConfig.layer_rope), from tables grown as positions come (both kinds at once)."""
         if pos >= len(self._rope_cos):
             n = max(2 * len(self._rope_cos), pos + 1, 256)
+            if self.config.rope_local_theta is not None:
+                self._rope_local = ops.rope_tables(np.arange(n), *self.config.rope_frequencies("local"))
             self._rope_cos, self._rope_sin = ops.rope_tables(
                 np.arange(n), self.config.rope_inv_freq, self.config.rope_attention_factor)
-        return self._rope_cos[pos], self._rope_sin[pos]
+        cos, sin = self._rope_local if kind == "local" else (self._rope_cos, self._rope_sin)
+        return cos[pos], sin[pos]
 
     @classmethod
     def load(cls, params, fast: bool = True) -> "Mistral":
@@ -201,20 +220,29 @@ class Mistral:
                 bias = tensor(f"{prefix}.{kind}.bias", expect[kind][:1])
             return Linear(tensor(f"{prefix}.{kind}.weight", expect[kind]), bias)
 
+        def norm(name, size=c.hidden_size):  # float32; Gemma's (1 + w) made here, as transformers does
+            weight = np.array(tensor(name, (size,)).dequantize(), np.float32)
+            return weight + np.float32(c.norm_offset) if c.norm_offset else weight
+
         layers = []
         for i in range(c.n_layers):
             p = f"blk.{i}"
+            extra = {}
+            if c.qk_norm:
+                extra.update(attn_q_norm=norm(f"{p}.attn_q_norm.weight", c.head_dim),
+                             attn_k_norm=norm(f"{p}.attn_k_norm.weight", c.head_dim))
+            if c.post_norms:
+                extra.update(post_attention_norm=norm(f"{p}.post_attention_norm.weight"),
+                             post_ffw_norm=norm(f"{p}.post_ffw_norm.weight"))
             layers.append(LayerWeights(
-                attn_norm=np.array(tensor(f"{p}.attn_norm.weight", (c.hidden_size,)).dequantize()),
-                ffn_norm=np.array(tensor(f"{p}.ffn_norm.weight", (c.hidden_size,)).dequantize()),
-                **{kind: linear(p, kind) for kind in expect}))
+                attn_norm=norm(f"{p}.attn_norm.weight"), ffn_norm=norm(f"{p}.ffn_norm.weight"),
+                **{kind: linear(p, kind) for kind in expect}, **extra))
         embedding = tensor("token_embd.weight", (c.vocab_size, c.hidden_size))
         if "output.weight" in params.tensors:
             output = Linear(tensor("output.weight", (c.vocab_size, c.hidden_size)))
         else:
             output = Linear(embedding)  # tied embeddings
-        model = cls(c, embedding, layers,
-                    np.array(tensor("output_norm.weight", (c.hidden_size,)).dequantize()), output)
+        model = cls(c, embedding, layers, norm("output_norm.weight"), output)
         return model.prepare_fast(release_pages) if fast else model
 
     # -- the reference path ------------------------------------------------------------------
@@ -225,7 +253,8 @@ class Mistral:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)][0]
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        return np.stack([self.embedding.row_slice(t, t + 1).dequantize()[0] for t in tokens])
+        rows = np.stack([self.embedding.row_slice(t, t + 1).dequantize()[0] for t in tokens])
+        return rows * np.float32(self.config.embedding_scale) if self.config.embedding_scale != 1.0 else rows
 
     # -- many tokens of one or several sequences: the reference path, prefill, batched decode --
 
@@ -242,10 +271,19 @@ class Mistral:
         for li in range(start, stop):
             layer = self.layers[li]
             h = ops.rmsnorm(x, layer.attn_norm, c.norm_eps)
-            x = x + self._attention_block(layer, li, spans, h, fast)
+            out = self._attention_block(layer, li, spans, h, fast)
+            if layer.post_attention_norm is not None:
+                out = ops.rmsnorm(out, layer.post_attention_norm, c.norm_eps)
+            x = x + out
             h = ops.rmsnorm(x, layer.ffn_norm, c.norm_eps)
-            x = x + layer.ffn_down(ops.silu(layer.ffn_gate(h, fast, w)) * layer.ffn_up(h, fast, w), fast, w)
+            out = layer.ffn_down(self._activation(layer.ffn_gate(h, fast, w)) * layer.ffn_up(h, fast, w), fast, w)
+            if layer.post_ffw_norm is not None:
+                out = ops.rmsnorm(out, layer.post_ffw_norm, c.norm_eps)
+            x = x + out
         return x
+
+    def _activation(self, gate: np.ndarray) -> np.ndarray:
+        return gelu_tanh(gate) if self.config.activation == "gelu_tanh" else ops.silu(gate)
 
     def _fusable(self, spans: list["Span"], start: int, stop: int) -> bool:
         """Whether a micro-batch runs as compiled blocks: one-token spans of distinct sequences
@@ -288,6 +326,7 @@ class Mistral:
         token (len(spans), vocab). Advances each sequence's cache past its span."""
         rows = np.arange(len(x)) if all_logits else np.cumsum([len(sp.tokens) for sp in spans]) - 1
         logits = self.output(ops.rmsnorm(x[rows], self.output_norm, self.config.norm_eps), fast, self.work)
+        softcap(logits, self.config.final_logit_softcap)
         for sp in spans:
             sp.state.cache.advance(sp.start + len(sp.tokens))
         return logits
@@ -314,6 +353,7 @@ class Mistral:
         q = layer.attn_q(h, fast, w).reshape(len(h), n_heads, c.head_dim)
         k = layer.attn_k(h, fast, w).reshape(len(h), n_kv_heads, c.head_dim)
         v = layer.attn_v(h, fast, w).reshape(len(h), n_kv_heads, c.head_dim)
+        q, k = self._qk_norm_and_scale(layer, q, k)
         out = np.empty((len(h), n_heads, c.head_dim), np.float32)
         row = 0
         for sp in spans:
@@ -326,10 +366,21 @@ class Mistral:
                 out[rows] = self._attend(li, sp, q[rows], k[rows], v[rows])
         return layer.attn_output(out.reshape(len(h), -1), fast, w)
 
+    def _qk_norm_and_scale(self, layer: LayerWeights, q: np.ndarray, k: np.ndarray):
+        """q, k (..., heads, head_dim) before RoPE: each head RMS-normed (Qwen3, Gemma 3), and q
+        scaled so that the attention kernels' 1 / sqrt(head_dim) gives the model's scale."""
+        c = self.config
+        if layer.attn_q_norm is not None:
+            q = ops.rmsnorm(q, layer.attn_q_norm, c.norm_eps)
+            k = ops.rmsnorm(k, layer.attn_k_norm, c.norm_eps)
+        if c.query_factor != 1.0:
+            q = q * np.float32(c.query_factor)
+        return q, k
+
     def _attend(self, li: int, sp: "Span", q, k, v) -> np.ndarray:
         c, cache = self.config, sp.state.cache
         positions = np.arange(sp.start, sp.start + len(sp.tokens))
-        cos, sin = ops.rope_tables(positions, c.rope_inv_freq, c.rope_attention_factor)
+        cos, sin = ops.rope_tables(positions, *c.rope_frequencies(c.layer_rope(li)))
         q = ops.apply_rope(q, cos, sin, c.rope_interleaved)
         k = ops.apply_rope(k, cos, sin, c.rope_interleaved)
         # Keys visible to this run: what the cache holds (in position order), then the run.
@@ -337,21 +388,21 @@ class Mistral:
         keys, values = np.concatenate([past_k, k]), np.concatenate([past_v, v])
         key_pos = np.concatenate([past, positions])
         mask = key_pos[None, :] <= positions[:, None]
-        if c.sliding_window is not None:
-            mask &= positions[:, None] - key_pos[None, :] < c.sliding_window
+        window = c.layer_window(li)
+        if window is not None:
+            mask &= positions[:, None] - key_pos[None, :] < window
         cache.write(li, positions, k, v)
         return ops.attention(q, keys, values, mask, self.kv_map)
 
     def _attend_one(self, li: int, state: InferenceState, pos: int, q, k, v, out, work=None) -> None:
         """One query token at `pos`: RoPE on q and k (in place), k and v into the cache, then
         attention over the cached keys, heads cut into tasks by `work`."""
-        cos, sin = self.rope_at(pos)
+        cos, sin = self.rope_at(pos, self.config.layer_rope(li))
         rope, cache = self.config.rope_interleaved, state.cache
         fused.rope_rows(q, cos, sin, rope)
         fused.rope_rows(k, cos, sin, rope)
         cache.write(li, np.array([pos]), k[None], v[None])
-        k_layer, v_layer = cache.layer(li)
-        n_valid = cache.n_valid(pos)
+        k_layer, v_layer, n_valid = cache.attended(li, pos)
         if state.scores.shape[0] < n_valid:
             state.scores = np.empty(k_layer.shape[0], np.float32)
         attention_parallel_adaptive(q, k_layer, v_layer, n_valid, self.kv_map, out,
@@ -424,9 +475,13 @@ class Mistral:
         layer.attn_k.matvec_into(h, state.k, work)
         layer.attn_v.matvec_into(h, state.v, work)
         kv_shape = (self.layout.n_kv_heads, c.head_dim)
-        self._attend_one(li, state, state.pos, state.q, state.k.reshape(kv_shape),
-                         state.v.reshape(kv_shape), state.att, work)
+        q, k = state.q, state.k.reshape(kv_shape)
+        if layer.attn_q_norm is not None or c.query_factor != 1.0:
+            q[:], k[:] = self._qk_norm_and_scale(layer, q, k)
+        self._attend_one(li, state, state.pos, q, k, state.v.reshape(kv_shape), state.att, work)
         layer.attn_output.matvec_into(state.att.reshape(-1), state.o, work)
+        if layer.post_attention_norm is not None:
+            fused.rmsnorm_into(state.o, layer.post_attention_norm, c.norm_eps, state.o)
         fused.add_into(x, state.o)
 
     def decode_mlp(self, li: int, state: InferenceState, work=None):
@@ -443,13 +498,20 @@ class Mistral:
         fused.rmsnorm_into(x, layer.ffn_norm, self.config.norm_eps, h)
         layer.ffn_gate.matvec_into(h, state.gate, work)
         layer.ffn_up.matvec_into(h, state.up, work)
-        fused.swiglu_into(state.gate, state.up, state.gate)
+        if self.config.activation == "silu":
+            fused.swiglu_into(state.gate, state.up, state.gate)
+        else:
+            state.gate[:] = self._activation(state.gate) * state.up
         layer.ffn_down.matvec_into(state.gate, state.o, work)
+        if layer.post_ffw_norm is not None:
+            fused.rmsnorm_into(state.o, layer.post_ffw_norm, self.config.norm_eps, state.o)
         fused.add_into(x, state.o)
 
     def decode_logits(self, state: InferenceState, work=None) -> np.ndarray:
         fused.rmsnorm_into(state.x, self.output_norm, self.config.norm_eps, state.h)
-        return self.output.matvec_into(state.h, state.logits, work)
+        logits = self.output.matvec_into(state.h, state.logits, work)
+        softcap(logits, self.config.final_logit_softcap)
+        return logits
 
     def embed_into(self, token: int, out: np.ndarray) -> np.ndarray:
         if not 0 <= token < self.config.vocab_size:
@@ -458,6 +520,8 @@ class Mistral:
             out[:] = qmatmul.dequantize_rows(self.output.packed, token, token + 1)[0]
         else:
             out[:] = self.embedding.row_slice(token, token + 1).dequantize()[0]
+        if self.config.embedding_scale != 1.0:
+            out *= np.float32(self.config.embedding_scale)
         return out
 
     def prefill(self, state: InferenceState, tokens, chunk_size: int = 256,
@@ -488,6 +552,19 @@ class Mistral:
                 state.cache.advance(sp.start + len(sp.tokens))
                 out.append(ops.rmsnorm(x, self.output_norm, self.config.norm_eps))
         return np.concatenate(out)
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation (transformers' gelu_pytorch_tanh): GeGLU's activation."""
+    x = np.asarray(x, np.float32)
+    inner = np.float32(math.sqrt(2 / math.pi)) * (x + np.float32(0.044715) * x * x * x)
+    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(inner))
+
+
+def softcap(logits: np.ndarray, cap: float | None) -> None:
+    """logits = cap * tanh(logits / cap), in place (Gemma's final_logit_softcapping)."""
+    if cap is not None:
+        np.multiply(np.tanh(logits / np.float32(cap)), np.float32(cap), out=logits)
 
 
 def check_finite(x: np.ndarray, where: str) -> None:

@@ -14,6 +14,7 @@ joined by the same all-reduce, over zero-padded logits.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +25,7 @@ from ..kernels.tensor_parallel import TensorParallelConfig, TensorParallelStrate
 from ..kernels.workdist import WorkDistributionConfig
 from ..loader import release_pages
 from .linear import Linear, RowParallelLinear, VocabParallelLinear
-from .mistral import InferenceState, LayerWeights, Mistral, ShardLayout
+from .mistral import InferenceState, Mistral, ShardLayout
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -213,8 +214,9 @@ class TensorParallelMistral(Mistral):
         group = group if tp.world_size > 1 else _Alone()
         # By tp's strategies, column-parallel (split output features): Q/K/V, gate, up; row-
         # parallel (split input features, all-reduced): the attention output and down projection.
-        layers = [LayerWeights(
-            attn_norm=layer.attn_norm, ffn_norm=layer.ffn_norm,
+        # Norms (the per-head q/k norms too) are whole on every rank.
+        layers = [dataclasses.replace(
+            layer,
             attn_q=layer.attn_q.rows(*r["q"]), attn_k=layer.attn_k.rows(*r["kv"]),
             attn_v=layer.attn_v.rows(*r["kv"]),
             attn_output=_second(layer.attn_output, *r["q"], group),
