@@ -208,13 +208,37 @@ def test_api_key_is_required(server):
         bad.models.list()
 
 
-def test_models_health_and_metrics(client, server):
-    assert len(client.models.list().data) == 1
-    code, text = _get(server[0] + "/metrics")
+def _metrics(base) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    code, text = _get(base + "/metrics")
     assert code == 200
-    for name in ("torchless_requests_total", "torchless_tokens_generated_total",
-                 "torchless_batch_size", "torchless_queue_depth"):
-        assert name in text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_models_health_and_metrics(client, server):
+    """/metrics in vLLM's names, with its model_name label, plus the process's own."""
+    assert len(client.models.list().data) == 1
+    model = {"model_name": client.models.list().data[0].id}
+    label = tuple(model.items())
+    before = _metrics(server[0])
+    out = client.completions.create(model="x", prompt="Once upon a time", max_tokens=5, temperature=0)
+    after = _metrics(server[0])
+
+    def moved(name, extra=()):
+        key = (name, tuple(sorted(label + extra)))
+        return after[key] - before.get(key, 0)
+
+    assert moved("vllm:generation_tokens_total") == out.usage.completion_tokens
+    assert moved("vllm:prompt_tokens_total") == out.usage.prompt_tokens
+    assert moved("vllm:request_success_total", (("finished_reason", out.choices[0].finish_reason),)) == 1
+    assert moved("vllm:time_to_first_token_seconds_count") == 1
+    assert moved("vllm:e2e_request_latency_seconds_count") == 1
+    assert moved("vllm:inter_token_latency_seconds_count") == out.usage.completion_tokens - 1
+    assert after[("vllm:num_requests_running", label)] == 0
+    assert after[("vllm:num_requests_waiting", label)] == 0
+    assert after[("process_resident_memory_bytes", ())] > 10 * 2**20
 
 
 def test_disconnect_mid_stream_cancels_and_the_server_keeps_serving(client, server):

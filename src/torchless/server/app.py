@@ -19,7 +19,7 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..api import MAX_LOGPROBS, chat_messages
@@ -28,6 +28,8 @@ from ..errors import TorchlessError
 from ..logprobs import chat_logprobs, completion_logprobs, prompt_offsets
 from ..sampling import Sampler
 from .engine import EngineThread, Request
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import ServerMetrics
 
 MAX_BODY_BYTES = 1 << 20
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
@@ -119,6 +121,8 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None,
     llm.engine.scheduler.max_batch = max_batch
     engine = EngineThread(llm.engine, log)
     model_id = model_name or served_name(llm.model_path)
+    metrics = engine.metrics = ServerMetrics(model_id, lambda: engine.batch_size,
+                                             lambda: engine.queue_depth)
 
     def check_key(request: HTTPRequest) -> None:
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
@@ -442,15 +446,8 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None,
             return JSONResponse({"status": "error", "error": engine.error}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    async def metrics(http: HTTPRequest):
-        lines = [
-            "# TYPE torchless_requests_total counter", f"torchless_requests_total {engine.requests_total}",
-            "# TYPE torchless_tokens_generated_total counter",
-            f"torchless_tokens_generated_total {engine.tokens_generated}",
-            "# TYPE torchless_batch_size gauge", f"torchless_batch_size {engine.batch_size}",
-            "# TYPE torchless_queue_depth gauge", f"torchless_queue_depth {engine.queue_depth}",
-        ]
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    async def metrics_endpoint(http: HTTPRequest):
+        return Response(metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
 
     def wrap(endpoint):
         async def handler(http: HTTPRequest):
@@ -470,7 +467,7 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None,
         Route("/tokenize", wrap(tokenize), methods=["POST"]),
         Route("/detokenize", wrap(detokenize), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
     ], lifespan=_closing(engine))
     app.state.engine = engine
     return app

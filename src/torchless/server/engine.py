@@ -31,6 +31,7 @@ class Request:
     emit: object
     prompt: list | None = None  # the request's prompt ids, shared by its n choices
     logprobs_sent: int = 0
+    tokens_counted: int = 0  # completion tokens the metrics have seen
     cancelled: bool = False
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
@@ -50,6 +51,7 @@ class EngineThread:
             raise TorchlessError("this engine is already serving: one server per LLM")
         engine.served_by = self  # only this thread steps it now (LLM refuses direct calls)
         self.engine, self.log = engine, log or (lambda message: None)
+        self.metrics = None  # a ServerMetrics, observed as events pass (set before requests come)
         self._inbox: queue.Queue = queue.Queue()
         self._requests: dict[int, Request] = {}  # seq_id -> request, on the engine thread only
         self.requests_total = 0
@@ -148,6 +150,13 @@ class EngineThread:
             request.first_token_s = time.perf_counter() - request.started
         entries = event.seq.token_logprobs[request.logprobs_sent:]
         request.logprobs_sent += len(entries)
+        if self.metrics is not None:
+            new = request.completion_tokens - request.tokens_counted
+            request.tokens_counted += new
+            if new:
+                self.metrics.token(request, new)
+            if event.finish_reason not in (None, "error"):
+                self.metrics.finished(request, event.finish_reason)
         if event.finish_reason is None:
             if event.text or entries:
                 request.emit(event.text, None, entries)
