@@ -3,6 +3,7 @@ The oracle for text is `LLM` in one process (itself held to transformers elsewhe
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import threading
@@ -624,3 +625,29 @@ def test_a_served_llm_refuses_direct_calls_that_would_race_its_engine(tiny_llama
         create_app(own, log=lambda m: None)
     app.state.engine.close()
     assert own.create_completion("hi", max_tokens=2, temperature=0)["choices"][0]["text"] is not None
+
+
+def test_embeddings_equal_the_mean_final_hidden_state_at_unit_length(client, llm):
+    """/v1/embeddings through the official client: per input the mean over its tokens of the
+    last hidden states after the final norm, scaled to unit length; texts and token ids alike."""
+    texts = ["The cat sat on the mat.", "Quantum chromodynamics"]
+    out = client.embeddings.create(model="x", input=texts)
+    assert [d.index for d in out.data] == [0, 1]
+    assert out.usage.prompt_tokens == sum(len(llm.tokenize(t)) for t in texts)
+    for text, item in zip(texts, out.data):
+        ids = llm.tokenize(text)
+        hidden = llm.model.hidden_states(llm.model.new_state(len(ids)), ids).astype(np.float64)
+        expected = hidden.mean(0) / np.linalg.norm(hidden.mean(0))
+        np.testing.assert_allclose(item.embedding, expected, rtol=1e-6, atol=1e-7)
+    by_ids = client.embeddings.create(model="x", input=llm.tokenize(texts[0]))
+    np.testing.assert_allclose(by_ids.data[0].embedding, out.data[0].embedding, rtol=1e-6)
+    # the client asks for base64 unless told (and decodes it): floats as asked, base64 as given
+    floats = client.embeddings.create(model="x", input=texts[1], encoding_format="float")
+    np.testing.assert_allclose(floats.data[0].embedding, out.data[1].embedding, rtol=1e-6)
+    encoded = client.embeddings.create(model="x", input=texts[1], encoding_format="base64")
+    decoded = np.frombuffer(base64.b64decode(encoded.data[0].embedding), "<f4")
+    np.testing.assert_allclose(decoded, out.data[1].embedding, rtol=1e-6)
+    for bad in ({"input": ""}, {"input": [1.5]}, {"input": "hi", "dimensions": 8}, {"input": "hi", "x": 1}):
+        with pytest.raises(openai.BadRequestError):
+            client.embeddings.create(model="x", **{k: v for k, v in bad.items() if k in ("input", "dimensions")},
+                                     extra_body={k: v for k, v in bad.items() if k not in ("input", "dimensions")})

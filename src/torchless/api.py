@@ -11,6 +11,8 @@ import time
 import uuid
 from functools import cached_property
 
+import numpy as np
+
 from .engine.sequence import Sequence
 from .errors import TorchlessError
 from .generate import check_prompt_fits
@@ -75,6 +77,33 @@ class LLM:
         self.runner.close()
 
     # -- tokens ------------------------------------------------------------------------------
+
+    def create_embedding(self, input: str | list, model: str | None = None) -> dict:
+        """OpenAI's embeddings list: per input (a text, or a list of token ids) the mean of its
+        tokens' final hidden states (after the last norm), scaled to unit length, as llama.cpp
+        gives for a decoder model with mean pooling."""
+        self._check_not_served()
+        return self._embeddings(input, model)
+
+    def _embeddings(self, input, model=None) -> dict:
+        """create_embedding's work, on the thread that steps the engine (the server's calls it)."""
+        if not hasattr(self.model, "hidden_states"):
+            raise TorchlessError("embeddings need the model in one process (no --parallel)")
+        inputs = [input] if isinstance(input, str) or (input and isinstance(input[0], int)) else list(input)
+        data, total = [], 0
+        for i, item in enumerate(inputs):
+            ids = self.tokenize(item) if isinstance(item, str) else [int(t) for t in item]
+            if not ids:
+                raise TorchlessError(f"input {i} has no tokens to embed")
+            check_prompt_fits(len(ids), self.n_ctx)
+            hidden = self.model.hidden_states(self.model.new_state(len(ids)), ids)
+            vector = hidden.astype(np.float64).mean(0)
+            norm = np.linalg.norm(vector)
+            data.append({"object": "embedding", "index": i,
+                         "embedding": (vector / norm if norm > 0 else vector).tolist()})
+            total += len(ids)
+        return {"object": "list", "data": data, "model": model or self.model_path,
+                "usage": {"prompt_tokens": total, "total_tokens": total}}
 
     def tokenize(self, text: str | bytes, add_bos: bool | None = None, special: bool = True) -> list[int]:
         if isinstance(text, bytes):

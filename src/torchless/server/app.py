@@ -9,6 +9,7 @@ validates, renders the chat template, and hands token ids to the continuous batc
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import sys
@@ -17,6 +18,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -430,6 +432,33 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None,
             tokens = [{"id": t, "piece": piece} for t, piece in zip(ids, decoded)]
         return JSONResponse({"tokens": tokens, "count": len(ids), "max_model_len": llm.n_ctx})
 
+    async def embeddings(http: HTTPRequest):
+        """OpenAI's /v1/embeddings: `input` a text, a list of texts, a list of token ids or a
+        list of those; each the unit-length mean of its final hidden states, computed on the
+        engine thread between steps."""
+        body = await parse(http)
+        _refuse(body, {"input", "model", "encoding_format", "user", "dimensions"})
+        texts = body.get("input")
+        if isinstance(texts, (str, dict)) or not isinstance(texts, list) or not texts:
+            texts = [texts]
+        ids_ok = lambda v: isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v)  # noqa: E731
+        if ids_ok(texts):
+            texts = [texts]
+        if not all(isinstance(t, str) and t or ids_ok(t) for t in texts):
+            raise APIError(400, "'input' must be a non-empty string, a list of them, or token ids", "input")
+        fmt = _field(body, "encoding_format", str, "float", lambda v: v in ("float", "base64"),
+                     what="'float' or 'base64'")
+        if body.get("dimensions") is not None:
+            raise APIError(400, "'dimensions' is not supported (the model's hidden size is the only one)", "dimensions")
+        try:
+            out = await asyncio.wrap_future(engine.call(lambda: llm._embeddings(texts, model_id)))
+        except TorchlessError as e:
+            raise APIError(400, str(e), "input") from None
+        if fmt == "base64":
+            for item in out["data"]:
+                item["embedding"] = base64.b64encode(np.asarray(item["embedding"], "<f4").tobytes()).decode()
+        return JSONResponse(out)
+
     async def detokenize(http: HTTPRequest):
         body = await parse(http)
         ids = body.get("tokens")
@@ -465,6 +494,7 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None,
         Route("/v1/models", wrap(models), methods=["GET"]),
         Route("/v1/models/{name:path}", wrap(model), methods=["GET"]),
         Route("/tokenize", wrap(tokenize), methods=["POST"]),
+        Route("/v1/embeddings", wrap(embeddings), methods=["POST"]),
         Route("/detokenize", wrap(detokenize), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),

@@ -12,6 +12,7 @@ thread stops; `alive` then turns false and /health reports it.
 from __future__ import annotations
 
 import queue
+from concurrent.futures import Future
 import threading
 import time
 from dataclasses import dataclass, field
@@ -73,6 +74,16 @@ class EngineThread:
         self._inbox.put(request)
         return request
 
+    def call(self, fn) -> Future:
+        """Run fn() on the engine thread between steps (it may use the model, which only that
+        thread touches); its result or exception comes back through the Future."""
+        future: Future = Future()
+        if not self.alive:
+            future.set_exception(TorchlessError(f"the engine has stopped: {self.error}"))
+        else:
+            self._inbox.put((fn, future))
+        return future
+
     def cancel(self, request: Request) -> None:
         if not request.cancelled and not request.seq.finished:
             request.cancelled = True
@@ -118,7 +129,9 @@ class EngineThread:
                     request.emit(None, f"error: {self.error}")
                 while not self._inbox.empty():
                     request = self._inbox.get()
-                    if request is not None and not request.cancelled:
+                    if isinstance(request, tuple):  # call(fn)
+                        request[1].set_exception(TorchlessError(f"the engine has stopped: {self.error}"))
+                    elif request is not None and not request.cancelled:
                         request.emit(None, f"error: {self.error}")
 
     def _take_inbox(self, block: bool) -> None:
@@ -130,6 +143,13 @@ class EngineThread:
             block = False
             if request is None:
                 return
+            if isinstance(request, tuple):  # call(fn)
+                fn, future = request
+                try:
+                    future.set_result(fn())
+                except Exception as e:  # noqa: BLE001 - the caller gets it
+                    future.set_exception(e)
+                continue
             if request.cancelled:
                 self._requests.pop(request.seq.seq_id, None)
                 self.engine.cancel(request.seq)
