@@ -259,3 +259,36 @@ def test_resolve_model(tmp_path, cache, monkeypatch):
 
 def test_serve_rejects_a_bad_port_in_one_line(tiny_llama_gguf):
     assert_one_error_line(run("serve", "-m", tiny_llama_gguf, "--port", "0"), "--port must be 1..65535")
+
+
+def test_chat_reads_several_lines_as_one_message():
+    from torchless.cli import _read_message
+
+    def reader(lines):
+        it = iter(lines)
+        return lambda first: next(it)
+
+    assert _read_message(reader(["hello"])) == "hello"
+    assert _read_message(reader(['"""', "line one", "", "line two", '"""'])) == "line one\n\nline two"
+    assert _read_message(reader(['"""first', 'last"""'])) == "first\nlast"
+    assert _read_message(reader(['"""all on one line"""'])) == "all on one line"
+    assert _read_message(reader(["one \\", "two"])) == "one \ntwo"
+
+
+def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation(tiny_llama_gguf):
+    """SIGINT while a reply streams: the reply ends, the chat goes on with it in the history."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "torchless", "chat", "-m", str(tiny_llama_gguf),
+                             "--max-tokens", "100000", "--n-ctx", "256", "--temperature", "0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write("Tell me everything\n")
+    proc.stdin.flush()
+    first = proc.stdout.read(1)  # the reply has started
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate("/exit\n", timeout=120)
+    assert proc.returncode == 0, err
+    assert first and "[reply stopped; the conversation goes on]" in err
+    assert "Traceback" not in err

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 
 from .errors import TorchlessError
@@ -87,10 +89,14 @@ def _driving(command):
     return run
 
 
-def _stream_out(chunks, text_of) -> tuple[dict, float, float]:
-    """Print chunks' text to stdout as it comes; return (usage, seconds to first text, total seconds)."""
+def _stream_out(chunks, text_of, stop=None) -> tuple[dict, float, float]:
+    """Print chunks' text to stdout as it comes; return (usage, seconds to first text, total
+    seconds). `stop` (an Event) set: the stream is closed after the chunk at hand."""
     start, first, usage = time.perf_counter(), None, {}
     for chunk in chunks:
+        if stop is not None and stop.is_set():
+            chunks.close()  # cancels the sequence; the engine stays consistent
+            break
         text = text_of(chunk["choices"][0])
         if first is None and (text or chunk["choices"][0]["finish_reason"]):  # not chat's role chunk
             first = time.perf_counter() - start
@@ -138,13 +144,20 @@ def cmd_chat(args) -> int:
 def _chat(args, llm) -> int:
     kwargs = _sampling_kwargs(args)
     messages = [dict(role="system", content=args.system)] if args.system else []
-    _err("chat: type a message; /reset forgets the conversation, /exit or Ctrl-D ends")
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401 - input() gets line editing and history
+    _err('chat: type a message; """ starts and ends several lines; /reset forgets the '
+         "conversation, /exit or Ctrl-D ends; Ctrl-C stops a reply")
     while True:
         try:
-            line = input("> " if sys.stdin.isatty() else "")  # input() prompts on stdout
+            line = _read_message(lambda first: input(("> " if first else "... ") if interactive else ""))
         except EOFError:
             print(file=sys.stderr)
             return 0
+        except KeyboardInterrupt:
+            _err("\n(Ctrl-D or /exit ends the chat)")
+            continue
         if line.strip() in ("/exit", "/quit"):
             return 0
         if line.strip() == "/reset":
@@ -158,15 +171,43 @@ def _chat(args, llm) -> int:
         def content(choice):  # printed, and kept for the history
             reply.append(choice["delta"].get("content", ""))
             return reply[-1]
+        stop = threading.Event()
+        main = threading.current_thread() is threading.main_thread()  # where signals can be set
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.set()) if main else None  # checked between tokens
         try:
-            _stream_out(llm.create_chat_completion(messages, stream=True, **kwargs), content)
+            _stream_out(llm.create_chat_completion(messages, stream=True, **kwargs), content, stop)
         except TorchlessError as e:  # e.g. the conversation outgrew the context: keep the session
             messages.pop()
             _err(f"error: {e} (/reset starts over)")
             continue
-        if not sys.stdout.isatty():
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+        if stop.is_set():
+            _err("\n[reply stopped; the conversation goes on]")
+        elif not sys.stdout.isatty():
             sys.stdout.write("\n")
         messages.append(dict(role="assistant", content="".join(reply)))
+
+
+def _read_message(read) -> str:
+    """One message from read(first_line: bool): a line, lines joined while one ends with a
+    backslash, or everything between two \"\"\" (Ollama's convention for pasted text)."""
+    line = read(True)
+    if line.lstrip().startswith('"""'):
+        text = line.lstrip()[3:]
+        if text.rstrip().endswith('"""') and text.strip():
+            return text.rstrip()[:-3]
+        lines = [text] if text else []
+        while True:
+            line = read(False)
+            if line.rstrip().endswith('"""'):
+                lines.append(line.rstrip()[:-3])
+                return "\n".join(lines).strip("\n")
+            lines.append(line)
+    while line.endswith("\\"):
+        line = line[:-1] + "\n" + read(False)
+    return line
 
 
 def _summarize(value, width: int = 80) -> str:
