@@ -292,3 +292,20 @@ def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation(tiny_llama_gguf)
     assert proc.returncode == 0, err
     assert first and "[reply stopped; the conversation goes on]" in err
     assert "Traceback" not in err
+
+
+def test_first_run_says_the_kernels_compile_and_warms_them_before_any_timing(tiny_llama_gguf, monkeypatch, capsys):
+    from torchless import LLM, cli
+
+    llm = LLM(str(tiny_llama_gguf))
+    batches, submit = [], llm.runner.submit
+    monkeypatch.setattr(llm.runner, "submit", lambda tag, spans: batches.append(len(spans)) or submit(tag, spans))
+    monkeypatch.setattr(cli, "_kernels_cached", lambda: False)
+    cli._warm_up(llm)
+    err = capsys.readouterr().err
+    assert "compiling the kernels for this machine (first run only)" in err and "compiled in" in err
+    monkeypatch.setattr(cli, "_kernels_cached", lambda: True)
+    cli._warm_up(llm)  # later runs: the same warm-up, nothing said
+    assert capsys.readouterr().err == ""
+    assert batches == [3, 3]  # a micro-batch of several sequences each time: the batched kernels
+    llm.close()

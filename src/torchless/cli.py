@@ -78,6 +78,7 @@ def _driving(command):
     def run(args) -> int:
         _set_threads(args.threads)
         llm = _load(args.model, args.parallel, args.n_ctx)
+        _warm_up(llm)
         if not llm.runner.is_driver:
             while llm.runner.follow():
                 pass
@@ -87,6 +88,40 @@ def _driving(command):
         finally:
             llm.close()
     return run
+
+
+def _kernels_cached() -> bool:
+    """Whether numba has compiled the kernels on this machine before (its on-disk cache has the
+    batched decode block); if that cannot be told, assume so."""
+    try:
+        from .kernels import fused_layer
+
+        return os.path.exists(fused_layer.batch_mlp_block._cache._cache_file._index_path)
+    except (AttributeError, ImportError, OSError):
+        return True
+
+
+def _warm_up(llm) -> None:
+    """The kernels compile on a machine's first run (tens of seconds, once) and load from
+    numba's cache on later ones (a few seconds), both at first use: say so the first time, and
+    in one process get it done now on throwaway sequences, so the speed printed later is the
+    engine's own."""
+    from .model.mistral import Span
+    from .model.runner import LocalRunner
+
+    first = not _kernels_cached()
+    if first and llm.runner.is_driver:
+        _err("compiling the kernels for this machine (first run only) ...")
+    if not isinstance(llm.runner, LocalRunner):
+        return  # under a parallel runner they compile on first use, on every rank
+    start, token = time.perf_counter(), llm.tokenizer.bos_id or 0
+    states = [llm.model.new_state(8) for _ in range(4)]
+    llm.model.prefill(states[0], [token] * 3)  # a prompt chunk
+    llm.model.forward_spans([Span(states[0], [token], states[0].pos)])  # one sequence's step
+    llm.runner.submit("compile", [Span(state, [token], 0) for state in states[1:]])  # a batch
+    llm.runner.collect()
+    if first:
+        _err(f"compiled in {time.perf_counter() - start:.0f} s")
 
 
 def _stream_out(chunks, text_of, stop=None) -> tuple[dict, float, float]:
