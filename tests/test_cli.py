@@ -309,3 +309,27 @@ def test_first_run_says_the_kernels_compile_and_warms_them_before_any_timing(tin
     assert capsys.readouterr().err == ""
     assert batches == [3, 3]  # a micro-batch of several sequences each time: the batched kernels
     llm.close()
+
+
+def test_bench_in_llama_bench_shape(tiny_llama_gguf):
+    """pp and tg rows (mean ± sd over runs) in llama-bench's columns, as a table, CSV or JSON."""
+    import json
+    import statistics
+
+    common = ("bench", "-m", tiny_llama_gguf, "-p", 16, "-n", 4, "-r", 2, "--threads", 1)
+    table = run(*common)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == [
+        "model", "size", "params", "backend", "threads", "parallel", "test", "t/s"]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:4]]
+    assert [r[6] for r in rows] == ["pp16", "tg4"] and all(" ± " in r[7] for r in rows)
+    assert rows[0][0].startswith("llama ") and rows[0][0].endswith(" Q8_0") and rows[0][4] == "1"
+    as_json = json.loads(run(*common, "-o", "json").stdout)
+    assert len(as_json["prefill_runs"]) == 2 and len(as_json["decode_runs"]) == 2
+    assert as_json["n_prompt"] == 16 and as_json["n_gen"] == 4 and as_json["n_params"] > 0
+    csv_lines = run(*common, "-o", "csv").stdout.splitlines()
+    assert csv_lines[0] == "model,size,params,backend,threads,parallel,test,avg_ts,stddev_ts"
+    pp = csv_lines[1].split(",")
+    assert pp[6] == "pp16" and float(pp[7]) > 0 and float(pp[8]) >= 0
+    assert statistics.fmean(as_json["decode_runs"]) > 0

@@ -436,20 +436,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="measure prefill and decode speed, memory and bandwidth use",
-                       description="Run a prefill of --prompt-tokens random tokens, then --gen-tokens "
-                                   "greedy decode steps, --runs times after one warm-up, and print the "
-                                   "median speeds, peak RSS, the weight bytes read per decoded token "
-                                   "and the share of the measured memory bandwidth that decoding uses.")
+                       description="llama-bench's two tests, --runs times each after a warm-up: ppN, "
+                                   "a prefill of N random tokens into an empty context, and tgN, N greedy "
+                                   "decode steps from an empty context; printed as llama-bench's table "
+                                   "(mean ± standard deviation), CSV or JSON, then peak RSS, the weight "
+                                   "bytes read per decoded token and the share of the measured memory "
+                                   "bandwidth that decoding uses.")
     p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
     p.add_argument("--threads", type=int, default=None,
                    help="worker threads (default: the cores this process may use)")
-    p.add_argument("--prompt-tokens", type=int, default=256, help="prefill length (default 256)")
-    p.add_argument("--gen-tokens", type=int, default=128, help="decode steps (default 128)")
-    p.add_argument("--runs", type=int, default=3, help="measured runs after a warm-up (default 3)")
+    p.add_argument("-p", "--prompt-tokens", type=int, default=512, help="prefill length (default 512, pp512)")
+    p.add_argument("-n", "--gen-tokens", type=int, default=128, help="decode steps (default 128, tg128)")
+    p.add_argument("-r", "--runs", type=int, default=5, help="measured runs after a warm-up (default 5)")
+    p.add_argument("-o", "--output", choices=("md", "csv", "json"), default="md",
+                   help="the table (md, default), csv, or json")
     p.add_argument("--parallel", default=None, metavar="SPEC",
                    help="tensor-parallel shards: tp=N (N threads here, or one per rank under "
                         "mpiexec -n N); peak RSS is then reported per rank")
-    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--json", action="store_true", help="the same as -o json")
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -477,7 +481,7 @@ def cmd_bench(args) -> int:
 
     import numba
 
-    from .bench import format_report, gather_per_rank, run_bench
+    from .bench import format_csv, format_markdown, gather_per_rank, model_info, run_bench
     from .engine import make_runner
     from .hub import resolve_model
     from .loader import Parameters
@@ -494,17 +498,19 @@ def cmd_bench(args) -> int:
     if parallel is not None and parallel.pipeline_stages > 1:
         raise TorchlessError("bench times one sequence, which a pipeline does not speed up; "
                              "benchmarks/bench_pipeline.py measures pipelines on batches")
-    runner = make_runner(Parameters.load(path), parallel)
+    params = Parameters.load(path)
+    runner = make_runner(params, parallel)
     model, group = runner.model, runner.group
-    if args.prompt_tokens + args.gen_tokens > model.config.context_length:
-        raise TorchlessError(f"--prompt-tokens + --gen-tokens = {args.prompt_tokens + args.gen_tokens} "
-                             f"exceeds the context of {model.config.context_length}")
+    if max(args.prompt_tokens, args.gen_tokens) > model.config.context_length:
+        raise TorchlessError(f"--prompt-tokens and --gen-tokens must fit the context of "
+                             f"{model.config.context_length}")
     report = run_bench(model, args.prompt_tokens, args.gen_tokens, args.runs, args.threads)
-    report["parallel"] = args.parallel or "none"
+    report.update(model_info(params), parallel=args.parallel or "none")
     if group is not None:
         # measured before the bandwidth probe's buffer, like the single-process figure
         report["peak_rss_mb_per_rank"] = gather_per_rank(group, report["peak_rss_mb"])
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    output = "json" if args.json else args.output
+    print({"json": lambda r: json.dumps(r, indent=2), "csv": format_csv, "md": format_markdown}[output](report))
     return 0
 
 
