@@ -8,7 +8,7 @@ norms, local sliding-window layers with their own RoPE base between global layer
 be scaled), the query scale of query_pre_attn_scalar, final logit softcapping, tied embeddings.
 The sequence (24 tokens) is longer than the windows (4), so every run path (prefill in chunks,
 the reference and the compiled decode steps, a micro-batch of sequences, tensor-parallel shards,
-a pipeline) is held to transformers at every position.
+a pipeline) is held to transformers at every position, local layers through rings of their window.
 """
 
 from __future__ import annotations
@@ -196,6 +196,18 @@ def test_config_read_from_files(case_files):
     t = load(case_files, "gemma3_layer_types", "safetensors")[0].config
     assert (t.sliding_layers, t.rope_local_theta, t.attention_scale) == ((True, False) * 2, 100.0, 32 ** -0.5)
     assert load(case_files, "qwen3_sliding", "safetensors")[0].config.sliding_layers == (False, True)
+
+
+def test_local_layers_keep_rings_of_their_window(case_files):
+    """Gemma 3's 5 local layers keep the last 4 positions each, its global layer all 24."""
+    from torchless.model.kv_cache import KVCache
+
+    model = Mistral.load(load(case_files, "gemma3", "gguf")[0])
+    state = InferenceState(model.config)
+    model.prefill(state, SEQ)
+    assert state.cache.k.shape[0] == 1 and state.cache.k.shape[1] >= 24 and state.cache.k_local.shape[:2] == (5, 4)
+    per_position = 2 * 4 * model.config.n_kv_heads * model.config.head_dim
+    assert KVCache.bytes_for(model.config, model.config.n_kv_heads, 24) == per_position * (24 + 5 * 4)
 
 
 def test_compiled_blocks_only_where_they_are_llama_blocks(case_files):
