@@ -268,3 +268,20 @@ def test_echo_logprobs_need_a_runner_that_can_score_the_prompt(tiny_llama_gguf):
         assert piped(PROMPT, max_tokens=2, logprobs=1)["choices"][0]["logprobs"]["tokens"]
     finally:
         piped.close()
+
+
+def test_chat_response_format_json_schema_in_the_library(tiny_llama_gguf):
+    import json
+
+    llm = LLM(str(tiny_llama_gguf))
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    for seed in range(3):
+        out = llm.create_chat_completion([{"role": "user", "content": "a digit"}], max_tokens=20, seed=seed,
+                                         temperature=1.0, response_format={"type": "json_schema",
+                                                                           "json_schema": {"schema": schema}})
+        value = json.loads(out["choices"][0]["message"]["content"])
+        assert set(value) == {"n"} and 0 <= value["n"] <= 9
+    with pytest.raises(TorchlessError, match="response_format type 'yaml' is not supported"):
+        llm.create_chat_completion([{"role": "user", "content": "x"}], response_format={"type": "yaml"})
+    llm.close()

@@ -508,7 +508,7 @@ def test_sampling_fields_are_honoured_with_openai_defaults(client, llm):
 
 
 @pytest.mark.parametrize("endpoint, extra, param", [
-    ("chat", dict(response_format={"type": "json_object"}), "response_format"),
+    ("chat", dict(response_format={"type": "regex"}), "response_format"),
     ("chat", dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
     ("chat", dict(tool_choice="auto"), "tool_choice"),
     ("chat", dict(extra_body={"frobnicate": 1}), "frobnicate"),
@@ -651,3 +651,29 @@ def test_embeddings_equal_the_mean_final_hidden_state_at_unit_length(client, llm
         with pytest.raises(openai.BadRequestError):
             client.embeddings.create(model="x", **{k: v for k, v in bad.items() if k in ("input", "dimensions")},
                                      extra_body={k: v for k, v in bad.items() if k not in ("input", "dimensions")})
+
+
+def test_response_format_json_schema_output_parses_and_validates_under_sampling(client):
+    """Every token inside the schema's grammar: whatever the seed, the text parses and has
+    exactly the schema's fields and types (the tiny random model, left alone, writes noise)."""
+    import json as _json
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                               "tag": {"type": "string", "enum": ["a", "bb", "ccc"]}},
+              "required": ["ok", "tag"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}
+    for seed in range(4):
+        out = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}],
+                                             max_tokens=40, temperature=1.0, seed=seed, response_format=fmt)
+        assert out.choices[0].finish_reason == "stop"
+        value = _json.loads(out.choices[0].message.content)
+        assert set(value) == {"ok", "tag"} and isinstance(value["ok"], bool) and value["tag"] in ("a", "bb", "ccc")
+    any_object = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=60, temperature=0, response_format={"type": "json_object"})
+    if any_object.choices[0].finish_reason == "stop":
+        assert isinstance(_json.loads(any_object.choices[0].message.content), dict)
+    else:
+        assert any_object.choices[0].message.content.startswith("{")
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}],
+                                       response_format={"type": "xml"})

@@ -16,6 +16,7 @@ import numpy as np
 from .engine.sequence import Sequence
 from .errors import TorchlessError
 from .generate import check_prompt_fits
+from .grammar import ConstrainedSampler, response_format_grammar
 from .hub import DEFAULT_MODEL
 from .logprobs import chat_logprobs, completion_logprobs, merge_completion_logprobs, prompt_offsets
 from .sampling import Sampler, SamplingParams
@@ -156,10 +157,12 @@ class LLM:
                                stop: str | list[str] | None = None, seed: int | None = None,
                                stream: bool = False, logprobs: bool = False,
                                top_logprobs: int | None = None, presence_penalty: float = 0.0,
-                               frequency_penalty: float = 0.0, logit_bias: dict | None = None):
+                               frequency_penalty: float = 0.0, logit_bias: dict | None = None,
+                               response_format: dict | None = None):
         """OpenAI's chat.completion dict (or chat.completion.chunk iterator), via the model's
         template. logprobs=True reports each token's log-probability, top_logprobs=N the N
-        likeliest tokens at each position too."""
+        likeliest tokens at each position too. response_format {"type": "json_object"} or
+        {"type": "json_schema", "json_schema": {"schema": ...}} keeps every token inside it."""
         if not isinstance(logprobs, bool):
             raise TorchlessError(f"logprobs must be True or False for a chat, got {logprobs!r}")
         top = _top_count(top_logprobs, "top_logprobs")
@@ -169,7 +172,8 @@ class LLM:
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repeat_penalty=repeat_penalty, seed=seed, presence_penalty=presence_penalty,
                         frequency_penalty=frequency_penalty, logit_bias=logit_bias)
-        seq = self._sequence(ids, 0, sampling, max_tokens, stop, (top or 0) if logprobs else None)
+        seq = self._sequence(ids, 0, sampling, max_tokens, stop, (top or 0) if logprobs else None,
+                             response_format=response_format)
         meta = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_path)
         chunks = self._chat_chunks(seq, meta)
         if stream:
@@ -197,11 +201,14 @@ class LLM:
         return params
 
     def _sequence(self, ids, index, sampling: dict, max_tokens, stop, logprobs=None,
-                  echo=False) -> Sequence:
+                  echo=False, response_format=None) -> Sequence:
         params = self.sampling_params(**sampling)
         # Without a per-call seed, calls share the LLM's generator, so seed=... on LLM makes a
         # whole session reproducible (llama-cpp-python's behaviour).
         sampler = Sampler(params, rng=self._rng if params.seed is None else None)
+        grammar = response_format_grammar(response_format, self.tokenizer, self.config.vocab_size)
+        if grammar is not None:
+            sampler = ConstrainedSampler(sampler, self.tokenizer, self.config.vocab_size, grammar)
         budget = self.n_ctx - len(ids)
         if max_tokens is not None and max_tokens > 0:
             budget = min(budget, max_tokens)

@@ -260,6 +260,10 @@ class Tokenizer:
 
     # ---- vocabulary ---------------------------------------------------------------------------
 
+    def backend_json(self) -> str:
+        """The `tokenizers` library's JSON of this tokenizer (what llguidance builds from)."""
+        return self._backend.to_str()
+
     @property
     def vocab_size(self) -> int:
         return len(self._tokens)

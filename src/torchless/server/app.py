@@ -27,6 +27,7 @@ from starlette.routing import Route
 from ..api import MAX_LOGPROBS, chat_messages
 from ..engine import Sequence
 from ..errors import TorchlessError
+from ..grammar import ConstrainedSampler, response_format_grammar
 from ..logprobs import chat_logprobs, completion_logprobs, prompt_offsets
 from ..sampling import Sampler
 from .engine import EngineThread, Request
@@ -53,7 +54,6 @@ CHAT_FIELDS = SAMPLING_FIELDS | {
 # field -> whether its value asks for nothing more than the server does without it
 _HARMLESS = {
     "suffix": lambda v: v is None or v == "",
-    "response_format": lambda v: v is None or v == {"type": "text"},
     "tools": lambda v: v is None or v == [],
     "tool_choice": lambda v: v is None or v == "none",
     "functions": lambda v: v is None or v == [],
@@ -216,7 +216,8 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None,
                            "prompt", code="context_length_exceeded")
         return min(max_tokens, n_ctx - len(ids))
 
-    async def run(prompts: list[list[int]], params, max_tokens, stop, n, logprobs=None, echo=False):
+    async def run(prompts: list[list[int]], params, max_tokens, stop, n, logprobs=None, echo=False,
+                  grammar=None):
         """Start every choice at once (they batch together) and stream or collect them.
         logprobs: alternatives to record per token (None: none); echo with logprobs: the
         prompt's too (scored on the engine thread when the request joins)."""
@@ -232,7 +233,10 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None,
                 events.put_nowait, (i, text, reason, list(entries))))(i)
             # n choices of one seeded request differ from each other, and repeat across calls
             own = params if params.seed is None or j == 0 else replace(params, seed=params.seed + j)
-            seq = Sequence(ids, Sampler(own), budget, llm.tokenizer.eos_ids,
+            sampler = Sampler(own)
+            if grammar is not None:  # response_format: every token kept inside the grammar
+                sampler = ConstrainedSampler(sampler, llm.tokenizer, llm.config.vocab_size, grammar)
+            seq = Sequence(ids, sampler, budget, llm.tokenizer.eos_ids,
                            llm.tokenizer.stream_decoder(), stop, index=i, logprobs=logprobs,
                            prompt_logprobs=echo and logprobs is not None)
             jobs.append(Request(seq, emit, prompt=ids))
@@ -376,7 +380,11 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None,
         logprobs = (top or 0) if want_logprobs else None
         ids = llm._prompt_ids(llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True),
                               template=True)
-        jobs, events = await run([ids], params, max_tokens, stop, n, logprobs)
+        try:
+            grammar = response_format_grammar(body.get("response_format"), llm.tokenizer, llm.config.vocab_size)
+        except TorchlessError as e:
+            raise APIError(400, str(e), "response_format") from None
+        jobs, events = await run([ids], params, max_tokens, stop, n, logprobs, grammar=grammar)
         meta = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model_id)
 
         def chat_lp(entries):
