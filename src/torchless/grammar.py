@@ -1,12 +1,14 @@
 """Structured output: a sampler whose every token keeps the text inside a grammar.
 
-Built on llguidance (the Rust constrained-decoding engine behind Guidance and used by llama.cpp
-and vLLM): it compiles JSON schemas, regexes and Lark/GBNF grammars against the model's own
-tokenizer and gives, per step, the set of tokens that keep the output valid, in tens of
-microseconds for a 50k vocabulary. Chosen over xgrammar because it needs no torch and takes a
-`tokenizers` JSON as is. The sampler itself is unchanged: it sees logits with every other token
-at -inf, so greedy, temperature and the rest work as they do without a grammar; the end of
-sequence token is allowed only where the grammar may end.
+Built on llguidance (the Rust constrained-decoding engine behind Guidance, also a backend of
+llama.cpp and vLLM): it compiles JSON schemas, regexes and Lark/GBNF grammars against the
+model's own vocabulary (each token's bytes, given here, since a GGUF vocabulary carries no
+`tokenizers` decoder it could read) and gives, per step, the tokens that keep the output valid.
+Chosen over xgrammar because it needs no torch. The sampler itself is unchanged: it sees logits
+with every other token at -inf, so greedy, temperature and the rest work as without a grammar;
+the end-of-sequence token is allowed only where the grammar may end. Cost: SmolLM2, a
+three-field schema, 64 tokens, 0.67x the tok/s of the same chat without it (on a busy machine;
+the per-step mask over 49k tokens is the price).
 """
 
 from __future__ import annotations
