@@ -13,13 +13,15 @@ from functools import cached_property
 
 import numpy as np
 
+from .chat_template import template_variables
 from .engine.sequence import Sequence
 from .errors import TorchlessError
 from .generate import check_prompt_fits
-from .grammar import ConstrainedSampler, response_format_grammar
+from .grammar import constrain, response_format_grammar, user_grammar
 from .hub import DEFAULT_MODEL
 from .logprobs import chat_logprobs, completion_logprobs, merge_completion_logprobs, prompt_offsets
 from .sampling import Sampler, SamplingParams
+from .tools import ToolCallStream, chat_with_tools, parse_reply, tool_request
 
 MAX_LOGPROBS = 20  # the most alternatives a request may ask for per token (vLLM's default limit)
 
@@ -122,9 +124,10 @@ class LLM:
                           stop: str | list[str] | None = None, seed: int | None = None,
                           stream: bool = False, logprobs: int | None = None, echo: bool = False,
                           presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                          logit_bias: dict | None = None):
+                          logit_bias: dict | None = None, grammar=None):
         """OpenAI's text_completion dict, or with stream=True an iterator of its chunks. A list
         of prompts (strings or token-id lists) gives one choice each, generated as one batch.
+        grammar: a GBNF grammar (text or LlamaGrammar) every completion is kept inside.
 
         max_tokens None or <= 0 generates until end of sequence or a full context. logprobs=N
         reports each token's log-probability (of the raw logits) and the N likeliest; echo puts
@@ -140,7 +143,8 @@ class LLM:
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repeat_penalty=repeat_penalty, seed=seed, presence_penalty=presence_penalty,
                         frequency_penalty=frequency_penalty, logit_bias=logit_bias)
-        seqs = [self._sequence(ids, i, sampling, max_tokens, stop, logprobs, echo)
+        compiled = user_grammar(grammar, self.tokenizer, self.config.vocab_size)
+        seqs = [self._sequence(ids, i, sampling, max_tokens, stop, logprobs, echo, compiled)
                 for i, ids in enumerate(prompts)]
         for seq in seqs:  # now, so that the echoed prompt's chunk has them
             if seq.wants_prompt_logprobs:
@@ -158,34 +162,54 @@ class LLM:
                                stream: bool = False, logprobs: bool = False,
                                top_logprobs: int | None = None, presence_penalty: float = 0.0,
                                frequency_penalty: float = 0.0, logit_bias: dict | None = None,
-                               response_format: dict | None = None):
+                               response_format: dict | None = None, grammar=None, tools=None,
+                               tool_choice=None, parallel_tool_calls: bool | None = None):
         """OpenAI's chat.completion dict (or chat.completion.chunk iterator), via the model's
         template. logprobs=True reports each token's log-probability, top_logprobs=N the N
         likeliest tokens at each position too. response_format {"type": "json_object"} or
-        {"type": "json_schema", "json_schema": {"schema": ...}} keeps every token inside it."""
+        {"type": "json_schema", "json_schema": {"schema": ...}}, or grammar (GBNF text or a
+        LlamaGrammar), keeps every token inside it. tools / tool_choice ("none", "auto",
+        "required", {"type": "function", "function": {"name": ...}}) as OpenAI's (see tools.py):
+        a reply of calls has content None, tool_calls, and finish_reason "tool_calls"."""
         if not isinstance(logprobs, bool):
             raise TorchlessError(f"logprobs must be True or False for a chat, got {logprobs!r}")
         top = _top_count(top_logprobs, "top_logprobs")
         if top is not None and not logprobs:
             raise TorchlessError("top_logprobs needs logprobs=True")
-        ids = self._prompt_ids(self._render_chat(messages), template=True)
+        tools = tool_request(tools, tool_choice, parallel_tool_calls)
+        calling = tools is not None and tools.calls_tools
+        if sum(x is not None for x in (response_format, grammar)) + calling > 1:
+            raise TorchlessError("give at most one of response_format, grammar and tools (with a "
+                                 "tool_choice other than 'none')")
+        ids = self._prompt_ids(self._render_chat(messages, tools), template=True)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repeat_penalty=repeat_penalty, seed=seed, presence_penalty=presence_penalty,
                         frequency_penalty=frequency_penalty, logit_bias=logit_bias)
+        n_vocab, trigger = self.config.vocab_size, None
+        if calling:
+            compiled, trigger = tools.grammar(self.tokenizer, n_vocab)
+        elif grammar is not None:
+            compiled = user_grammar(grammar, self.tokenizer, n_vocab)
+        else:
+            compiled = response_format_grammar(response_format, self.tokenizer, n_vocab)
         seq = self._sequence(ids, 0, sampling, max_tokens, stop, (top or 0) if logprobs else None,
-                             response_format=response_format)
+                             grammar=compiled, trigger=trigger)
         meta = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_path)
-        chunks = self._chat_chunks(seq, meta)
         if stream:
-            return chunks
+            return self._chat_chunks(seq, meta, ToolCallStream(tools) if calling else None)
         text, reason, usage, content = "", None, _usage(len(ids), 0), []
-        for chunk in chunks:
+        for chunk in self._chat_chunks(seq, meta):
             choice = chunk["choices"][0]
             text += choice["delta"].get("content", "")
             reason, usage = choice["finish_reason"] or reason, chunk.get("usage", usage)
             content += (choice["logprobs"] or {}).get("content", [])
+        message = dict(role="assistant", content=text)
+        calls = parse_reply(text, tools)
+        if calls is not None:
+            message = dict(role="assistant", content=None, tool_calls=calls)
+            reason = "tool_calls" if reason == "stop" else reason
         return dict(meta, object="chat.completion",
-                    choices=[dict(index=0, message=dict(role="assistant", content=text),
+                    choices=[dict(index=0, message=message,
                                   logprobs=dict(content=content, refusal=None) if logprobs else None,
                                   finish_reason=reason)],
                     usage=usage)
@@ -201,14 +225,14 @@ class LLM:
         return params
 
     def _sequence(self, ids, index, sampling: dict, max_tokens, stop, logprobs=None,
-                  echo=False, response_format=None) -> Sequence:
+                  echo=False, grammar=None, trigger=None) -> Sequence:
+        """grammar: a compiled llguidance grammar the sampler is kept inside (from `trigger`
+        on, if one is given)."""
         params = self.sampling_params(**sampling)
         # Without a per-call seed, calls share the LLM's generator, so seed=... on LLM makes a
         # whole session reproducible (llama-cpp-python's behaviour).
         sampler = Sampler(params, rng=self._rng if params.seed is None else None)
-        grammar = response_format_grammar(response_format, self.tokenizer, self.config.vocab_size)
-        if grammar is not None:
-            sampler = ConstrainedSampler(sampler, self.tokenizer, self.config.vocab_size, grammar)
+        sampler = constrain(sampler, self.tokenizer, self.config.vocab_size, grammar, trigger)
         budget = self.n_ctx - len(ids)
         if max_tokens is not None and max_tokens > 0:
             budget = min(budget, max_tokens)
@@ -233,8 +257,12 @@ class LLM:
         check_prompt_fits(len(ids), self.n_ctx)  # now, not at the first next() of a stream
         return ids
 
-    def _render_chat(self, messages) -> str:
-        return self.tokenizer.apply_chat_template(chat_messages(messages), add_generation_prompt=True)
+    def _render_chat(self, messages, tools=None) -> str:
+        """The prompt of a chat; tools: a ToolRequest (tools.chat_with_tools says how they and
+        tool turns reach the template)."""
+        template = self.tokenizer.chat_template
+        turns, extra = chat_with_tools(chat_messages(messages), tools, "tools" in template_variables(template))
+        return self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, **extra)
 
     def _check_not_served(self) -> None:
         if self.engine.served_by is not None:
@@ -308,7 +336,8 @@ class LLM:
                 yield dict(meta, choices=[dict(text=event.text, index=seq.index, logprobs=logprobs(seq),
                                                finish_reason=None)])
 
-    def _chat_chunks(self, seq, meta):
+    def _chat_chunks(self, seq, meta, calls: ToolCallStream | None = None):
+        """chat.completion.chunk dicts; with `calls`, the text goes through it (tool-call deltas)."""
         meta = dict(meta, object="chat.completion.chunk")
         sent = 0
 
@@ -323,12 +352,19 @@ class LLM:
             yield dict(meta, choices=[dict(index=0, delta=dict(role="assistant"), logprobs=None,
                                            finish_reason=None)])
         for event in self._events([seq]):
-            if event.text or (seq.logprobs is not None and len(seq.token_logprobs) > sent):
+            reason = event.finish_reason
+            if calls is not None:
+                deltas = calls.feed(event.text)
+                if reason is not None:
+                    more, reason = calls.finish(reason)
+                    deltas += more
+                for delta in deltas:
+                    yield dict(meta, choices=[dict(index=0, delta=delta, logprobs=logprobs(), finish_reason=None)])
+            elif event.text or (seq.logprobs is not None and len(seq.token_logprobs) > sent):
                 yield dict(meta, choices=[dict(index=0, delta=dict(content=event.text), logprobs=logprobs(),
                                                finish_reason=None)])
-            if event.finish_reason is not None:
-                yield dict(meta, choices=[dict(index=0, delta={}, logprobs=None,
-                                               finish_reason=event.finish_reason)],
+            if reason is not None:
+                yield dict(meta, choices=[dict(index=0, delta={}, logprobs=None, finish_reason=reason)],
                            usage=_usage(len(seq.prompt_ids), seq.completion_tokens))
 
 

@@ -23,6 +23,7 @@ from datetime import datetime
 from functools import lru_cache
 
 import jinja2
+import jinja2.meta
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
@@ -313,6 +314,18 @@ def _compile(template: str) -> jinja2.Template:
     env.globals["strftime_now"] = _strftime_now
     env.globals["lipsum"] = _bounded_lipsum
     return env.from_string(template)
+
+
+@lru_cache(maxsize=16)
+def template_variables(template: str | None) -> frozenset:
+    """The variables a template reads from outside (`tools`, `messages`, ...); none for one
+    that does not parse (rendering it reports the error)."""
+    if template is None:
+        return frozenset()
+    try:
+        return frozenset(jinja2.meta.find_undeclared_variables(_compile(template).environment.parse(template)))
+    except jinja2.exceptions.TemplateError:
+        return frozenset()
 
 
 def validate_messages(messages) -> list[dict]:

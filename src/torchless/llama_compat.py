@@ -27,7 +27,9 @@ import numpy as np
 from .api import LLM, chat_messages
 from .chat_template import render_chat_template
 from .errors import TorchlessError
+from .grammar import LlamaGrammar  # noqa: F401 - llama_cpp.LlamaGrammar's place here
 from .sampling import Sampler, SamplingParams
+from .tools import chat_with_tools
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "a random seed"
 POOLING_UNSPECIFIED, POOLING_NONE, POOLING_MEAN, POOLING_CLS, POOLING_LAST = -1, 0, 1, 2, 3
@@ -69,9 +71,10 @@ def _refuse_unless_default(given: dict, defaults: dict, where: str) -> None:
 class _ChatMLEngine(LLM):
     """An LLM whose chats use ChatML whatever the file's template (chat_format='chatml')."""
 
-    def _render_chat(self, messages) -> str:
-        return render_chat_template(None, chat_messages(messages), bos_token=self.tokenizer.bos_token,
-                                    eos_token=self.tokenizer.eos_token)
+    def _render_chat(self, messages, tools=None) -> str:
+        turns, extra = chat_with_tools(chat_messages(messages), tools, template_takes_tools=False)
+        return render_chat_template(None, turns, bos_token=self.tokenizer.bos_token,
+                                    eos_token=self.tokenizer.eos_token, **extra)
 
 
 class Llama:
@@ -297,7 +300,7 @@ class Llama:
         one: empty text and the finish reason; usage only in the dict)."""
         _refuse_unless_default(dict(suffix=suffix, typical_p=typical_p, tfs_z=tfs_z,
                                     mirostat_mode=mirostat_mode, stopping_criteria=stopping_criteria,
-                                    logits_processor=logits_processor, grammar=grammar),
+                                    logits_processor=logits_processor),
                                _SAMPLING_DEFAULTS, "create_completion")
         if logprobs is not None and not self._logits_all:
             raise TorchlessError("logprobs is not supported for models created with logits_all=False")
@@ -305,7 +308,7 @@ class Llama:
             prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             min_p=min_p, repeat_penalty=repeat_penalty, stop=stop or None, seed=seed,
             stream=stream, logprobs=logprobs, echo=echo, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, logit_bias=logit_bias)
+            frequency_penalty=frequency_penalty, logit_bias=logit_bias, grammar=grammar)
         name = model if model is not None else self.model_path
         if not stream:
             return dict(out, model=name)
