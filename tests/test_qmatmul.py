@@ -214,5 +214,45 @@ def test_packed_nbytes_is_what_prepare_holds():
         raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
         if t in (GT.F32, GT.F16, GT.BF16):
             raw = np.zeros_like(raw)  # finite values
+        if t == GT.Q4_0:  # scales of a real file: -8 d must not overflow float16 (see below)
+            raw.reshape(rows, -1, size)[..., 1] &= 0x3F
         assert qm.prepare(QTensor(int(t), (rows, cols), raw)).nbytes == qm.packed_nbytes(t, (rows, cols)), t
     assert tested >= 20
+
+
+@pytest.mark.parametrize("t", sorted(qm.F16_SCALE_TYPES))
+def test_float16_scales_are_kept_as_float16_and_read_back_exactly(t):
+    """The types whose file scales are float16 keep them as float16 bits (half the bytes a decode
+    step reads for them) and every kernel widens them exactly: matvec, the batched kernels and
+    dequantization equal the float32-scale results bit for bit, subnormal, inf and NaN scales
+    included. A Q4_0 whose -8 d overflows float16 falls back to float32 scales, still exact."""
+    from torchless.quant import BLOCK_LAYOUT
+
+    block, size = BLOCK_LAYOUT[GT(t)]
+    rng = np.random.default_rng(t)
+    rows, cols = 70, 256
+    raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
+    if t == GT.Q4_0:
+        raw.reshape(rows, -1, size)[..., 1] &= 0x3F
+    w = qm.prepare(QTensor(int(t), (rows, cols), raw))
+    assert w.scale.dtype == np.uint16 and w.min.dtype == np.uint16
+    wide = qm.PackedWeight(w.ggml_type, w.shape, w.kind, w.group, w.codes,
+                           w.scale.view(np.float16).astype(np.float32), w.min.view(np.float16).astype(np.float32))
+    assert w.nbytes < wide.nbytes
+    ref = gq.dequantize(raw, GT(t)).reshape(rows, cols).astype(np.float32)
+    np.testing.assert_array_equal(qm.dequantize_rows(w, 0, rows), ref)
+    finite = np.isfinite(ref).all(axis=1)
+    x = rng.standard_normal(cols).astype(np.float32)
+    for a, b in ((qm.matvec(w, x), qm.matvec(wide, x)),):
+        np.testing.assert_array_equal(a[finite], b[finite])
+    X = rng.standard_normal((5, cols)).astype(np.float32)
+    Y, Yw = np.empty((5, rows), np.float32), np.empty((5, rows), np.float32)
+    qm.matmul_into(w, X, Y)
+    qm.matmul_into(wide, X, Yw)
+    np.testing.assert_array_equal(Y[:, finite], Yw[:, finite])
+    if t == GT.Q4_0:
+        raw.reshape(rows, -1, size)[0, 0, :2] = np.frombuffer(np.float16([60000.0]).tobytes(), np.uint8)
+        big = qm.prepare(QTensor(int(t), (rows, cols), raw))
+        assert big.scale.dtype == np.float32
+        ref = gq.dequantize(raw, GT(t)).reshape(rows, cols).astype(np.float32)
+        np.testing.assert_array_equal(qm.dequantize_rows(big, 0, rows), ref)

@@ -28,8 +28,12 @@ beat R=16/64 and 1- or 8-way unrolling by 1.4-1.5x).
   "f32" float32 (n_tiles, cols, TILE). Used by F32, and F16/BF16, which are converted to float32
         at load (twice their file size in memory; they are small or rare in quantized files).
 
-scale/min are float32 (n_tiles, n_groups, TILE). Every value scale*code+min equals the
-dequantized weight of gguf-py exactly (f16 scale times a small integer is exact in float32).
+scale/min are (n_tiles, n_groups, TILE), float16 bits (uint16) where the file's scales are float16
+values (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, TQ1_0, TQ2_0), float32 otherwise (the K and IQ types
+multiply a float16 by a sub-scale, which float16 cannot hold exactly). Decode reads every weight
+byte once per token, so the scales' width is speed: float16 makes a Q4_1 weight 0.625 byte, as in
+the file, instead of 0.75. The kernels widen them with `as_f32`. Every value scale*code+min equals
+the dequantized weight of gguf-py exactly (f16 scale times a small integer is exact in float32).
 Rows are padded to a multiple of TILE with zero codes and zero scales.
 
 Threading
@@ -46,7 +50,8 @@ of TILE: a tile cut by the range is computed whole and only its rows in the rang
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 # the bit-unpacking helpers and level tables of the newer block types (shared with quant.py's
 # dequantizers, so the repack and the oracle-tested dequantization read blocks the same way)
@@ -67,10 +72,41 @@ _TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0",
                IQ3_XXS: "IQ3_XXS", IQ1_S: "IQ1_S", IQ3_S: "IQ3_S", IQ2_S: "IQ2_S", IQ1_M: "IQ1_M"}
 QK_K = 256
 
+# The types whose scales (and mins) are float16 values in the file, kept as float16 bits unless a
+# tensor's are not (Q4_0's min is -8 d, which overflows float16 when |d| > 8188).
+F16_SCALE_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, TQ1_0, TQ2_0})
+
 # 'contract' only: lets LLVM fuse a*b+c into FMA. No reassociation is needed (the vectorized
 # loop is across rows, each lane summing in program order), so results are deterministic and
 # identical between the prange, row-range and threaded variants.
 _FM = {"contract"}
+
+# 2^(e - 25) for a float16 exponent field e (subnormals share e = 1's step); inf for e = 31
+_F16_STEP = np.array([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 31)] + [np.inf], np.float32)
+
+
+def as_f32(v):
+    """A packed scale or min as float32: float32 as it is, float16 bits (uint16) widened exactly."""
+    if isinstance(v, np.uint16):
+        return np.float32(np.array(v).view(np.float16))
+    return np.float32(v)
+
+
+@overload(as_f32)
+def _as_f32_compiled(v):
+    if isinstance(v, types.Float):
+        return lambda v: np.float32(v)
+    if v == types.uint16:
+        def widen(v):  # arithmetic, not a bit cast: it vectorizes across the TILE lanes
+            h = np.int32(v)
+            e = (h >> 10) & 31
+            m = h & 1023
+            x = np.float32(m + (1024 if e > 0 else 0)) * _F16_STEP[e]
+            if e == 31 and m != 0:
+                x = np.float32(np.nan)
+            return -x if h & 0x8000 else x
+        return widen
+    return None
 
 
 class PackedWeight:
@@ -251,7 +287,18 @@ def packed_nbytes(ggml_type: int, shape) -> int:
     if kind == "f32":
         return tiles * cols * TILE * 4
     code_bytes = tiles * cols * TILE // (2 if kind == "q4" else 1)
-    return code_bytes + tiles * (cols // group) * TILE * 4 * (2 if has_min else 1)
+    scale_bytes = 2 if int(ggml_type) in F16_SCALE_TYPES else 4  # as prepare keeps them (real files)
+    return code_bytes + tiles * (cols // group) * TILE * scale_bytes * (2 if has_min else 1)
+
+
+def _f16_exact(a: np.ndarray) -> bool:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool((a.astype(np.float16).astype(np.float32).view(np.uint32) == a.view(np.uint32)).all())
+
+
+def _f16_bits(a: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return a.astype(np.float16).view(np.uint16)
 
 
 def prepare(qtensor) -> PackedWeight:
@@ -297,6 +344,8 @@ def prepare(qtensor) -> PackedWeight:
             mn[t0:t0 + nt] = m.reshape(nt, TILE, n_groups).transpose(0, 2, 1)
     if not has_min:
         mn = np.zeros((n_tiles, 0, TILE), np.float32)  # the kernels skip the min term
+    if t in F16_SCALE_TYPES and _f16_exact(scale) and _f16_exact(mn):
+        scale, mn = _f16_bits(scale), _f16_bits(mn)
     return PackedWeight(t, (rows, cols), kind, group, codes, scale, mn)
 
 
@@ -342,10 +391,10 @@ def _tile_q4(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
         if has_min:
             xg = xs[g]
             for r in range(TILE):
-                acc[r] += scale[t, g, r] * s[r] + mn[t, g, r] * xg
+                acc[r] += as_f32(scale[t, g, r]) * s[r] + as_f32(mn[t, g, r]) * xg
         else:
             for r in range(TILE):
-                acc[r] += scale[t, g, r] * s[r]
+                acc[r] += as_f32(scale[t, g, r]) * s[r]
     base = t * TILE
     for r in range(max(r0, base), min(r1, base + TILE)):
         out[r] = acc[r - base]
@@ -371,10 +420,10 @@ def _tile_q8(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
         if has_min:
             xg = xs[g]
             for r in range(TILE):
-                acc[r] += scale[t, g, r] * s[r] + mn[t, g, r] * xg
+                acc[r] += as_f32(scale[t, g, r]) * s[r] + as_f32(mn[t, g, r]) * xg
         else:
             for r in range(TILE):
-                acc[r] += scale[t, g, r] * s[r]
+                acc[r] += as_f32(scale[t, g, r]) * s[r]
     base = t * TILE
     for r in range(max(r0, base), min(r1, base + TILE)):
         out[r] = acc[r - base]
@@ -417,9 +466,10 @@ def _dq_tile_q4(codes, scale, mn, t, wt):
         for j in range(16):
             for r in range(TILE):
                 v = codes[t, g, j, r]
-                m = mn[t, g, r] if has_min else np.float32(0.0)
-                wt[g * 32 + j, r] = scale[t, g, r] * np.float32(np.int32(v & 15)) + m
-                wt[g * 32 + 16 + j, r] = scale[t, g, r] * np.float32(np.int32(v >> 4)) + m
+                m = as_f32(mn[t, g, r]) if has_min else np.float32(0.0)
+                d = as_f32(scale[t, g, r])
+                wt[g * 32 + j, r] = d * np.float32(np.int32(v & 15)) + m
+                wt[g * 32 + 16 + j, r] = d * np.float32(np.int32(v >> 4)) + m
 
 
 @njit(nogil=True, cache=True)
@@ -429,8 +479,8 @@ def _dq_tile_q8(codes, scale, mn, t, wt):
     for g in range(codes.shape[1]):
         for j in range(group):
             for r in range(TILE):
-                m = mn[t, g, r] if has_min else np.float32(0.0)
-                wt[g * group + j, r] = scale[t, g, r] * np.float32(codes[t, g, j, r]) + m
+                m = as_f32(mn[t, g, r]) if has_min else np.float32(0.0)
+                wt[g * group + j, r] = as_f32(scale[t, g, r]) * np.float32(codes[t, g, j, r]) + m
 
 
 @njit(nogil=True, cache=True)

@@ -37,7 +37,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import qmatmul
-from .qmatmul import TILE, PackedWeight, _dot_tile
+from .qmatmul import TILE, PackedWeight, _dot_tile, as_f32
 
 _FM = {"contract"}
 ROW_BLOCK = 4  # rows of X per pass over a tile
@@ -155,8 +155,8 @@ def _accumulate(acc, isum, scale, mn, t, g, dx, xs, sq, m0, n, offset):
             v = np.float32(0.0)
             for k in range(LEVELS):
                 v += dx[LEVELS * m + k, g] * np.float32(isum[LEVELS * i + k, r] - offset * sq[LEVELS * m + k, g])
-            a = acc[i, r] + scale[t, g, r] * v
-            acc[i, r] = a + mn[t, g, r] * xg if has_min else a
+            a = acc[i, r] + as_f32(scale[t, g, r]) * v
+            acc[i, r] = a + as_f32(mn[t, g, r]) * xg if has_min else a
 
 
 @njit(nogil=True, cache=True)
