@@ -509,7 +509,7 @@ def test_sampling_fields_are_honoured_with_openai_defaults(client, llm):
 
 @pytest.mark.parametrize("endpoint, extra, param", [
     ("chat", dict(response_format={"type": "regex"}), "response_format"),
-    ("chat", dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
+    ("chat", dict(tools=[{"type": "function", "function": {"name": "not a name"}}]), "tools"),
     ("chat", dict(tool_choice="auto"), "tool_choice"),
     ("chat", dict(extra_body={"frobnicate": 1}), "frobnicate"),
     ("chat", dict(top_logprobs=3), "top_logprobs"),

@@ -27,85 +27,20 @@ from starlette.routing import Route
 from ..api import MAX_LOGPROBS, chat_messages
 from ..engine import Sequence
 from ..errors import TorchlessError
-from ..grammar import ConstrainedSampler, response_format_grammar
+from ..grammar import constrain, response_format_grammar
 from ..logprobs import chat_logprobs, completion_logprobs, prompt_offsets
 from ..sampling import Sampler
+from ..tools import ToolCallStream, ToolError, parse_reply, tool_request
 from .engine import EngineThread, Request
+from .fields import (CHAT_FIELDS, COMPLETION_FIELDS, DISCONNECT_POLL_S, DRAIN_BYTES, MAX_BODY_BYTES,
+                     APIError, _field, _refuse)
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServerMetrics
-
-MAX_BODY_BYTES = 1 << 20
-DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
-DRAIN_BYTES = 16 << 20
-
-# OpenAI's request fields. Each is honoured, or changes nothing here (user, metadata, ...), or is
-# refused with a 400 naming it unless it asks for what the server does anyway (`_refuse`). The
-# sampling fields of llama.cpp's server and vLLM (top_k, min_p, repeat_penalty, ...) are honoured
-# too; any other field is refused, as OpenAI does.
-SAMPLING_FIELDS = {"model", "max_tokens", "n", "stop", "temperature", "top_p", "seed", "stream",
-                   "stream_options", "presence_penalty", "frequency_penalty", "logit_bias", "user",
-                   "top_k", "min_p", "repeat_penalty", "repetition_penalty", "repeat_last_n"}
-COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix"}
-CHAT_FIELDS = SAMPLING_FIELDS | {
-    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools",
-    "tool_choice", "parallel_tool_calls", "functions", "function_call", "metadata", "store",
-    "service_tier", "modalities", "audio", "prediction", "reasoning_effort", "web_search_options",
-    "verbosity", "prompt_cache_key", "safety_identifier"}
-# field -> whether its value asks for nothing more than the server does without it
-_HARMLESS = {
-    "suffix": lambda v: v is None or v == "",
-    "tools": lambda v: v is None or v == [],
-    "tool_choice": lambda v: v is None or v == "none",
-    "functions": lambda v: v is None or v == [],
-    "function_call": lambda v: v is None or v == "none",
-    "modalities": lambda v: v is None or v == ["text"],
-    "audio": lambda v: v is None,
-    "prediction": lambda v: v is None,
-    "reasoning_effort": lambda v: v is None,
-    "web_search_options": lambda v: v is None,
-    "verbosity": lambda v: v is None,
-    "store": lambda v: v is None or v is False,
-}
-
 
 def served_name(model_path: str) -> str:
     """The model's id in responses by default: a file's stem, a folder's name."""
     path = Path(model_path)
     return path.stem if path.suffix.lower() == ".gguf" else path.name
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 kind: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind,
-                                       "param": self.param, "code": self.code}}, status_code=self.status)
-
-
-def _field(body: dict, name: str, types, default, check=None, what: str = ""):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise APIError(400, f"'{name}' must be {what or types}, got {value!r}", name)
-    if not isinstance(value, types) or (check is not None and not check(value)):
-        raise APIError(400, f"'{name}' must be {what or types}, got {value!r}", name)
-    return value
-
-
-def _refuse(body: dict, known: set) -> None:
-    """A 400 naming the first field that is unknown, or asks for what is not supported yet."""
-    for name in body:
-        if name not in known:
-            raise APIError(400, f"Unrecognized request argument supplied: {name}", name)
-    for name, harmless in _HARMLESS.items():
-        if name in body and not harmless(body[name]):
-            raise APIError(400, f"'{name}' is not supported yet (got {json.dumps(body[name])[:80]})", name)
-    if body.get("best_of") is not None and body["best_of"] != body.get("n", 1):
-        raise APIError(400, "'best_of' is not supported yet (other than equal to n)", "best_of")
 
 
 def _closing(engine):
@@ -217,7 +152,7 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None,
         return min(max_tokens, n_ctx - len(ids))
 
     async def run(prompts: list[list[int]], params, max_tokens, stop, n, logprobs=None, echo=False,
-                  grammar=None):
+                  grammar=None, trigger=None):
         """Start every choice at once (they batch together) and stream or collect them.
         logprobs: alternatives to record per token (None: none); echo with logprobs: the
         prompt's too (scored on the engine thread when the request joins)."""
@@ -233,9 +168,8 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None,
                 events.put_nowait, (i, text, reason, list(entries))))(i)
             # n choices of one seeded request differ from each other, and repeat across calls
             own = params if params.seed is None or j == 0 else replace(params, seed=params.seed + j)
-            sampler = Sampler(own)
-            if grammar is not None:  # response_format: every token kept inside the grammar
-                sampler = ConstrainedSampler(sampler, llm.tokenizer, llm.config.vocab_size, grammar)
+            # response_format or tools: every token (from the trigger on) kept inside the grammar
+            sampler = constrain(Sampler(own), llm.tokenizer, llm.config.vocab_size, grammar, trigger)
             seq = Sequence(ids, sampler, budget, llm.tokenizer.eos_ids,
                            llm.tokenizer.stream_decoder(), stop, index=i, logprobs=logprobs,
                            prompt_logprobs=echo and logprobs is not None)
@@ -254,7 +188,7 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None,
     async def respond(http, jobs, events, meta, make_choice, make_delta, stream,
                       include_usage=False, opening=None):
         """make_choice(i, text, reason): a whole choice. make_delta(i, text, reason, entries): a
-        chunk's choice, or None to send nothing; opening(i): chunks to send before a choice's
+        chunk's choice, a list of them, or None to send nothing; opening(i): chunks to send before a choice's
         first (the chat role, an echoed prompt)."""
         if not stream:
             texts, reasons, left = [""] * len(jobs), [None] * len(jobs), len(jobs)
@@ -308,8 +242,8 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None,
                             yield line([choice])
                     if reason is not None:
                         left -= 1
-                    choice = make_delta(i, text or "", reason, entries)
-                    if choice is not None:
+                    choices = make_delta(i, text or "", reason, entries)
+                    for choice in [choices] if isinstance(choices, dict) else choices or ():
                         yield line([choice])
                 if not left and include_usage:
                     yield line([], usage=usage(jobs))
@@ -378,13 +312,23 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None,
         if top is not None and not want_logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         logprobs = (top or 0) if want_logprobs else None
-        ids = llm._prompt_ids(llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True),
-                              template=True)
         try:
-            grammar = response_format_grammar(body.get("response_format"), llm.tokenizer, llm.config.vocab_size)
+            tools = tool_request(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+            calling = tools is not None and tools.calls_tools
+            if calling and body.get("response_format") not in (None, {"type": "text"}):
+                raise APIError(400, "'response_format' cannot be combined with tools (unless "
+                               "tool_choice is 'none')", "response_format")
+            ids = llm._prompt_ids(llm._render_chat(messages, tools), template=True)
+            grammar, trigger = tools.grammar(llm.tokenizer, llm.config.vocab_size) if calling else (None, None)
+        except ToolError as e:
+            raise APIError(400, str(e), e.param) from None
+        try:
+            if not calling:
+                grammar = response_format_grammar(body.get("response_format"), llm.tokenizer, llm.config.vocab_size)
         except TorchlessError as e:
             raise APIError(400, str(e), "response_format") from None
-        jobs, events = await run([ids], params, max_tokens, stop, n, logprobs, grammar=grammar)
+        jobs, events = await run([ids], params, max_tokens, stop, n, logprobs, grammar=grammar, trigger=trigger)
+        streams = [ToolCallStream(tools) for _ in jobs] if calling else None
         meta = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model_id)
 
         def chat_lp(entries):
@@ -392,10 +336,23 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None,
                                                       refusal=None)
 
         def whole(i, text, reason):
-            return dict(index=i, message=dict(role="assistant", content=text),
-                        logprobs=chat_lp(jobs[i].seq.token_logprobs), finish_reason=reason)
+            message, calls = dict(role="assistant", content=text), parse_reply(text, tools)
+            if calls is not None:  # OpenAI's shape of a reply of tool calls
+                message = dict(role="assistant", content=None, tool_calls=calls)
+                reason = "tool_calls" if reason == "stop" else reason
+            return dict(index=i, message=message, logprobs=chat_lp(jobs[i].seq.token_logprobs),
+                        finish_reason=reason)
 
         def delta(i, text, reason, entries):
+            if streams is not None:  # text through ToolCallStream: content or tool-call deltas
+                deltas = streams[i].feed(text)
+                if reason is not None:
+                    more, reason = streams[i].finish(reason)
+                    deltas += more
+                out = [dict(index=i, delta=d, logprobs=chat_lp(entries) if entries and not k else None,
+                            finish_reason=None) for k, d in enumerate(deltas)]
+                return out + ([dict(index=i, delta={}, logprobs=None, finish_reason=reason)]
+                              if reason is not None else [])
             if not text and not entries and reason is None:
                 return None
             return dict(index=i, delta=dict(content=text) if text or entries else {},
