@@ -15,6 +15,9 @@ ARCHS = {
     "mistral": dict(cls="MistralForCausalLM", cfg="MistralConfig", gguf_arch="llama",
                     extra=dict(sliding_window=7)),
     "llama": dict(cls="LlamaForCausalLM", cfg="LlamaConfig", gguf_arch="llama", extra={}),
+    # 4 experts, top 2: in GGUF, llama.cpp's llama architecture with stacked expert tensors
+    "mixtral": dict(cls="MixtralForCausalLM", cfg="MixtralConfig", gguf_arch="llama",
+                    extra=dict(num_local_experts=4, num_experts_per_tok=2)),
     "qwen2": dict(cls="Qwen2ForCausalLM", cfg="Qwen2Config", gguf_arch="qwen2", extra={}),
     # head_dim 16 with hidden 64 and 8 heads: q is wider than the hidden state
     "qwen3": dict(cls="Qwen3ForCausalLM", cfg="Qwen3Config", gguf_arch="qwen3", extra=dict(head_dim=16)),
@@ -94,8 +97,11 @@ def write_gguf(model, path: Path, quant=None, tokenizer_metadata: dict | None = 
     w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or rope["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    if getattr(cfg, "sliding_window", None) and arch_name == "mistral":
+    if getattr(cfg, "sliding_window", None) and arch_name in ("mistral", "mixtral"):
         w.add_sliding_window(cfg.sliding_window)
+    if arch_name == "mixtral":  # convert_hf_to_gguf.py's keys for Mixtral
+        w.add_expert_count(cfg.num_local_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
     if arch_name == "gemma3":  # what convert_hf_to_gguf.py's Gemma3Model adds (write_gguf_with_rope: head_dim)
         if cfg.final_logit_softcapping:
             w.add_final_logit_softcapping(cfg.final_logit_softcapping)
@@ -114,21 +120,33 @@ def write_gguf(model, path: Path, quant=None, tokenizer_metadata: dict | None = 
             qtype = getattr(gguf.GGMLQuantizationType, quant(gguf_name) or "F32")
             qtype = None if qtype == gguf.GGMLQuantizationType.F32 else qtype
         arr = tensor.float().numpy().astype(np.float32)
+        if gguf_name.endswith("ffn_gate_up_exps.weight"):  # transformers >= 5 fuses them: split
+            gate, up = np.split(arr, 2, axis=1)                # as llama.cpp's converter stacks them
+            for kind, part in (("gate", gate), ("up", up)):
+                _add_weight(w, gguf_name.replace("gate_up", kind), np.ascontiguousarray(part), qtype)
+            continue
         if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
             arr = _permute_qk(arr, cfg.num_attention_heads)
         elif arch == "llama" and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
             arr = _permute_qk(arr, cfg.num_key_value_heads)
         elif arch == "gemma3" and gguf_name.endswith("norm.weight"):
             arr = arr + np.float32(1.0)  # the converter folds Gemma3RMSNorm's (1 + w) in
-        if qtype is not None and arr.ndim == 2:
-            w.add_tensor(gguf_name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
-        else:
-            w.add_tensor(gguf_name, arr)
+        _add_weight(w, gguf_name, arr, None if gguf_name.endswith("ffn_gate_inp.weight") else qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _add_weight(w, name: str, arr: np.ndarray, qtype) -> None:
+    """One tensor: weights (2-D, or stacked experts 3-D) quantized to qtype, if given."""
+    import gguf
+
+    if qtype is not None and arr.ndim >= 2:
+        w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+    else:
+        w.add_tensor(name, arr)
 
 
 def mixed_q5_quant(gguf_name: str) -> str:

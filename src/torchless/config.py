@@ -1,4 +1,4 @@
-"""ModelConfig: the shape of a Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Gemma 3), from
+"""ModelConfig: the shape of a Llama-family decoder (Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma 3), from
 GGUF metadata or config.json.
 
 Every value is read from a file that may be corrupt or hostile, so each one goes through a typed
@@ -14,13 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ModelFileError, UnsupportedModelError, shown
+from .moe_config import moe_from_gguf, moe_from_hf, refuse_unsupported_moe
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma3")
 
 # Hugging Face `model_type` / `architectures[0]` -> our architecture name.
 _HF_ARCHITECTURES = {
     "llama": "llama", "LlamaForCausalLM": "llama",
     "mistral": "mistral", "MistralForCausalLM": "mistral",
+    "mixtral": "mixtral", "MixtralForCausalLM": "mixtral",
     "qwen2": "qwen2", "Qwen2ForCausalLM": "qwen2",
     "qwen3": "qwen3", "Qwen3ForCausalLM": "qwen3",
     "gemma3_text": "gemma3", "Gemma3ForCausalLM": "gemma3",
@@ -284,6 +286,10 @@ class ModelConfig:
     attention_scale: float | None = None  # scores' scale; None: 1 / sqrt(head_dim)
     final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
     norm_offset: float = 0.0         # added to every norm weight at load: Gemma's (1 + w) in HF files
+    # Sparse mixture of experts (Mixtral; see moe_config.py): 0 experts is a dense FFN
+    n_experts: int = 0
+    n_experts_used: int = 0          # top k of the router's softmax
+    moe_norm_topk: bool = True       # the k weights renormalized to sum to 1
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -323,6 +329,9 @@ class ModelConfig:
             if value is not None and not real(value, f"model config: {name}") > 0:
                 raise ModelFileError(f"model config: {name} must be positive, got {value}")
         real(self.norm_offset, "model config: norm_offset")
+        if self.n_experts and not 1 <= integer(self.n_experts_used, "model config: n_experts_used") <= self.n_experts:
+            raise ModelFileError(f"model config: {self.n_experts_used} experts used per token, of "
+                                 f"{self.n_experts}")
 
     @property
     def rope_inv_freq(self) -> np.ndarray:
@@ -381,7 +390,7 @@ class ModelConfig:
     @property
     def plain_mlp(self) -> bool:
         """Whether every MLP block is Llama's SwiGLU (what the compiled blocks implement)."""
-        return self.activation == "silu" and not self.post_norms
+        return self.activation == "silu" and not self.post_norms and not self.n_experts
 
     @classmethod
     def from_gguf(cls, metadata: dict, tensor_names=(), rope_freqs=None) -> "ModelConfig":
@@ -390,6 +399,7 @@ class ModelConfig:
         arch = metadata.get("general.architecture")
         if arch is None:
             raise ModelFileError("GGUF metadata has no general.architecture")
+        refuse_unsupported_moe(arch, "architecture")
         if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(f"architecture {shown(arch)} is not supported; "
                                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -451,6 +461,7 @@ class ModelConfig:
             rope_interleaved=arch in ("llama", "mistral"),
             rope_scaling=scaling,
             qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+            **moe_from_gguf(arch, metadata, tensor_names, get, integer),
             **extra,
         )
 
@@ -459,6 +470,7 @@ class ModelConfig:
         if not isinstance(config, dict):
             raise ModelFileError(f"config.json must hold a JSON object, got {shown(config)}")
         names = [config.get("model_type")] + list(_json_list(config.get("architectures")))
+        refuse_unsupported_moe(config.get("model_type"), "config.json model_type")
         arch = next((_HF_ARCHITECTURES[n] for n in names if isinstance(n, str) and n in _HF_ARCHITECTURES), None)
         if arch is None:
             raise UnsupportedModelError(
@@ -525,6 +537,7 @@ class ModelConfig:
             attention_bias=arch == "qwen2" or get("attention_bias", flag, False),
             rope_interleaved=False,
             rope_scaling=scaling,
+            **moe_from_hf(arch, config, get, integer),
             **extra,
         )
 
@@ -563,7 +576,7 @@ def _hf_sliding(config: dict, arch: str, n_layers: int, get) -> tuple[int | None
     sliding_window_pattern-th). sliding_layers is None where every layer slides."""
     if arch == "llama":
         return None, None
-    if arch == "mistral":
+    if arch in ("mistral", "mixtral"):
         return get("sliding_window", integer, 0, minimum=0) or None, None
     if arch in ("qwen2", "qwen3") and not get("use_sliding_window", flag, False):
         return None, None

@@ -39,7 +39,17 @@ _HF_LAYER_TO_GGUF = {
     "mlp.down_proj.weight": "ffn_down.weight",
     "self_attn.q_norm.weight": "attn_q_norm.weight",
     "self_attn.k_norm.weight": "attn_k_norm.weight",
+    # Mixtral's router; its experts: _HF_EXPERT (one tensor per expert, as checkpoints store
+    # them) or transformers >= 5's in-memory layout, stacked (gate and up fused in one tensor)
+    "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.experts.gate_up_proj": "ffn_gate_up_exps.weight",
+    "mlp.experts.down_proj": "ffn_down_exps.weight",
 }
+# per-expert tensors -> old llama.cpp Mixtral names (blk.N.ffn_gate.E.weight), which moe.py reads
+_HF_EXPERT = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
+_EXPERT_KINDS = {"w1": "ffn_gate", "w3": "ffn_up", "w2": "ffn_down",
+                 "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 # Gemma's sandwich norms, as gguf-py's tensor map names them for gemma3: its
 # post_attention_layernorm is a block's output norm, not the MLP's input norm.
 _HF_LAYER_TO_GGUF_BY_ARCH = {"gemma3": {
@@ -66,6 +76,8 @@ def hf_to_gguf_name(name: str, arch: str = "llama") -> str | None:
     layer_names = {**_HF_LAYER_TO_GGUF, **_HF_LAYER_TO_GGUF_BY_ARCH.get(arch, {})}
     if m and m.group(2) in layer_names:
         return f"blk.{m.group(1)}.{layer_names[m.group(2)]}"
+    if m and (e := _HF_EXPERT.fullmatch(m.group(2))):
+        return f"blk.{m.group(1)}.{_EXPERT_KINDS[e.group(2)]}.{e.group(1)}.weight"
     return None  # e.g. rotary inv_freq buffers, a vision tower: not weights we use
 
 

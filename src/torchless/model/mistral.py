@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Gemma 3): weights, per-sequence
+"""The Llama-family decoder (Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma 3): weights, per-sequence
 state, and the forward pass.
 
 `forward` is the reference: plain NumPy over float32 copies of the weights, the oracle for the
@@ -9,7 +9,7 @@ allocated once per state, with the products cut into tasks by the work-distribut
 Decode steps and micro-batches of one-token spans run each block of a layer as one compiled
 `nogil` call (kernels/fused_layer.py), so the GIL is held only between blocks. The compiled
 blocks are Llama's; a block with more (Qwen3's and Gemma's q/k norms, Gemma's output norms and
-GeGLU, per-layer windows and RoPE bases) runs kernel by kernel.
+GeGLU, per-layer windows and RoPE bases, Mixtral's experts) runs kernel by kernel.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ..loader import release_pages, trim_heap
 from ..quant import QTensor
 from .kv_cache import KVCache
 from .linear import Linear
+from .moe import MoE
 
 
 @dataclass
@@ -55,6 +56,11 @@ class LayerWeights:
     attn_k_norm: np.ndarray | None = None          # (head_dim,)
     post_attention_norm: np.ndarray | None = None  # (hidden,) the attention output's norm (Gemma)
     post_ffw_norm: np.ndarray | None = None        # (hidden,) the MLP output's norm (Gemma)
+    moe: "MoE | None" = None  # a sparse MoE FFN in place of gate/up/down (Mixtral; model/moe.py)
+
+    def linears(self) -> list[Linear]:
+        ffn = self.moe.linears() if self.moe is not None else [self.ffn_gate, self.ffn_up, self.ffn_down]
+        return [self.attn_q, self.attn_k, self.attn_v, self.attn_output, *ffn]
 
 
 ATTENTION_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output")
@@ -141,9 +147,7 @@ class Mistral:
         return InferenceState(self.config, max_seq_len, self.layout)
 
     def linears(self) -> list[Linear]:
-        return [getattr(layer, kind) for layer in self.layers
-                for kind in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
-                             "ffn_down")] + [self.output]
+        return [linear for layer in self.layers for linear in layer.linears()] + [self.output]
 
     def prepare_fast(self, release=None) -> "Mistral":
         """Repack every weight for the quantized kernels (once). `release(array)`, if given, drops
@@ -234,9 +238,11 @@ class Mistral:
             if c.post_norms:
                 extra.update(post_attention_norm=norm(f"{p}.post_attention_norm.weight"),
                              post_ffw_norm=norm(f"{p}.post_ffw_norm.weight"))
+            if c.n_experts:  # Mixtral: the experts in place of the dense FFN
+                extra.update(moe=MoE.load(params.tensors, p, c, tensor), ffn_gate=None, ffn_up=None, ffn_down=None)
             layers.append(LayerWeights(
                 attn_norm=norm(f"{p}.attn_norm.weight"), ffn_norm=norm(f"{p}.ffn_norm.weight"),
-                **{kind: linear(p, kind) for kind in expect}, **extra))
+                **{kind: linear(p, kind) for kind in expect if kind not in extra}, **extra))
         embedding = tensor("token_embd.weight", (c.vocab_size, c.hidden_size))
         if "output.weight" in params.tensors:
             output = Linear(tensor("output.weight", (c.vocab_size, c.hidden_size)))
@@ -276,7 +282,10 @@ class Mistral:
                 out = ops.rmsnorm(out, layer.post_attention_norm, c.norm_eps)
             x = x + out
             h = ops.rmsnorm(x, layer.ffn_norm, c.norm_eps)
-            out = layer.ffn_down(self._activation(layer.ffn_gate(h, fast, w)) * layer.ffn_up(h, fast, w), fast, w)
+            if layer.moe is not None:
+                out = layer.moe(h, fast, w)
+            else:
+                out = layer.ffn_down(self._activation(layer.ffn_gate(h, fast, w)) * layer.ffn_up(h, fast, w), fast, w)
             if layer.post_ffw_norm is not None:
                 out = ops.rmsnorm(out, layer.post_ffw_norm, c.norm_eps)
             x = x + out
@@ -496,13 +505,16 @@ class Mistral:
     def _decode_mlp_unfused(self, li: int, state: InferenceState, work=None):
         layer, x, h = self.layers[li], state.x, state.h
         fused.rmsnorm_into(x, layer.ffn_norm, self.config.norm_eps, h)
-        layer.ffn_gate.matvec_into(h, state.gate, work)
-        layer.ffn_up.matvec_into(h, state.up, work)
-        if self.config.activation == "silu":
-            fused.swiglu_into(state.gate, state.up, state.gate)
+        if layer.moe is not None:
+            state.o[:] = layer.moe(h[None], True, work)[0]
         else:
-            state.gate[:] = self._activation(state.gate) * state.up
-        layer.ffn_down.matvec_into(state.gate, state.o, work)
+            layer.ffn_gate.matvec_into(h, state.gate, work)
+            layer.ffn_up.matvec_into(h, state.up, work)
+            if self.config.activation == "silu":
+                fused.swiglu_into(state.gate, state.up, state.gate)
+            else:
+                state.gate[:] = self._activation(state.gate) * state.up
+            layer.ffn_down.matvec_into(state.gate, state.o, work)
         if layer.post_ffw_norm is not None:
             fused.rmsnorm_into(state.o, layer.post_ffw_norm, self.config.norm_eps, state.o)
         fused.add_into(x, state.o)

@@ -209,19 +209,25 @@ class TensorParallelMistral(Mistral):
         if group is not None and group.world_size != tp.world_size:
             raise TorchlessError(f"tensor parallelism over {tp.world_size} ranks, but the process "
                                  f"group has {group.world_size}")
-        align = max(_block_size(full.layers[0].attn_output), _block_size(full.layers[0].ffn_down))
-        layout, r = shard_layout(full.config, tp, align)
+        moe = full.config.n_experts > 0  # expert parallel: whole experts per rank, no FFN split
+        first = full.layers[0]
+        align = max(_block_size(first.attn_output), 1 if moe else _block_size(first.ffn_down))
+        layout, r = shard_layout(full.config, dataclasses.replace(
+            tp, mlp_gate_up_strategy=TensorParallelStrategy.NONE,
+            mlp_down_strategy=TensorParallelStrategy.NONE) if moe else tp, align)
         group = group if tp.world_size > 1 else _Alone()
         # By tp's strategies, column-parallel (split output features): Q/K/V, gate, up; row-
         # parallel (split input features, all-reduced): the attention output and down projection.
-        # Norms (the per-head q/k norms too) are whole on every rank.
+        # Norms (the per-head q/k norms too) are whole on every rank. A MoE FFN keeps this
+        # rank's experts (model/moe.py), summed over the group by its own all-reduce.
         layers = [dataclasses.replace(
             layer,
             attn_q=layer.attn_q.rows(*r["q"]), attn_k=layer.attn_k.rows(*r["kv"]),
             attn_v=layer.attn_v.rows(*r["kv"]),
             attn_output=_second(layer.attn_output, *r["q"], group),
-            ffn_gate=layer.ffn_gate.rows(*r["ffn"]), ffn_up=layer.ffn_up.rows(*r["ffn"]),
-            ffn_down=_second(layer.ffn_down, *r["ffn"], group)) for layer in full.layers]
+            **(dict(moe=layer.moe.shard(tp, group)) if layer.moe is not None else dict(
+                ffn_gate=layer.ffn_gate.rows(*r["ffn"]), ffn_up=layer.ffn_up.rows(*r["ffn"]),
+                ffn_down=_second(layer.ffn_down, *r["ffn"], group)))) for layer in full.layers]
         output = VocabParallelLinear(full.output, *r["vocab"], group)
         model = cls(full.config, full.embedding, layers, full.output_norm, output, layout)
         model.tp_config, model.group = tp, group

@@ -50,12 +50,10 @@ def layer_costs(model: Mistral) -> tuple[list[int], int]:
     (the batched integer kernels), so their cost follows the weight count, not the bytes: by
     bytes the Q8_0 head of SmolLM2 weighed 13.6 Q4_1 layers and its stage sat idle 30% of the
     time (benchmarks/bench_pipeline.py). Read from the tensor shapes: nothing is repacked."""
-    kinds = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-
     def weights(linear):
         rows, cols = linear.shape
         return rows * cols
-    return ([sum(weights(getattr(layer, kind)) for kind in kinds) for layer in model.layers],
+    return ([sum(weights(linear) for linear in layer.linears()) for layer in model.layers],
             weights(model.output))
 
 

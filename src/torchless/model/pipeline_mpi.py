@@ -62,8 +62,7 @@ class MPIPipelineMistral(PipelineBuffers, Runner):
         self.start, self.stop = self.stages[self.stage]
         self.is_driver = group.rank == 0
         # Repack this stage's weights only; the other layers' pages are never read.
-        mine = [getattr(model.layers[li], kind) for li in range(self.start, self.stop)
-                for kind in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
+        mine = [linear for li in range(self.start, self.stop) for linear in model.layers[li].linears()]
         for linear in mine + ([model.output] if self.stage == self.last_stage else []):
             linear.packed
             release_pages(linear.weight.data)
