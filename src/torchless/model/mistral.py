@@ -259,8 +259,20 @@ class Mistral:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)][0]
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        rows = np.stack([self.embedding.row_slice(t, t + 1).dequantize()[0] for t in tokens])
+        rows = np.stack([self._embedding_row(int(t)) for t in tokens]) if tokens.size else \
+            np.zeros((0, self.config.hidden_size), np.float32)
+        if self.output.weight is not self.embedding:
+            release_pages(self.embedding.data)
         return rows * np.float32(self.config.embedding_scale) if self.config.embedding_scale != 1.0 else rows
+
+    def _embedding_row(self, token: int) -> np.ndarray:
+        """One row of the embedding, float32. Tied to the LM head, it comes from the head's packed
+        copy (equal to the file's row), not the file: each row read from the mapping faults in
+        the pages around it too (the kernel's fault-around, 64 KiB), so a prompt of random tokens
+        made ~16 MB of SmolLM2's embedding resident. Untied, `embed` drops the pages after use."""
+        if self.output.weight is self.embedding and "packed" in self.output.__dict__:
+            return qmatmul.dequantize_rows(self.output.packed, token, token + 1)[0]
+        return self.embedding.row_slice(token, token + 1).dequantize()[0]
 
     # -- many tokens of one or several sequences: the reference path, prefill, batched decode --
 
@@ -528,10 +540,7 @@ class Mistral:
     def embed_into(self, token: int, out: np.ndarray) -> np.ndarray:
         if not 0 <= token < self.config.vocab_size:
             raise ValueError(f"token id {token} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        if self.output.weight is self.embedding and "packed" in self.output.__dict__:
-            out[:] = qmatmul.dequantize_rows(self.output.packed, token, token + 1)[0]
-        else:
-            out[:] = self.embedding.row_slice(token, token + 1).dequantize()[0]
+        out[:] = self._embedding_row(token)
         if self.config.embedding_scale != 1.0:
             out *= np.float32(self.config.embedding_scale)
         return out
