@@ -9,6 +9,11 @@ with every other token at -inf, so greedy, temperature and the rest work as with
 the end-of-sequence token is allowed only where the grammar may end. Cost: SmolLM2, a
 three-field schema, 64 tokens, 0.67x the tok/s of the same chat without it (on a busy machine;
 the per-step mask over 49k tokens is the price).
+
+Besides response_format: `grammar=` of the Python API (GBNF text or a LlamaGrammar, as
+llama-cpp-python takes it; llguidance converts GBNF to its Lark dialect) and tool calls
+(tools.py), whose tool_choice "auto" uses TriggeredSampler: no mask until the model itself
+begins a call.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ whatever the model: a template that takes `tools` (as transformers' apply_chat_t
 them) describes them its own way; for one that does not, the system message gets Qwen2.5's
 Hermes description (TOOLS_SYSTEM_PROMPT), assistant turns with tool_calls are written as those
 blocks and `tool` messages become user turns of <tool_response> blocks, as Qwen2.5's template
-writes them.
+writes them. A model taught another form (Llama 3.1's bare JSON, Mistral's [TOOL_CALLS]) is held
+to this one under "required" and a named function; under "auto" a call in its own form comes
+back as text.
 
 tool_choice "required" or a named function keep the reply inside a grammar (llguidance) of
 such blocks whose `arguments` validate against the function's `parameters` schema. "auto" is
