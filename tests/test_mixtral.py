@@ -273,3 +273,28 @@ def test_unsupported_moe_gguf_is_refused_in_one_line(metadata, names, message):
     with pytest.raises(UnsupportedModelError, match=message) as e:
         ModelConfig.from_gguf(meta, names)
     assert "\n" not in str(e.value)
+
+
+# -- the CLI, end to end ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mixtral_with_vocabulary(tmp_path_factory):
+    """A tiny Mixtral GGUF (8 experts, top 2, Q8_0) with the tiny byte-level BPE vocabulary."""
+    from model_factory import tiny_tokenizer_metadata
+
+    meta = tiny_tokenizer_metadata()
+    model = make_hf_model("mixtral", seed=3, num_local_experts=8, vocab_size=len(meta["tokenizer.ggml.tokens"]))
+    return write_gguf(model, tmp_path_factory.mktemp("mixtral_cli") / "m.gguf", quant="Q8_0", tokenizer_metadata=meta)
+
+
+def test_generate_on_expert_parallel_threads_and_ranks_prints_what_one_process_prints(mixtral_with_vocabulary):
+    import subprocess
+
+    from test_tensor_parallel import assert_mpi_generate_prints_what_one_process_prints
+
+    mpi = assert_mpi_generate_prints_what_one_process_prints(mixtral_with_vocabulary, 2, "tp=2", prompt="hello there")
+    args = [sys.executable, "-m", "torchless", "generate", "-m", str(mixtral_with_vocabulary),
+            "--max-tokens", "12", "--temperature", "0", "hello there"]
+    threads = subprocess.run(args + ["--parallel", "tp=2"], capture_output=True, text=True, timeout=300)
+    assert threads.returncode == 0, threads.stderr
+    assert threads.stdout == mpi.stdout
