@@ -5,6 +5,7 @@ alone it writes noise, so whatever parses here was made to by the grammar)."""
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import openai
@@ -215,7 +216,7 @@ def test_gbnf_grammar_constrains_llama_completions(tiny_llama_gguf):
     for grammar in (gbnf, LlamaGrammar.from_string(gbnf)):
         for _ in range(4):
             out = llama("Answer:", grammar=grammar, max_tokens=12, temperature=1.0)["choices"][0]
-            assert __import__("re").fullmatch(r"(yes|no) [0-9][0-9]?!", out["text"]), out
+            assert re.fullmatch(r"(yes|no) [0-9][0-9]?!", out["text"]), out
             assert out["finish_reason"] == "stop"
     schema = LlamaGrammar.from_json_schema(json.dumps({"type": "object", "properties": {
         "n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"], "additionalProperties": False}))
@@ -241,11 +242,17 @@ def test_llama_chat_tool_calls(tools_gguf):
     llama.close()
 
 
-def test_llm_grammar_in_completion_and_chat(llm):
+def test_llm_grammar_in_completion_and_chat(llm, tmp_path):
     out = llm("x", grammar='root ::= "a"+ "b"', max_tokens=8, temperature=1.0, seed=0)["choices"][0]
-    assert __import__("re").fullmatch(r"a+b?", out["text"])
-    chat = llm.create_chat_completion(ASK, grammar='root ::= [0-9]{3}', max_tokens=6, temperature=1.0, seed=0)
-    assert __import__("re").fullmatch(r"[0-9]{3}", chat["choices"][0]["message"]["content"])
+    assert re.fullmatch(r"a+b?", out["text"])
+    (tmp_path / "digits.gbnf").write_text('root ::= [0-9]{3}\n')
+    for grammar in ('root ::= [0-9]{3}', LlamaGrammar.from_file(tmp_path / "digits.gbnf")):
+        chat = llm.create_chat_completion(ASK, grammar=grammar, max_tokens=6, temperature=1.0, seed=0)
+        assert re.fullmatch(r"[0-9]{3}", chat["choices"][0]["message"]["content"])
+    with pytest.raises(TorchlessError, match="at most one"):
+        llm.create_chat_completion(ASK, grammar='root ::= "a"', response_format={"type": "json_object"})
+    with pytest.raises(TorchlessError, match="grammar file"):
+        LlamaGrammar.from_file(tmp_path / "missing.gbnf")
 
 
 # -- the server, through the openai client -------------------------------------------------------------
@@ -287,6 +294,16 @@ def test_server_tool_choice_none_and_follow_up_turn(client):
                    {"role": "tool", "tool_call_id": call.tool_calls[0].id, "content": "sunny"}]
     again = client.chat.completions.create(model="x", messages=turns, tools=TOOLS, max_tokens=6, seed=0)
     assert again.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_server_auto_gives_text_or_valid_calls(client):
+    for seed in SEEDS:
+        r = client.chat.completions.create(model="x", messages=ASK, tools=TOOLS, tool_choice="auto",
+                                           temperature=1.0, seed=seed, max_tokens=10)
+        if r.choices[0].finish_reason == "tool_calls":
+            check_calls([c.model_dump() for c in r.choices[0].message.tool_calls])
+        else:
+            assert isinstance(r.choices[0].message.content, str) and r.choices[0].message.tool_calls is None
 
 
 @pytest.mark.parametrize("extra, param", [
