@@ -267,6 +267,8 @@ GGUF_BASE = {"llama.embedding_length": 64, "llama.attention.head_count": 8, "lla
     ({"llama.expert_count": 4, "llama.expert_used_count": 2, "llama.expert_gating_func": 2}, (),
      "expert gating function 2"),
     ({}, ("blk.0.ffn_gate_inp.weight", "blk.0.ffn_gate_exps.weight"), "expert tensors without llama.expert_count"),
+    ({"llama.expert_count": 4, "llama.expert_used_count": 2, "llama.expert_feed_forward_length": 32}, (),
+     "expert_feed_forward_length 32"),
 ])
 def test_unsupported_moe_gguf_is_refused_in_one_line(metadata, names, message):
     meta = dict({"general.architecture": "llama"}, **GGUF_BASE, **metadata)
@@ -298,3 +300,11 @@ def test_generate_on_expert_parallel_threads_and_ranks_prints_what_one_process_p
     threads = subprocess.run(args + ["--parallel", "tp=2"], capture_output=True, text=True, timeout=300)
     assert threads.returncode == 0, threads.stderr
     assert threads.stdout == mpi.stdout
+
+
+def test_a_decode_step_reads_the_top_k_of_the_experts(case_files):
+    """weight_bytes_per_token (bench's bandwidth figure) counts 3 of 8 experts per token."""
+    model = Mistral.load(load(case_files, "mixtral_8x3", "gguf")[0])
+    experts = sum(linear.packed.nbytes for layer in model.layers for linear in layer.moe.expert_linears())
+    everything = sum(linear.packed.nbytes for linear in model.linears())
+    assert model.weight_bytes_per_token() == everything - experts + experts * 3 // 8

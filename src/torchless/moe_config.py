@@ -58,6 +58,10 @@ def moe_from_gguf(arch: str, metadata: dict, tensor_names, get, integer) -> dict
     scale = metadata.get(f"{arch}.expert_weights_scale")
     if scale not in (None, 0, 0.0, 1, 1.0):
         raise UnsupportedModelError(f"GGUF: expert_weights_scale {shown(scale)} is not supported")
+    width = metadata.get(f"{arch}.expert_feed_forward_length")
+    if width is not None and width != metadata.get(f"{arch}.feed_forward_length"):
+        raise UnsupportedModelError(f"GGUF: experts of {arch}.expert_feed_forward_length {shown(width)}, "
+                                    "not feed_forward_length, are not supported")
     used = get("expert_used_count", integer)
     norm = metadata.get(f"{arch}.expert_weights_norm")
     return dict(n_experts=n_experts, n_experts_used=used,

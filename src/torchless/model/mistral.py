@@ -161,8 +161,10 @@ class Mistral:
         return self
 
     def weight_bytes_per_token(self) -> int:
-        """Bytes of weights one decode step reads: every packed matrix, once."""
-        return sum(linear.packed.nbytes for linear in self.linears())
+        """Bytes of weights one decode step reads: every packed matrix, once; of a MoE layer's
+        experts, the top k of n_experts that a token is routed to (on average)."""
+        return sum(linear.packed.nbytes for linear in self.linears()) - sum(
+            layer.moe.unread_bytes_per_token() for layer in self.layers if layer.moe is not None)
 
     def fused_blocks(self, work=None) -> list[tuple]:
         """Per layer, the weight tuples of its attention block (q, k, v, output) and of its

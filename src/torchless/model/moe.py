@@ -91,6 +91,12 @@ class MoE:
     def expert_linears(self) -> list[Linear]:
         return [linear for e in sorted(self.experts) for linear in self.experts[e]]
 
+    def unread_bytes_per_token(self) -> int:
+        """Bytes of the experts held here that a token does not read, on average: all but
+        top_k / n_experts of them."""
+        held = sum(linear.packed.nbytes for linear in self.expert_linears())
+        return held - held * self.top_k // self.n_experts
+
     def shard(self, tp, group) -> "MoE":
         """Expert parallelism: tp's rank keeps experts local_range(n_experts), the router whole."""
         e0, e1 = tp.local_range(self.n_experts)
