@@ -289,7 +289,7 @@ def mixtral_with_vocabulary(tmp_path_factory):
     return write_gguf(model, tmp_path_factory.mktemp("mixtral_cli") / "m.gguf", quant="Q8_0", tokenizer_metadata=meta)
 
 
-def test_generate_on_expert_parallel_threads_and_ranks_prints_what_one_process_prints(mixtral_with_vocabulary):
+def test_generate_on_expert_parallel_threads_ranks_and_stages_prints_what_one_process_prints(mixtral_with_vocabulary):
     import subprocess
 
     from test_tensor_parallel import assert_mpi_generate_prints_what_one_process_prints
@@ -300,6 +300,9 @@ def test_generate_on_expert_parallel_threads_and_ranks_prints_what_one_process_p
     threads = subprocess.run(args + ["--parallel", "tp=2"], capture_output=True, text=True, timeout=300)
     assert threads.returncode == 0, threads.stderr
     assert threads.stdout == mpi.stdout
+    pipeline = assert_mpi_generate_prints_what_one_process_prints(mixtral_with_vocabulary, 2, "pp=2,mb=2",
+                                                                  prompt="hello there")
+    assert pipeline.stdout == mpi.stdout
 
 
 def test_a_decode_step_reads_the_top_k_of_the_experts(case_files):
