@@ -27,7 +27,6 @@ would cost half a minute more on two cores and tell nothing the float32 one does
 from __future__ import annotations
 
 import copy
-import os
 
 import numpy as np
 import pytest
@@ -111,7 +110,6 @@ def hf(gemma3_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     kw = dict(gguf_file=gemma3_path.name)
     tok = AutoTokenizer.from_pretrained(gemma3_path.parent, **kw)
     model32 = AutoModelForCausalLM.from_pretrained(gemma3_path.parent, dtype="float32", **kw).eval()
