@@ -125,7 +125,7 @@ def test_inspect(tiny_llama_gguf):
     assert "token_embd.weight" in out and "total:" in out
     header, q8 = (next(l for l in out.splitlines() if l.split()[:1] == [w]) for w in ("type", "Q8_0"))
     assert header.split() == ["type", "tensors", "size", "packed", "packed/size"]
-    assert q8.split()[-1] == "1.06x"  # 32 int8 codes and one float32 scale per 34-byte block
+    assert q8.split()[-1] == "1.00x"  # 32 int8 codes and the float16 scale: the 34-byte block
 
 
 def test_version_and_threads(tiny_llama_gguf):

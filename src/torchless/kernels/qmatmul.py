@@ -32,7 +32,7 @@ scale/min are (n_tiles, n_groups, TILE), float16 bits (uint16) where the file's 
 values (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, TQ1_0, TQ2_0), float32 otherwise (the K and IQ types
 multiply a float16 by a sub-scale, which float16 cannot hold exactly). Decode reads every weight
 byte once per token, so the scales' width is speed: float16 makes a Q4_1 weight 0.625 byte, as in
-the file, instead of 0.75. The kernels widen them with `as_f32`. Every value scale*code+min equals
+the file, instead of 0.75. The kernels widen them with `tile_row_f32`. Every value scale*code+min equals
 the dequantized weight of gguf-py exactly (f16 scale times a small integer is exact in float32).
 Rows are padded to a multiple of TILE with zero codes and zero scales.
 
@@ -50,8 +50,11 @@ of TILE: a tile cut by the range is computed whole and only its rows in the rang
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import binding as _llvm
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 # the bit-unpacking helpers and level tables of the newer block types (shared with quant.py's
 # dequantizers, so the repack and the oracle-tested dequantization read blocks the same way)
@@ -75,38 +78,57 @@ QK_K = 256
 # The types whose scales (and mins) are float16 values in the file, kept as float16 bits unless a
 # tensor's are not (Q4_0's min is -8 d, which overflows float16 when |d| > 8188).
 F16_SCALE_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, TQ1_0, TQ2_0})
+try:  # widening float16 in a kernel wants F16C (every AVX2 x86 has it); without, float32 scales
+    _HOST_F16C = bool(_llvm.get_host_cpu_features().get("f16c", False))
+except RuntimeError:
+    _HOST_F16C = False
 
 # 'contract' only: lets LLVM fuse a*b+c into FMA. No reassociation is needed (the vectorized
 # loop is across rows, each lane summing in program order), so results are deterministic and
 # identical between the prange, row-range and threaded variants.
 _FM = {"contract"}
 
-# 2^(e - 25) for a float16 exponent field e (subnormals share e = 1's step); inf for e = 31
-_F16_STEP = np.array([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 31)] + [np.inf], np.float32)
+@intrinsic
+def _widen_f16_tile_row(typingctx, src, t, g, dst):
+    """dst[0:TILE] = src[t, g, 0:TILE] widened from float16 bits, written as vector IR (one
+    load, `fpext <TILE x half>`, one store: vcvtph2ps). Per element, LLVM gathered the uint16
+    loads one by one, which cost 10-40% of a product."""
+    if not (isinstance(src, types.Array) and src.dtype == types.uint16 and src.ndim == 3):
+        return None
+
+    def codegen(context, builder, sig, args):
+        src_a = context.make_array(sig.args[0])(context, builder, args[0])
+        dst_a = context.make_array(sig.args[3])(context, builder, args[3])
+        t_, g_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2))
+        zero = context.get_constant(types.intp, 0)
+        p = cgutils.get_item_pointer(context, builder, sig.args[0], src_a, [t_, g_, zero])
+        bits = builder.load(builder.bitcast(p, ir.VectorType(ir.IntType(16), TILE).as_pointer()), align=2)
+        wide = builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), TILE)),
+                             ir.VectorType(ir.FloatType(), TILE))
+        builder.store(wide, builder.bitcast(dst_a.data, ir.VectorType(ir.FloatType(), TILE).as_pointer()), align=4)
+        return context.get_dummy_value()
+    return types.none(src, t, g, dst), codegen
 
 
-def as_f32(v):
-    """A packed scale or min as float32: float32 as it is, float16 bits (uint16) widened exactly."""
-    if isinstance(v, np.uint16):
-        return np.float32(np.array(v).view(np.float16))
-    return np.float32(v)
+def tile_row_f32(src, t, g, buf):
+    """src[t, g, :TILE] as float32: a packed scale or min row. float32 rows are returned as they
+    are (a view); float16 bits (uint16) are widened exactly into buf, which is returned. Called
+    in the kernels; this body is NumPy's meaning."""
+    row = src[t, g, :TILE]
+    if row.dtype != np.uint16:
+        return row
+    buf[:TILE] = row.view(np.float16)
+    return buf
 
 
-@overload(as_f32)
-def _as_f32_compiled(v):
-    if isinstance(v, types.Float):
-        return lambda v: np.float32(v)
-    if v == types.uint16:
-        def widen(v):  # arithmetic, not a bit cast: it vectorizes across the TILE lanes
-            h = np.int32(v)
-            e = (h >> 10) & 31
-            m = h & 1023
-            x = np.float32(m + (1024 if e > 0 else 0)) * _F16_STEP[e]
-            if e == 31 and m != 0:
-                x = np.float32(np.nan)
-            return -x if h & 0x8000 else x
+@overload(tile_row_f32, inline="always")
+def _tile_row_f32_compiled(src, t, g, buf):
+    if src.dtype == types.uint16:
+        def widen(src, t, g, buf):
+            _widen_f16_tile_row(src, t, g, buf)
+            return buf
         return widen
-    return None
+    return lambda src, t, g, buf: src[t, g]
 
 
 class PackedWeight:
@@ -287,7 +309,7 @@ def packed_nbytes(ggml_type: int, shape) -> int:
     if kind == "f32":
         return tiles * cols * TILE * 4
     code_bytes = tiles * cols * TILE // (2 if kind == "q4" else 1)
-    scale_bytes = 2 if int(ggml_type) in F16_SCALE_TYPES else 4  # as prepare keeps them (real files)
+    scale_bytes = 2 if int(ggml_type) in F16_SCALE_TYPES and _HOST_F16C else 4  # as prepare keeps them (real files)
     return code_bytes + tiles * (cols // group) * TILE * scale_bytes * (2 if has_min else 1)
 
 
@@ -344,7 +366,7 @@ def prepare(qtensor) -> PackedWeight:
             mn[t0:t0 + nt] = m.reshape(nt, TILE, n_groups).transpose(0, 2, 1)
     if not has_min:
         mn = np.zeros((n_tiles, 0, TILE), np.float32)  # the kernels skip the min term
-    if t in F16_SCALE_TYPES and _f16_exact(scale) and _f16_exact(mn):
+    if t in F16_SCALE_TYPES and _HOST_F16C and _f16_exact(scale) and _f16_exact(mn):
         scale, mn = _f16_bits(scale), _f16_bits(mn)
     return PackedWeight(t, (rows, cols), kind, group, codes, scale, mn)
 
@@ -363,9 +385,10 @@ def _group_sums(x, group, xs):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _tile_q4(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
+def _tile_q4(codes, scale, mn, x, xs, out, t, r0, r1, scratch, acc):
     n_groups = codes.shape[1]
     has_min = mn.shape[1] > 0
+    s, sc, mv = scratch[:TILE], scratch[TILE:2 * TILE], scratch[2 * TILE:3 * TILE]
     acc[:] = 0.0
     for g in range(n_groups):
         s[:] = 0.0
@@ -388,22 +411,25 @@ def _tile_q4(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
                 a += np.float32(np.int32(v3 & 15)) * x3
                 a += np.float32(np.int32(v3 >> 4)) * y3
                 s[r] = a
+        d = tile_row_f32(scale, t, g, sc)
         if has_min:
+            m = tile_row_f32(mn, t, g, mv)
             xg = xs[g]
             for r in range(TILE):
-                acc[r] += as_f32(scale[t, g, r]) * s[r] + as_f32(mn[t, g, r]) * xg
+                acc[r] += d[r] * s[r] + m[r] * xg
         else:
             for r in range(TILE):
-                acc[r] += as_f32(scale[t, g, r]) * s[r]
+                acc[r] += d[r] * s[r]
     base = t * TILE
     for r in range(max(r0, base), min(r1, base + TILE)):
         out[r] = acc[r - base]
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _tile_q8(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
+def _tile_q8(codes, scale, mn, x, xs, out, t, r0, r1, scratch, acc):
     n_groups, group = codes.shape[1], codes.shape[2]
     has_min = mn.shape[1] > 0
+    s, sc, mv = scratch[:TILE], scratch[TILE:2 * TILE], scratch[2 * TILE:3 * TILE]
     acc[:] = 0.0
     for g in range(n_groups):
         s[:] = 0.0
@@ -417,13 +443,15 @@ def _tile_q8(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
                 a += np.float32(codes[t, g, j + 2, r]) * x2
                 a += np.float32(codes[t, g, j + 3, r]) * x3
                 s[r] = a
+        d = tile_row_f32(scale, t, g, sc)
         if has_min:
+            m = tile_row_f32(mn, t, g, mv)
             xg = xs[g]
             for r in range(TILE):
-                acc[r] += as_f32(scale[t, g, r]) * s[r] + as_f32(mn[t, g, r]) * xg
+                acc[r] += d[r] * s[r] + m[r] * xg
         else:
             for r in range(TILE):
-                acc[r] += as_f32(scale[t, g, r]) * s[r]
+                acc[r] += d[r] * s[r]
     base = t * TILE
     for r in range(max(r0, base), min(r1, base + TILE)):
         out[r] = acc[r - base]
@@ -462,25 +490,28 @@ def _tile_f32(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
 @njit(nogil=True, cache=True)
 def _dq_tile_q4(codes, scale, mn, t, wt):
     has_min = mn.shape[1] > 0
+    sc, mv, zeros = np.empty(TILE, np.float32), np.empty(TILE, np.float32), np.zeros(TILE, np.float32)
     for g in range(codes.shape[1]):
+        d = tile_row_f32(scale, t, g, sc)
+        m = tile_row_f32(mn, t, g, mv) if has_min else zeros
         for j in range(16):
             for r in range(TILE):
                 v = codes[t, g, j, r]
-                m = as_f32(mn[t, g, r]) if has_min else np.float32(0.0)
-                d = as_f32(scale[t, g, r])
-                wt[g * 32 + j, r] = d * np.float32(np.int32(v & 15)) + m
-                wt[g * 32 + 16 + j, r] = d * np.float32(np.int32(v >> 4)) + m
+                wt[g * 32 + j, r] = d[r] * np.float32(np.int32(v & 15)) + m[r]
+                wt[g * 32 + 16 + j, r] = d[r] * np.float32(np.int32(v >> 4)) + m[r]
 
 
 @njit(nogil=True, cache=True)
 def _dq_tile_q8(codes, scale, mn, t, wt):
     has_min = mn.shape[1] > 0
     group = codes.shape[2]
+    sc, mv, zeros = np.empty(TILE, np.float32), np.empty(TILE, np.float32), np.zeros(TILE, np.float32)
     for g in range(codes.shape[1]):
+        d = tile_row_f32(scale, t, g, sc)
+        m = tile_row_f32(mn, t, g, mv) if has_min else zeros
         for j in range(group):
             for r in range(TILE):
-                m = as_f32(mn[t, g, r]) if has_min else np.float32(0.0)
-                wt[g * group + j, r] = as_f32(scale[t, g, r]) * np.float32(codes[t, g, j, r]) + m
+                wt[g * group + j, r] = d[r] * np.float32(codes[t, g, j, r]) + m[r]
 
 
 @njit(nogil=True, cache=True)
@@ -497,7 +528,7 @@ def _rows_q4(codes, scale, mn, group, x, out, r0, r1):
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
     if mn.shape[1] > 0:
         _group_sums(x, group, xs)
-    s = np.empty(TILE, np.float32)
+    s = np.empty(3 * TILE, np.float32)  # sums, widened scales, widened mins
     acc = np.empty(TILE, np.float32)
     for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
         _tile_q4(codes, scale, mn, x, xs, out, t, r0, r1, s, acc)
@@ -510,7 +541,7 @@ def _par_q4(codes, scale, mn, group, x, out, r0, r1):
         _group_sums(x, group, xs)
     t0 = r0 // TILE
     for i in prange((r1 + TILE - 1) // TILE - t0):
-        s = np.empty(TILE, np.float32)  # per task: tasks run on different threads
+        s = np.empty(3 * TILE, np.float32)  # per task: tasks run on different threads
         acc = np.empty(TILE, np.float32)
         _tile_q4(codes, scale, mn, x, xs, out, t0 + i, r0, r1, s, acc)
 
@@ -520,7 +551,7 @@ def _rows_q8(codes, scale, mn, group, x, out, r0, r1):
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
     if mn.shape[1] > 0:
         _group_sums(x, group, xs)
-    s = np.empty(TILE, np.float32)
+    s = np.empty(3 * TILE, np.float32)  # sums, widened scales, widened mins
     acc = np.empty(TILE, np.float32)
     for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
         _tile_q8(codes, scale, mn, x, xs, out, t, r0, r1, s, acc)
@@ -533,7 +564,7 @@ def _par_q8(codes, scale, mn, group, x, out, r0, r1):
         _group_sums(x, group, xs)
     t0 = r0 // TILE
     for i in prange((r1 + TILE - 1) // TILE - t0):
-        s = np.empty(TILE, np.float32)  # per task: tasks run on different threads
+        s = np.empty(3 * TILE, np.float32)  # per task: tasks run on different threads
         acc = np.empty(TILE, np.float32)
         _tile_q8(codes, scale, mn, x, xs, out, t0 + i, r0, r1, s, acc)
 
@@ -543,7 +574,7 @@ def _rows_f32(codes, scale, mn, group, x, out, r0, r1):
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
     if mn.shape[1] > 0:
         _group_sums(x, group, xs)
-    s = np.empty(TILE, np.float32)
+    s = np.empty(3 * TILE, np.float32)  # sums, widened scales, widened mins
     acc = np.empty(TILE, np.float32)
     for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
         _tile_f32(codes, scale, mn, x, xs, out, t, r0, r1, s, acc)
@@ -556,7 +587,7 @@ def _par_f32(codes, scale, mn, group, x, out, r0, r1):
         _group_sums(x, group, xs)
     t0 = r0 // TILE
     for i in prange((r1 + TILE - 1) // TILE - t0):
-        s = np.empty(TILE, np.float32)  # per task: tasks run on different threads
+        s = np.empty(3 * TILE, np.float32)  # per task: tasks run on different threads
         acc = np.empty(TILE, np.float32)
         _tile_f32(codes, scale, mn, x, xs, out, t0 + i, r0, r1, s, acc)
 
