@@ -9,7 +9,7 @@ from .kernels.parallel import (NumaHint, PipelineConfig, PipelineState, TensorPa
                                all_reduce_sum, all_reduce_sum_inplace, attention_parallel_adaptive,
                                column_parallel_linear, matmul_vec_adaptive, matmul_vec_adaptive_into,
                                mlp_tensor_parallel, num_cpus, row_parallel_linear)
-from .llama_compat import Llama
+from .llama_compat import Llama, LlamaGrammar
 from .loader import Parameters
 from .model.mistral import InferenceState, Mistral
 from .model.parallel import (ParallelAttention, ParallelConfig, ParallelInferenceState, ParallelLayer,
@@ -18,7 +18,7 @@ from .model.pipeline import PipelineParallelMistral
 from .sampling import Sampler, SamplingParams, sample
 
 __all__ = [
-    "LLM", "Llama", "ModelConfig", "Parameters", "Mistral", "InferenceState",
+    "LLM", "Llama", "LlamaGrammar", "ModelConfig", "Parameters", "Mistral", "InferenceState",
     "SamplingParams", "Sampler", "sample", "generate_tokens",
     "TorchlessError", "ModelFileError", "UnsupportedModelError", "ContextOverflowError",
     # seed 6.1
