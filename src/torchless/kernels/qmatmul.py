@@ -32,7 +32,7 @@ scale/min are (n_tiles, n_groups, TILE), float16 bits (uint16) where the file's 
 values (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, TQ1_0, TQ2_0), float32 otherwise (the K and IQ types
 multiply a float16 by a sub-scale, which float16 cannot hold exactly). Decode reads every weight
 byte once per token, so the scales' width is speed: float16 makes a Q4_1 weight 0.625 byte, as in
-the file, instead of 0.75. The kernels widen them with `tile_row_f32`. Every value scale*code+min equals
+the file, instead of 0.75. The kernels widen them with `widen_row`. Every value scale*code+min equals
 the dequantized weight of gguf-py exactly (f16 scale times a small integer is exact in float32).
 Rows are padded to a multiple of TILE with zero codes and zero scales.
 
@@ -89,46 +89,55 @@ except RuntimeError:
 _FM = {"contract"}
 
 @intrinsic
-def _widen_f16_tile_row(typingctx, src, t, g, dst):
-    """dst[0:TILE] = src[t, g, 0:TILE] widened from float16 bits, written as vector IR (one
+def _widen_f16_tile_row(typingctx, src, t, g, dst, k):
+    """dst[k, 0:TILE] = src[t, g, 0:TILE] widened from float16 bits, written as vector IR (one
     load, `fpext <TILE x half>`, one store: vcvtph2ps). Per element, LLVM gathered the uint16
     loads one by one, which cost 10-40% of a product."""
-    if not (isinstance(src, types.Array) and src.dtype == types.uint16 and src.ndim == 3):
+    if not (isinstance(src, types.Array) and src.dtype == types.uint16 and src.ndim == 3
+            and isinstance(dst, types.Array) and dst.dtype == types.float32 and dst.ndim == 2):
         return None
 
     def codegen(context, builder, sig, args):
         src_a = context.make_array(sig.args[0])(context, builder, args[0])
         dst_a = context.make_array(sig.args[3])(context, builder, args[3])
-        t_, g_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2))
+        t_, g_, k_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2, 4))
         zero = context.get_constant(types.intp, 0)
         p = cgutils.get_item_pointer(context, builder, sig.args[0], src_a, [t_, g_, zero])
+        q = cgutils.get_item_pointer(context, builder, sig.args[3], dst_a, [k_, zero])
         bits = builder.load(builder.bitcast(p, ir.VectorType(ir.IntType(16), TILE).as_pointer()), align=2)
         wide = builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), TILE)),
                              ir.VectorType(ir.FloatType(), TILE))
-        builder.store(wide, builder.bitcast(dst_a.data, ir.VectorType(ir.FloatType(), TILE).as_pointer()), align=4)
+        builder.store(wide, builder.bitcast(q, ir.VectorType(ir.FloatType(), TILE).as_pointer()), align=4)
         return context.get_dummy_value()
-    return types.none(src, t, g, dst), codegen
+    return types.none(src, t, g, dst, k), codegen
 
 
-def tile_row_f32(src, t, g, buf):
-    """src[t, g, :TILE] as float32: a packed scale or min row. float32 rows are returned as they
-    are (a view); float16 bits (uint16) are widened exactly into buf, which is returned. Called
-    in the kernels; this body is NumPy's meaning."""
-    row = src[t, g, :TILE]
-    if row.dtype != np.uint16:
-        return row
-    buf[:TILE] = row.view(np.float16)
-    return buf
+# A packed scale or min row (src[t, g, :]) is read in two steps, so that no kernel makes an array
+# view per group (numba reference-counts each view with atomics: that cost 30-100% of a small
+# product): widen_row(src, t, g, buf, k) widens float16 bits into buf[k, :] (and does nothing
+# for float32), then row_value(src, t, g, r, buf, k) is element r as float32, from buf or src.
+
+def widen_row(src, t, g, buf, k):
+    if src.dtype == np.uint16:
+        buf[k, :TILE] = src[t, g, :TILE].view(np.float16)
 
 
-@overload(tile_row_f32, inline="always")
-def _tile_row_f32_compiled(src, t, g, buf):
+def row_value(src, t, g, r, buf, k):
+    return np.float32(buf[k, r]) if src.dtype == np.uint16 else np.float32(src[t, g, r])
+
+
+@overload(widen_row, inline="always")
+def _widen_row_compiled(src, t, g, buf, k):
     if src.dtype == types.uint16:
-        def widen(src, t, g, buf):
-            _widen_f16_tile_row(src, t, g, buf)
-            return buf
-        return widen
-    return lambda src, t, g, buf: src[t, g]
+        return lambda src, t, g, buf, k: _widen_f16_tile_row(src, t, g, buf, k)
+    return lambda src, t, g, buf, k: None
+
+
+@overload(row_value, inline="always")
+def _row_value_compiled(src, t, g, r, buf, k):
+    if src.dtype == types.uint16:
+        return lambda src, t, g, r, buf, k: buf[k, r]
+    return lambda src, t, g, r, buf, k: src[t, g, r]
 
 
 class PackedWeight:
@@ -385,13 +394,13 @@ def _group_sums(x, group, xs):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _tile_q4(codes, scale, mn, x, xs, out, t, r0, r1, scratch, acc):
+def _tile_q4(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
     n_groups = codes.shape[1]
     has_min = mn.shape[1] > 0
-    s, sc, mv = scratch[:TILE], scratch[TILE:2 * TILE], scratch[2 * TILE:3 * TILE]
     acc[:] = 0.0
     for g in range(n_groups):
-        s[:] = 0.0
+        for r in range(TILE):
+            s[0, r] = 0.0
         o = g * 32
         for j in range(0, 16, 4):
             x0 = x[o + j]; x1 = x[o + j + 1]; x2 = x[o + j + 2]; x3 = x[o + j + 3]
@@ -399,7 +408,7 @@ def _tile_q4(codes, scale, mn, x, xs, out, t, r0, r1, scratch, acc):
             for r in range(TILE):  # the vectorized loop: 32 rows, one lane each
                 v0 = codes[t, g, j, r]; v1 = codes[t, g, j + 1, r]
                 v2 = codes[t, g, j + 2, r]; v3 = codes[t, g, j + 3, r]
-                a = s[r]
+                a = s[0, r]
                 # int32 casts keep the nibble arithmetic narrow (numba would widen to int64,
                 # which halves the vector width of the int->float conversion)
                 a += np.float32(np.int32(v0 & 15)) * x0
@@ -410,48 +419,48 @@ def _tile_q4(codes, scale, mn, x, xs, out, t, r0, r1, scratch, acc):
                 a += np.float32(np.int32(v2 >> 4)) * y2
                 a += np.float32(np.int32(v3 & 15)) * x3
                 a += np.float32(np.int32(v3 >> 4)) * y3
-                s[r] = a
-        d = tile_row_f32(scale, t, g, sc)
+                s[0, r] = a
+        widen_row(scale, t, g, s, 1)
         if has_min:
-            m = tile_row_f32(mn, t, g, mv)
+            widen_row(mn, t, g, s, 2)
             xg = xs[g]
             for r in range(TILE):
-                acc[r] += d[r] * s[r] + m[r] * xg
+                acc[r] += row_value(scale, t, g, r, s, 1) * s[0, r] + row_value(mn, t, g, r, s, 2) * xg
         else:
             for r in range(TILE):
-                acc[r] += d[r] * s[r]
+                acc[r] += row_value(scale, t, g, r, s, 1) * s[0, r]
     base = t * TILE
     for r in range(max(r0, base), min(r1, base + TILE)):
         out[r] = acc[r - base]
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _tile_q8(codes, scale, mn, x, xs, out, t, r0, r1, scratch, acc):
+def _tile_q8(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
     n_groups, group = codes.shape[1], codes.shape[2]
     has_min = mn.shape[1] > 0
-    s, sc, mv = scratch[:TILE], scratch[TILE:2 * TILE], scratch[2 * TILE:3 * TILE]
     acc[:] = 0.0
     for g in range(n_groups):
-        s[:] = 0.0
+        for r in range(TILE):
+            s[0, r] = 0.0
         o = g * group
         for j in range(0, group, 4):
             x0 = x[o + j]; x1 = x[o + j + 1]; x2 = x[o + j + 2]; x3 = x[o + j + 3]
             for r in range(TILE):
-                a = s[r]
+                a = s[0, r]
                 a += np.float32(codes[t, g, j, r]) * x0
                 a += np.float32(codes[t, g, j + 1, r]) * x1
                 a += np.float32(codes[t, g, j + 2, r]) * x2
                 a += np.float32(codes[t, g, j + 3, r]) * x3
-                s[r] = a
-        d = tile_row_f32(scale, t, g, sc)
+                s[0, r] = a
+        widen_row(scale, t, g, s, 1)
         if has_min:
-            m = tile_row_f32(mn, t, g, mv)
+            widen_row(mn, t, g, s, 2)
             xg = xs[g]
             for r in range(TILE):
-                acc[r] += d[r] * s[r] + m[r] * xg
+                acc[r] += row_value(scale, t, g, r, s, 1) * s[0, r] + row_value(mn, t, g, r, s, 2) * xg
         else:
             for r in range(TILE):
-                acc[r] += d[r] * s[r]
+                acc[r] += row_value(scale, t, g, r, s, 1) * s[0, r]
     base = t * TILE
     for r in range(max(r0, base), min(r1, base + TILE)):
         out[r] = acc[r - base]
@@ -490,28 +499,33 @@ def _tile_f32(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
 @njit(nogil=True, cache=True)
 def _dq_tile_q4(codes, scale, mn, t, wt):
     has_min = mn.shape[1] > 0
-    sc, mv, zeros = np.empty(TILE, np.float32), np.empty(TILE, np.float32), np.zeros(TILE, np.float32)
+    buf = np.empty((2, TILE), np.float32)
     for g in range(codes.shape[1]):
-        d = tile_row_f32(scale, t, g, sc)
-        m = tile_row_f32(mn, t, g, mv) if has_min else zeros
+        widen_row(scale, t, g, buf, 0)
+        if has_min:
+            widen_row(mn, t, g, buf, 1)
         for j in range(16):
             for r in range(TILE):
                 v = codes[t, g, j, r]
-                wt[g * 32 + j, r] = d[r] * np.float32(np.int32(v & 15)) + m[r]
-                wt[g * 32 + 16 + j, r] = d[r] * np.float32(np.int32(v >> 4)) + m[r]
+                m = row_value(mn, t, g, r, buf, 1) if has_min else np.float32(0.0)
+                d = row_value(scale, t, g, r, buf, 0)
+                wt[g * 32 + j, r] = d * np.float32(np.int32(v & 15)) + m
+                wt[g * 32 + 16 + j, r] = d * np.float32(np.int32(v >> 4)) + m
 
 
 @njit(nogil=True, cache=True)
 def _dq_tile_q8(codes, scale, mn, t, wt):
     has_min = mn.shape[1] > 0
     group = codes.shape[2]
-    sc, mv, zeros = np.empty(TILE, np.float32), np.empty(TILE, np.float32), np.zeros(TILE, np.float32)
+    buf = np.empty((2, TILE), np.float32)
     for g in range(codes.shape[1]):
-        d = tile_row_f32(scale, t, g, sc)
-        m = tile_row_f32(mn, t, g, mv) if has_min else zeros
+        widen_row(scale, t, g, buf, 0)
+        if has_min:
+            widen_row(mn, t, g, buf, 1)
         for j in range(group):
             for r in range(TILE):
-                wt[g * group + j, r] = d[r] * np.float32(codes[t, g, j, r]) + m[r]
+                m = row_value(mn, t, g, r, buf, 1) if has_min else np.float32(0.0)
+                wt[g * group + j, r] = row_value(scale, t, g, r, buf, 0) * np.float32(codes[t, g, j, r]) + m
 
 
 @njit(nogil=True, cache=True)
@@ -528,7 +542,7 @@ def _rows_q4(codes, scale, mn, group, x, out, r0, r1):
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
     if mn.shape[1] > 0:
         _group_sums(x, group, xs)
-    s = np.empty(3 * TILE, np.float32)  # sums, widened scales, widened mins
+    s = np.empty((3, TILE), np.float32)  # sums, widened scales, widened mins
     acc = np.empty(TILE, np.float32)
     for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
         _tile_q4(codes, scale, mn, x, xs, out, t, r0, r1, s, acc)
@@ -541,7 +555,7 @@ def _par_q4(codes, scale, mn, group, x, out, r0, r1):
         _group_sums(x, group, xs)
     t0 = r0 // TILE
     for i in prange((r1 + TILE - 1) // TILE - t0):
-        s = np.empty(3 * TILE, np.float32)  # per task: tasks run on different threads
+        s = np.empty((3, TILE), np.float32)  # per task: tasks run on different threads
         acc = np.empty(TILE, np.float32)
         _tile_q4(codes, scale, mn, x, xs, out, t0 + i, r0, r1, s, acc)
 
@@ -551,7 +565,7 @@ def _rows_q8(codes, scale, mn, group, x, out, r0, r1):
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
     if mn.shape[1] > 0:
         _group_sums(x, group, xs)
-    s = np.empty(3 * TILE, np.float32)  # sums, widened scales, widened mins
+    s = np.empty((3, TILE), np.float32)  # sums, widened scales, widened mins
     acc = np.empty(TILE, np.float32)
     for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
         _tile_q8(codes, scale, mn, x, xs, out, t, r0, r1, s, acc)
@@ -564,7 +578,7 @@ def _par_q8(codes, scale, mn, group, x, out, r0, r1):
         _group_sums(x, group, xs)
     t0 = r0 // TILE
     for i in prange((r1 + TILE - 1) // TILE - t0):
-        s = np.empty(3 * TILE, np.float32)  # per task: tasks run on different threads
+        s = np.empty((3, TILE), np.float32)  # per task: tasks run on different threads
         acc = np.empty(TILE, np.float32)
         _tile_q8(codes, scale, mn, x, xs, out, t0 + i, r0, r1, s, acc)
 
@@ -574,7 +588,7 @@ def _rows_f32(codes, scale, mn, group, x, out, r0, r1):
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
     if mn.shape[1] > 0:
         _group_sums(x, group, xs)
-    s = np.empty(3 * TILE, np.float32)  # sums, widened scales, widened mins
+    s = np.empty((3, TILE), np.float32)  # sums, widened scales, widened mins
     acc = np.empty(TILE, np.float32)
     for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
         _tile_f32(codes, scale, mn, x, xs, out, t, r0, r1, s, acc)
@@ -587,7 +601,7 @@ def _par_f32(codes, scale, mn, group, x, out, r0, r1):
         _group_sums(x, group, xs)
     t0 = r0 // TILE
     for i in prange((r1 + TILE - 1) // TILE - t0):
-        s = np.empty(3 * TILE, np.float32)  # per task: tasks run on different threads
+        s = np.empty((3, TILE), np.float32)  # per task: tasks run on different threads
         acc = np.empty(TILE, np.float32)
         _tile_f32(codes, scale, mn, x, xs, out, t0 + i, r0, r1, s, acc)
 

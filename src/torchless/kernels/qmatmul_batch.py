@@ -37,7 +37,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import qmatmul
-from .qmatmul import TILE, PackedWeight, _dot_tile, tile_row_f32
+from .qmatmul import TILE, PackedWeight, _dot_tile, row_value, widen_row
 
 _FM = {"contract"}
 ROW_BLOCK = 4  # rows of X per pass over a tile
@@ -144,20 +144,11 @@ def quantize_rows(X, group, xq, dx, xs, sq):
                 d = d / np.float32(254.0)
 
 
-@njit(nogil=True, cache=True)
-def _widen_tile(scale, mn, t, sc_t, mn_t):
-    """Tile t's scales and mins as float32 (n_groups, TILE): widened once per tile (float16 bits
-    or float32, see qmatmul.tile_row_f32), then read by every row block of X."""
-    for g in range(scale.shape[1]):
-        sc_t[g] = tile_row_f32(scale, t, g, sc_t[g])
-    for g in range(mn.shape[1]):
-        mn_t[g] = tile_row_f32(mn, t, g, mn_t[g])
-
-
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _accumulate(acc, isum, sc_t, mn_t, g, dx, xs, sq, m0, n, offset):
-    """acc[i] += this group's share of row m0 + i (i < n) from the integer sums of its levels."""
-    has_min = mn_t.shape[0] > 0
+def _accumulate(acc, isum, scale, mn, t, g, buf, dx, xs, sq, m0, n, offset):
+    """acc[i] += this group's share of row m0 + i (i < n) from the integer sums of its levels
+    (the group's float16 scales and mins already widened into buf: see qmatmul.widen_row)."""
+    has_min = mn.shape[1] > 0
     for i in range(n):
         m = m0 + i
         xg = xs[m, g]
@@ -165,8 +156,8 @@ def _accumulate(acc, isum, sc_t, mn_t, g, dx, xs, sq, m0, n, offset):
             v = np.float32(0.0)
             for k in range(LEVELS):
                 v += dx[LEVELS * m + k, g] * np.float32(isum[LEVELS * i + k, r] - offset * sq[LEVELS * m + k, g])
-            a = acc[i, r] + sc_t[g, r] * v
-            acc[i, r] = a + mn_t[g, r] * xg if has_min else a
+            a = acc[i, r] + row_value(scale, t, g, r, buf, 0) * v
+            acc[i, r] = a + row_value(mn, t, g, r, buf, 1) * xg if has_min else a
 
 
 @njit(nogil=True, cache=True)
@@ -184,10 +175,9 @@ def _tiles_q4(codes, scale, mn, xq4, dx, xs, sq, out, t0, t1):
     M = xs.shape[0]
     isum = np.empty((LEVELS * ROW_BLOCK, TILE), np.int32)
     acc = np.empty((ROW_BLOCK, TILE), np.float32)
-    sc_t = np.empty((scale.shape[1], TILE), np.float32)
-    mn_t = np.empty((mn.shape[1], TILE), np.float32)
+    has_min = mn.shape[1] > 0
+    buf = np.empty((2, TILE), np.float32)  # a group's scales and mins, widened (float16 bits)
     for t in range(t0, t1):
-        _widen_tile(scale, mn, t, sc_t, mn_t)
         m0 = 0
         while m0 < M:
             n = min(ROW_BLOCK, M - m0) if M - m0 != 3 else 2  # blocks of 4, 2, 1 rows
@@ -199,7 +189,10 @@ def _tiles_q4(codes, scale, mn, xq4, dx, xs, sq, out, t0, t1):
                     _dot_q4_2(codes, t, g, xq4, LEVELS * m0, isum)
                 else:
                     _dot_q4_1(codes, t, g, xq4, LEVELS * m0, isum)
-                _accumulate(acc, isum, sc_t, mn_t, g, dx, xs, sq, m0, n, 0)
+                widen_row(scale, t, g, buf, 0)
+                if has_min:
+                    widen_row(mn, t, g, buf, 1)
+                _accumulate(acc, isum, scale, mn, t, g, buf, dx, xs, sq, m0, n, 0)
             _store(acc, out, t, m0, n)
             m0 += n
 
@@ -211,10 +204,9 @@ def _tiles_q8(codes, scale, mn, xq4, dx, xs, sq, out, t0, t1):
     wide = codes.shape[2] == 32
     isum = np.empty((LEVELS * ROW_BLOCK, TILE), np.int32)
     acc = np.empty((ROW_BLOCK, TILE), np.float32)
-    sc_t = np.empty((scale.shape[1], TILE), np.float32)
-    mn_t = np.empty((mn.shape[1], TILE), np.float32)
+    has_min = mn.shape[1] > 0
+    buf = np.empty((2, TILE), np.float32)  # a group's scales and mins, widened (float16 bits)
     for t in range(t0, t1):
-        _widen_tile(scale, mn, t, sc_t, mn_t)
         m0 = 0
         while m0 < M:
             n = min(ROW_BLOCK, M - m0) if M - m0 != 3 else 2
@@ -232,7 +224,10 @@ def _tiles_q8(codes, scale, mn, xq4, dx, xs, sq, out, t0, t1):
                     _dot_q8g16_2(codes, t, g, xq4, LEVELS * m0, isum)
                 else:
                     _dot_q8g16_1(codes, t, g, xq4, LEVELS * m0, isum)
-                _accumulate(acc, isum, sc_t, mn_t, g, dx, xs, sq, m0, n, 128)
+                widen_row(scale, t, g, buf, 0)
+                if has_min:
+                    widen_row(mn, t, g, buf, 1)
+                _accumulate(acc, isum, scale, mn, t, g, buf, dx, xs, sq, m0, n, 128)
             _store(acc, out, t, m0, n)
             m0 += n
 
