@@ -1,0 +1,353 @@
+"""The packed form of a weight matrix: the tiled layouts the kernels of `qmatmul` read, the
+repacking of every GGML type into them (NumPy, once at load), and how a kernel reads a packed
+scale.
+
+`prepare()` repacks every supported GGML type once, at load, into one of three layouts:
+
+  "q4"  4-bit codes, still packed two per byte (0.5 byte/weight):
+        codes uint8 (n_tiles, n_groups, 16, TILE); byte j of group g holds the codes of columns
+        32g+j (low nibble) and 32g+16+j (high nibble), as Q4_0/Q4_1 already do. Q4_K's
+        sub-blocks are re-arranged into the same form. Weight = scale * code + min.
+        Used by Q4_0 (min = -8 d), Q4_1 (min = m), Q4_K (scale = d sc_j, min = -dmin m_j).
+  "q8"  signed 8-bit codes (1 byte/weight): codes int8 (n_tiles, n_groups, G, TILE), G = 32 or
+        16. Used by Q8_0 (G=32), Q5_0 (codes q - 16 = -16..15, G=32), Q5_1 (codes 0..31, G=32,
+        min = m), Q5_K (codes 0..31, G=32, with min), Q6_K (codes -32..31, G=16).
+  "f32" float32 (n_tiles, cols, TILE). Used by F32, and F16/BF16, which are converted to float32
+        at load (twice their file size in memory; they are small or rare in quantized files).
+
+scale/min are (n_tiles, n_groups, TILE), float16 bits (uint16) where the file's scales are float16
+values (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, TQ1_0, TQ2_0), float32 otherwise (the K and IQ types
+multiply a float16 by a sub-scale, which float16 cannot hold exactly). Decode reads every weight
+byte once per token, so the scales' width is speed: float16 makes a Q4_1 weight 0.625 byte, as in
+the file, instead of 0.75. The kernels widen them with `widen_row`. Every value scale*code+min equals
+the dequantized weight of gguf-py exactly (f16 scale times a small integer is exact in float32).
+Rows are padded to a multiple of TILE with zero codes and zero scales.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import binding as _llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+# the bit-unpacking helpers and level tables of the newer block types (shared with quant.py's
+# dequantizers, so the repack and the oracle-tested dequantization read blocks the same way)
+from ..quant import (IQ4NL_VALUES, IQ_GROUP, MXFP4_VALUES, iq4_xs_scales, iq_codes, mxfp4_half_scale,
+                     q3_k_codes, q3_k_scales, tq1_0_codes)
+
+TILE = 32  # rows per tile: the vector width of the inner loop (4 x 8 float32 lanes on AVX2)
+
+# ggml type ids (quant.GGMLType values, as plain ints)
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
+Q2_K, Q3_K, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0, MXFP4 = 10, 11, 20, 23, 34, 35, 39
+IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ3_S, IQ2_S, IQ1_M = 16, 17, 18, 19, 21, 22, 29
+_IQ_GROUP = {int(t): g for t, g in IQ_GROUP.items()}  # lattice types: columns per scale
+_TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1",
+               Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K", BF16: "BF16",
+               Q2_K: "Q2_K", Q3_K: "Q3_K", IQ4_NL: "IQ4_NL", IQ4_XS: "IQ4_XS",
+               TQ1_0: "TQ1_0", TQ2_0: "TQ2_0", MXFP4: "MXFP4", IQ2_XXS: "IQ2_XXS", IQ2_XS: "IQ2_XS",
+               IQ3_XXS: "IQ3_XXS", IQ1_S: "IQ1_S", IQ3_S: "IQ3_S", IQ2_S: "IQ2_S", IQ1_M: "IQ1_M"}
+QK_K = 256
+
+# The types whose scales (and mins) are float16 values in the file, kept as float16 bits unless a
+# tensor's are not (Q4_0's min is -8 d, which overflows float16 when |d| > 8188).
+F16_SCALE_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, TQ1_0, TQ2_0})
+try:  # widening float16 in a kernel wants F16C (every AVX2 x86 has it); without, float32 scales
+    _HOST_F16C = bool(_llvm.get_host_cpu_features().get("f16c", False))
+except RuntimeError:
+    _HOST_F16C = False
+
+
+@intrinsic
+def _widen_f16_tile_row(typingctx, src, t, g, dst, k):
+    """dst[k, 0:TILE] = src[t, g, 0:TILE] widened from float16 bits, written as vector IR (one
+    load, `fpext <TILE x half>`, one store: vcvtph2ps). Per element, LLVM gathered the uint16
+    loads one by one, which cost 10-40% of a product."""
+    if not (isinstance(src, types.Array) and src.dtype == types.uint16 and src.ndim == 3
+            and isinstance(dst, types.Array) and dst.dtype == types.float32 and dst.ndim == 2):
+        return None
+
+    def codegen(context, builder, sig, args):
+        src_a = context.make_array(sig.args[0])(context, builder, args[0])
+        dst_a = context.make_array(sig.args[3])(context, builder, args[3])
+        t_, g_, k_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2, 4))
+        zero = context.get_constant(types.intp, 0)
+        p = cgutils.get_item_pointer(context, builder, sig.args[0], src_a, [t_, g_, zero])
+        q = cgutils.get_item_pointer(context, builder, sig.args[3], dst_a, [k_, zero])
+        bits = builder.load(builder.bitcast(p, ir.VectorType(ir.IntType(16), TILE).as_pointer()), align=2)
+        wide = builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), TILE)),
+                             ir.VectorType(ir.FloatType(), TILE))
+        builder.store(wide, builder.bitcast(q, ir.VectorType(ir.FloatType(), TILE).as_pointer()), align=4)
+        return context.get_dummy_value()
+    return types.none(src, t, g, dst, k), codegen
+
+
+# A packed scale or min row (src[t, g, :]) is read in two steps, so that no kernel makes an array
+# view per group (numba reference-counts each view with atomics: that cost 30-100% of a small
+# product): widen_row(src, t, g, buf, k) widens float16 bits into buf[k, :] (and does nothing
+# for float32), then row_value(src, t, g, r, buf, k) is element r as float32, from buf or src.
+
+def widen_row(src, t, g, buf, k):
+    if src.dtype == np.uint16:
+        buf[k, :TILE] = src[t, g, :TILE].view(np.float16)
+
+
+def row_value(src, t, g, r, buf, k):
+    return np.float32(buf[k, r]) if src.dtype == np.uint16 else np.float32(src[t, g, r])
+
+
+@overload(widen_row, inline="always")
+def _widen_row_compiled(src, t, g, buf, k):
+    if src.dtype == types.uint16:
+        return lambda src, t, g, buf, k: _widen_f16_tile_row(src, t, g, buf, k)
+    return lambda src, t, g, buf, k: None
+
+
+@overload(row_value, inline="always")
+def _row_value_compiled(src, t, g, r, buf, k):
+    if src.dtype == types.uint16:
+        return lambda src, t, g, r, buf, k: buf[k, r]
+    return lambda src, t, g, r, buf, k: src[t, g, r]
+
+
+class PackedWeight:
+    """A weight matrix repacked for the kernels here; build it with `prepare()`.
+
+    shape: (rows, cols); ggml_type: the type it came from; kind: "q4", "q8" or "f32";
+    nbytes: bytes resident (codes + scales + mins, padding included).
+    """
+
+    __slots__ = ("ggml_type", "shape", "kind", "group", "codes", "scale", "min", "nbytes")
+
+    def __init__(self, ggml_type, shape, kind, group, codes, scale, mn):
+        self.ggml_type = int(ggml_type)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.kind = kind
+        self.group = group
+        self.codes = codes
+        self.scale = scale
+        self.min = mn
+        self.nbytes = int(codes.nbytes + scale.nbytes + mn.nbytes)  # read per decode step: kept
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.shape[1]
+
+    def __repr__(self) -> str:
+        name = _TYPE_NAMES.get(self.ggml_type, str(self.ggml_type))
+        return f"PackedWeight({name} as {self.kind}, shape={self.shape}, {self.nbytes} bytes)"
+
+
+# --------------------------------------------------------------------------------------------
+# Repacking (NumPy, once at load)
+# --------------------------------------------------------------------------------------------
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """(..., 2) uint8 -> (...) float32."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _k_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 12 packed bytes of Q4_K/Q5_K -> 8 six-bit scales and 8 six-bit mins (as gguf-py)."""
+    s = s.reshape(s.shape[:-1] + (3, 4))
+    d, m, m_d = s[..., 0, :], s[..., 1, :], s[..., 2, :]
+    sc = np.concatenate([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _decode(ggml_type: int, raw: np.ndarray, cols: int):
+    """Raw rows (n, row_bytes) uint8 -> (codes, scale, min, kind, group), NumPy row-major:
+    codes (n, cols) small ints (or float32 for "f32"), scale/min (n, cols // group) float32."""
+    n = raw.shape[0]
+    if ggml_type == F32:
+        return np.ascontiguousarray(raw).view(np.float32).reshape(n, cols), None, None, "f32", cols
+    if ggml_type == F16:
+        return np.ascontiguousarray(raw).view(np.float16).reshape(n, cols).astype(np.float32), None, None, "f32", cols
+    if ggml_type == BF16:
+        u = np.ascontiguousarray(raw).view(np.uint16).reshape(n, cols).astype(np.uint32) << 16
+        return u.view(np.float32), None, None, "f32", cols
+    if ggml_type in (Q4_0, Q4_1):
+        head = 2 if ggml_type == Q4_0 else 4
+        b = raw.reshape(n, cols // 32, head + 16)
+        d = _f16(b[..., 0:2])
+        mn = -8.0 * d if ggml_type == Q4_0 else _f16(b[..., 2:4])
+        qs = b[..., head:]
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (n, groups, 32)
+        return codes.reshape(n, cols), d, mn.astype(np.float32), "q4", 32
+    if ggml_type in (Q5_0, Q5_1):
+        head = 2 if ggml_type == Q5_0 else 4
+        b = raw.reshape(n, cols // 32, head + 4 + 16)
+        d = _f16(b[..., 0:2])
+        qh = np.unpackbits(b[..., head:head + 4], axis=-1, bitorder="little")  # bit i: column i
+        qs = b[..., head + 4:]
+        q = (np.concatenate([qs & 0x0F, qs >> 4], axis=-1) | (qh << 4)).astype(np.int8)  # 0..31
+        if ggml_type == Q5_0:  # weight = d * (q - 16)
+            return (q - np.int8(16)).reshape(n, cols), d, None, "q8", 32
+        return q.reshape(n, cols), d, _f16(b[..., 2:4]), "q8", 32  # weight = d * q + m
+    if ggml_type == Q8_0:
+        b = raw.reshape(n, cols // 32, 34)
+        return np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(n, cols), _f16(b[..., 0:2]), None, "q8", 32
+    if ggml_type in (Q4_K, Q5_K):
+        nb = cols // QK_K
+        b = raw.reshape(n, nb, -1)
+        d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
+        sc, m = _k_scale_min(b[..., 4:16])
+        scale, mn = (d * sc).reshape(n, -1), (-(dmin * m)).reshape(n, -1)  # per 32-group
+        if ggml_type == Q4_K:
+            qs = b[..., 16:].reshape(n, nb, 4, 1, 32)
+            codes = (qs >> np.array([0, 4], np.uint8).reshape(2, 1)) & 0x0F  # (n, nb, 4, 2, 32)
+            return codes.reshape(n, cols), scale, mn, "q4", 32
+        qh = b[..., 16:48].reshape(n, nb, 1, 32)
+        qs = b[..., 48:].reshape(n, nb, 4, 1, 32)
+        lo = ((qs >> np.array([0, 4], np.uint8).reshape(2, 1)) & 0x0F).reshape(n, nb, 8, 32)
+        hi = (qh >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1  # (n, nb, 8, 32)
+        return (lo | (hi << 4)).astype(np.int8).reshape(n, cols), scale, mn, "q8", 32
+    if ggml_type == Q2_K:  # weight = (d sc_j) q - dmin m_j per 16 columns
+        nb = cols // QK_K
+        b = raw.reshape(n, nb, 84)
+        sc, d, dmin = b[..., :16], _f16(b[..., 80:82])[..., None], _f16(b[..., 82:84])[..., None]
+        scale = (d * (sc & 0x0F).astype(np.float32)).reshape(n, -1)
+        mn = (-(dmin * (sc >> 4).astype(np.float32))).reshape(n, -1)
+        qs = b[..., 16:80].reshape(n, nb, 2, 1, 32)  # column 128 h + 32 k + j: byte 32 h + j >> 2k
+        q = (qs >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 0x03
+        return q.astype(np.int8).reshape(n, cols), scale, mn, "q8", 16
+    if ggml_type == Q3_K:  # weight = (d (sc_j - 32)) q per 16 columns
+        nb = cols // QK_K
+        b = raw.reshape(n * nb, 110)
+        scale = _f16(b[:, 108:110])[:, None] * q3_k_scales(b[:, 96:108]).astype(np.float32)
+        return q3_k_codes(b[:, :32], b[:, 32:96]).reshape(n, cols), scale.reshape(n, -1), None, "q8", 16
+    if ggml_type in (IQ4_NL, IQ4_XS):  # weight = scale * level[index] per 32 columns
+        head = 2 if ggml_type == IQ4_NL else 8
+        b = raw.reshape(n, -1, head + 16) if ggml_type == IQ4_NL else raw.reshape(n * (cols // QK_K), 136)
+        qs = b[..., head:].reshape(b.shape[:-1] + (-1, 16))  # per 32 columns: 16 bytes, low nibbles first
+        codes = IQ4NL_VALUES[np.concatenate([qs & 0x0F, qs >> 4], axis=-1)].reshape(n, cols)
+        d = _f16(b[..., 0:2])
+        if ggml_type == IQ4_NL:
+            return codes, d, None, "q8", 32
+        return codes, (d[:, None] * iq4_xs_scales(b[:, 2:8]).astype(np.float32)).reshape(n, -1), None, "q8", 32
+    if ggml_type in (TQ1_0, TQ2_0):  # weight = d q, q in -1..1; d per 256 columns, kept per 32
+        b = raw.reshape(n * (cols // QK_K), -1)
+        if ggml_type == TQ1_0:
+            q = tq1_0_codes(b)
+        else:  # column 128 h + 32 k + j: bits 2k of byte 32 h + j
+            q = ((b[:, :64].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 0x03)
+            q = q.astype(np.int8) - np.int8(1)
+        d = np.repeat(_f16(b[:, -2:]), QK_K // 32)
+        return q.reshape(n, cols), d.reshape(n, -1), None, "q8", 32
+    if ggml_type == MXFP4:  # weight = 2^(e-127) value[index] = 2^(e-128) (2 value[index])
+        b = raw.reshape(n, cols // 32, 17)
+        qs = b[..., 1:]
+        codes = MXFP4_VALUES[np.concatenate([qs & 0x0F, qs >> 4], axis=-1)].reshape(n, cols)
+        return codes, mxfp4_half_scale(b[..., 0]), None, "q8", 32
+    if ggml_type in _IQ_GROUP:  # weight = scale * code, decoded as quant.py dequantizes
+        codes, scale = iq_codes(ggml_type, raw.reshape(n * (cols // QK_K), -1))
+        return codes.reshape(n, cols), scale.reshape(n, -1), None, "q8", _IQ_GROUP[ggml_type]
+    if ggml_type == Q6_K:
+        nb = cols // QK_K
+        b = raw.reshape(n, nb, 210)
+        ql, qh = b[..., :128], b[..., 128:192]
+        sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.float32)
+        d = _f16(b[..., 208:210])[..., None]
+        lo = (ql.reshape(n, nb, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(2, 1)) & 0x0F
+        lo = lo.reshape(n, nb, 2, 2, 2, 32)  # (half, nibble, 32-chunk of the 64, 32)
+        hi = (qh.reshape(n, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3
+        hi = hi.reshape(n, nb, 2, 4, 32)
+        # within a 128-half, gguf-py's 32-chunk k = 2*nibble + (chunk of the 64 ql bytes) takes
+        # its high bits from qh shifted by 2k
+        lo = lo.reshape(n, nb, 2, 4, 32)
+        q = (lo | (hi << 4)).astype(np.int8) - 32
+        return q.reshape(n, cols), (d * sc).reshape(n, -1), None, "q8", 16
+    raise ValueError(f"qmatmul: unsupported ggml type {ggml_type}")
+
+
+def packed_layout(ggml_type: int, cols: int) -> tuple[str, int, bool]:
+    """(kind, group, has_min) of a type's packed form: which kernels run it, the columns that
+    share a scale, and whether a min term is kept."""
+    t = int(ggml_type)
+    kinds = {F32: "f32", F16: "f32", BF16: "f32", Q4_0: "q4", Q4_1: "q4", Q4_K: "q4",
+             Q5_0: "q8", Q5_1: "q8", Q8_0: "q8", Q5_K: "q8", Q6_K: "q8",
+             Q2_K: "q8", Q3_K: "q8", IQ4_NL: "q8", IQ4_XS: "q8", TQ1_0: "q8", TQ2_0: "q8", MXFP4: "q8",
+             **{t: "q8" for t in _IQ_GROUP}}
+    if t not in kinds:
+        raise ValueError(f"qmatmul: unsupported ggml type {t}")
+    kind = kinds[t]
+    group = {"f32": cols, "q4": 32}.get(kind, 16 if t in (Q2_K, Q3_K, Q6_K) else _IQ_GROUP.get(t, 32))
+    return kind, group, kind == "q4" or t in (Q5_1, Q5_K, Q2_K)
+
+
+def packed_nbytes(ggml_type: int, shape) -> int:
+    """What `prepare` will hold for a weight of this type and shape, without repacking it."""
+    rows, cols = (int(v) for v in shape)
+    kind, group, has_min = packed_layout(ggml_type, cols)
+    tiles = -(-rows // TILE)
+    if kind == "f32":
+        return tiles * cols * TILE * 4
+    code_bytes = tiles * cols * TILE // (2 if kind == "q4" else 1)
+    scale_bytes = 2 if int(ggml_type) in F16_SCALE_TYPES and _HOST_F16C else 4  # as prepare keeps them (real files)
+    return code_bytes + tiles * (cols // group) * TILE * scale_bytes * (2 if has_min else 1)
+
+
+def _f16_exact(a: np.ndarray) -> bool:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool((a.astype(np.float16).astype(np.float32).view(np.uint32) == a.view(np.uint32)).all())
+
+
+def _f16_bits(a: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return a.astype(np.float16).view(np.uint16)
+
+
+def prepare(qtensor) -> PackedWeight:
+    """Repack a 2-D weight (`.ggml_type`, `.shape` (rows, cols), `.data` uint8 (rows, row_bytes))
+    into the tiled layout of this module. Copies: the result does not keep the mapped file alive."""
+    t = int(qtensor.ggml_type)
+    rows, cols = (int(v) for v in qtensor.shape)
+    raw = np.asarray(qtensor.data).reshape(rows, -1)
+    if raw.dtype != np.uint8:
+        raise ValueError("qmatmul.prepare: data must be uint8 raw bytes")
+    n_tiles = -(-rows // TILE)
+    kind, group, has_min = packed_layout(t, cols)
+    n_groups = cols // group
+    if kind == "f32":
+        codes = np.zeros((n_tiles, cols, TILE), np.float32)
+    elif kind == "q4":
+        codes = np.zeros((n_tiles, n_groups, 16, TILE), np.uint8)
+    else:
+        codes = np.zeros((n_tiles, n_groups, group, TILE), np.int8)
+    scale = np.zeros((n_tiles, n_groups if kind != "f32" else 0, TILE), np.float32)
+    mn = np.zeros_like(scale)
+    step = 64 * TILE  # rows decoded at a time: bounds the temporaries of _decode
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        c, s, m, _, _ = _decode(t, raw[r0:r1], cols)
+        pad = (-(r1 - r0)) % TILE
+        if pad:
+            c = np.concatenate([c, np.zeros((pad, cols), c.dtype)])
+            s = None if s is None else np.concatenate([s, np.zeros((pad,) + s.shape[1:], np.float32)])
+            m = None if m is None else np.concatenate([m, np.zeros((pad,) + m.shape[1:], np.float32)])
+        t0, nt = r0 // TILE, c.shape[0] // TILE
+        if kind == "f32":
+            codes[t0:t0 + nt] = c.reshape(nt, TILE, cols).transpose(0, 2, 1)
+            continue
+        if kind == "q4":
+            c = c.reshape(nt, TILE, n_groups, 2, 16).astype(np.uint8)
+            c = c[..., 0, :] | (c[..., 1, :] << 4)  # byte j: column j (low), j + 16 (high)
+            codes[t0:t0 + nt] = c.transpose(0, 2, 3, 1)
+        else:
+            codes[t0:t0 + nt] = c.reshape(nt, TILE, n_groups, group).transpose(0, 2, 3, 1)
+        scale[t0:t0 + nt] = s.reshape(nt, TILE, n_groups).transpose(0, 2, 1)
+        if m is not None:
+            mn[t0:t0 + nt] = m.reshape(nt, TILE, n_groups).transpose(0, 2, 1)
+    if not has_min:
+        mn = np.zeros((n_tiles, 0, TILE), np.float32)  # the kernels skip the min term
+    if t in F16_SCALE_TYPES and _HOST_F16C and _f16_exact(scale) and _f16_exact(mn):
+        scale, mn = _f16_bits(scale), _f16_bits(mn)
+    return PackedWeight(t, (rows, cols), kind, group, codes, scale, mn)
