@@ -147,7 +147,7 @@ def quantize_rows(X, group, xq, dx, xs, sq):
 @njit(nogil=True, cache=True, fastmath=_FM)
 def _accumulate(acc, isum, scale, mn, t, g, buf, dx, xs, sq, m0, n, offset):
     """acc[i] += this group's share of row m0 + i (i < n) from the integer sums of its levels
-    (the group's float16 scales and mins already widened into buf: see qmatmul.widen_row)."""
+    (the group's float16 scales and mins already widened into buf: see packing.widen_row)."""
     has_min = mn.shape[1] > 0
     for i in range(n):
         m = m0 + i
