@@ -21,7 +21,7 @@ from .grammar import constrain, response_format_grammar, user_grammar
 from .hub import DEFAULT_MODEL
 from .logprobs import chat_logprobs, completion_logprobs, merge_completion_logprobs, prompt_offsets
 from .sampling import Sampler, SamplingParams
-from .tools import ToolCallStream, chat_with_tools, parse_reply, tool_request
+from .tools import ToolCallStream, chat_with_tools, reply_message, tool_request
 
 MAX_LOGPROBS = 20  # the most alternatives a request may ask for per token (vLLM's default limit)
 
@@ -203,11 +203,7 @@ class LLM:
             text += choice["delta"].get("content", "")
             reason, usage = choice["finish_reason"] or reason, chunk.get("usage", usage)
             content += (choice["logprobs"] or {}).get("content", [])
-        message = dict(role="assistant", content=text)
-        calls = parse_reply(text, tools)
-        if calls is not None:
-            message = dict(role="assistant", content=None, tool_calls=calls)
-            reason = "tool_calls" if reason == "stop" else reason
+        message, reason = reply_message(text, reason, tools)
         return dict(meta, object="chat.completion",
                     choices=[dict(index=0, message=message,
                                   logprobs=dict(content=content, refusal=None) if logprobs else None,
@@ -354,10 +350,7 @@ class LLM:
         for event in self._events([seq]):
             reason = event.finish_reason
             if calls is not None:
-                deltas = calls.feed(event.text)
-                if reason is not None:
-                    more, reason = calls.finish(reason)
-                    deltas += more
+                deltas, reason = calls.step(event.text, reason)
                 for delta in deltas:
                     yield dict(meta, choices=[dict(index=0, delta=delta, logprobs=logprobs(), finish_reason=None)])
             elif event.text or (seq.logprobs is not None and len(seq.token_logprobs) > sent):

@@ -110,7 +110,7 @@ def _pick_within(matcher, sampler, logits: np.ndarray, history, n_prompt: int) -
     if matcher.is_error():
         raise TorchlessError(f"structured output: {matcher.get_error()}")
     allowed = np.frombuffer(matcher.compute_logit_bias(), np.uint8)[:len(logits)] > 0
-    masked = np.where(allowed, logits, -np.inf).astype(np.float32)
+    masked = np.where(allowed, logits, np.float32(-np.inf))  # float32 throughout: no widened copy
     if not np.isfinite(masked).any():
         raise TorchlessError("structured output: the grammar allows no token here")
     token = sampler(masked, history, n_prompt)

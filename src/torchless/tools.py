@@ -243,6 +243,15 @@ def scan_calls(text: str) -> tuple[list[dict], bool]:
         call["done"], pos = True, tail.end()
 
 
+def reply_message(text: str, reason: str | None, request: ToolRequest | None) -> tuple[dict, str | None]:
+    """(the assistant message, finish reason) of a whole reply: OpenAI's shape of tool calls
+    (content None, tool_calls, finish_reason "tool_calls") when parse_reply finds them."""
+    calls = parse_reply(text, request)
+    if calls is None:
+        return dict(role="assistant", content=text), reason
+    return dict(role="assistant", content=None, tool_calls=calls), ("tool_calls" if reason == "stop" else reason)
+
+
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -285,6 +294,14 @@ class ToolCallStream:
         if self.mode == "content":
             return self._content()
         return self._calls(scan_calls(self.text)[0]) if self.mode == "calls" else []
+
+    def step(self, piece: str, reason: str | None) -> tuple[list[dict], str | None]:
+        """feed(piece), and at the reply's end (a reason) finish too: (deltas, finish reason)."""
+        deltas = self.feed(piece)
+        if reason is not None:
+            more, reason = self.finish(reason)
+            deltas += more
+        return deltas, reason
 
     def finish(self, reason: str) -> tuple[list[dict], str]:
         """The last deltas and the finish reason ("tool_calls" for a reply of whole calls)."""

@@ -30,7 +30,7 @@ from ..errors import TorchlessError
 from ..grammar import constrain, response_format_grammar
 from ..logprobs import chat_logprobs, completion_logprobs, prompt_offsets
 from ..sampling import Sampler
-from ..tools import ToolCallStream, ToolError, parse_reply, tool_request
+from ..tools import ToolCallStream, ToolError, reply_message, tool_request
 from .engine import EngineThread, Request
 from .fields import (CHAT_FIELDS, COMPLETION_FIELDS, DISCONNECT_POLL_S, DRAIN_BYTES, MAX_BODY_BYTES,
                      APIError, _field, _refuse)
@@ -336,19 +336,13 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None,
                                                       refusal=None)
 
         def whole(i, text, reason):
-            message, calls = dict(role="assistant", content=text), parse_reply(text, tools)
-            if calls is not None:  # OpenAI's shape of a reply of tool calls
-                message = dict(role="assistant", content=None, tool_calls=calls)
-                reason = "tool_calls" if reason == "stop" else reason
+            message, reason = reply_message(text, reason, tools)
             return dict(index=i, message=message, logprobs=chat_lp(jobs[i].seq.token_logprobs),
                         finish_reason=reason)
 
         def delta(i, text, reason, entries):
             if streams is not None:  # text through ToolCallStream: content or tool-call deltas
-                deltas = streams[i].feed(text)
-                if reason is not None:
-                    more, reason = streams[i].finish(reason)
-                    deltas += more
+                deltas, reason = streams[i].step(text, reason)
                 out = [dict(index=i, delta=d, logprobs=chat_lp(entries) if entries and not k else None,
                             finish_reason=None) for k, d in enumerate(deltas)]
                 return out + ([dict(index=i, delta={}, logprobs=None, finish_reason=reason)]
