@@ -323,9 +323,6 @@ def matmul_adaptive_into(weights: PackedWeight, X: np.ndarray, out: np.ndarray,
     return _matmul(weights, X, out, config, stats)
 
 
-_SLICED_BYTES = 8 << 20  # see _matmul
-
-
 def _matmul(weights: PackedWeight, X, out, config=None, stats=GLOBAL_STATS):
     """matmul_adaptive_into without the argument checks."""
     rows, cols = weights.shape
@@ -335,16 +332,8 @@ def _matmul(weights: PackedWeight, X, out, config=None, stats=GLOBAL_STATS):
     if n_threads == 1 or weights.nbytes * X.shape[0] < inline_threshold_bytes():
         n_tiles = weights.codes.shape[0]
         if weights.kind in qmatmul_batch.INT_SERIAL:
-            kernel = qmatmul_batch.INT_SERIAL[weights.kind]
-            # A weight far larger than the caches (an LM head) runs ROW_BLOCK rows of X at a
-            # time: SmolLM2's 49152x576 Q8_0 head alone is 21% faster at 8 rows and 14% at 16
-            # than all rows per tile (bit-equal: rows are independent); 16 sequences x 64 tokens
-            # through LLM gain 2% at 2 threads (the batch split's parts), nothing at 1. No
-            # difference on the 1-2 MB layer weights, nor on the threaded path below.
-            step = qmatmul_batch.ROW_BLOCK if weights.nbytes > _SLICED_BYTES else max(1, X.shape[0])
-            for m0 in range(0, X.shape[0], step):
-                kernel(weights.codes, weights.scale, weights.min, weights.group, X[m0:m0 + step],
-                       out[m0:m0 + step])
+            qmatmul_batch.INT_SERIAL[weights.kind](weights.codes, weights.scale, weights.min,
+                                                   weights.group, X, out)
         else:
             qmatmul_batch.FLOAT_TILES[weights.kind](weights.codes, weights.scale, weights.min, X, out,
                                                     0, n_tiles)
