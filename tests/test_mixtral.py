@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 from model_factory import hf_logits, make_hf_model, save_hf_folder, write_gguf
-from test_architectures import (SEQ, assert_close_rel, batched_logits, fast_decode_logits, pipeline_logits,
-                                prefill_logits, reference_decode_logits, rel_error, tensor_parallel_logits)
+from test_architectures import (SEQ, assert_close_rel, assert_every_position_close, batched_logits,
+                                fast_decode_logits, pipeline_logits, prefill_logits, reference_decode_logits,
+                                rel_error, tensor_parallel_logits)
 from torchless import Mistral, ModelConfig, Parameters, UnsupportedModelError
 from torchless.errors import ModelFileError
 from torchless.kernels.tensor_parallel import TensorParallelConfig
@@ -102,13 +103,7 @@ def load(case_files, name, fmt):
 @pytest.mark.parametrize("path", ["prefill", "decode", "fast_decode", "batched"])
 def test_every_position_matches_transformers(case_files, name, fmt, path):
     params, ref = load(case_files, name, fmt)
-    model = Mistral.load(params)
-    if path == "batched":
-        for start, rows in batched_logits(model).items():
-            assert_close_rel(rows, ref[start:start + len(rows)])
-        return
-    ours = {"prefill": prefill_logits, "decode": reference_decode_logits, "fast_decode": fast_decode_logits}[path](model)
-    assert_close_rel(ours, ref)
+    assert_every_position_close(Mistral.load(params), ref, path)
 
 
 @pytest.mark.parametrize("name, fmt, world", [("mixtral", "gguf", 2), ("mixtral", "safetensors", 3),
