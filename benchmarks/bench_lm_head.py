@@ -4,8 +4,9 @@
 
 One thread: the serial integer kernel (qmatmul_batch.INT_SERIAL) on the model's LM head and on
 one layer's ffn_up, for 1, 4, 8 and 16 rows of X, all rows per tile and in 4-row slices: best of
---rounds, microseconds, and whether the two are bit-equal. (Slicing the head was tried and
-dropped: within noise here, and 423 vs 425 tok/s for 16 prompts x 64 tokens at 2 threads.)
+--rounds, microseconds, and whether the two are bit-equal. (Slicing the head in the engine was
+tried and dropped: the ratio here went from 0.94x to 1.38x between runs, and whole generations
+of 16 prompts x 64 tokens moved by 0-2%.)
 Not part of CI.
 """
 
