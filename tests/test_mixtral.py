@@ -20,8 +20,8 @@ import pytest
 
 from model_factory import hf_logits, make_hf_model, save_hf_folder, write_gguf
 from test_architectures import (SEQ, assert_close_rel, assert_every_position_close, batched_logits,
-                                fast_decode_logits, pipeline_logits, prefill_logits, reference_decode_logits,
-                                rel_error, tensor_parallel_logits)
+                                fast_decode_logits, load, pipeline_logits, prefill_logits,
+                                reference_decode_logits, rel_error, tensor_parallel_logits)
 from torchless import Mistral, ModelConfig, Parameters, UnsupportedModelError
 from torchless.errors import ModelFileError
 from torchless.kernels.tensor_parallel import TensorParallelConfig
@@ -92,11 +92,6 @@ def case_files(tmp_path_factory):
             built[name] = (model, paths, hf_logits(model, SEQ))
         return built[name]
     return get
-
-
-def load(case_files, name, fmt):
-    _, paths, ref = case_files(name)
-    return Parameters.load(paths[fmt]), ref
 
 
 @pytest.mark.parametrize("name, fmt", PARAMS)
