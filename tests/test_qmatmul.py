@@ -259,3 +259,59 @@ def test_float16_scales_are_kept_as_float16_and_read_back_exactly(t):
         assert big.scale.dtype == np.float32
         ref = gq.dequantize(raw, GT(t)).reshape(rows, cols).astype(np.float32)
         np.testing.assert_array_equal(qm.dequantize_rows(big, 0, rows), ref)
+
+
+def _one_level(w):
+    """w with its two-level scales multiplied out into float32 (n_tiles, n_groups, TILE)."""
+    def wide(a):
+        if a.ndim != 4:
+            return a
+        n_tiles, n_super, per, tile = a.shape
+        top = np.ascontiguousarray(a[:, :, :4, :]).reshape(n_tiles, n_super, 4 * tile).view(np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            return (top[:, :, None, :] * a[:, :, 4:, :].astype(np.float32)).reshape(n_tiles, -1, tile)
+    return qm.PackedWeight(w.ggml_type, w.shape, w.kind, w.group, w.codes, wide(w.scale), wide(w.min))
+
+
+@pytest.mark.parametrize("t", sorted(qm.TWO_LEVEL_TYPES))
+def test_two_level_scales_are_read_back_exactly(t):
+    """The K types and IQ4_XS keep the file's super-block scale and integer sub-scales apart
+    (a byte per group instead of a float32): dequantization still equals gguf-py bit for bit,
+    whatever the float16 super-block scales (random bytes: subnormal, inf and NaN included), and
+    matvec and the batched kernels equal the products with the scales multiplied out."""
+    from torchless.quant import BLOCK_LAYOUT
+
+    block, size = BLOCK_LAYOUT[GT(t)]
+    rng = np.random.default_rng(t)
+    rows, cols = 70, 512
+    raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
+    w = qm.prepare(QTensor(int(t), (rows, cols), raw))
+    assert w.scale.dtype == np.int8 and w.scale.ndim == 4
+    wide = _one_level(w)
+    assert w.nbytes < wide.nbytes
+    with np.errstate(invalid="ignore", over="ignore"):
+        ref = gq.dequantize(raw, GT(t)).reshape(rows, cols).astype(np.float32)
+    np.testing.assert_array_equal(qm.dequantize_rows(w, 0, rows), ref)
+    np.testing.assert_array_equal(qm.dequantize_rows(w, 33, 35), ref[33:35])
+    finite = np.isfinite(ref).all(axis=1)
+    assert 10 < finite.sum() < rows  # both kinds of row are exercised
+    x = rng.standard_normal(cols).astype(np.float32)
+    X = rng.standard_normal((5, cols)).astype(np.float32)
+    Y, Yw = np.empty((5, rows), np.float32), np.empty((5, rows), np.float32)
+    qm.matmul_into(w, X, Y)
+    qm.matmul_into(wide, X, Yw)
+    np.testing.assert_array_equal(qm.matvec(w, x)[finite], qm.matvec(wide, x)[finite])
+    np.testing.assert_array_equal(Y[:, finite], Yw[:, finite])
+
+
+def test_packed_weights_stay_close_to_their_file_size():
+    """Packed bytes per file byte for a real-sized matrix (2048 x 2048): the 4- and 8-bit types
+    (most of a Q4_0, Q4_K_M or Q8_0 file) stay within 1.15x of the file, scales included."""
+    from torchless.quant import BLOCK_LAYOUT
+
+    shape = (2048, 2048)
+    ratio = {}
+    for t in (GT.Q4_0, GT.Q4_1, GT.Q8_0, GT.Q4_K):
+        block, size = BLOCK_LAYOUT[t]
+        ratio[t.name] = qm.packed_nbytes(t, shape) / (shape[0] * shape[1] // block * size)
+    assert all(r <= 1.15 for r in ratio.values()), ratio

@@ -15,12 +15,20 @@ scale.
   "f32" float32 (n_tiles, cols, TILE). Used by F32, and F16/BF16, which are converted to float32
         at load (twice their file size in memory; they are small or rare in quantized files).
 
-scale/min are (n_tiles, n_groups, TILE), float16 bits (uint16) where the file's scales are float16
-values (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, TQ1_0, TQ2_0), float32 otherwise (the K and IQ types
-multiply a float16 by a sub-scale, which float16 cannot hold exactly). Decode reads every weight
-byte once per token, so the scales' width is speed: float16 makes a Q4_1 weight 0.625 byte, as in
-the file, instead of 0.75. The kernels widen them with `widen_row`. Every value scale*code+min equals
-the dequantized weight of gguf-py exactly (f16 scale times a small integer is exact in float32).
+scale/min come in three encodings, all read by the kernels through `widen_row` / `row_value`:
+  float16 bits, uint16 (n_tiles, n_groups, TILE): where the file's scales are float16 values
+        (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, TQ1_0, TQ2_0);
+  two levels, int8 (n_tiles, n_super, 4 + G, TILE), G = groups per 256 columns: the K types and
+        IQ4_XS multiply a float16 super-block scale by a small integer sub-scale per group, as
+        the file does: [t, s, 0:4, :] is the float32 super-block scale of the tile's 32 rows (128
+        bytes), [t, s, 4 + j, :] the int8 sub-scale of group G s + j. A group's scale is their
+        product, computed as the kernel reads it;
+  float32 (n_tiles, n_groups, TILE) otherwise (the IQ1/2/3 lattice types).
+Decode reads every weight byte once per token, so the scales' width is both memory and speed:
+float16 makes a Q4_1 weight 0.625 byte, as in the file, instead of 0.75; two levels make Q4_K's
+scale and min 0.047 byte per weight instead of 0.25 (packed Q4_K is 1.06x its file, not 1.33x).
+Every value scale*code+min equals the dequantized weight of gguf-py exactly (a float16 times a
+small integer is exact in float32, and two levels compute the same float32 product as gguf-py).
 Rows are padded to a multiple of TILE with zero codes and zero scales.
 """
 
@@ -55,6 +63,9 @@ QK_K = 256
 # The types whose scales (and mins) are float16 values in the file, kept as float16 bits unless a
 # tensor's are not (Q4_0's min is -8 d, which overflows float16 when |d| > 8188).
 F16_SCALE_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, TQ1_0, TQ2_0})
+# The types whose scales (and mins) are a float16 super-block scale times an integer sub-scale
+# per group: kept in two levels (see the module docstring).
+TWO_LEVEL_TYPES = frozenset({Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_XS})
 try:  # widening float16 in a kernel wants F16C (every AVX2 x86 has it); without, float32 scales
     _HOST_F16C = bool(_llvm.get_host_cpu_features().get("f16c", False))
 except RuntimeError:
@@ -85,6 +96,30 @@ def _widen_f16_tile_row(typingctx, src, t, g, dst, k):
     return types.none(src, t, g, dst, k), codegen
 
 
+@intrinsic
+def _widen_two_level_row(typingctx, src, t, sb, j, dst, k):
+    """dst[k, 0:TILE] = float32 super-block scales src[t, sb, 0:4, :] times the int8 sub-scales
+    src[t, sb, 4 + j, :] (see the module docstring), as vector IR: two loads, `sitofp`, `fmul`."""
+    if not (isinstance(src, types.Array) and src.dtype == types.int8 and src.ndim == 4
+            and isinstance(dst, types.Array) and dst.dtype == types.float32 and dst.ndim == 2):
+        return None
+
+    def codegen(context, builder, sig, args):
+        src_a = context.make_array(sig.args[0])(context, builder, args[0])
+        dst_a = context.make_array(sig.args[4])(context, builder, args[4])
+        t_, sb_, j_, k_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2, 3, 5))
+        zero, four = context.get_constant(types.intp, 0), context.get_constant(types.intp, 4)
+        pd = cgutils.get_item_pointer(context, builder, sig.args[0], src_a, [t_, sb_, zero, zero])
+        ps = cgutils.get_item_pointer(context, builder, sig.args[0], src_a, [t_, sb_, builder.add(j_, four), zero])
+        q = cgutils.get_item_pointer(context, builder, sig.args[4], dst_a, [k_, zero])
+        vf = ir.VectorType(ir.FloatType(), TILE)
+        d = builder.load(builder.bitcast(pd, vf.as_pointer()), align=4)
+        sub = builder.load(builder.bitcast(ps, ir.VectorType(ir.IntType(8), TILE).as_pointer()), align=1)
+        builder.store(builder.fmul(d, builder.sitofp(sub, vf)), builder.bitcast(q, vf.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return types.none(src, t, sb, j, dst, k), codegen
+
+
 # A packed scale or min row (src[t, g, :]) is read in two steps, so that no kernel makes an array
 # view per group (numba reference-counts each view with atomics: that cost 30-100% of a small
 # product): widen_row(src, t, g, buf, k) widens float16 bits into buf[k, :] (and does nothing
@@ -93,22 +128,31 @@ def _widen_f16_tile_row(typingctx, src, t, g, dst, k):
 def widen_row(src, t, g, buf, k):
     if src.dtype == np.uint16:
         buf[k, :TILE] = src[t, g, :TILE].view(np.float16)
+    elif src.ndim == 4:
+        sb, j = divmod(g, src.shape[2] - 4)
+        d = np.ascontiguousarray(src[t, sb, :4]).view(np.float32).reshape(TILE)
+        buf[k, :TILE] = d * src[t, sb, 4 + j].astype(np.float32)
 
 
 def row_value(src, t, g, r, buf, k):
-    return np.float32(buf[k, r]) if src.dtype == np.uint16 else np.float32(src[t, g, r])
+    return np.float32(buf[k, r]) if src.dtype == np.uint16 or src.ndim == 4 else np.float32(src[t, g, r])
 
 
 @overload(widen_row, inline="always")
 def _widen_row_compiled(src, t, g, buf, k):
     if src.dtype == types.uint16:
         return lambda src, t, g, buf, k: _widen_f16_tile_row(src, t, g, buf, k)
+    if src.ndim == 4:
+        def widen_two_level(src, t, g, buf, k):
+            per_block = src.shape[2] - 4
+            _widen_two_level_row(src, t, g // per_block, g % per_block, buf, k)
+        return widen_two_level
     return lambda src, t, g, buf, k: None
 
 
 @overload(row_value, inline="always")
 def _row_value_compiled(src, t, g, r, buf, k):
-    if src.dtype == types.uint16:
+    if src.dtype == types.uint16 or src.ndim == 4:
         return lambda src, t, g, r, buf, k: buf[k, r]
     return lambda src, t, g, r, buf, k: src[t, g, r]
 
@@ -155,17 +199,20 @@ def _f16(b: np.ndarray) -> np.ndarray:
 
 
 def _k_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The 12 packed bytes of Q4_K/Q5_K -> 8 six-bit scales and 8 six-bit mins (as gguf-py)."""
+    """The 12 packed bytes of Q4_K/Q5_K -> 8 six-bit scales and 8 six-bit mins (as gguf-py),
+    int8."""
     s = s.reshape(s.shape[:-1] + (3, 4))
     d, m, m_d = s[..., 0, :], s[..., 1, :], s[..., 2, :]
     sc = np.concatenate([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
     mn = np.concatenate([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], axis=-1)
-    return sc.astype(np.float32), mn.astype(np.float32)
+    return sc.astype(np.int8), mn.astype(np.int8)
 
 
 def _decode(ggml_type: int, raw: np.ndarray, cols: int):
     """Raw rows (n, row_bytes) uint8 -> (codes, scale, min, kind, group), NumPy row-major:
-    codes (n, cols) small ints (or float32 for "f32"), scale/min (n, cols // group) float32."""
+    codes (n, cols) small ints (or float32 for "f32"), scale/min (n, cols // group) float32, or
+    for TWO_LEVEL_TYPES a pair (super-block scales (n, cols // 256) float32, sub-scales
+    (n, cols // group) int8) whose products are the scales."""
     n = raw.shape[0]
     if ggml_type == F32:
         return np.ascontiguousarray(raw).view(np.float32).reshape(n, cols), None, None, "f32", cols
@@ -198,9 +245,8 @@ def _decode(ggml_type: int, raw: np.ndarray, cols: int):
     if ggml_type in (Q4_K, Q5_K):
         nb = cols // QK_K
         b = raw.reshape(n, nb, -1)
-        d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
-        sc, m = _k_scale_min(b[..., 4:16])
-        scale, mn = (d * sc).reshape(n, -1), (-(dmin * m)).reshape(n, -1)  # per 32-group
+        sc, m = _k_scale_min(b[..., 4:16])  # per 32-group: scale d sc_j, min -dmin m_j
+        scale, mn = (_f16(b[..., 0:2]), sc.reshape(n, -1)), (_f16(b[..., 2:4]), -m.reshape(n, -1))
         if ggml_type == Q4_K:
             qs = b[..., 16:].reshape(n, nb, 4, 1, 32)
             codes = (qs >> np.array([0, 4], np.uint8).reshape(2, 1)) & 0x0F  # (n, nb, 4, 2, 32)
@@ -213,17 +259,17 @@ def _decode(ggml_type: int, raw: np.ndarray, cols: int):
     if ggml_type == Q2_K:  # weight = (d sc_j) q - dmin m_j per 16 columns
         nb = cols // QK_K
         b = raw.reshape(n, nb, 84)
-        sc, d, dmin = b[..., :16], _f16(b[..., 80:82])[..., None], _f16(b[..., 82:84])[..., None]
-        scale = (d * (sc & 0x0F).astype(np.float32)).reshape(n, -1)
-        mn = (-(dmin * (sc >> 4).astype(np.float32))).reshape(n, -1)
+        sc = b[..., :16].reshape(n, -1)
+        scale = (_f16(b[..., 80:82]), (sc & 0x0F).astype(np.int8))
+        mn = (_f16(b[..., 82:84]), -(sc >> 4).astype(np.int8))
         qs = b[..., 16:80].reshape(n, nb, 2, 1, 32)  # column 128 h + 32 k + j: byte 32 h + j >> 2k
         q = (qs >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 0x03
         return q.astype(np.int8).reshape(n, cols), scale, mn, "q8", 16
     if ggml_type == Q3_K:  # weight = (d (sc_j - 32)) q per 16 columns
         nb = cols // QK_K
         b = raw.reshape(n * nb, 110)
-        scale = _f16(b[:, 108:110])[:, None] * q3_k_scales(b[:, 96:108]).astype(np.float32)
-        return q3_k_codes(b[:, :32], b[:, 32:96]).reshape(n, cols), scale.reshape(n, -1), None, "q8", 16
+        scale = (_f16(b[:, 108:110]).reshape(n, nb), q3_k_scales(b[:, 96:108]).reshape(n, -1))
+        return q3_k_codes(b[:, :32], b[:, 32:96]).reshape(n, cols), scale, None, "q8", 16
     if ggml_type in (IQ4_NL, IQ4_XS):  # weight = scale * level[index] per 32 columns
         head = 2 if ggml_type == IQ4_NL else 8
         b = raw.reshape(n, -1, head + 16) if ggml_type == IQ4_NL else raw.reshape(n * (cols // QK_K), 136)
@@ -232,7 +278,7 @@ def _decode(ggml_type: int, raw: np.ndarray, cols: int):
         d = _f16(b[..., 0:2])
         if ggml_type == IQ4_NL:
             return codes, d, None, "q8", 32
-        return codes, (d[:, None] * iq4_xs_scales(b[:, 2:8]).astype(np.float32)).reshape(n, -1), None, "q8", 32
+        return codes, (d.reshape(n, -1), iq4_xs_scales(b[:, 2:8]).reshape(n, -1)), None, "q8", 32
     if ggml_type in (TQ1_0, TQ2_0):  # weight = d q, q in -1..1; d per 256 columns, kept per 32
         b = raw.reshape(n * (cols // QK_K), -1)
         if ggml_type == TQ1_0:
@@ -254,8 +300,7 @@ def _decode(ggml_type: int, raw: np.ndarray, cols: int):
         nb = cols // QK_K
         b = raw.reshape(n, nb, 210)
         ql, qh = b[..., :128], b[..., 128:192]
-        sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.float32)
-        d = _f16(b[..., 208:210])[..., None]
+        sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).reshape(n, -1)
         lo = (ql.reshape(n, nb, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(2, 1)) & 0x0F
         lo = lo.reshape(n, nb, 2, 2, 2, 32)  # (half, nibble, 32-chunk of the 64, 32)
         hi = (qh.reshape(n, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3
@@ -264,7 +309,7 @@ def _decode(ggml_type: int, raw: np.ndarray, cols: int):
         # its high bits from qh shifted by 2k
         lo = lo.reshape(n, nb, 2, 4, 32)
         q = (lo | (hi << 4)).astype(np.int8) - 32
-        return q.reshape(n, cols), (d * sc).reshape(n, -1), None, "q8", 16
+        return q.reshape(n, cols), (_f16(b[..., 208:210]), sc), None, "q8", 16
     raise ValueError(f"qmatmul: unsupported ggml type {ggml_type}")
 
 
@@ -291,8 +336,11 @@ def packed_nbytes(ggml_type: int, shape) -> int:
     if kind == "f32":
         return tiles * cols * TILE * 4
     code_bytes = tiles * cols * TILE // (2 if kind == "q4" else 1)
-    scale_bytes = 2 if int(ggml_type) in F16_SCALE_TYPES and _HOST_F16C else 4  # as prepare keeps them (real files)
-    return code_bytes + tiles * (cols // group) * TILE * scale_bytes * (2 if has_min else 1)
+    if int(ggml_type) in TWO_LEVEL_TYPES:  # per 256 columns: 4 bytes, and a byte per group
+        per_scale = tiles * (cols // QK_K) * (4 + QK_K // group) * TILE
+    else:  # as prepare keeps them (real files)
+        per_scale = tiles * (cols // group) * TILE * (2 if int(ggml_type) in F16_SCALE_TYPES and _HOST_F16C else 4)
+    return code_bytes + per_scale * (2 if has_min else 1)
 
 
 def _f16_exact(a: np.ndarray) -> bool:
@@ -303,6 +351,28 @@ def _f16_exact(a: np.ndarray) -> bool:
 def _f16_bits(a: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         return a.astype(np.float16).view(np.uint16)
+
+
+def _pad_rows(a, pad: int):
+    """Rows of zeros below a (n, ...) array, or below each array of a two-level pair."""
+    if a is None or not pad:
+        return a
+    if isinstance(a, tuple):
+        return tuple(_pad_rows(b, pad) for b in a)
+    return np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
+
+
+def _tiled_scales(s, nt: int) -> np.ndarray:
+    """Per-row scales (nt * TILE, groups) -> (nt, groups, TILE); a two-level pair (super-block
+    scales (rows, n_super), sub-scales (rows, groups)) -> int8 (nt, n_super, 4 + G, TILE)."""
+    if not isinstance(s, tuple):
+        return s.reshape(nt, TILE, -1).transpose(0, 2, 1)
+    top, sub = s
+    n_super = top.shape[1]
+    top = np.ascontiguousarray(top.astype(np.float32).reshape(nt, TILE, n_super).transpose(0, 2, 1))
+    top = top.view(np.int8).reshape(nt, n_super, 4, TILE)  # float32 bytes: 4 rows of TILE
+    sub = sub.astype(np.int8).reshape(nt, TILE, n_super, -1).transpose(0, 2, 3, 1)
+    return np.concatenate([top, sub], axis=2)
 
 
 def prepare(qtensor) -> PackedWeight:
@@ -322,17 +392,17 @@ def prepare(qtensor) -> PackedWeight:
         codes = np.zeros((n_tiles, n_groups, 16, TILE), np.uint8)
     else:
         codes = np.zeros((n_tiles, n_groups, group, TILE), np.int8)
-    scale = np.zeros((n_tiles, n_groups if kind != "f32" else 0, TILE), np.float32)
+    if t in TWO_LEVEL_TYPES:
+        scale = np.zeros((n_tiles, cols // QK_K, 4 + QK_K // group, TILE), np.int8)
+    else:
+        scale = np.zeros((n_tiles, n_groups if kind != "f32" else 0, TILE), np.float32)
     mn = np.zeros_like(scale)
     step = 64 * TILE  # rows decoded at a time: bounds the temporaries of _decode
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         c, s, m, _, _ = _decode(t, raw[r0:r1], cols)
         pad = (-(r1 - r0)) % TILE
-        if pad:
-            c = np.concatenate([c, np.zeros((pad, cols), c.dtype)])
-            s = None if s is None else np.concatenate([s, np.zeros((pad,) + s.shape[1:], np.float32)])
-            m = None if m is None else np.concatenate([m, np.zeros((pad,) + m.shape[1:], np.float32)])
+        c, s, m = (_pad_rows(a, pad) for a in (c, s, m))
         t0, nt = r0 // TILE, c.shape[0] // TILE
         if kind == "f32":
             codes[t0:t0 + nt] = c.reshape(nt, TILE, cols).transpose(0, 2, 1)
@@ -343,9 +413,9 @@ def prepare(qtensor) -> PackedWeight:
             codes[t0:t0 + nt] = c.transpose(0, 2, 3, 1)
         else:
             codes[t0:t0 + nt] = c.reshape(nt, TILE, n_groups, group).transpose(0, 2, 3, 1)
-        scale[t0:t0 + nt] = s.reshape(nt, TILE, n_groups).transpose(0, 2, 1)
+        scale[t0:t0 + nt] = _tiled_scales(s, nt)
         if m is not None:
-            mn[t0:t0 + nt] = m.reshape(nt, TILE, n_groups).transpose(0, 2, 1)
+            mn[t0:t0 + nt] = _tiled_scales(m, nt)
     if not has_min:
         mn = np.zeros((n_tiles, 0, TILE), np.float32)  # the kernels skip the min term
     if t in F16_SCALE_TYPES and _HOST_F16C and _f16_exact(scale) and _f16_exact(mn):

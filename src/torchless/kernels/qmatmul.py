@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .packing import (F16_SCALE_TYPES, TILE, PackedWeight, packed_layout, packed_nbytes,  # noqa: F401
+from .packing import (F16_SCALE_TYPES, TILE, TWO_LEVEL_TYPES, PackedWeight, packed_layout, packed_nbytes,  # noqa: F401
                       prepare, row_value, widen_row)
 
 # 'contract' only: lets LLVM fuse a*b+c into FMA. No reassociation is needed (the vectorized
@@ -88,7 +88,11 @@ def _tile_q4(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
             widen_row(mn, t, g, s, 2)
             xg = xs[g]
             for r in range(TILE):
-                acc[r] += row_value(scale, t, g, r, s, 1) * s[0, r] + row_value(mn, t, g, r, s, 2) * xg
+                # one multiply-add per statement: with two, LLVM may fuse either product, and
+                # chooses differently once a caller inlines this tile (prange vs row-range
+                # results would then differ in the last bit)
+                a = acc[r] + row_value(scale, t, g, r, s, 1) * s[0, r]
+                acc[r] = a + row_value(mn, t, g, r, s, 2) * xg
         else:
             for r in range(TILE):
                 acc[r] += row_value(scale, t, g, r, s, 1) * s[0, r]
@@ -120,7 +124,11 @@ def _tile_q8(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
             widen_row(mn, t, g, s, 2)
             xg = xs[g]
             for r in range(TILE):
-                acc[r] += row_value(scale, t, g, r, s, 1) * s[0, r] + row_value(mn, t, g, r, s, 2) * xg
+                # one multiply-add per statement: with two, LLVM may fuse either product, and
+                # chooses differently once a caller inlines this tile (prange vs row-range
+                # results would then differ in the last bit)
+                a = acc[r] + row_value(scale, t, g, r, s, 1) * s[0, r]
+                acc[r] = a + row_value(mn, t, g, r, s, 2) * xg
         else:
             for r in range(TILE):
                 acc[r] += row_value(scale, t, g, r, s, 1) * s[0, r]
