@@ -4,14 +4,16 @@ scale.
 
 `prepare()` repacks every supported GGML type once, at load, into one of three layouts:
 
-  "q4"  4-bit codes, still packed two per byte (0.5 byte/weight):
-        codes uint8 (n_tiles, n_groups, 16, TILE); byte j of group g holds the codes of columns
-        32g+j (low nibble) and 32g+16+j (high nibble), as Q4_0/Q4_1 already do. Q4_K's
-        sub-blocks are re-arranged into the same form. Weight = scale * code + min.
-        Used by Q4_0 (min = -8 d), Q4_1 (min = m), Q4_K (scale = d sc_j, min = -dmin m_j).
+  "q4"  4- or 5-bit codes, packed (0.5 or 0.625 byte/weight), groups of 32 columns:
+        codes uint8 (n_tiles, n_groups, 16 + H, TILE); byte j < 16 of group g holds the low 4
+        bits of columns 32g+j (low nibble) and 32g+16+j (high nibble), as Q4_0/Q4_1 already do.
+        5-bit codes (H = 4) keep their fifth bits in bytes 16..19, beside the nibbles of the
+        same 4 bytes: bit i of byte 16+k is column 32g+4k+i's, bit 4+i column 32g+16+4k+i's
+        (the kernels read codes 4 bytes at a time). Q4_K's and Q5_K's sub-blocks are re-arranged into the same form. Weight =
+        scale * code + min. Used by Q4_0 (min = -8 d), Q4_1 (min = m), Q4_K (scale = d sc_j,
+        min = -dmin m_j), and with fifth bits by Q5_0 (min = -16 d), Q5_1 and Q5_K.
   "q8"  signed 8-bit codes (1 byte/weight): codes int8 (n_tiles, n_groups, G, TILE), G = 32 or
-        16. Used by Q8_0 (G=32), Q5_0 (codes q - 16 = -16..15, G=32), Q5_1 (codes 0..31, G=32,
-        min = m), Q5_K (codes 0..31, G=32, with min), Q6_K (codes -32..31, G=16).
+        16. Used by Q8_0 (G=32), Q6_K (codes -32..31, G=16) and the rarer types.
   "f32" float32 (n_tiles, cols, TILE). Used by F32, and F16/BF16, which are converted to float32
         at load (twice their file size in memory; they are small or rare in quantized files).
 
@@ -63,6 +65,8 @@ QK_K = 256
 # The types whose scales (and mins) are float16 values in the file, kept as float16 bits unless a
 # tensor's are not (Q4_0's min is -8 d, which overflows float16 when |d| > 8188).
 F16_SCALE_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, TQ1_0, TQ2_0})
+# The types kept as "q4" codes with a fifth bit per column (see the module docstring).
+FIVE_BIT_TYPES = frozenset({Q5_0, Q5_1, Q5_K})
 # The types whose scales (and mins) are a float16 super-block scale times an integer sub-scale
 # per group: kept in two levels (see the module docstring).
 TWO_LEVEL_TYPES = frozenset({Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_XS})
@@ -236,9 +240,8 @@ def _decode(ggml_type: int, raw: np.ndarray, cols: int):
         qh = np.unpackbits(b[..., head:head + 4], axis=-1, bitorder="little")  # bit i: column i
         qs = b[..., head + 4:]
         q = (np.concatenate([qs & 0x0F, qs >> 4], axis=-1) | (qh << 4)).astype(np.int8)  # 0..31
-        if ggml_type == Q5_0:  # weight = d * (q - 16)
-            return (q - np.int8(16)).reshape(n, cols), d, None, "q8", 32
-        return q.reshape(n, cols), d, _f16(b[..., 2:4]), "q8", 32  # weight = d * q + m
+        mn = np.float32(-16.0) * d if ggml_type == Q5_0 else _f16(b[..., 2:4])  # d (q - 16), d q + m
+        return q.reshape(n, cols), d, mn, "q4", 32
     if ggml_type == Q8_0:
         b = raw.reshape(n, cols // 32, 34)
         return np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(n, cols), _f16(b[..., 0:2]), None, "q8", 32
@@ -255,7 +258,7 @@ def _decode(ggml_type: int, raw: np.ndarray, cols: int):
         qs = b[..., 48:].reshape(n, nb, 4, 1, 32)
         lo = ((qs >> np.array([0, 4], np.uint8).reshape(2, 1)) & 0x0F).reshape(n, nb, 8, 32)
         hi = (qh >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1  # (n, nb, 8, 32)
-        return (lo | (hi << 4)).astype(np.int8).reshape(n, cols), scale, mn, "q8", 32
+        return (lo | (hi << 4)).astype(np.int8).reshape(n, cols), scale, mn, "q4", 32
     if ggml_type == Q2_K:  # weight = (d sc_j) q - dmin m_j per 16 columns
         nb = cols // QK_K
         b = raw.reshape(n, nb, 84)
@@ -318,14 +321,14 @@ def packed_layout(ggml_type: int, cols: int) -> tuple[str, int, bool]:
     share a scale, and whether a min term is kept."""
     t = int(ggml_type)
     kinds = {F32: "f32", F16: "f32", BF16: "f32", Q4_0: "q4", Q4_1: "q4", Q4_K: "q4",
-             Q5_0: "q8", Q5_1: "q8", Q8_0: "q8", Q5_K: "q8", Q6_K: "q8",
+             Q5_0: "q4", Q5_1: "q4", Q8_0: "q8", Q5_K: "q4", Q6_K: "q8",
              Q2_K: "q8", Q3_K: "q8", IQ4_NL: "q8", IQ4_XS: "q8", TQ1_0: "q8", TQ2_0: "q8", MXFP4: "q8",
              **{t: "q8" for t in _IQ_GROUP}}
     if t not in kinds:
         raise ValueError(f"qmatmul: unsupported ggml type {t}")
     kind = kinds[t]
     group = {"f32": cols, "q4": 32}.get(kind, 16 if t in (Q2_K, Q3_K, Q6_K) else _IQ_GROUP.get(t, 32))
-    return kind, group, kind == "q4" or t in (Q5_1, Q5_K, Q2_K)
+    return kind, group, kind == "q4" or t == Q2_K
 
 
 def packed_nbytes(ggml_type: int, shape) -> int:
@@ -336,6 +339,8 @@ def packed_nbytes(ggml_type: int, shape) -> int:
     if kind == "f32":
         return tiles * cols * TILE * 4
     code_bytes = tiles * cols * TILE // (2 if kind == "q4" else 1)
+    if int(ggml_type) in FIVE_BIT_TYPES:
+        code_bytes += tiles * (cols // 32) * 4 * TILE
     if int(ggml_type) in TWO_LEVEL_TYPES:  # per 256 columns: 4 bytes, and a byte per group
         per_scale = tiles * (cols // QK_K) * (4 + QK_K // group) * TILE
     else:  # as prepare keeps them (real files)
@@ -389,7 +394,7 @@ def prepare(qtensor) -> PackedWeight:
     if kind == "f32":
         codes = np.zeros((n_tiles, cols, TILE), np.float32)
     elif kind == "q4":
-        codes = np.zeros((n_tiles, n_groups, 16, TILE), np.uint8)
+        codes = np.zeros((n_tiles, n_groups, 16 + (4 if t in FIVE_BIT_TYPES else 0), TILE), np.uint8)
     else:
         codes = np.zeros((n_tiles, n_groups, group, TILE), np.int8)
     if t in TWO_LEVEL_TYPES:
@@ -408,9 +413,13 @@ def prepare(qtensor) -> PackedWeight:
             codes[t0:t0 + nt] = c.reshape(nt, TILE, cols).transpose(0, 2, 1)
             continue
         if kind == "q4":
-            c = c.reshape(nt, TILE, n_groups, 2, 16).astype(np.uint8)
-            c = c[..., 0, :] | (c[..., 1, :] << 4)  # byte j: column j (low), j + 16 (high)
-            codes[t0:t0 + nt] = c.transpose(0, 2, 3, 1)
+            c = c.reshape(nt, TILE, n_groups, 32).astype(np.uint8)
+            nibbles = (c[..., :16] & 0x0F) | ((c[..., 16:] & 0x0F) << 4)  # byte j: column j, j + 16
+            if t in FIVE_BIT_TYPES:  # byte 16 + k: the fifth bits of columns 4k.. (low), 16 + 4k..
+                five = (c >> 4).reshape(nt, TILE, n_groups, 2, 4, 4).transpose(0, 1, 2, 4, 3, 5)
+                fifth = np.packbits(five.reshape(nt, TILE, n_groups, 4, 8), axis=-1, bitorder="little")
+                nibbles = np.concatenate([nibbles, fifth[..., 0]], axis=-1)
+            codes[t0:t0 + nt] = nibbles.transpose(0, 2, 3, 1)
         else:
             codes[t0:t0 + nt] = c.reshape(nt, TILE, n_groups, group).transpose(0, 2, 3, 1)
         scale[t0:t0 + nt] = _tiled_scales(s, nt)

@@ -60,6 +60,7 @@ def _group_sums(x, group, xs):
 def _tile_q4(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
     n_groups = codes.shape[1]
     has_min = mn.shape[1] > 0
+    five_bit = codes.shape[2] > 16
     acc[:] = 0.0
     for g in range(n_groups):
         for r in range(TILE):
@@ -68,6 +69,24 @@ def _tile_q4(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
         for j in range(0, 16, 4):
             x0 = x[o + j]; x1 = x[o + j + 1]; x2 = x[o + j + 2]; x3 = x[o + j + 3]
             y0 = x[o + j + 16]; y1 = x[o + j + 17]; y2 = x[o + j + 18]; y3 = x[o + j + 19]
+            if five_bit:  # byte 16 + j // 4: the fifth bits of these 8 columns (see packing)
+                for r in range(TILE):
+                    # merged as bytes (np.uint8 throughout), widened once per code
+                    v0 = codes[t, g, j, r]; v1 = codes[t, g, j + 1, r]
+                    v2 = codes[t, g, j + 2, r]; v3 = codes[t, g, j + 3, r]
+                    h = codes[t, g, 16 + j // 4, r]
+                    m4, b = np.uint8(15), np.uint8(16)
+                    a = s[0, r]
+                    a += np.float32(np.uint8((v0 & m4) | ((h << np.uint8(4)) & b))) * x0
+                    a += np.float32(np.uint8((v0 >> np.uint8(4)) | (h & b))) * y0
+                    a += np.float32(np.uint8((v1 & m4) | ((h << np.uint8(3)) & b))) * x1
+                    a += np.float32(np.uint8((v1 >> np.uint8(4)) | ((h >> np.uint8(1)) & b))) * y1
+                    a += np.float32(np.uint8((v2 & m4) | ((h << np.uint8(2)) & b))) * x2
+                    a += np.float32(np.uint8((v2 >> np.uint8(4)) | ((h >> np.uint8(2)) & b))) * y2
+                    a += np.float32(np.uint8((v3 & m4) | ((h << np.uint8(1)) & b))) * x3
+                    a += np.float32(np.uint8((v3 >> np.uint8(4)) | ((h >> np.uint8(3)) & b))) * y3
+                    s[0, r] = a
+                continue
             for r in range(TILE):  # the vectorized loop: 32 rows, one lane each
                 v0 = codes[t, g, j, r]; v1 = codes[t, g, j + 1, r]
                 v2 = codes[t, g, j + 2, r]; v3 = codes[t, g, j + 3, r]
@@ -170,6 +189,7 @@ def _tile_f32(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
 @njit(nogil=True, cache=True)
 def _dq_tile_q4(codes, scale, mn, t, wt):
     has_min = mn.shape[1] > 0
+    five_bit = codes.shape[2] > 16
     buf = np.empty((2, TILE), np.float32)
     for g in range(codes.shape[1]):
         widen_row(scale, t, g, buf, 0)
@@ -178,10 +198,15 @@ def _dq_tile_q4(codes, scale, mn, t, wt):
         for j in range(16):
             for r in range(TILE):
                 v = codes[t, g, j, r]
+                lo, hi = np.int32(v & 15), np.int32(v >> 4)
+                if five_bit:  # the fifth bits of columns j and j + 16
+                    h = np.int32(codes[t, g, 16 + j // 4, r]) >> (j % 4)
+                    lo |= (h & 1) << 4
+                    hi |= (h & 16)
                 m = row_value(mn, t, g, r, buf, 1) if has_min else np.float32(0.0)
                 d = row_value(scale, t, g, r, buf, 0)
-                wt[g * 32 + j, r] = d * np.float32(np.int32(v & 15)) + m
-                wt[g * 32 + 16 + j, r] = d * np.float32(np.int32(v >> 4)) + m
+                wt[g * 32 + j, r] = d * np.float32(lo) + m
+                wt[g * 32 + 16 + j, r] = d * np.float32(hi) + m
 
 
 @njit(nogil=True, cache=True)

@@ -52,11 +52,12 @@ def available() -> bool:
     return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni"))
 
 
-def _make_group_dot(n_quads: int, nibbles: bool, n_xrows: int):
+def _make_group_dot(n_quads: int, nibbles: bool, n_xrows: int, fifth_bits: bool = False):
     """An intrinsic isum[i, r] = sum_c u8(code[t, g, c, r]) * xq[m0 + i, x0 + c] for i <
     n_xrows, r < TILE, over the n_quads * 4 columns of group g (twice that for packed nibbles:
-    low nibble column c, high nibble column c + 16). xq4 is xq viewed as int32 (4 columns each),
-    x0 = g * (columns of a group)."""
+    low nibble column c, high nibble column c + 16; with fifth_bits, the 5-bit codes of the
+    "q4" layout, their fifth bits in byte 16 + c // 4: see packing). xq4 is xq viewed as int32
+    (4 columns each), x0 = g * (columns of a group)."""
 
     @intrinsic
     def group_dot(typingctx, codes, t, g, xq4, m0, isum):
@@ -74,6 +75,12 @@ def _make_group_dot(n_quads: int, nibbles: bool, n_xrows: int):
             # 4 bytes adjacent: out[4 r + k] = in[32 k + r]
             transposes = [ir.Constant(ir.VectorType(_I32, 64), [32 * k + 16 * h + r for r in range(16)
                                                                   for k in range(4)]) for h in (0, 1)]
+            # a row's byte of fifth bits, next to each of its 4 codes; bit k (bit 4 + k) is that
+            # of low-nibble (high-nibble) column k of the quad
+            spreads = [ir.Constant(ir.VectorType(_I32, 64), [16 * h + r for r in range(16) for k in range(4)])
+                       for h in (0, 1)]
+            bit_of = [ir.Constant(v64, [(1 << k) << shift for _ in range(16) for k in range(4)]) for shift in (0, 4)]
+            v32 = ir.VectorType(_I8, 32)
             x0 = builder.mul(g_, intp(n_quads * (2 if nibbles else 1)))
             xrows = [cgutils.get_item_pointer(context, builder, sig.args[3], xq_a,
                                               [builder.add(m0_, intp(i)), x0]) for i in range(n_xrows)]
@@ -84,6 +91,15 @@ def _make_group_dot(n_quads: int, nibbles: bool, n_xrows: int):
                 if nibbles:
                     low = [builder.and_(h, ir.Constant(v64, [15] * 64)) for h in halves]
                     high = [builder.lshr(h, ir.Constant(v64, [4] * 64)) for h in halves]
+                    if fifth_bits:
+                        pb = cgutils.get_item_pointer(context, builder, sig.args[0], codes_a, [t_, g_, intp(16 + q), intp(0)])
+                        bits = builder.load(builder.bitcast(pb, v32.as_pointer()), align=1)
+                        sixteen, zero = ir.Constant(v64, [16] * 64), ir.Constant(v64, [0] * 64)
+                        for nib, which in ((low, 0), (high, 1)):
+                            for h in (0, 1):
+                                near = builder.shuffle_vector(bits, ir.Constant(v32, ir.Undefined), spreads[h])
+                                on = builder.icmp_unsigned("!=", builder.and_(near, bit_of[which]), zero)
+                                nib[h] = builder.or_(nib[h], builder.select(on, sixteen, zero))
                     columns = [(q, low), (q + n_quads, high)]
                 else:  # signed codes + 128: unsigned bytes, as vpdpbusd wants its first operand
                     columns = [(q, [builder.xor(h, ir.Constant(v64, [-128] * 64)) for h in halves])]
@@ -108,6 +124,7 @@ def _make_group_dot(n_quads: int, nibbles: bool, n_xrows: int):
 
 # One intrinsic per code layout and block of X rows (LEVELS int8 rows for each of 4, 2 or 1 rows).
 _dot_q4_4, _dot_q4_2, _dot_q4_1 = (_make_group_dot(4, True, LEVELS * n) for n in (4, 2, 1))
+_dot_q5_4, _dot_q5_2, _dot_q5_1 = (_make_group_dot(4, True, LEVELS * n, True) for n in (4, 2, 1))
 _dot_q8g32_4, _dot_q8g32_2, _dot_q8g32_1 = (_make_group_dot(8, False, LEVELS * n) for n in (4, 2, 1))
 _dot_q8g16_4, _dot_q8g16_2, _dot_q8g16_1 = (_make_group_dot(4, False, LEVELS * n) for n in (4, 2, 1))
 
@@ -179,13 +196,20 @@ def _tiles_q4(codes, scale, mn, xq4, dx, xs, sq, out, t0, t1):
     acc = np.empty((ROW_BLOCK, TILE), np.float32)
     has_min = mn.shape[1] > 0
     buf = np.empty((2, TILE), np.float32)  # a group's scales and mins, widened (float16 bits)
+    five_bit = codes.shape[2] > 16
     for t in range(t0, t1):
         m0 = 0
         while m0 < M:
             n = min(ROW_BLOCK, M - m0) if M - m0 != 3 else 2  # blocks of 4, 2, 1 rows
             acc[:n] = 0.0
             for g in range(codes.shape[1]):
-                if n == 4:
+                if five_bit and n == 4:
+                    _dot_q5_4(codes, t, g, xq4, LEVELS * m0, isum)
+                elif five_bit and n == 2:
+                    _dot_q5_2(codes, t, g, xq4, LEVELS * m0, isum)
+                elif five_bit:
+                    _dot_q5_1(codes, t, g, xq4, LEVELS * m0, isum)
+                elif n == 4:
                     _dot_q4_4(codes, t, g, xq4, LEVELS * m0, isum)
                 elif n == 2:
                     _dot_q4_2(codes, t, g, xq4, LEVELS * m0, isum)
