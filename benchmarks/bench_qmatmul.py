@@ -27,7 +27,8 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from gguf import GGUFReader  # noqa: E402
 
-from torchless.kernels import qmatmul as qm  # noqa: E402
+from torchless.kernels import packing, qmatmul as qm  # noqa: E402
+from torchless.hub import resolve_model  # noqa: E402
 from torchless.quant import QTensor  # noqa: E402
 
 ORDER = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
@@ -63,11 +64,12 @@ def timeit(fn, reps):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    ap.add_argument("--model", default=None, help="GGUF file or known name (default: SmolLM2, pulled if needed)")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--prefill", type=int, default=17, help="M for the matmul timing (0: skip)")
     ap.add_argument("--no-f32", action="store_true", help="skip the float32 baseline (memory)")
     a = ap.parse_args()
+    a.model = resolve_model(a.model)
 
     mats = load(a.model)
     t0 = time.perf_counter()
@@ -75,7 +77,7 @@ def main():
     t_prep = time.perf_counter() - t0
     file_bytes = sum(q.nbytes for _, q in mats)
     resident = sum(w.nbytes for w in packed)
-    types = sorted({f"{qm._TYPE_NAMES.get(int(q.ggml_type))}" for _, q in mats})
+    types = sorted({f"{packing._TYPE_NAMES.get(int(q.ggml_type))}" for _, q in mats})
     print(f"{a.model}: {len(mats)} matrices, types {types}, {file_bytes / 1e6:.1f} MB of weights "
           f"({resident / 1e6:.1f} MB repacked, prepare {t_prep:.2f} s), CPU threads {numba.config.NUMBA_NUM_THREADS}")
 

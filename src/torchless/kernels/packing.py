@@ -124,6 +124,44 @@ def _widen_two_level_row(typingctx, src, t, sb, j, dst, k):
     return types.none(src, t, sb, j, dst, k), codegen
 
 
+@intrinsic
+def prefetch_row(typingctx, arr, t, g, nbytes):
+    """Ask for the cache lines of arr[t, g, ...] (nbytes of them, from its first element) with
+    llvm.prefetch, for the kernels to fetch the next tile while they compute this one. A
+    prefetch is a hint: past the array's end it does nothing (it never faults)."""
+    if not (isinstance(arr, types.Array) and arr.ndim >= 2 and isinstance(nbytes, types.IntegerLiteral)):
+        return None
+    lines = -(-nbytes.literal_value // 64)
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        t_, g_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2))
+        zero = context.get_constant(types.intp, 0)
+        p = cgutils.get_item_pointer(context, builder, sig.args[0], a, [t_, g_] + [zero] * (sig.args[0].ndim - 2))
+        i8p = ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            ir.VoidType(), [i8p, ir.IntType(32), ir.IntType(32), ir.IntType(32)]), "llvm.prefetch.p0i8")
+        base = builder.bitcast(p, i8p)
+        for k in range(lines):  # read, keep in all levels, data
+            builder.call(fn, [builder.gep(base, [ir.Constant(ir.IntType(64), 64 * k)]),
+                              ir.Constant(ir.IntType(32), 0), ir.Constant(ir.IntType(32), 3),
+                              ir.Constant(ir.IntType(32), 1)])
+        return context.get_dummy_value()
+    return types.none(arr, t, g, nbytes), codegen
+
+
+def prefetch_scales(src, t, g):
+    """prefetch_row of a scale or min row src[t, g, :] (float16 or float32); nothing for two-level
+    scales (384 bytes per tile and 256 columns: the hardware prefetcher keeps up)."""
+
+
+@overload(prefetch_scales, inline="always")
+def _prefetch_scales_compiled(src, t, g):
+    if src.ndim == 3:
+        return lambda src, t, g: prefetch_row(src, t, g, 64)
+    return lambda src, t, g: None
+
+
 # A packed scale or min row (src[t, g, :]) is read in two steps, so that no kernel makes an array
 # view per group (numba reference-counts each view with atomics: that cost 30-100% of a small
 # product): widen_row(src, t, g, buf, k) widens float16 bits into buf[k, :] (and does nothing
