@@ -68,36 +68,79 @@ def rope_rows(v, cos, sin, interleaved):
                 v[h, i + half] = b * cos[i] + a * sin[i]
 
 
+# exp(x) = 2^k e^r, k = round(x / ln 2), r = x - k ln 2 (ln 2 in two parts, Cody-Waite), e^r by
+# Cephes' expf polynomial: within 1e-7 relative of exp on [-87, 0]. Written out (rather than
+# np.exp, a libm call per element) so that it vectorizes: it was a fifth of attention's time.
+_LOG2E, _LN2_HI, _LN2_LO = np.float32(1.44269504088896341), np.float32(0.693359375), np.float32(-2.12194440e-4)
+_EXP_POLY = (np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3),
+             np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1))
+
+
+@njit(nogil=True, cache=True, fastmath=_FM_SUM)
+def _softmax_weights(scores, n, m, bits):
+    """scores[p] = exp(scores[p] - m) for p < n (m: their maximum); returns their sum. bits:
+    int32 scratch (>= n) for the 2^k factors, built in the exponent field."""
+    c0, c1, c2, c3, c4, c5 = _EXP_POLY
+    for p in range(n):
+        x = max(scores[p] - m, np.float32(-87.0))  # below, exp is under float32's normal range
+        k = np.floor(x * _LOG2E + np.float32(0.5))
+        r = x - k * _LN2_HI - k * _LN2_LO
+        y = ((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5
+        scores[p] = y * r * r + r + np.float32(1.0)
+        bits[p] = (np.int32(k) + np.int32(127)) << np.int32(23)
+    two_k = bits.view(np.float32)
+    total = np.float32(0.0)
+    for p in range(n):
+        e = scores[p] * two_k[p]
+        scores[p] = e
+        total += e
+    return total
+
+
 @njit(nogil=True, cache=True, fastmath=_FM_SUM)
 def attend_heads(q, k_cache, v_cache, n_valid, kv_map, out, h0, h1, scores):
     """Single-query attention for heads h0..h1 over the first n_valid cache slots.
 
     q, out: (n_heads, head_dim); k_cache, v_cache: (cache_len, n_kv_heads, head_dim);
     kv_map[h]: the KV head of query head h; scores: (>= n_valid,) scratch. The slots' order
-    does not matter to softmax, so a ring buffer needs no reordering.
+    does not matter to softmax, so a ring buffer needs no reordering. Positions go 4 at a time:
+    four independent dot products, and one pass over the weighted sum per 4 value rows (one
+    at a time, the sum's loads and stores were the chain; 1.5x in all).
     """
     hd = q.shape[1]
     scale = np.float32(1.0 / math.sqrt(hd))
     acc = np.empty(hd, np.float32)  # local, so the weighted sum is not reloaded from `out`
     qs = np.empty(hd, np.float32)
+    bits = np.empty(n_valid, np.int32)
+    p4 = n_valid - n_valid % 4
     for h in range(h0, h1):
         kvh = kv_map[h]
         for d in range(hd):
             qs[d] = q[h, d] * scale
         m = np.float32(-np.inf)
-        for p in range(n_valid):
+        for p in range(0, p4, 4):
+            s0 = np.float32(0.0); s1 = np.float32(0.0); s2 = np.float32(0.0); s3 = np.float32(0.0)
+            for d in range(hd):
+                s0 += qs[d] * k_cache[p, kvh, d]
+                s1 += qs[d] * k_cache[p + 1, kvh, d]
+                s2 += qs[d] * k_cache[p + 2, kvh, d]
+                s3 += qs[d] * k_cache[p + 3, kvh, d]
+            scores[p] = s0; scores[p + 1] = s1; scores[p + 2] = s2; scores[p + 3] = s3
+            m = max(m, max(max(s0, s1), max(s2, s3)))
+        for p in range(p4, n_valid):
             s = np.float32(0.0)
             for d in range(hd):
                 s += qs[d] * k_cache[p, kvh, d]
             scores[p] = s
             m = max(m, s)
-        total = np.float32(0.0)
-        for p in range(n_valid):
-            e = np.exp(scores[p] - m)
-            scores[p] = e
-            total += e
+        total = _softmax_weights(scores, n_valid, m, bits)
         acc[:] = 0.0
-        for p in range(n_valid):
+        for p in range(0, p4, 4):
+            w0 = scores[p]; w1 = scores[p + 1]; w2 = scores[p + 2]; w3 = scores[p + 3]
+            for d in range(hd):
+                acc[d] += ((w0 * v_cache[p, kvh, d] + w1 * v_cache[p + 1, kvh, d])
+                           + (w2 * v_cache[p + 2, kvh, d] + w3 * v_cache[p + 3, kvh, d]))
+        for p in range(p4, n_valid):
             w = scores[p]
             for d in range(hd):
                 acc[d] += w * v_cache[p, kvh, d]
