@@ -17,10 +17,11 @@ One int8 per activation (as llama.cpp's q8 activations) is far past the 2e-3 par
 against transformers: on the LM head alone it moves logits by up to 0.45 on SmolLM2 and 0.89 on
 Gemma 3 270M (random prompts, every position); two levels by 1.9e-3 and 3.5e-3 there, and the
 whole SmolLM2 by 1.04e-2 on "The capital of France is". A group's step is set by its largest
-activation, and the inputs have outliers 20-70 times their RMS. So each row of X becomes three int8 rows:
-round(x / d) with d = max|x| / 127 over the group, then the rounded residual of the levels
-before in steps 254x finer (d / 254, d / 254^2). The sum is within d / 129032 of x, the integer
-sums are exact, and the cost is three dots instead of one. The codes stay in the tiled layout of `qmatmul`
+activation, and the inputs have outliers 20-70 times their RMS (benchmarks/activation_levels.py).
+So each row of X becomes three int8 rows: round(x / d) with d = max|x| / 127 over the group,
+then the rounded residual of the levels before in steps 254x finer (d / 254, d / 254^2). The
+sum is within d / 129032 of x, the integer sums are exact, and the cost is three dots instead
+of one. The codes stay in the tiled layout of `qmatmul`
 (codes[t, g, j, r]: column j of a group, row r of the tile); a 4 x 32 byte block is transposed
 in registers into the per-row 4-byte groups that `vpdpbusd` multiplies. Signed "q8" codes get
 +128 (a sign-bit flip) to be unsigned, and 128 * sum(x codes) is taken back off exactly.
