@@ -4,7 +4,8 @@
 
 One thread: the serial integer kernel (qmatmul_batch.INT_SERIAL) on the model's LM head and on
 one layer's ffn_up, for 1, 4, 8 and 16 rows of X, all rows per tile and in 4-row slices: best of
---rounds, microseconds, and whether the two are bit-equal. (Slicing the head in the engine was
+--rounds, microseconds, and whether the two are bit-equal; and, for comparison, the float
+decode kernel (qmatmul.matvec_rows) run once per row. (Slicing the head in the engine was
 tried and dropped: the ratio here went from 0.94x to 1.38x between runs, and whole generations
 of 16 prompts x 64 tokens moved by 0-2%.)
 Not part of CI.
@@ -37,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
     numba.set_num_threads(1)
     from torchless import LLM
-    from torchless.kernels import qmatmul_batch
+    from torchless.kernels import qmatmul, qmatmul_batch
 
     llm = LLM(args.model, seed=0)
     rng = np.random.default_rng(0)
@@ -55,10 +56,16 @@ def main() -> None:
                 for m0 in range(0, m, 4):
                     kernel(w.codes, w.scale, w.min, w.group, X[m0:m0 + 4], sliced_out[m0:m0 + 4])
 
+            def by_row():  # the decode kernel (float, one FMA per weight), once per row
+                for i in range(m):
+                    qmatmul.matvec_rows(w, X[i], sliced_out[i], 0, w.shape[0])
+
             n = max(3, int(2e7 // (w.shape[0] * w.shape[1])))
             a, b = best_us(whole, n, args.rounds), best_us(sliced, n, args.rounds)
+            equal = np.array_equal(whole_out, sliced_out)
+            c = best_us(by_row, n, args.rounds)
             print(f"{name:8s} {w.shape} {m:2d} rows: whole {a:9.1f} us, by 4 {b:9.1f} us "
-                  f"({a / b:.2f}x), bit-equal {np.array_equal(whole_out, sliced_out)}")
+                  f"({a / b:.2f}x), bit-equal {equal}; decode matvec per row {c:9.1f} us")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ scale.
         bits of columns 32g+j (low nibble) and 32g+16+j (high nibble), as Q4_0/Q4_1 already do.
         5-bit codes (H = 4) keep their fifth bits in bytes 16..19, beside the nibbles of the
         same 4 bytes: bit i of byte 16+k is column 32g+4k+i's, bit 4+i column 32g+16+4k+i's
-        (the kernels read codes 4 bytes at a time). Q4_K's and Q5_K's sub-blocks are re-arranged into the same form. Weight =
-        scale * code + min. Used by Q4_0 (min = -8 d), Q4_1 (min = m), Q4_K (scale = d sc_j,
-        min = -dmin m_j), and with fifth bits by Q5_0 (min = -16 d), Q5_1 and Q5_K.
+        (the kernels read codes 4 bytes at a time). Q4_K's and Q5_K's sub-blocks are
+        re-arranged into the same form. Weight = scale * code + min. Used by Q4_0 (min = -8 d),
+        Q4_1 (min = m), Q4_K (scale = d sc_j, min = -dmin m_j), and with fifth bits by Q5_0
+        (min = -16 d), Q5_1 and Q5_K.
   "q8"  signed 8-bit codes (1 byte/weight): codes int8 (n_tiles, n_groups, G, TILE), G = 32 or
         16. Used by Q8_0 (G=32), Q6_K (codes -32..31, G=16) and the rarer types.
   "f32" float32 (n_tiles, cols, TILE). Used by F32, and F16/BF16, which are converted to float32
