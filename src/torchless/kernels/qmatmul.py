@@ -134,11 +134,12 @@ def _tile_q4(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
     for g in range(codes.shape[1]):
         # the next tile's group is asked for while this one computes: the hardware prefetcher
         # alone left a cold decode sweep of Gemma 3's layers at ~8 GB/s (bench_qmatmul.py)
+        # (the prefetch stays out of the branch below: inside it, LLVM no longer vectorized the
+        # 4-bit sums, 34 -> 12.5 G weights/s in benchmarks/bench_decode_kernels.py)
+        prefetch_row(codes, t + 1, g, 640)
         if five_bit:
-            prefetch_row(codes, t + 1, g, 640)
             _q5_group_sums(codes, t, g, x, s)
         else:
-            prefetch_row(codes, t + 1, g, 512)
             _q4_group_sums(codes, t, g, x, s)
         _add_group(scale, mn, xs, t, g, s, acc)
     base = t * TILE
