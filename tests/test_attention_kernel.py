@@ -40,7 +40,8 @@ def test_attend_heads_matches_float64(n_valid, heads, kv_heads, head_dim):
 def test_softmax_weights_exp_is_float32_accurate():
     x = np.concatenate([np.linspace(-100.0, 0.0, 400_001), [0.0, -1e-30, -87.0, -86.9]]).astype(np.float32)
     scores = x.copy()
-    total = fused._softmax_weights(scores, x.size, np.float32(0.0))
+    bits = np.empty(x.size, np.int32)
+    total = fused._softmax_weights(scores, x.size, np.float32(0.0), bits)
     exact = np.exp(x.astype(np.float64))
     normal = x >= -87.0
     rel = np.abs(scores[normal] - exact[normal]) / exact[normal]
@@ -49,5 +50,5 @@ def test_softmax_weights_exp_is_float32_accurate():
     np.testing.assert_allclose(total, exact.sum(), rtol=1e-5)
     # a shift by the maximum, as attention does: the largest weight is exactly 1
     scores = (x + np.float32(5.0)).copy()
-    fused._softmax_weights(scores, x.size, np.float32(5.0))
+    fused._softmax_weights(scores, x.size, np.float32(5.0), bits)
     assert scores[np.argmax(x)] == 1.0

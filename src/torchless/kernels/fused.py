@@ -10,9 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
 
 _FM = {"contract"}
 # Attention's dot products over head_dim are sums: without reassociation LLVM must add the 64
@@ -78,31 +76,22 @@ _EXP_POLY = (np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float3
              np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1))
 
 
-@intrinsic
-def _float_from_bits(typingctx, bits):
-    """The float32 whose bits are the low 32 of `bits` (an LLVM bitcast, which vectorizes; it spares
-    the int32 scratch array, and its second pass, that an array view would need)."""
-    if not isinstance(bits, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):  # (numba types int32 << int32 as int64)
-        return builder.bitcast(builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0],
-                               ir.FloatType())
-    return types.float32(bits), codegen
-
-
 @njit(nogil=True, cache=True, fastmath=_FM_SUM)
-def _softmax_weights(scores, n, m):
-    """scores[p] = exp(scores[p] - m) for p < n (m: their maximum); returns their sum."""
+def _softmax_weights(scores, n, m, bits):
+    """scores[p] = exp(scores[p] - m) for p < n (m: their maximum); returns their sum. bits:
+    int32 scratch (>= n) for the 2^k factors, built in the exponent field."""
     c0, c1, c2, c3, c4, c5 = _EXP_POLY
-    total = np.float32(0.0)
     for p in range(n):
         x = max(scores[p] - m, np.float32(-87.0))  # below, exp is under float32's normal range
         k = np.floor(x * _LOG2E + np.float32(0.5))
         r = x - k * _LN2_HI - k * _LN2_LO
         y = ((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5
-        two_k = _float_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))  # 2^k, built in the exponent
-        e = (y * r * r + r + np.float32(1.0)) * two_k
+        scores[p] = y * r * r + r + np.float32(1.0)
+        bits[p] = (np.int32(k) + np.int32(127)) << np.int32(23)
+    two_k = bits.view(np.float32)
+    total = np.float32(0.0)
+    for p in range(n):
+        e = scores[p] * two_k[p]
         scores[p] = e
         total += e
     return total
@@ -122,6 +111,7 @@ def attend_heads(q, k_cache, v_cache, n_valid, kv_map, out, h0, h1, scores):
     scale = np.float32(1.0 / math.sqrt(hd))
     acc = np.empty(hd, np.float32)  # local, so the weighted sum is not reloaded from `out`
     qs = np.empty(hd, np.float32)
+    bits = np.empty(n_valid, np.int32)
     p4 = n_valid - n_valid % 4
     for h in range(h0, h1):
         kvh = kv_map[h]
@@ -143,7 +133,7 @@ def attend_heads(q, k_cache, v_cache, n_valid, kv_map, out, h0, h1, scores):
                 s += qs[d] * k_cache[p, kvh, d]
             scores[p] = s
             m = max(m, s)
-        total = _softmax_weights(scores, n_valid, m)
+        total = _softmax_weights(scores, n_valid, m, bits)
         acc[:] = 0.0
         for p in range(0, p4, 4):
             w0 = scores[p]; w1 = scores[p + 1]; w2 = scores[p + 2]; w3 = scores[p + 3]

@@ -106,42 +106,39 @@ def _q5_group_sums(codes, t, g, x, s):
             s[0, r] = a
 
 
-@njit(nogil=True, cache=True, fastmath=_FM, inline="always")
-def _add_group(scale, mn, xs, t, g, s, acc):
-    """acc[r] += scale[r] * s[0, r] + min[r] * (the sum of group g's x), for the group sums in
-    s[0] of a tile's 32 rows, and the next tile's scales asked for (see _tile_q4)."""
-    prefetch_scales(scale, t + 1, g)
-    widen_row(scale, t, g, s, 1)
-    if mn.shape[1] > 0:
-        prefetch_scales(mn, t + 1, g)
-        widen_row(mn, t, g, s, 2)
-        xg = xs[g]
-        for r in range(TILE):
-            # one multiply-add per statement: with two, LLVM may fuse either product, and
-            # chooses differently once a caller inlines this tile (prange vs row-range
-            # results would then differ in the last bit)
-            a = acc[r] + row_value(scale, t, g, r, s, 1) * s[0, r]
-            acc[r] = a + row_value(mn, t, g, r, s, 2) * xg
-    else:
-        for r in range(TILE):
-            acc[r] += row_value(scale, t, g, r, s, 1) * s[0, r]
-
-
 @njit(nogil=True, cache=True, fastmath=_FM)
 def _tile_q4(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
+    n_groups = codes.shape[1]
+    has_min = mn.shape[1] > 0
     five_bit = codes.shape[2] > 16
     acc[:] = 0.0
-    for g in range(codes.shape[1]):
-        # the next tile's group is asked for while this one computes: the hardware prefetcher
-        # alone left a cold decode sweep of Gemma 3's layers at ~8 GB/s (bench_qmatmul.py)
-        # (the prefetch stays out of the branch below: inside it, LLVM no longer vectorized the
-        # 4-bit sums, 34 -> 12.5 G weights/s in benchmarks/bench_decode_kernels.py)
-        prefetch_row(codes, t + 1, g, 640)
+    for g in range(n_groups):
+        # the next tile's group, while this one computes: the hardware prefetcher alone left a
+        # cold decode sweep of Gemma 3's layers at ~8 GB/s (benchmarks/bench_qmatmul.py)
+        if five_bit:
+            prefetch_row(codes, t + 1, g, 640)
+        else:
+            prefetch_row(codes, t + 1, g, 512)
+        prefetch_scales(scale, t + 1, g)
+        if has_min:
+            prefetch_scales(mn, t + 1, g)
         if five_bit:
             _q5_group_sums(codes, t, g, x, s)
         else:
             _q4_group_sums(codes, t, g, x, s)
-        _add_group(scale, mn, xs, t, g, s, acc)
+        widen_row(scale, t, g, s, 1)
+        if has_min:
+            widen_row(mn, t, g, s, 2)
+            xg = xs[g]
+            for r in range(TILE):
+                # one multiply-add per statement: with two, LLVM may fuse either product, and
+                # chooses differently once a caller inlines this tile (prange vs row-range
+                # results would then differ in the last bit)
+                a = acc[r] + row_value(scale, t, g, r, s, 1) * s[0, r]
+                acc[r] = a + row_value(mn, t, g, r, s, 2) * xg
+        else:
+            for r in range(TILE):
+                acc[r] += row_value(scale, t, g, r, s, 1) * s[0, r]
     base = t * TILE
     for r in range(max(r0, base), min(r1, base + TILE)):
         out[r] = acc[r - base]
@@ -166,14 +163,33 @@ def _q8_group_sums(codes, t, g, x, s, group):
 
 @njit(nogil=True, cache=True, fastmath=_FM)
 def _tile_q8(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
+    n_groups, group = codes.shape[1], codes.shape[2]
+    has_min = mn.shape[1] > 0
     acc[:] = 0.0
-    for g in range(codes.shape[1]):
-        prefetch_row(codes, t + 1, g, 1024)  # the next tile's group (and, for 16 columns, the one after)
-        if codes.shape[2] == 32:  # a constant group for LLVM to unroll (packing: only 32 or 16)
+    for g in range(n_groups):
+        prefetch_scales(scale, t + 1, g)  # the next tile's group (see _tile_q4)
+        if has_min:
+            prefetch_scales(mn, t + 1, g)
+        prefetch_row(codes, t + 1, g, 1024)
+        if group == 32:
             _q8_group_sums(codes, t, g, x, s, 32)
-        else:
+        elif group == 16:
             _q8_group_sums(codes, t, g, x, s, 16)
-        _add_group(scale, mn, xs, t, g, s, acc)
+        else:
+            _q8_group_sums(codes, t, g, x, s, group)
+        widen_row(scale, t, g, s, 1)
+        if has_min:
+            widen_row(mn, t, g, s, 2)
+            xg = xs[g]
+            for r in range(TILE):
+                # one multiply-add per statement: with two, LLVM may fuse either product, and
+                # chooses differently once a caller inlines this tile (prange vs row-range
+                # results would then differ in the last bit)
+                a = acc[r] + row_value(scale, t, g, r, s, 1) * s[0, r]
+                acc[r] = a + row_value(mn, t, g, r, s, 2) * xg
+        else:
+            for r in range(TILE):
+                acc[r] += row_value(scale, t, g, r, s, 1) * s[0, r]
     base = t * TILE
     for r in range(max(r0, base), min(r1, base + TILE)):
         out[r] = acc[r - base]
