@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import TorchlessError
+from .userdirs import cache_dir
 
 
 @dataclass(frozen=True)
@@ -94,13 +95,6 @@ DEFAULT_MODEL = "smollm2"
 
 def _stderr(message: str) -> None:
     print(f"torchless: {message}", file=sys.stderr, flush=True)
-
-
-def cache_dir() -> Path:
-    if os.environ.get("TORCHLESS_CACHE"):
-        return Path(os.environ["TORCHLESS_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "torchless"
 
 
 def known_name(text: str) -> str | None:

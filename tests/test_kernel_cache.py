@@ -1,0 +1,42 @@
+"""Compiled kernels are cached in a folder keyed by every kernel source, not file by file.
+
+numba keys a cached function on its own file alone: after an upgrade that changed qmatmul.py's Q5
+tile but not gemm.py, gemm's cached expansion still inlined the old tile and gave wrong weights
+(CI on a reused site-packages, and every `pip install -U` user)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numba
+
+from torchless import kernels
+from torchless.kernels import gemm, qmatmul
+
+
+def test_a_change_to_any_kernel_file_changes_the_cache_folder(tmp_path):
+    copy = tmp_path / "kernels"
+    shutil.copytree(Path(kernels.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = kernels.source_hash(copy)
+    assert before == kernels.source_hash(Path(kernels.__file__).parent)
+    (copy / "README.txt").write_text("not a source file")
+    assert kernels.source_hash(copy) == before
+    qm = copy / "qmatmul.py"
+    qm.write_text(qm.read_text() + "\n# one more line\n")
+    assert kernels.source_hash(copy) != before
+
+
+def test_kernels_from_every_file_cache_under_the_hashed_folder():
+    folder = f"kernels-{kernels.source_hash()}"
+    assert Path(numba.config.CACHE_DIR).name == folder
+    for kernel in (gemm._dqt_q4, qmatmul._dq_tile_q4):
+        assert folder in Path(kernel._cache._cache_path).parts
+
+
+def test_numba_cache_dir_still_chooses_where(tmp_path):
+    code = "import numba, torchless.kernels as k; print(numba.config.CACHE_DIR)"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(tmp_path / f"kernels-{kernels.source_hash()}")
