@@ -96,9 +96,10 @@ def test_bench_names_a_rank_killed_by_a_signal(tiny_llama_gguf):
 
 # -- the supervisor alone, without a launcher ----------------------------------------------------
 
-def _supervised(code: str, **env):
+def _supervised(code: str, before: str = "", **env):
     env = {**os.environ, "PMI_SIZE": "2", "PMI_RANK": "1", **env}
-    script = f"import os, signal, time\nfrom torchless.distributed import supervise_rank\nsupervise_rank()\n{code}"
+    script = (f"import os, signal, time\n{before}\nfrom torchless.distributed import supervise_rank\n"
+              f"supervise_rank()\n{code}")
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
 
 
@@ -120,6 +121,17 @@ def test_the_supervisor_passes_on_signals_and_exit_codes_quietly():
     assert (r.returncode, r.stderr) == (3, "")
     r = _supervised("os.kill(os.getpid(), signal.SIGKILL)", TORCHLESS_RANK_SUPERVISOR="0")  # switched off
     assert (r.returncode, r.stderr) == (-9, "")
+
+
+def test_a_supervised_rank_runs_numbas_parallel_loops():
+    """The CLI forks its supervisor after importing torchless.cli: numba's thread pool must not
+    have started by then, or the rank dies at its first parallel loop ("fork() called from a
+    process already using GNU OpenMP"), as every rank with more than one thread did."""
+    code = ("import numpy as np\nfrom torchless.kernels import fused\n"
+            "q = np.ones((8, 2, 4), np.float32)\nk = np.ones((8, 1, 4), np.float32)\nout = np.empty_like(q)\n"
+            "fused.attend_causal_rows(q, k, k, 0, np.zeros(2, np.int64), out)\nprint(out.sum())")
+    r = _supervised(code, before="import torchless.cli", NUMBA_NUM_THREADS="2")
+    assert (r.returncode, r.stdout.strip()) == (0, "64.0"), r.stderr
 
 
 def test_the_rank_dies_with_its_supervisor():
