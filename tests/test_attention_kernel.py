@@ -52,3 +52,27 @@ def test_softmax_weights_exp_is_float32_accurate():
     scores = (x + np.float32(5.0)).copy()
     fused._softmax_weights(scores, x.size, np.float32(5.0), bits)
     assert scores[np.argmax(x)] == 1.0
+
+
+@pytest.mark.parametrize("n_before, T", [(0, 1), (0, 2), (0, 7), (0, 64), (5, 1), (13, 30), (290, 9)])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 1, 80)])
+def test_causal_rows_match_the_reference_attention(n_before, T, heads, kv_heads, head_dim):
+    """A prompt chunk of T rows after n_before cached positions: every row t equals ops.attention
+    with its causal mask (keys 0 .. n_before + t), whichever thread ran it."""
+    from torchless.kernels import ops
+
+    rng = np.random.default_rng(n_before * 7 + T)
+    q = (rng.standard_normal((T, heads, head_dim)) * 3).astype(np.float32)
+    k = rng.standard_normal((320, kv_heads, head_dim)).astype(np.float32)
+    v = rng.standard_normal((320, kv_heads, head_dim)).astype(np.float32)
+    kv_map = np.repeat(np.arange(kv_heads), heads // kv_heads).astype(np.int64)
+    out = np.full_like(q, np.nan)
+    fused.attend_causal_rows(q, k, v, n_before, kv_map, out)
+    S = n_before + T
+    positions = np.arange(n_before, S)
+    mask = np.arange(S)[None, :] <= positions[:, None]
+    np.testing.assert_allclose(out, ops.attention(q, k[:S], v[:S], mask, kv_map), rtol=0, atol=2e-5)
+    for t in range(T):  # and each row is the one-query kernel's answer, bit for bit
+        row = np.empty((heads, head_dim), np.float32)
+        fused.attend_heads(q[t], k, v, n_before + t + 1, kv_map, row, 0, heads, np.empty(320, np.float32))
+        np.testing.assert_array_equal(out[t], row)

@@ -1,4 +1,5 @@
-"""Compiled versions of the decoder's small operations, for the one-token decode path.
+"""Compiled versions of the decoder's small operations, for the one-token decode path (and the
+attention of a prompt chunk, row by row through the same kernel).
 
 Each is a handful of NumPy calls in `ops`; at one token those calls cost more in interpreter
 overhead than in arithmetic, so here they are loops that write into preallocated buffers.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 _FM = {"contract"}
 # Attention's dot products over head_dim are sums: without reassociation LLVM must add the 64
@@ -147,3 +148,17 @@ def attend_heads(q, k_cache, v_cache, n_valid, kv_map, out, h0, h1, scores):
         inv = np.float32(1.0) / total
         for d in range(hd):
             out[h, d] = acc[d] * inv
+
+
+@njit(nogil=True, cache=True, parallel=True, fastmath=_FM_SUM)
+def attend_causal_rows(q, k_cache, v_cache, n_before, kv_map, out):
+    """A prompt chunk's attention: row t of q (T, n_heads, head_dim) attends the first
+    n_before + t + 1 slots of the caches, which hold positions 0.. in order (the chunk's own keys
+    written, no ring wrapped), through attend_heads. Rows go over numba's threads in pairs t, T-1-t,
+    so that every thread's share of the causal triangle is the same size."""
+    T, n_heads = q.shape[0], q.shape[1]
+    for i in prange(T):
+        t = i // 2 if i % 2 == 0 else T - 1 - i // 2
+        n_valid = n_before + t + 1
+        attend_heads(q[t], k_cache, v_cache, n_valid, kv_map, out[t], 0, n_heads,
+                     np.empty(n_valid, np.float32))

@@ -129,6 +129,10 @@ class KVCache:
         k_layer, v_layer, _ = self._layer_arrays(layer)
         return k_layer, v_layer
 
+    def ring_length(self, layer: int) -> int:
+        """Positions the layer holds before the oldest is overwritten."""
+        return self._layer_arrays(layer)[2]
+
     def attended(self, layer: int, pos: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(k, v, n_valid): the layer's ring, whose first n_valid slots hold what the token at
         `pos` attends to once written."""
