@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numba
@@ -40,3 +41,17 @@ def test_numba_cache_dir_still_chooses_where(tmp_path):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(tmp_path / f"kernels-{kernels.source_hash()}")
+
+
+def test_other_versions_kernels_go_once_unused_for_a_month(tmp_path):
+    stale, recent = tmp_path / "kernels-0000000000000000", tmp_path / "kernels-1111111111111111"
+    for folder in (stale, recent):
+        folder.mkdir()
+        (folder / "f.nbi").write_bytes(b"x")
+    month_ago = time.time() - (kernels.STALE_AFTER_DAYS + 1) * 86400
+    os.utime(stale, (month_ago, month_ago))
+    code = "import numba, torchless.kernels as k; print(numba.config.CACHE_DIR)"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert not stale.exists() and recent.exists()
+    assert (tmp_path / f"kernels-{kernels.source_hash()}").is_dir()
