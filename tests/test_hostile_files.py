@@ -305,7 +305,10 @@ def test_fuzz_sample_in_isolated_workers():
     """tools/fuzz_models.py on a seeded sample: every case a clean error or a model that runs
     (not another exception, a hang, a crash or running out of memory)."""
     fuzz = _fuzz_models()
-    results = fuzz.run_isolated(fuzz.seeds_of(1, ISOLATED_CASES), workers=2, time_limit=10.0)
+    # 60 s, not 10: a case whose mutation gives a tensor a type no earlier case used compiles
+    # that type's kernels first (seed 10000820, MXFP4: 10-20 s on 2 busy cores with a cold
+    # cache). The real hangs this catches ran for minutes.
+    results = fuzz.run_isolated(fuzz.seeds_of(1, ISOLATED_CASES), workers=2, time_limit=60.0)
     assert len(results) == ISOLATED_CASES
     bad = [r for r in results if r["cls"] not in ("clean-error", "ok")]
     assert not bad, "\n" + fuzz.table(results)
