@@ -1,7 +1,7 @@
 """Load test of `torchless serve` with the official openai client.
 
     python benchmarks/bench_server.py [-m smollm2] [--clients 16] [--seconds 60] [--max-tokens 64]
-                                      [--parallel pp=2,mb=2]
+                                      [--parallel pp=2,mb=2] [--threads N]
 
 Starts the server as a subprocess on a free port, then: one client alone for --solo-seconds
 (the baseline), and --clients concurrent streaming clients for --seconds, each sending request
@@ -92,11 +92,13 @@ def main(argv=None) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--parallel", default=None, help="passed to torchless serve (e.g. pp=2,mb=2)")
+    p.add_argument("--threads", type=int, default=None, help="passed to torchless serve")
     args = p.parse_args(argv)
 
     port = free_port()
     cmd = [sys.executable, "-m", "torchless", "serve", "-m", args.model, "--port", str(port),
-           "--max-batch", str(args.max_batch)] + (["--parallel", args.parallel] if args.parallel else [])
+           "--max-batch", str(args.max_batch)] + (["--parallel", args.parallel] if args.parallel else []) \
+        + (["--threads", str(args.threads)] if args.threads else [])
     server = subprocess.Popen(cmd, stderr=open(os.devnull, "w"))
     base = f"http://127.0.0.1:{port}/v1"
     try:
