@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -450,6 +451,12 @@ def run_engine(python: str, engine: str, args, threads: int) -> dict:
         env[var] = str(threads)
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = p.stdout.strip().splitlines()
+    if p.returncode == -signal.SIGILL and engine == "llamacpp":
+        # seen on a VM that advertises AMX but faults on it: llama.cpp's native build uses it
+        sys.exit(f"llama.cpp died of SIGILL: it was built for an instruction this machine refuses "
+                 f"(AMX in a VM, say). Rebuild it without -march=native: CMAKE_ARGS='-DGGML_NATIVE=OFF "
+                 f"-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON' "
+                 f"{python} -m pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python")
     if p.returncode != 0 or not lines:
         sys.exit(f"{engine} subprocess failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
                  f"{p.stderr[-3000:]}")
