@@ -55,3 +55,29 @@ def test_other_versions_kernels_go_once_unused_for_a_month(tmp_path):
     subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert not stale.exists() and recent.exists()
     assert (tmp_path / f"kernels-{kernels.source_hash()}").is_dir()
+
+
+def test_intel_avx512_hosts_are_scheduled_as_haswell_others_as_themselves():
+    assert kernels.tuning_cpu("auto", "emeraldrapids") == "haswell"
+    assert kernels.tuning_cpu("auto", "skylake-avx512") == "haswell"
+    assert kernels.tuning_cpu("auto", "znver4") is None
+    assert kernels.tuning_cpu("host", "emeraldrapids") is None
+    assert kernels.tuning_cpu("skylake", "znver4") == "skylake"
+
+
+def _cpu_name_after_import(**env) -> str:
+    code = "import numba, torchless.kernels; print(numba.config.CPU_NAME)"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CPU")}
+    base.pop("TORCHLESS_CPU_TUNING", None)
+    out = subprocess.run([sys.executable, "-c", code], env=dict(base, **env), capture_output=True,
+                         text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_the_tuning_reaches_numba_and_an_explicit_numba_cpu_name_wins():
+    import llvmlite.binding
+    host = llvmlite.binding.get_host_cpu_name()
+    assert _cpu_name_after_import() == str(kernels.tuning_cpu("auto", host))
+    assert _cpu_name_after_import(TORCHLESS_CPU_TUNING="host") == "None"
+    assert _cpu_name_after_import(TORCHLESS_CPU_TUNING="haswell") == "haswell"
+    assert _cpu_name_after_import(TORCHLESS_CPU_TUNING="haswell", NUMBA_CPU_NAME="skylake") == "skylake"

@@ -5,6 +5,9 @@ numba keys a cached function on its own file's text only, so a kernel that calls
 from another file kept its old copy after that other file changed: an upgrade that changed
 qmatmul.py's Q5 tile but not gemm.py ran gemm's cached expansion with the old tile, silently
 wrong weights. Hashing them all together makes any change recompile everything, once.
+
+On Intel cores with AVX-512 the kernels are compiled with Haswell's scheduling model and this
+host's instruction set (see `tuning_cpu`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
+import llvmlite.binding
 import numba
 
 from ..userdirs import cache_dir
@@ -49,4 +53,37 @@ def _use_cache_keyed_by_all_sources() -> None:
         pass
 
 
+# LLVM's names for Intel cores with AVX-512 (Knights Landing/Mill aside).
+INTEL_AVX512 = frozenset({
+    "skylake-avx512", "cascadelake", "cooperlake", "cannonlake", "icelake-client",
+    "icelake-server", "tigerlake", "rocketlake", "sapphirerapids", "emeraldrapids",
+    "graniterapids", "graniterapids-d", "diamondrapids"})
+
+
+def tuning_cpu(choice: str, host: str) -> str | None:
+    """The CPU model LLVM schedules the kernels for, or None for the host's own.
+
+    choice: $TORCHLESS_CPU_TUNING: "auto" (default), "host", or an LLVM CPU name. The instruction
+    set stays the host's whatever the model (numba passes the host's features either way), so
+    no choice can emit an instruction this CPU lacks.
+
+    Why "auto" picks Haswell on Intel AVX-512 cores: on an Emerald Rapids VM the Q4_1 decode
+    matvec ran 1.6-1.8x faster, Q8_0 1.5-1.75x and Q4_K 1.3-1.8x, in 3 alternating rounds of
+    `NUMBA_NUM_THREADS=1 python benchmarks/bench_decode_kernels.py` with NUMBA_CPU_NAME=haswell
+    against the host's model (same features); SmolLM2 decode at 1 thread 1.39x (median of 3
+    alternating pairs of benchmarks/profile_decode.py). Elsewhere the host's model stays: on an AMD EPYC it
+    gave the fastest kernels measured so far (Haswell's was not tried there)."""
+    if choice == "auto":
+        return "haswell" if host in INTEL_AVX512 else None
+    return None if choice == "host" else choice
+
+
+def _tune_for_this_cpu() -> None:
+    # numba reads CPU_NAME when it first compiles; an explicit NUMBA_CPU_NAME/FEATURES wins.
+    if numba.config.CPU_NAME is None and numba.config.CPU_FEATURES is None:
+        choice = os.environ.get("TORCHLESS_CPU_TUNING", "auto").strip() or "auto"
+        numba.config.CPU_NAME = tuning_cpu(choice, llvmlite.binding.get_host_cpu_name())
+
+
 _use_cache_keyed_by_all_sources()
+_tune_for_this_cpu()
