@@ -80,4 +80,5 @@ def test_the_tuning_reaches_numba_and_an_explicit_numba_cpu_name_wins():
     assert _cpu_name_after_import() == str(kernels.tuning_cpu("auto", host))
     assert _cpu_name_after_import(TORCHLESS_CPU_TUNING="host") == "None"
     assert _cpu_name_after_import(TORCHLESS_CPU_TUNING="haswell") == "haswell"
-    assert _cpu_name_after_import(TORCHLESS_CPU_TUNING="haswell", NUMBA_CPU_NAME="skylake") == "skylake"
+    explicit = _cpu_name_after_import(TORCHLESS_CPU_TUNING="haswell", NUMBA_CPU_NAME="skylake")
+    assert explicit == "skylake"

@@ -71,8 +71,8 @@ def tuning_cpu(choice: str, host: str) -> str | None:
     matvec ran 1.6-1.8x faster, Q8_0 1.5-1.75x and Q4_K 1.3-1.8x, in 3 alternating rounds of
     `NUMBA_NUM_THREADS=1 python benchmarks/bench_decode_kernels.py` with NUMBA_CPU_NAME=haswell
     against the host's model (same features); SmolLM2 decode at 1 thread 1.39x (median of 3
-    alternating pairs of benchmarks/profile_decode.py). Elsewhere the host's model stays: on an AMD EPYC it
-    gave the fastest kernels measured so far (Haswell's was not tried there)."""
+    alternating pairs of benchmarks/profile_decode.py). Other hosts keep their own model:
+    Haswell's was not measured on them."""
     if choice == "auto":
         return "haswell" if host in INTEL_AVX512 else None
     return None if choice == "host" else choice
