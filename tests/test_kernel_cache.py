@@ -82,3 +82,16 @@ def test_the_tuning_reaches_numba_and_an_explicit_numba_cpu_name_wins():
     assert _cpu_name_after_import(TORCHLESS_CPU_TUNING="haswell") == "haswell"
     explicit = _cpu_name_after_import(TORCHLESS_CPU_TUNING="haswell", NUMBA_CPU_NAME="skylake")
     assert explicit == "skylake"
+
+
+def test_a_cpu_name_llvm_does_not_know_is_said_once_and_auto_used():
+    import llvmlite.binding
+    code = "import numba, torchless.kernels; print(numba.config.CPU_NAME)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CPU")}
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, TORCHLESS_CPU_TUNING="haswel"),
+                         capture_output=True, text=True, check=True)
+    host = llvmlite.binding.get_host_cpu_name()
+    assert out.stdout.strip() == str(kernels.tuning_cpu("auto", host))
+    assert out.stderr.strip() == ("torchless: TORCHLESS_CPU_TUNING=haswel is not a CPU name LLVM "
+                                  "knows; using auto")
+    assert kernels.llvm_knows_cpu("haswell") and not kernels.llvm_knows_cpu("haswel")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -78,10 +79,38 @@ def tuning_cpu(choice: str, host: str) -> str | None:
     return None if choice == "host" else choice
 
 
+def llvm_knows_cpu(name: str) -> bool:
+    """Whether LLVM recognizes a CPU name. It tells only on stderr ("is not a recognized
+    processor"), and would print that at every compile, so stderr is read around making one
+    target machine for the name."""
+    llvmlite.binding.initialize_native_target()
+    read, write = os.pipe()
+    saved = os.dup(2)
+    os.dup2(write, 2)
+    try:
+        llvmlite.binding.Target.from_default_triple().create_target_machine(cpu=name)
+    finally:
+        os.dup2(saved, 2)
+        os.close(write)
+        os.close(saved)
+    os.set_blocking(read, False)
+    try:
+        said = os.read(read, 65536)
+    except BlockingIOError:  # nothing was written
+        said = b""
+    finally:
+        os.close(read)
+    return b"not a recognized processor" not in said
+
+
 def _tune_for_this_cpu() -> None:
     # numba reads CPU_NAME when it first compiles; an explicit NUMBA_CPU_NAME/FEATURES wins.
     if numba.config.CPU_NAME is None and numba.config.CPU_FEATURES is None:
         choice = os.environ.get("TORCHLESS_CPU_TUNING", "auto").strip() or "auto"
+        if choice not in ("auto", "host") and not llvm_knows_cpu(choice):
+            print(f"torchless: TORCHLESS_CPU_TUNING={choice} is not a CPU name LLVM knows; "
+                  "using auto", file=sys.stderr)
+            choice = "auto"
         numba.config.CPU_NAME = tuning_cpu(choice, llvmlite.binding.get_host_cpu_name())
 
 
