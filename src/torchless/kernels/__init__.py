@@ -68,12 +68,13 @@ def tuning_cpu(choice: str, host: str) -> str | None:
     set stays the host's whatever the model (numba passes the host's features either way), so
     no choice can emit an instruction this CPU lacks.
 
-    Why "auto" picks Haswell on Intel AVX-512 cores: on an Emerald Rapids VM the Q4_1 decode
-    matvec ran 1.6-1.8x faster, Q8_0 1.5-1.75x and Q4_K 1.3-1.8x, in 3 alternating rounds of
-    `NUMBA_NUM_THREADS=1 python benchmarks/bench_decode_kernels.py` with NUMBA_CPU_NAME=haswell
-    against the host's model (same features); SmolLM2 decode at 1 thread 1.39x (median of 3
-    alternating pairs of benchmarks/profile_decode.py). Other hosts keep their own model:
-    Haswell's was not measured on them."""
+    Why "auto" picks Haswell on Intel AVX-512 cores: on an Emerald Rapids VM the decode matvecs
+    ran faster by a median 1.82x for Q4_1 (1.14-1.97), 1.53x for Q8_0 (1.08-1.85) and 1.51x for
+    Q4_K (1.16-1.79): 18 ratios each, three matrix sizes in 3 rounds of
+    `NUMBA_NUM_THREADS=1 python benchmarks/bench_decode_kernels.py`, the host's model alternating
+    with two builds under NUMBA_CPU_NAME=haswell (same features); SmolLM2 decode at 1 thread
+    1.39x (median of 3 alternating pairs of benchmarks/profile_decode.py). The other names in
+    INTEL_AVX512 are assumed to behave alike (not measured); other hosts keep their own model."""
     if choice == "auto":
         return "haswell" if host in INTEL_AVX512 else None
     return None if choice == "host" else choice
