@@ -44,6 +44,14 @@ except (ImportError, AttributeError):  # a numba without them: the public, slowe
     _set_chunksize, _get_num_threads = numba.set_parallel_chunksize, numba.get_num_threads
 
 
+def element_pointer(context, builder, signature, args):
+    """In an intrinsic's codegen whose first two arguments are a 1-D array and an index: the
+    pointer to that element."""
+    ary = context.make_array(signature.args[0])(context, builder, args[0])
+    idx = context.cast(builder, args[1], signature.args[1], types.intp)
+    return cgutils.get_item_pointer(context, builder, signature.args[0], ary, [idx])
+
+
 @intrinsic
 def _fetch_add(typingctx, counters, v):
     """counters[v] += 1 atomically (LLVM atomicrmw); returns the value before the add."""
@@ -51,9 +59,7 @@ def _fetch_add(typingctx, counters, v):
         return None
 
     def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        idx = context.cast(builder, args[1], signature.args[1], types.intp)
-        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [idx])
+        ptr = element_pointer(context, builder, signature, args)
         return builder.atomic_rmw("add", ptr, context.get_constant(types.int64, 1), "monotonic")
 
     return types.int64(counters, v), codegen

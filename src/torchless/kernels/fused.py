@@ -46,11 +46,17 @@ def add_bias(x, bias):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def swiglu_into(gate, up, out):
-    """out = silu(gate) * up"""
-    for i in range(gate.shape[0]):
+def swiglu_rows(gate, up, out, lo, hi):
+    """out[lo:hi] = silu(gate[lo:hi]) * up[lo:hi]"""
+    for i in range(lo, hi):
         g = gate[i]
         out[i] = g / (np.float32(1.0) + np.exp(-g)) * up[i]
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def swiglu_into(gate, up, out):
+    """out = silu(gate) * up"""
+    swiglu_rows(gate, up, out, 0, gate.shape[0])
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
@@ -67,6 +73,16 @@ def rope_rows(v, cos, sin, interleaved):
                 a, b = v[h, i], v[h, i + half]
                 v[h, i] = a * cos[i] - b * sin[i]
                 v[h, i + half] = b * cos[i] + a * sin[i]
+
+
+@njit(nogil=True, cache=True)
+def rope_and_store(q, k, v, cos, sin, interleaved, k_layer, v_layer, slot):
+    """RoPE on q (n_heads, head_dim) and k (n_kv_heads, head_dim) in place; k, v into the
+    cache's slot."""
+    rope_rows(q, cos, sin, interleaved)
+    rope_rows(k, cos, sin, interleaved)
+    k_layer[slot] = k
+    v_layer[slot] = v
 
 
 # exp(x) = 2^k e^r, k = round(x / ln 2), r = x - k ln 2 (ln 2 in two parts, Cody-Waite), e^r by

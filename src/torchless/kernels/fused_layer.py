@@ -6,10 +6,13 @@ Why: run as separate kernels a decode step is ~200 Python-level calls per token,
 them the calling thread holds the GIL, so pipeline stage threads and the server's engine thread
 serialize on it. A block here is one `nogil` call; the GIL is taken only between blocks.
 
-The products inside are the scheduler's own compiled task functions (`adaptive._tasks_*`,
-`adaptive._batch_*tasks_*`) on the plans `adaptive` makes, or the serial kernels where the work
-is under the inline threshold, exactly as `adaptive._matvec`/`_matmul` choose; each block
-returns the tasks it created and how many ran on their owner, so `GLOBAL_STATS` stays exact.
+A one-token block (or a whole layer, `layer_block`) whose work is over the inline threshold
+runs as one parallel region (`phases`): its products and attention are the phases of one team of
+workers, each product cut into tasks by the plan `adaptive` makes for it. Under the threshold
+it runs on the calling thread. A micro-batch's products are the scheduler's batched task
+functions (`adaptive._batch_*tasks_*`), one region each, or the serial kernels, exactly as
+`adaptive._matmul` chooses. Each block returns the tasks it created and how many ran on their
+owner, so `GLOBAL_STATS` stays exact.
 
 A product's weight is a tuple (codes, scale, min, group, bias, nbytes, bounds, owners, starts):
 the packed arrays, a bias (empty: none), the bytes it reads, and its task plan. Its kind is told
@@ -22,25 +25,22 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from . import adaptive, qmatmul, qmatmul_batch
-from .fused import add_bias, add_into, attend_heads, rmsnorm_into, rope_rows, swiglu_into
+from . import adaptive, phases, qmatmul, qmatmul_batch
+from .fused import add_bias, add_into, attend_heads, rmsnorm_into, rope_and_store, swiglu_into
 
 _FM = {"contract"}
 
 
 def _kernels_of(codes_type):
     """(serial matvec, matvec tasks, serial batch, batch tasks) of a weight's codes type."""
-    if codes_type.ndim == 3:
-        kind = "f32"
-    else:
-        kind = "q4" if codes_type.dtype == types.uint8 else "q8"
+    kind = phases.kind_of(codes_type)
     serial_batch = qmatmul_batch.INT_SERIAL.get(kind)
     return (qmatmul._KERNELS[kind][0], adaptive._TASK_KERNELS[kind],
             serial_batch, qmatmul_batch.FLOAT_TILES[kind], adaptive._BATCH_TASK_KERNELS[kind])
 
 
-def _product(weight, x, out, inline_bytes):
-    """out = W x (+ bias) for one row x; returns (tasks created, tasks run by their owner)."""
+def _product(weight, x, out):
+    """out = W x (+ bias) for one row x, on the calling thread."""
 
 
 def _batch_product(weight, X, out, inline_bytes):
@@ -48,20 +48,14 @@ def _batch_product(weight, X, out, inline_bytes):
 
 
 @overload(_product)
-def _product_impl(weight, x, out, inline_bytes):
-    serial, tasks, _, _, _ = _kernels_of(weight.types[0])
+def _product_impl(weight, x, out):
+    serial = _kernels_of(weight.types[0])[0]
 
-    def impl(weight, x, out, inline_bytes):
-        codes, scale, mn, group, bias, nbytes, bounds, owners, starts = weight
-        created = local = 0
-        if nbytes < inline_bytes:
-            serial(codes, scale, mn, group, x, out, 0, out.shape[0])
-        else:
-            local, _ = tasks(codes, scale, mn, group, x, out, bounds, owners, starts)
-            created = bounds.shape[0] - 1
+    def impl(weight, x, out):
+        codes, scale, mn, group, bias = weight[0], weight[1], weight[2], weight[3], weight[4]
+        serial(codes, scale, mn, group, x, out, 0, out.shape[0])
         if bias.shape[0]:
             add_bias(out, bias)
-        return created, local
 
     return impl
 
@@ -91,12 +85,30 @@ def _batch_product_impl(weight, X, out, inline_bytes):
 
 
 @njit(nogil=True, cache=True)
-def _rope_and_store(q, k, v, cos, sin, interleaved, k_layer, v_layer, slot):
-    """RoPE on q (n_heads, head_dim) and k (n_kv_heads, head_dim) in place; k, v into the slot."""
-    rope_rows(q, cos, sin, interleaved)
-    rope_rows(k, cos, sin, interleaved)
-    k_layer[slot] = k
-    v_layer[slot] = v
+def _attention_serial(h, q, k, v, att, o, scores, wq, wk, wv, wo, cos, sin, interleaved,
+                      k_layer, v_layer, slot, n_valid, kv_map):
+    _product(wq, h, q.reshape(-1))
+    _product(wk, h, k)
+    _product(wv, h, v)
+    kv_shape = (k_layer.shape[1], k_layer.shape[2])
+    rope_and_store(q, k.reshape(kv_shape), v.reshape(kv_shape), cos, sin, interleaved,
+                   k_layer, v_layer, slot)
+    attend_heads(q, k_layer, v_layer, n_valid, kv_map, att, 0, q.shape[0], scores)
+    _product(wo, att.reshape(-1), o)
+
+
+@njit(nogil=True, cache=True)
+def _mlp_serial(h, gate, up, o, w_gate, w_up, w_down):
+    _product(w_gate, h, gate)
+    _product(w_up, h, up)
+    swiglu_into(gate, up, gate)
+    _product(w_down, gate, o)
+
+
+@njit(nogil=True, cache=True)
+def _attention_work(wq, wk, wv, wo, k_layer, n_valid):
+    """Bytes of weights and cache the attention block reads."""
+    return wq[5] + wk[5] + wv[5] + wo[5] + 2 * k_layer[0].nbytes * n_valid
 
 
 @njit(nogil=True, cache=True)
@@ -105,38 +117,58 @@ def attention_block(x, h, q, k, v, att, o, scores, norm, eps, wq, wk, wv, wo, co
                     inline_bytes):
     """x += the attention block of one layer for one token. q, att: (n_heads, head_dim); k, v:
     (n_kv_heads * head_dim,); k_layer, v_layer: the layer's cache (slots, n_kv_heads, head_dim),
-    grown to hold `slot`; attention_plan: (bounds, owners, starts) over heads, owners empty to
-    run on this thread. Returns (tasks created, tasks local)."""
+    grown to hold `slot`; attention_plan: (bounds, owners, starts) over heads, owners empty for
+    attention too small to split. Work (weight and cache bytes) under inline_bytes runs on this
+    thread, the rest as one parallel region (`phases`). Returns (tasks created, tasks local)."""
     rmsnorm_into(x, norm, eps, h)
-    c1, l1 = _product(wq, h, q.reshape(-1), inline_bytes)
-    c2, l2 = _product(wk, h, k, inline_bytes)
-    c3, l3 = _product(wv, h, v, inline_bytes)
-    kv_shape = (k_layer.shape[1], k_layer.shape[2])
-    _rope_and_store(q, k.reshape(kv_shape), v.reshape(kv_shape), cos, sin, interleaved,
-                    k_layer, v_layer, slot)
-    bounds, owners, starts = attention_plan
-    c4 = l4 = 0
-    if owners.shape[0] == 0:
-        attend_heads(q, k_layer, v_layer, n_valid, kv_map, att, 0, q.shape[0], scores)
+    created = local = 0
+    if _attention_work(wq, wk, wv, wo, k_layer, n_valid) >= inline_bytes:
+        created, local = phases.attention_phases(h, q, k, v, att, o, wq, wk, wv, wo, cos, sin,
+                                                 interleaved, k_layer, v_layer, slot, n_valid,
+                                                 kv_map, attention_plan)
     else:
-        l4, _ = adaptive._attention_tasks(q, k_layer, v_layer, n_valid, kv_map, att, bounds,
-                                          owners, starts)
-        c4 = bounds.shape[0] - 1
-    c5, l5 = _product(wo, att.reshape(-1), o, inline_bytes)
+        _attention_serial(h, q, k, v, att, o, scores, wq, wk, wv, wo, cos, sin, interleaved,
+                          k_layer, v_layer, slot, n_valid, kv_map)
     add_into(x, o)
-    return c1 + c2 + c3 + c4 + c5, l1 + l2 + l3 + l4 + l5
+    return created, local
 
 
 @njit(nogil=True, cache=True)
 def mlp_block(x, h, gate, up, o, norm, eps, w_gate, w_up, w_down, inline_bytes):
-    """x += the SwiGLU block of one layer for one token. Returns (tasks created, tasks local)."""
+    """x += the SwiGLU block of one layer for one token, on this thread or as one parallel
+    region (as attention_block). Returns (tasks created, tasks local)."""
     rmsnorm_into(x, norm, eps, h)
-    c1, l1 = _product(w_gate, h, gate, inline_bytes)
-    c2, l2 = _product(w_up, h, up, inline_bytes)
-    swiglu_into(gate, up, gate)
-    c3, l3 = _product(w_down, gate, o, inline_bytes)
+    created = local = 0
+    if w_gate[5] + w_up[5] + w_down[5] >= inline_bytes:
+        created, local = phases.mlp_phases(h, gate, up, o, w_gate, w_up, w_down)
+    else:
+        _mlp_serial(h, gate, up, o, w_gate, w_up, w_down)
     add_into(x, o)
-    return c1 + c2 + c3, l1 + l2 + l3
+    return created, local
+
+
+@njit(nogil=True, cache=True)
+def layer_block(x, h, q, k, v, att, o, scores, gate, up, attn_norm, ffn_norm, eps, wq, wk, wv,
+                wo, w_gate, w_up, w_down, cos, sin, interleaved, k_layer, v_layer, slot, n_valid,
+                kv_map, attention_plan, inline_bytes):
+    """attention_block then mlp_block in one call, and where there is work to split, in one
+    parallel region (`phases.layer_phases`). Returns (tasks created, tasks local)."""
+    rmsnorm_into(x, attn_norm, eps, h)
+    created = local = 0
+    work = _attention_work(wq, wk, wv, wo, k_layer, n_valid) + w_gate[5] + w_up[5] + w_down[5]
+    if work >= inline_bytes:
+        created, local = phases.layer_phases(x, h, q, k, v, att, o, gate, up, ffn_norm, eps, wq,
+                                             wk, wv, wo, w_gate, w_up, w_down, cos, sin,
+                                             interleaved, k_layer, v_layer, slot, n_valid, kv_map,
+                                             attention_plan)
+    else:
+        _attention_serial(h, q, k, v, att, o, scores, wq, wk, wv, wo, cos, sin, interleaved,
+                          k_layer, v_layer, slot, n_valid, kv_map)
+        add_into(x, o)
+        rmsnorm_into(x, ffn_norm, eps, h)
+        _mlp_serial(h, gate, up, o, w_gate, w_up, w_down)
+    add_into(x, o)
+    return created, local
 
 
 # -- a micro-batch of B one-token spans, one per sequence ---------------------------------------
@@ -192,8 +224,8 @@ def batch_attention_block(X, norm, eps, wq, wk, wv, wo, cos, sin, interleaved, k
     c2, l2 = _batch_product(wk, H, K.reshape(B, -1), inline_bytes)
     c3, l3 = _batch_product(wv, H, V.reshape(B, -1), inline_bytes)
     for b in range(B):
-        _rope_and_store(Q[b], K[b], V[b], cos[b], sin[b], interleaved, k_caches[b][layer],
-                        v_caches[b][layer], slots[b])
+        rope_and_store(Q[b], K[b], V[b], cos[b], sin[b], interleaved, k_caches[b][layer],
+                       v_caches[b][layer], slots[b])
     ATT = np.empty_like(Q)
     bounds, owners, starts = attention_plan
     c4 = l4 = 0
@@ -255,10 +287,13 @@ def attention_plan(units: int, seq_len: int, work_bytes: int, work, n_threads: i
     adaptive.attention_parallel_adaptive plans them; SERIAL_PLAN for small work."""
     if work_bytes < inline_bytes(n_threads):
         return SERIAL_PLAN
-    config = work or adaptive.WorkDistributionConfig.for_attention(units, seq_len)
-    key = ("attention", units, config, n_threads)
+    # keyed on what the default config depends on, so that a step builds no config (that cost
+    # ~10 us a layer, per token)
+    per_task = None if work else adaptive.WorkDistributionConfig.attention_units_per_task(units, seq_len)
+    key = ("attention", units, per_task, work, n_threads)
     plan = adaptive._plans.get(key)
     if plan is None:
+        config = work or adaptive.WorkDistributionConfig.for_attention(units, seq_len)
         plan = adaptive._plans[key] = adaptive.TaskPlan(units, config, n_threads, align=1)
     return plan.bounds, plan.owners, plan.starts
 

@@ -102,10 +102,15 @@ class WorkDistributionConfig:
         kw.setdefault("tasks_per_thread", 8)
         return cls(min_chunk_size=min_rows, max_chunk_size=max_rows, **kw)
 
+    @staticmethod
+    def attention_units_per_task(n_heads: int, seq_len: int) -> int:
+        """Heads a task of for_attention takes at least: more when the sequence is short."""
+        return max(1, min(n_heads, 256 // max(seq_len, 1)))
+
     @classmethod
     def for_attention(cls, n_heads: int, seq_len: int, **kw) -> "WorkDistributionConfig":
         """One head is the unit; short sequences group heads so a task is not all overhead."""
-        per_task = max(1, min(n_heads, 256 // max(seq_len, 1)))
+        per_task = cls.attention_units_per_task(n_heads, seq_len)
         return cls(min_chunk_size=per_task, max_chunk_size=max(per_task, n_heads), **kw)
 
 

@@ -6,9 +6,9 @@ faster paths. It is written once for T tokens at a time, and `prefill` runs the 
 chunks of the prompt with the products done by the quantized kernels. `fast_forward` is the
 one-token decode step: compiled kernels on the repacked quantized weights, writing into buffers
 allocated once per state, with the products cut into tasks by the work-distribution scheduler.
-Decode steps and micro-batches of one-token spans run each block of a layer as one compiled
-`nogil` call (kernels/fused_layer.py), so the GIL is held only between blocks. The compiled
-blocks are Llama's; a block with more (Qwen3's and Gemma's q/k norms, Gemma's output norms and
+A decode step runs each layer as one compiled `nogil` call, and micro-batches of one-token
+spans each block of a layer (kernels/fused_layer.py), so the GIL is held only between them.
+The compiled blocks are Llama's; a block with more (Qwen3's and Gemma's q/k norms, Gemma's output norms and
 GeGLU, per-layer windows and RoPE bases, Mixtral's experts) runs kernel by kernel.
 """
 
@@ -429,6 +429,8 @@ class Mistral:
         state.cache.check_fits(state.pos + 1)
         self.embed_into(token, state.x)
         for li in range(len(self.layers)):
+            if not debug and self.decode_layer(li, state, self.work):
+                continue
             self.decode_attention(li, state, self.work)
             if debug:
                 check_finite(state.x, f"layer {li} attention")
@@ -441,25 +443,46 @@ class Mistral:
             check_finite(logits, "the output projection")
         return logits
 
-    def decode_attention(self, li: int, state: InferenceState, work=None):
-        """x += attention block of layer li for the token at state.pos (one token, in place)."""
-        weights = self.fused_blocks(work)[li][0]
-        if weights is None:
-            return self._decode_attention_unfused(li, state, work)
+    def _attention_args(self, li: int, state: InferenceState, work) -> tuple:
+        """The arguments of fused_layer.attention_block from the layer's cache on; grows the
+        cache and state.scores to hold the token."""
         c, cache, pos, n_threads = self.config, state.cache, state.pos, _get_num_threads()
         n_valid = cache.n_valid(pos)
         cache._reserve(n_valid)
         if state.scores.shape[0] < n_valid:
             state.scores = np.empty(cache.k.shape[1], np.float32)
         k_layer, v_layer = cache.layer(li)
-        cos, sin = self.rope_at(pos)
         kv_bytes = 2 * 4 * n_valid * self.layout.n_kv_heads * c.head_dim
         plan = fused_layer.attention_plan(self.layout.n_heads, n_valid, kv_bytes, work, n_threads)
+        return (k_layer, v_layer, pos % cache.cache_len, n_valid, self.kv_map, plan,
+                fused_layer.inline_bytes(n_threads))
+
+    def decode_attention(self, li: int, state: InferenceState, work=None):
+        """x += attention block of layer li for the token at state.pos (one token, in place)."""
+        weights = self.fused_blocks(work)[li][0]
+        if weights is None:
+            return self._decode_attention_unfused(li, state, work)
+        c = self.config
+        cache_args = self._attention_args(li, state, work)  # first: it may grow state.scores
         fused_layer.run_counted(
             fused_layer.attention_block, state.x, state.h, state.q, state.k, state.v, state.att,
-            state.o, state.scores, self.layers[li].attn_norm, c.norm_eps, *weights, cos, sin,
-            c.rope_interleaved, k_layer, v_layer, pos % cache.cache_len, n_valid, self.kv_map, plan,
-            fused_layer.inline_bytes(n_threads))
+            state.o, state.scores, self.layers[li].attn_norm, c.norm_eps, *weights,
+            *self.rope_at(state.pos), c.rope_interleaved, *cache_args)
+
+    def decode_layer(self, li: int, state: InferenceState, work=None) -> bool:
+        """decode_attention then decode_mlp as one compiled call; False (nothing run) where a
+        block is not fusable."""
+        attention, mlp = self.fused_blocks(work)[li]
+        if attention is None or mlp is None:
+            return False
+        c, layer = self.config, self.layers[li]
+        cache_args = self._attention_args(li, state, work)  # first: it may grow state.scores
+        fused_layer.run_counted(
+            fused_layer.layer_block, state.x, state.h, state.q, state.k, state.v, state.att,
+            state.o, state.scores, state.gate, state.up, layer.attn_norm, layer.ffn_norm,
+            c.norm_eps, *attention, *mlp, *self.rope_at(state.pos), c.rope_interleaved,
+            *cache_args)
+        return True
 
     def _decode_attention_unfused(self, li: int, state: InferenceState, work=None):
         c, layer, x, h = self.config, self.layers[li], state.x, state.h
