@@ -3,8 +3,9 @@ in one process, thread counts alternating.
 
     python benchmarks/profile_blocks.py [-m smollm2] [--prompt 256] [--rounds 7]
 
-Times `decode_attention` and `decode_mlp` over all layers, and `decode_logits` (the LM head),
-10 calls each per round at 1 and then 2 threads, after a --prompt-token prefill; prints the
+Times `decode_attention` and `decode_mlp` over all layers, `decode_layer` (both blocks as one
+call and one parallel region, what `fast_forward` runs) and `decode_logits` (the LM head), 10
+calls each per round at 1 and then 2 threads, after a --prompt-token prefill; prints the
 median ms of each part at each thread count and their ratio. Alternating within one process
 keeps a shared machine's drift out of the ratio.
 """
@@ -27,11 +28,24 @@ state = model.new_state(args.prompt + 8)
 model.prefill(state, list(range(100, 100 + args.prompt)))
 model.fast_forward(state, 5)  # the blocks below recompute this token's slot, call after call
 layers = range(len(model.layers))
-parts = {
+x0 = state.x.copy()
+
+
+def from_x0(run):
+    """Each call starts from the same activations: run over and over on one state, the blocks
+    would add to x without end (and a part's speed would depend on the parts before it)."""
+    def call():
+        state.x[:] = x0
+        run()
+    return call
+
+
+parts = {name: from_x0(run) for name, run in {
     "attention blocks": lambda: [model.decode_attention(li, state, model.work) for li in layers],
     "MLP blocks": lambda: [model.decode_mlp(li, state, model.work) for li in layers],
+    "whole layers": lambda: [model.decode_layer(li, state, model.work) for li in layers],
     "LM head": lambda: model.decode_logits(state, model.work),
-}
+}.items()}
 ms: dict = {}
 for _ in range(args.rounds):
     for threads in (1, 2):
