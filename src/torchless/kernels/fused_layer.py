@@ -32,11 +32,11 @@ _FM = {"contract"}
 
 
 def _kernels_of(codes_type):
-    """(serial matvec, matvec tasks, serial batch, batch tasks) of a weight's codes type."""
+    """(serial matvec, serial integer batch or None, serial float batch, batch tasks) of a
+    weight's codes type."""
     kind = phases.kind_of(codes_type)
-    serial_batch = qmatmul_batch.INT_SERIAL.get(kind)
-    return (qmatmul._KERNELS[kind][0], adaptive._TASK_KERNELS[kind],
-            serial_batch, qmatmul_batch.FLOAT_TILES[kind], adaptive._BATCH_TASK_KERNELS[kind])
+    return (qmatmul._KERNELS[kind][0], qmatmul_batch.INT_SERIAL.get(kind),
+            qmatmul_batch.FLOAT_TILES[kind], adaptive._BATCH_TASK_KERNELS[kind])
 
 
 def _product(weight, x, out):
@@ -62,7 +62,7 @@ def _product_impl(weight, x, out):
 
 @overload(_batch_product)
 def _batch_product_impl(weight, X, out, inline_bytes):
-    _, _, serial_int, serial_float, tasks = _kernels_of(weight.types[0])
+    _, serial_int, serial_float, tasks = _kernels_of(weight.types[0])
     integer = serial_int is not None
 
     def impl(weight, X, out, inline_bytes):
