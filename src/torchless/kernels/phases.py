@@ -182,15 +182,15 @@ def _attention_part(w, h, q, k, v, att, o, wq, wk, wv, wo, cos, sin, interleaved
                        k_layer, v_layer, slot)
         _mark_done(done, d + 1)
     _wait_done(done, d + 1, 1)
-    bounds, ends = heads_bounds, heads_ends
-    i = adaptive._claim(ca, ends, w)
+    i = adaptive._claim(ca, heads_ends, w)
     if i >= 0:
         scores = np.empty(max(1, n_valid), np.float32)
         while i >= 0:
-            attend_heads(q, k_layer, v_layer, n_valid, kv_map, att, bounds[i], bounds[i + 1], scores)
+            attend_heads(q, k_layer, v_layer, n_valid, kv_map, att, heads_bounds[i],
+                         heads_bounds[i + 1], scores)
             ra[i] = w
             _mark_done(done, d + 2)
-            i = adaptive._claim(ca, ends, w)
+            i = adaptive._claim(ca, heads_ends, w)
     _wait_done(done, d + 2, ra.shape[0])
     _product_tasks(wo, att.reshape(-1), o, co, ro, w, done, d + 3)
 
