@@ -73,6 +73,8 @@ def run_torchless(args) -> dict:
     import numba
     import numpy as np
 
+    import torchless  # noqa: F401 - before numba starts its threads: see torchless._spin_briefly
+
     numba.set_num_threads(args.threads)
     from torchless import InferenceState, Mistral, Parameters
 
@@ -196,6 +198,8 @@ def batch_prompts(model: Path, n: int) -> dict:
 
 def run_torchless_batch(args) -> dict:
     import numba
+
+    import torchless  # noqa: F401 - before numba starts its threads: see torchless._spin_briefly
 
     numba.set_num_threads(args.threads)
     from torchless import LLM

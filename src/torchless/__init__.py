@@ -9,6 +9,28 @@ kernels start numba's thread pool, since a forked child cannot use a pool its pa
 from __future__ import annotations
 
 import importlib
+import os
+
+# libgomp's spin count when neither GOMP_SPINCOUNT nor OMP_WAIT_POLICY is set: ~0.7 ms of
+# spinning at ~140 cycles a `pause` (Intel since Skylake), against 300,000 spins (~20 ms) by
+# default.
+SPIN_COUNT = 10_000
+
+
+def _spin_briefly() -> None:
+    """After a parallel region numba's OpenMP workers (libgomp: numba's threading layer on Linux
+    without TBB) spin, waiting for the next region, before they sleep: 300,000 `pause` loops by
+    default, ~20 ms on current Intel cores. A decode step's regions come microseconds apart, so
+    a short spin keeps them warm; but between steps, and all through a prompt's products (BLAS
+    on our own threads), the spinning workers held the cores that our other threads (BLAS row
+    blocks, batch parts, pipeline stages, the server's) waited for. libgomp reads this once,
+    when numba first loads it (its first parallel loop, or numba.set_num_threads), so it is set
+    here, on `import torchless`; an explicit GOMP_SPINCOUNT or OMP_WAIT_POLICY wins."""
+    if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+
+
+_spin_briefly()
 
 _EXPORTS = {
     ".api": ["LLM"],
