@@ -424,7 +424,14 @@ def dequantize_rows(w: PackedWeight, start: int, stop: int) -> np.ndarray:
     return out
 
 
-# Batched products live in qmatmul_batch (which builds on the tiles here); re-exported so that
-# callers keep one module for every product.
-from .qmatmul_batch import matmul_float_into, matmul_into  # noqa: E402,F401
+def __getattr__(name: str):
+    """matmul_into / matmul_float_into: the batched products, which live in qmatmul_batch (it
+    builds on the tiles here), so that callers keep one module for every product. Looked up on
+    use, not imported at the end of this module: importing qmatmul_batch first would then find
+    itself half-initialized."""
+    if name in ("matmul_into", "matmul_float_into"):
+        from . import qmatmul_batch
+
+        return getattr(qmatmul_batch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
