@@ -97,3 +97,25 @@ def test_a_cpu_name_llvm_does_not_know_is_said_once_and_auto_used():
     said = ("torchless: TORCHLESS_CPU_TUNING=haswel is not a CPU name LLVM knows; using auto")
     assert said in out.stderr.splitlines() and "not a recognized processor" not in out.stderr
     assert kernels.llvm_knows_cpu("haswell") and not kernels.llvm_knows_cpu("haswel")
+
+
+def _python(code: str, **env) -> str:
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    return subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def test_openmp_workers_spin_briefly_unless_told_otherwise():
+    """libgomp's workers spin ~20 ms after each parallel region by default, holding the cores
+    our other threads wait for; torchless asks for a short spin before numba loads libgomp."""
+    import torchless
+
+    code = "import os, torchless; print(os.environ.get('GOMP_SPINCOUNT'))"
+    assert _python(code) == str(torchless.SPIN_COUNT)
+    assert _python(code, GOMP_SPINCOUNT="5") == "5"
+    assert _python(code, OMP_WAIT_POLICY="passive") == "None"
+
+
+def test_each_kernel_module_imports_on_its_own():
+    for module in ("qmatmul_batch", "qmatmul", "adaptive", "phases", "fused_layer", "gemm"):
+        assert _python(f"import torchless.kernels.{module}; print('ok')") == "ok"
