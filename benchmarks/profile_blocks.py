@@ -3,8 +3,9 @@ in one process, thread counts alternating.
 
     python benchmarks/profile_blocks.py [-m smollm2] [--prompt 256] [--rounds 7]
 
-Times `decode_attention` and `decode_mlp` over all layers, `decode_layer` (both blocks as one
-call and one parallel region, what `fast_forward` runs) and `decode_logits` (the LM head), 10
+Times `decode_attention` and `decode_mlp` over all layers (each block kernel by kernel, a
+parallel region per product), `decode_layer` (both blocks as one call and one parallel region,
+what `fast_forward` runs) and `decode_logits` (the LM head), 10
 calls each per round at 1 and then 2 threads, after a --prompt-token prefill; prints the
 median ms of each part at each thread count and their ratio. Alternating within one process
 keeps a shared machine's drift out of the ratio.

@@ -1,18 +1,24 @@
-"""A decoder block as one compiled call: the attention block (rmsnorm, Q/K/V products, RoPE,
-the KV cache write, GQA attention, output product, residual add) and the SwiGLU block, for one
-token of one sequence or for a micro-batch of one-token spans of different sequences.
+"""A decoder layer as one compiled call for one token of one sequence (`layer_block`: the
+attention block, i.e. rmsnorm, Q/K/V products, RoPE, the KV cache write, GQA attention, output
+product, residual add; then the SwiGLU block), and each block as one compiled call for a
+micro-batch of one-token spans of different sequences.
 
 Why: run as separate kernels a decode step is ~200 Python-level calls per token, and between
 them the calling thread holds the GIL, so pipeline stage threads and the server's engine thread
-serialize on it. A block here is one `nogil` call; the GIL is taken only between blocks.
+serialize on it. A layer or block here is one `nogil` call; the GIL is taken only between them.
 
-A one-token block (or a whole layer, `layer_block`) whose work is over the inline threshold
-runs as one parallel region (`phases`): its products and attention are the phases of one team of
-workers, each product cut into tasks by the plan `adaptive` makes for it. Under the threshold
-it runs on the calling thread. A micro-batch's products are the scheduler's batched task
-functions (`adaptive._batch_*tasks_*`), one region each, or the serial kernels, exactly as
-`adaptive._matmul` chooses. Each block returns the tasks it created and how many ran on their
-owner, so `GLOBAL_STATS` stays exact.
+A layer whose work is over the inline threshold runs as one parallel region (`phases`): its
+products and attention are the phases of one team of workers, each product cut into tasks by
+the plan `adaptive` makes for it. Under the threshold it runs on the calling thread. A
+micro-batch's products are the scheduler's batched task functions (`adaptive._batch_*tasks_*`),
+one region each, or the serial kernels, exactly as `adaptive._matmul` chooses. Each call
+returns the tasks it created and how many ran on their owner, so `GLOBAL_STATS` stays exact.
+
+Each compiled call here is specialized on its weights' types, and compiling is slow: with an
+empty kernel cache, a tiny Q4_0 model's first decode step took ~50 s, and the two blocks as
+calls of their own (with their own parallel regions) ~25 s more. So for one token only the
+layer is fused; a block on its own (debug mode, MoE layers, the seed's ParallelAttention and
+ParallelMLP) runs kernel by kernel (Mistral.decode_attention / decode_mlp).
 
 A product's weight is a tuple (codes, scale, min, group, bias, nbytes, bounds, owners, starts):
 the packed arrays, a bias (empty: none), the bytes it reads, and its task plan. Its kind is told
@@ -112,47 +118,15 @@ def _attention_work(wq, wk, wv, wo, k_layer, n_valid):
 
 
 @njit(nogil=True, cache=True)
-def attention_block(x, h, q, k, v, att, o, scores, norm, eps, wq, wk, wv, wo, cos, sin,
-                    interleaved, k_layer, v_layer, slot, n_valid, kv_map, attention_plan,
-                    inline_bytes):
-    """x += the attention block of one layer for one token. q, att: (n_heads, head_dim); k, v:
-    (n_kv_heads * head_dim,); k_layer, v_layer: the layer's cache (slots, n_kv_heads, head_dim),
-    grown to hold `slot`; attention_plan: (bounds, owners, starts) over heads, owners empty for
-    attention too small to split. Work (weight and cache bytes) under inline_bytes runs on this
-    thread, the rest as one parallel region (`phases`). Returns (tasks created, tasks local)."""
-    rmsnorm_into(x, norm, eps, h)
-    created = local = 0
-    if _attention_work(wq, wk, wv, wo, k_layer, n_valid) >= inline_bytes:
-        created, local = phases.attention_phases(h, q, k, v, att, o, wq, wk, wv, wo, cos, sin,
-                                                 interleaved, k_layer, v_layer, slot, n_valid,
-                                                 kv_map, attention_plan)
-    else:
-        _attention_serial(h, q, k, v, att, o, scores, wq, wk, wv, wo, cos, sin, interleaved,
-                          k_layer, v_layer, slot, n_valid, kv_map)
-    add_into(x, o)
-    return created, local
-
-
-@njit(nogil=True, cache=True)
-def mlp_block(x, h, gate, up, o, norm, eps, w_gate, w_up, w_down, inline_bytes):
-    """x += the SwiGLU block of one layer for one token, on this thread or as one parallel
-    region (as attention_block). Returns (tasks created, tasks local)."""
-    rmsnorm_into(x, norm, eps, h)
-    created = local = 0
-    if w_gate[5] + w_up[5] + w_down[5] >= inline_bytes:
-        created, local = phases.mlp_phases(h, gate, up, o, w_gate, w_up, w_down)
-    else:
-        _mlp_serial(h, gate, up, o, w_gate, w_up, w_down)
-    add_into(x, o)
-    return created, local
-
-
-@njit(nogil=True, cache=True)
 def layer_block(x, h, q, k, v, att, o, scores, gate, up, attn_norm, ffn_norm, eps, wq, wk, wv,
                 wo, w_gate, w_up, w_down, cos, sin, interleaved, k_layer, v_layer, slot, n_valid,
                 kv_map, attention_plan, inline_bytes):
-    """attention_block then mlp_block in one call, and where there is work to split, in one
-    parallel region (`phases.layer_phases`). Returns (tasks created, tasks local)."""
+    """x += the attention block, then x += the SwiGLU block, of one layer for one token. q,
+    att: (n_heads, head_dim); k, v: (n_kv_heads * head_dim,); k_layer, v_layer: the layer's
+    cache (slots, n_kv_heads, head_dim), grown to hold `slot`; attention_plan: (bounds, owners,
+    starts) over heads, owners empty for attention too small to split. Work (weight and cache
+    bytes) under inline_bytes runs on this thread, the rest as one parallel region
+    (`phases.layer_phases`). Returns (tasks created, tasks local)."""
     rmsnorm_into(x, attn_norm, eps, h)
     created = local = 0
     work = _attention_work(wq, wk, wv, wo, k_layer, n_valid) + w_gate[5] + w_up[5] + w_down[5]

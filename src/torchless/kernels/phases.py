@@ -1,4 +1,4 @@
-"""A decoder block as one parallel region: its products and attention as phases of tasks.
+"""A decoder layer as one parallel region: its products and attention as phases of tasks.
 
 Why: run as one parallel region per product, a decode step at 2 threads started and joined
 ~240 regions per token (8 per layer on SmolLM2), each a fork and a join of numba's thread team
@@ -239,37 +239,6 @@ def mlp_counts(w_gate, w_down, rg, rd):
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def attention_phases(h, q, k, v, att, o, wq, wk, wv, wo, cos, sin, interleaved, k_layer, v_layer,
-                     slot, n_valid, kv_map, attention_plan):
-    """o = the attention block's output for one token from the normed input h (see
-    fused_layer.attention_block). Returns (tasks created, tasks local)."""
-    n_workers = wq[8].shape[0] - 1
-    heads = _heads_plan(attention_plan, q.shape[0], n_workers)
-    # Arrays go to the workers one by one: numba's parfors refuses a tuple of arrays of one
-    # type in a prange body ("scalar type UniTuple(array(int64, 1d, C) x 2) given for non
-    # scalar argument"); the weights' tuples, of mixed types, pass.
-    (cq, rq), (ck, rk), (cv, rv), (co, ro), (ca, ra) = attention_state(wq, wk, wv, wo, heads)
-    done, once = _zeros(4), _zeros(1)
-    heads_bounds, heads_ends = heads[0], heads[2][1:]
-    for w in prange(n_workers):
-        _attention_part(w, h, q, k, v, att, o, wq, wk, wv, wo, cos, sin, interleaved, k_layer,
-                        v_layer, slot, n_valid, kv_map, heads_bounds, heads_ends, cq, rq, ck, rk,
-                        cv, rv, co, ro, ca, ra, done, once, 0)
-    return attention_counts(wq, wk, wv, wo, heads, rq, rk, rv, ro, ra)
-
-
-@njit(nogil=True, cache=True, parallel=True)
-def mlp_phases(h, gate, up, o, w_gate, w_up, w_down):
-    """o = the SwiGLU block's output for one token from the normed input h. Returns (tasks
-    created, tasks local)."""
-    (cg, rg), (cd, rd) = mlp_state(w_gate, w_down)  # as arrays: see attention_phases
-    done = _zeros(2)
-    for w in prange(w_gate[8].shape[0] - 1):
-        _mlp_part(w, h, gate, up, o, w_gate, w_up, w_down, cg, rg, cd, rd, done, 0)
-    return mlp_counts(w_gate, w_down, rg, rd)
-
-
-@njit(nogil=True, cache=True, parallel=True)
 def layer_phases(x, h, q, k, v, att, o, gate, up, ffn_norm, eps, wq, wk, wv, wo, w_gate, w_up,
                  w_down, cos, sin, interleaved, k_layer, v_layer, slot, n_valid, kv_map,
                  attention_plan):
@@ -278,8 +247,11 @@ def layer_phases(x, h, q, k, v, att, o, gate, up, ffn_norm, eps, wq, wk, wv, wo,
     the caller adds the MLP's output o to x. Returns (tasks created, tasks local)."""
     n_workers = wq[8].shape[0] - 1
     heads = _heads_plan(attention_plan, q.shape[0], n_workers)
+    # Arrays go to the workers one by one: numba's parfors refuses a tuple of arrays of one
+    # type in a prange body ("scalar type UniTuple(array(int64, 1d, C) x 2) given for non
+    # scalar argument"); the weights' tuples, of mixed types, pass.
     (cq, rq), (ck, rk), (cv, rv), (co, ro), (ca, ra) = attention_state(wq, wk, wv, wo, heads)
-    (cg, rg), (cd, rd) = mlp_state(w_gate, w_down)  # as arrays: see attention_phases
+    (cg, rg), (cd, rd) = mlp_state(w_gate, w_down)
     done, once = _zeros(7), _zeros(2)
     heads_bounds, heads_ends = heads[0], heads[2][1:]
     for w in prange(n_workers):

@@ -444,8 +444,8 @@ class Mistral:
         return logits
 
     def _attention_args(self, li: int, state: InferenceState, work) -> tuple:
-        """The arguments of fused_layer.attention_block from the layer's cache on; grows the
-        cache and state.scores to hold the token."""
+        """The arguments of fused_layer.layer_block from the layer's cache on; grows the cache
+        and state.scores to hold the token."""
         c, cache, pos, n_threads = self.config, state.cache, state.pos, _get_num_threads()
         n_valid = cache.n_valid(pos)
         cache._reserve(n_valid)
@@ -457,21 +457,9 @@ class Mistral:
         return (k_layer, v_layer, pos % cache.cache_len, n_valid, self.kv_map, plan,
                 fused_layer.inline_bytes(n_threads))
 
-    def decode_attention(self, li: int, state: InferenceState, work=None):
-        """x += attention block of layer li for the token at state.pos (one token, in place)."""
-        weights = self.fused_blocks(work)[li][0]
-        if weights is None:
-            return self._decode_attention_unfused(li, state, work)
-        c = self.config
-        cache_args = self._attention_args(li, state, work)  # first: it may grow state.scores
-        fused_layer.run_counted(
-            fused_layer.attention_block, state.x, state.h, state.q, state.k, state.v, state.att,
-            state.o, state.scores, self.layers[li].attn_norm, c.norm_eps, *weights,
-            *self.rope_at(state.pos), c.rope_interleaved, *cache_args)
-
     def decode_layer(self, li: int, state: InferenceState, work=None) -> bool:
-        """decode_attention then decode_mlp as one compiled call; False (nothing run) where a
-        block is not fusable."""
+        """decode_attention then decode_mlp as one compiled call (fused_layer.layer_block);
+        False (nothing run) where a block is not fusable."""
         attention, mlp = self.fused_blocks(work)[li]
         if attention is None or mlp is None:
             return False
@@ -484,7 +472,10 @@ class Mistral:
             *cache_args)
         return True
 
-    def _decode_attention_unfused(self, li: int, state: InferenceState, work=None):
+    def decode_attention(self, li: int, state: InferenceState, work=None):
+        """x += attention block of layer li for the token at state.pos (one token, in place),
+        kernel by kernel: each product, and attention over heads, cut into tasks by `work`
+        (debug mode, MoE layers, the seed's ParallelAttention; decode_layer runs the rest)."""
         c, layer, x, h = self.config, self.layers[li], state.x, state.h
         fused.rmsnorm_into(x, layer.attn_norm, c.norm_eps, h)
         layer.attn_q.matvec_into(h, state.q.reshape(-1), work)
@@ -501,15 +492,8 @@ class Mistral:
         fused.add_into(x, state.o)
 
     def decode_mlp(self, li: int, state: InferenceState, work=None):
-        """x += SwiGLU block of layer li (one token, in place)."""
-        weights = self.fused_blocks(work)[li][1]
-        if weights is None:
-            return self._decode_mlp_unfused(li, state, work)
-        fused_layer.run_counted(fused_layer.mlp_block, state.x, state.h, state.gate, state.up,
-                                state.o, self.layers[li].ffn_norm, self.config.norm_eps, *weights,
-                                fused_layer.inline_bytes(_get_num_threads()))
-
-    def _decode_mlp_unfused(self, li: int, state: InferenceState, work=None):
+        """x += the MLP block of layer li (one token, in place), kernel by kernel, as
+        decode_attention."""
         layer, x, h = self.layers[li], state.x, state.h
         fused.rmsnorm_into(x, layer.ffn_norm, self.config.norm_eps, h)
         if layer.moe is not None:
