@@ -46,6 +46,10 @@ import time
 from pathlib import Path
 
 VENV = Path.home() / ".cache" / "torchless" / "bench-venv"
+# `import torchless` sets GOMP_SPINCOUNT (see torchless._spin_briefly) in this process too, which
+# would reach llama.cpp's subprocess, whose ggml also runs on libgomp: each engine gets the
+# environment as the user gave it, and chooses for itself.
+USER_SPIN_COUNT = os.environ.get("GOMP_SPINCOUNT")
 FIRST_ID = 20  # prompt ids start here: below it are the special tokens of the usual vocabularies
 
 
@@ -453,6 +457,9 @@ def run_engine(python: str, engine: str, args, threads: int) -> dict:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
+    env.pop("GOMP_SPINCOUNT", None)
+    if USER_SPIN_COUNT is not None:
+        env["GOMP_SPINCOUNT"] = USER_SPIN_COUNT
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = p.stdout.strip().splitlines()
     if p.returncode == -signal.SIGILL and engine == "llamacpp":
