@@ -129,8 +129,10 @@ class Mistral:
         """Per layer, the weight tuples of its attention block (q, k, v, output) and of its
         SwiGLU block (gate, up, down) for the compiled blocks of kernels/fused_layer.py; None for
         a block with a linear that is not a plain Linear (a tensor-parallel shard's, which
-        all-reduces its product), or that is not Llama's (see ModelConfig.plain_attention), which
-        then runs kernel by kernel."""
+        all-reduces its product), or that is not Llama's (see ModelConfig.plain_attention). A
+        decode step fuses a layer whose blocks both have them (decode_layer) and runs any other
+        layer kernel by kernel; a micro-batch of decode steps is fused where every block of the
+        layers it runs has them (_fusable)."""
         n_threads = _get_num_threads()
         blocks = self._fused_weights.get((work, n_threads))
         if blocks is None:
