@@ -5,10 +5,10 @@ in one process, thread counts alternating.
 
 Times `decode_attention` and `decode_mlp` over all layers (each block kernel by kernel, a
 parallel region per product), `decode_layer` (both blocks as one call and one parallel region,
-what `fast_forward` runs) and `decode_logits` (the LM head), 10
-calls each per round at 1 and then 2 threads, after a --prompt-token prefill; prints the
-median ms of each part at each thread count and their ratio. Alternating within one process
-keeps a shared machine's drift out of the ratio.
+what `fast_forward` runs) and `decode_logits` (the LM head), 10 calls each per round at 1 and
+then 2 threads, after a --prompt-token prefill; prints the median ms of each part at each
+thread count and their ratio. Alternating within one process keeps a shared machine's drift
+out of the ratio.
 """
 
 import argparse

@@ -106,7 +106,7 @@ def _python(code: str, **env) -> str:
 
 
 def test_openmp_workers_spin_briefly_unless_told_otherwise():
-    """libgomp's workers spin ~20 ms after each parallel region by default, holding the cores
+    """libgomp's workers spin 300,000 loops after each parallel region by default, holding the cores
     our other threads wait for; torchless asks for a short spin before numba loads libgomp."""
     import torchless
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 import importlib
 import os
 
-# libgomp's spin count when neither GOMP_SPINCOUNT nor OMP_WAIT_POLICY is set: ~0.7 ms of
-# spinning at ~140 cycles a `pause` (Intel since Skylake), against 300,000 spins (~20 ms) by
-# default.
+# libgomp's spin count when neither GOMP_SPINCOUNT nor OMP_WAIT_POLICY is set. Estimated, not
+# measured: at ~140 cycles a `pause` (Intel's figure since Skylake) and ~2 GHz, ~0.7 ms of
+# spinning, against ~20 ms for libgomp's default of 300,000.
 SPIN_COUNT = 10_000
 
 
 def _spin_briefly() -> None:
     """After a parallel region numba's OpenMP workers (libgomp: numba's threading layer on Linux
     without TBB) spin, waiting for the next region, before they sleep: 300,000 `pause` loops by
-    default, ~20 ms on current Intel cores. A decode step's regions come microseconds apart, so
+    default (~20 ms by the estimate above). A decode step's regions come microseconds apart, so
     a short spin keeps them warm; but between steps, and all through a prompt's products (BLAS
     on our own threads), the spinning workers held the cores that our other threads (BLAS row
     blocks, batch parts, pipeline stages, the server's) waited for. libgomp reads this once,

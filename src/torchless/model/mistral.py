@@ -8,8 +8,9 @@ one-token decode step: compiled kernels on the repacked quantized weights, writi
 allocated once per state, with the products cut into tasks by the work-distribution scheduler.
 A decode step runs each layer as one compiled `nogil` call, and micro-batches of one-token
 spans each block of a layer (kernels/fused_layer.py), so the GIL is held only between them.
-The compiled blocks are Llama's; a block with more (Qwen3's and Gemma's q/k norms, Gemma's output norms and
-GeGLU, per-layer windows and RoPE bases, Mixtral's experts) runs kernel by kernel.
+The compiled blocks are Llama's; a block with more (Qwen3's and Gemma's q/k norms, Gemma's
+output norms and GeGLU, per-layer windows and RoPE bases, Mixtral's experts) runs kernel by
+kernel, and in a decode step so does the rest of its layer.
 """
 
 from __future__ import annotations
