@@ -7,10 +7,12 @@ and peak RSS are its own; rounds alternate the modes so slow spells hit all alik
   sequential   one process at 1 thread, one prompt after another (the single-sequence path)
   batched-1t   all prompts as one micro-batch per step, 1 process at 1 thread, no pipeline
   batched      the same at 2 threads
-  pp2-threads  2 pipeline stages as threads of one process, 1 thread each, --mb micro-batches
+  pp2-threads  2 pipeline stages as threads of one process, 1 thread each, up to --mb micro-batches
   pp2-mpi      mpiexec -n 2: one stage per rank, 1 thread each
 For the pipelines it also reports each stage's idle share of the wall time (the bubble) next to
-PipelineConfig's fill/drain prediction (S - 1) / (M + S - 1). Not part of CI.
+PipelineConfig's fill/drain prediction (S - 1) / (M + S - 1), M the most micro-batches that were
+in flight at once (the engine keeps them at 4 rows or more: fewer than --mb on few prompts).
+Not part of CI.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def main(argv=None) -> None:
     p.add_argument("-m", "--model", default="smollm2")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--mb", type=int, default=4, help="micro-batches in flight (default 4)")
+    p.add_argument("--mb", type=int, default=4, help="most micro-batches in flight (default 4)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--run", dest="mode", default=None, help=argparse.SUPPRESS)
@@ -131,7 +133,9 @@ def main(argv=None) -> None:
         if "bubble" in runs[mode][0]:
             idle = [statistics.median(r["bubble"]["idle_share"][k] for r in runs[mode])
                     for k in range(len(runs[mode][0]["bubble"]["idle_share"]))]
-            line += f"  {', '.join(f'{i:.2f}' for i in idle)}; {runs[mode][0]['bubble']['predicted']:.2f}"
+            bubble = runs[mode][0]["bubble"]
+            line += (f"  {', '.join(f'{i:.2f}' for i in idle)}; {bubble['predicted']:.2f} "
+                     f"({bubble['micro_batches']} micro-batches)")
         print(line)
 
 

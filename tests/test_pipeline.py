@@ -147,6 +147,31 @@ def test_both_pipeline_modes_give_each_sequence_its_own_tokens(tiny_models, asyn
         pipe.close()
 
 
+def test_pipeline_micro_batches_keep_four_rows_while_every_stage_has_one(tiny_models):
+    """num_micro_batches is the most in flight: the engine cuts the running sequences into that
+    many only while each keeps MIN_ROWS (4) rows, or fewer rows where it takes that to give
+    every stage a micro-batch."""
+    model = Mistral.load(Parameters.load(tiny_models["llama"][2]))
+    pipe = PipelineParallelMistral(model, 2, PipelineConfig(num_micro_batches=4, async_execution=True))
+    rows = {running: pipe.micro_batch_rows(running) for running in (1, 2, 3, 4, 5, 8, 9, 16, 32)}
+    assert rows == {1: 1, 2: 1, 3: 2, 4: 2, 5: 3, 8: 4, 9: 4, 16: 4, 32: 8}
+    sizes = []
+    real_submit = pipe.submit
+
+    def submit(tag, spans):
+        sizes.append(len(spans))
+        real_submit(tag, spans)
+
+    pipe.submit = submit
+    try:
+        prompts = [[1 + i] for i in range(8)]
+        assert run_engine(pipe, prompts, 5) == run_engine(LocalRunner(model), prompts, 5)
+        assert set(sizes) == {4} and pipe.most_in_flight == 2
+        assert pipe.bubble(1.0)["micro_batches"] == 2
+    finally:
+        pipe.close()
+
+
 def test_the_lockstep_pipeline_runs_the_pipeline_states_schedule(tiny_models):
     """Without async_execution each tick is the seed's clock: the stages work exactly on the
     slots of PipelineState, the GPipe fill/drain diagonal."""

@@ -364,10 +364,10 @@ def _add_model_args(p, model_default=None) -> None:
     p.add_argument("--n-ctx", type=int, default=None,
                    help="context size in tokens (default and maximum: the model's)")
     p.add_argument("--parallel", default=None, metavar="SPEC",
-                   help="tp=N: N tensor-parallel shards; pp=S,mb=M: S pipeline stages with M "
-                        "micro-batches in flight (pays off for batches of prompts). Threads of this "
-                        "process, or one shard or stage per rank under mpiexec -n N (or -n S); "
-                        "auto picks for the model and machine")
+                   help="tp=N: N tensor-parallel shards; pp=S,mb=M: S pipeline stages with up to M "
+                        "micro-batches in flight, of 4 or more prompts each where there are enough "
+                        "(pays off for batches of prompts). Threads of this process, or one shard or "
+                        "stage per rank under mpiexec -n N (or -n S); auto picks for the model and machine")
 
 
 def build_parser() -> argparse.ArgumentParser:

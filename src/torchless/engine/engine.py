@@ -14,7 +14,6 @@ sequences ends with an "error" event carrying the message, and the others go on.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 from ..errors import TorchlessError
@@ -119,8 +118,8 @@ class Engine:
                 seq = self.scheduler.waiting.popleft()
                 events.append(self._error_event(seq, e))
                 continue
-            running = len(self.scheduler.running)
-            batch = self.scheduler.next_micro_batch(max(1, math.ceil(running / self.runner.depth)))
+            rows = self.runner.micro_batch_rows(len(self.scheduler.running))
+            batch = self._fit(self.scheduler.next_micro_batch(rows))
             if not batch:
                 break
             spans = [Span(seq.state, tokens, start) for seq, tokens, start in batch]
@@ -135,6 +134,15 @@ class Engine:
                 continue
             self._in_flight[tag] = batch
         return events
+
+    def _fit(self, batch: list) -> list:
+        """Drop sequences off the end of a micro-batch until the runner has room for it (a
+        pipeline's buffer budget), down to one: they go in a later micro-batch."""
+        while len(batch) > 1 and not self.runner.has_room(
+                [Span(seq.state, tokens, start) for seq, tokens, start in batch]):
+            self.scheduler.put_back(batch[-1:])
+            batch = batch[:-1]
+        return batch
 
     def _release(self, seq: Sequence) -> None:
         if seq.in_flight:  # a pipeline still holds some of its tokens: when they return

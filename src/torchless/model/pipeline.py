@@ -27,6 +27,14 @@ from .mistral import InferenceState, Mistral, Span, check_finite
 from .runner import Runner
 
 
+# The fewest rows a pipeline cuts a micro-batch to. A decode row alone costs nearly all of a
+# step's weight reading; from about 4 rows on the batched integer kernels share it. On one thread
+# a SmolLM2 decode micro-batch took 20 ms for 1 row, 31-36 ms for 4, 59-86 ms for 8; 8 prompts
+# through pp=2 ran 1.19x the batched run at 1 thread as micro-batches of 4, 0.94x as 2x4 of 2
+# (benchmarks/bench_pipeline.py --mb 2 against --mb 4).
+MIN_ROWS = 4
+
+
 def stage_bounds(layer_costs, n_stages: int, tail_cost: float = 0.0) -> list[tuple[int, int]]:
     """Contiguous layer ranges of about equal cost. The last stage also pays `tail_cost` (the
     output projection: on a small model it weighs as much as several layers)."""
@@ -78,6 +86,18 @@ class PipelineBuffers:
         # num_micro_batches, ids in submission order, leaving in that order.
         self.schedule = PipelineState(n_stages, self.n_micro_batches)
         self._outstanding = 0
+        self.most_in_flight = 0  # micro-batches in flight at once, at most: what the bubble depends on
+
+    def _count_in(self) -> None:
+        self._outstanding += 1
+        self.most_in_flight = max(self.most_in_flight, self._outstanding)
+
+    def micro_batch_rows(self, running: int) -> int:
+        """A fair share of the `num_micro_batches`, but no fewer than MIN_ROWS rows unless
+        that would leave a stage without a micro-batch of its own."""
+        fair = -(-running // self.n_micro_batches)
+        one_per_stage = -(-running // self.schedule.num_stages)
+        return max(1, fair, min(MIN_ROWS, one_per_stage))
 
     def has_room(self, spans: list[Span]) -> bool:
         return (self._outstanding < self.n_micro_batches and self.in_flight_bytes
@@ -90,7 +110,7 @@ class PipelineBuffers:
                 raise TorchlessError(f"the pipeline already holds {self.schedule.max_depth} "
                                      "micro-batches (its num_micro_batches)")
             self.schedule.advance()
-        self._outstanding += 1
+        self._count_in()
         return self.schedule.push()
 
     def _leave(self, mb: int) -> None:
@@ -122,12 +142,16 @@ class PipelineBuffers:
 
     def reset_stats(self) -> None:
         self.busy_seconds = [0.0] * len(self.busy_seconds)
+        self.most_in_flight = self._outstanding
 
     def bubble(self, wall_seconds: float) -> dict:
         """Per stage (here), the share of `wall_seconds` it sat idle, and the fill/drain
-        prediction for this many stages and micro-batches."""
+        prediction for this many stages and the most micro-batches that were in flight at once
+        (fewer than num_micro_batches when micro_batch_rows kept them at MIN_ROWS)."""
+        in_flight = self.most_in_flight or self.n_micro_batches
         return {"idle_share": [max(0.0, 1 - b / wall_seconds) for b in self.busy_seconds],
-                "predicted": predicted_bubble(len(self.stages), self.n_micro_batches)}
+                "micro_batches": in_flight,
+                "predicted": predicted_bubble(len(self.stages), in_flight)}
 
 
 class PipelineParallelMistral(PipelineBuffers, Runner):
@@ -220,7 +244,7 @@ class PipelineParallelMistral(PipelineBuffers, Runner):
         if self.pipeline_config.async_execution:
             self._inbox[0].put((self._enter(), tag, spans, None, None))
         else:
-            self._outstanding += 1
+            self._count_in()
             self._pending.append((tag, spans))
 
     def collect(self, timeout: float = 600.0):

@@ -47,6 +47,11 @@ class Runner:
     def has_room(self, spans) -> bool:
         return True
 
+    def micro_batch_rows(self, running: int) -> int:
+        """How many of the `running` sequences go into one micro-batch: all of them when one
+        micro-batch is in flight at a time, else a fair share of the `depth`."""
+        return max(1, -(-running // self.depth))
+
     def submit(self, tag, spans) -> None:
         raise NotImplementedError
 
