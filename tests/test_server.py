@@ -240,6 +240,16 @@ def test_models_health_and_metrics(client, server):
     assert after[("vllm:num_requests_running", label)] == 0
     assert after[("vllm:num_requests_waiting", label)] == 0
     assert after[("process_resident_memory_bytes", ())] > 10 * 2**20
+    assert moved("vllm:prefix_cache_queries_total") == out.usage.prompt_tokens
+    # a prompt twice: the second time it runs only its last token, its others are found (in
+    # blocks of 4)
+    prompt = "Once upon a time, in a land far away, there lived a"
+    out = client.completions.create(model="x", prompt=prompt, max_tokens=5, temperature=0)
+    before = _metrics(server[0])
+    again = client.completions.create(model="x", prompt=prompt, max_tokens=5, temperature=0)
+    after = _metrics(server[0])
+    assert moved("vllm:prefix_cache_hits_total") == (again.usage.prompt_tokens - 1) // 4 * 4 > 0
+    assert again.choices[0].text == out.choices[0].text
 
 
 def test_disconnect_mid_stream_cancels_and_the_server_keeps_serving(client, server):

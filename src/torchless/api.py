@@ -14,6 +14,7 @@ from functools import cached_property
 import numpy as np
 
 from .chat_template import template_variables
+from .engine.engine import PREFIX_CACHE_BYTES
 from .engine.sequence import Sequence
 from .errors import TorchlessError
 from .generate import check_prompt_fits
@@ -32,12 +33,17 @@ class LLM:
     >>> llm = LLM("smollm2", seed=0)
     >>> llm("The capital of France is", max_tokens=8)["choices"][0]["text"]
 
+    prefix_cache_bytes: memory for the keys and values of recent prompts' prefixes, so a prompt
+    that starts as a recent one did (a system prompt, a conversation so far) runs only from
+    where it differs; 0 turns it off. (Not under mpiexec, where the caches live on every rank.)
+
     Under mpiexec every rank creates the LLM and makes the same calls; rank 0 schedules, samples
     and returns the results, the other ranks run their part of each step and return empty ones.
     """
 
     def __init__(self, model: str | None = None, *, n_ctx: int | None = None, seed: int | None = None,
-                 verbose: bool = False, parallel=None, max_batch: int = 64):
+                 verbose: bool = False, parallel=None, max_batch: int = 64,
+                 prefix_cache_bytes: int = PREFIX_CACHE_BYTES):
         from .engine import Engine, make_runner
         from .loader import Parameters
 
@@ -49,7 +55,7 @@ class LLM:
         self.params = Parameters.load(model if model is not None else DEFAULT_MODEL)
         # parallel: a ParallelConfig or its string form ("tp=2", "pp=2,mb=4").
         self.runner = make_runner(self.params, parallel)
-        self.engine = Engine(self.runner, max_batch=max_batch)
+        self.engine = Engine(self.runner, max_batch=max_batch, prefix_cache_bytes=prefix_cache_bytes)
         self.model = self.runner.model  # the seed's one-sequence interface (prefill, fast_forward)
         self.tokenizer = self.params.tokenizer
         self.config = self.runner.config

@@ -58,10 +58,11 @@ def _sampling_kwargs(args) -> dict:
     return dict(kwargs, max_tokens=args.max_tokens, stop=args.stop)
 
 
-def _load(model, parallel=None, n_ctx=None):
+def _load(model, parallel=None, n_ctx=None, prefix_cache_mb=None):
     from .api import LLM
 
-    llm = LLM(model, parallel=parallel, n_ctx=n_ctx)
+    extra = {} if prefix_cache_mb is None else {"prefix_cache_bytes": int(prefix_cache_mb * 2**20)}
+    llm = LLM(model, parallel=parallel, n_ctx=n_ctx, **extra)
     _err(f"loaded {llm.model_path} in {llm.load_time:.2f} s")
     chosen = llm.runner.parallel
     if chosen.reason:  # --parallel auto: say what it chose, and why
@@ -77,7 +78,7 @@ def _driving(command):
     rank 0 reads stdin, prints, or binds a port."""
     def run(args) -> int:
         _set_threads(args.threads)
-        llm = _load(args.model, args.parallel, args.n_ctx)
+        llm = _load(args.model, args.parallel, args.n_ctx, getattr(args, "prefix_cache_mb", None))
         _warm_up(llm)
         if not llm.runner.is_driver:
             while llm.runner.follow():
@@ -428,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's id in responses and /v1/models (default: the model file's stem)")
     p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default 8)")
     p.add_argument("--n-ctx", type=int, default=None, help="context size in tokens (default: the model's)")
+    p.add_argument("--prefix-cache-mb", type=float, default=256.0, metavar="MB",
+                   help="memory for the keys and values of recent prompts' starts, so a request "
+                        "that begins as a recent one (a system prompt, a chat so far) runs only "
+                        "the rest (default 256; 0: off; not under mpiexec)")
     p.add_argument("--threads", type=int, default=None,
                    help="worker threads (default: the cores this process may use)")
     p.add_argument("--parallel", default=None, metavar="SPEC",
@@ -466,6 +471,8 @@ def cmd_serve(args) -> int:
         raise TorchlessError("serve needs the server extra: pip install 'torchless[serve]'") from None
     if not 1 <= args.port <= 65535 or args.max_batch < 1:
         raise TorchlessError("--port must be 1..65535 and --max-batch at least 1")
+    if not 0 <= args.prefix_cache_mb <= 2**30:  # (NaN fails too)
+        raise TorchlessError(f"--prefix-cache-mb must be 0 or more, got {args.prefix_cache_mb:g}")
 
     def serve(args, llm) -> int:
         app = create_app(llm, args.max_batch, args.api_key, model_name=args.served_model_name)

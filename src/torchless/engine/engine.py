@@ -18,8 +18,14 @@ from dataclasses import dataclass
 
 from ..errors import TorchlessError
 from ..model.mistral import Span
+from .prefix_cache import PrefixCache
 from .scheduler import Scheduler
 from .sequence import Sequence
+
+
+# Keys and values of recent prompts' prefixes kept for reuse (prefix_cache.py): 256 MiB holds
+# ~5,700 positions of SmolLM2, ~2,000 of a Llama-3-8B-like model (128 KiB a position).
+PREFIX_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -34,10 +40,13 @@ class Event:
 
 class Engine:
     def __init__(self, runner, max_batch: int = 8, chunk_size: int = 256,
-                 kv_budget_bytes: int | None = None):
+                 kv_budget_bytes: int | None = None, prefix_cache_bytes: int = PREFIX_CACHE_BYTES):
         self.runner = runner
         self.served_by = None  # the server's engine thread, once it steps this engine alone
         self.scheduler = Scheduler(max_batch, chunk_size, kv_budget_bytes, runner.cache_bytes)
+        if prefix_cache_bytes < 0:
+            raise TorchlessError(f"prefix_cache_bytes must be >= 0, got {prefix_cache_bytes}")
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self._in_flight: dict[int, list] = {}
         self._tags = itertools.count()
         self.tokens_generated = 0
@@ -101,6 +110,8 @@ class Engine:
                 continue
             if not last:  # a prompt chunk that is not the last
                 continue
+            if seq.completion_tokens == 0:  # its whole prompt is in its cache now
+                self._keep_prefix(seq)
             before = seq.completion_tokens
             text = seq.take(row)
             self.tokens_generated += seq.completion_tokens - before
@@ -113,11 +124,13 @@ class Engine:
         events = []
         while len(self._in_flight) < self.runner.depth:
             try:
-                self.scheduler.admit(self.runner.new_state)
+                admitted = self.scheduler.admit(self.runner.new_state)
             except Exception as e:  # noqa: BLE001 - e.g. out of memory for a cache
                 seq = self.scheduler.waiting.popleft()
                 events.append(self._error_event(seq, e))
                 continue
+            for seq in admitted:
+                self._reuse_prefix(seq)
             rows = self.runner.micro_batch_rows(len(self.scheduler.running))
             batch = self._fit(self.scheduler.next_micro_batch(rows))
             if not batch:
@@ -134,6 +147,23 @@ class Engine:
                 continue
             self._in_flight[tag] = batch
         return events
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Start a new sequence's cache from the longest kept prefix of its prompt."""
+        caches = self.runner.caches(seq.state)
+        if not caches or not self.prefix_cache.budget_bytes:
+            return
+        room = min(cache.ring_room() for cache in caches)
+        hit = self.prefix_cache.lookup(seq.prompt_ids, room)
+        if hit is not None:
+            self.prefix_cache.restore(*hit, caches)
+            seq.n_scheduled = seq.n_cached = hit[1]
+
+    def _keep_prefix(self, seq: Sequence) -> None:
+        caches = self.runner.caches(seq.state)
+        if caches and self.prefix_cache.budget_bytes:
+            room = min(cache.intact_prefix() for cache in caches)
+            self.prefix_cache.store(seq.prompt_ids, caches, room)
 
     def _fit(self, batch: list) -> list:
         """Drop sequences off the end of a micro-batch until the runner has room for it (a

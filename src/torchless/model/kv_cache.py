@@ -150,3 +150,32 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+
+    # -- prefixes (engine/prefix_cache.py) ------------------------------------------------------
+
+    def ring_room(self) -> int:
+        """Positions from 0 that fit every ring of this cache without wrapping."""
+        return min(self.cache_len, self.local_len or self.cache_len)
+
+    def intact_prefix(self) -> int:
+        """Positions from 0 still held: all that were run, unless a ring has wrapped over them."""
+        return self.pos if self.pos <= self.ring_room() else 0
+
+    def copy_prefix(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of positions 0..n-1 (n <= intact_prefix()), keys and values, each
+        (n_layers, n, n_kv_heads, head_dim) whatever rings hold them: a cache of another
+        length may keep its layers otherwise."""
+        layers = [self._layer_arrays(layer) for layer in range(len(self._where))]
+        return (np.stack([k[:n] for k, _, _ in layers]), np.stack([v[:n] for _, v, _ in layers]))
+
+    def load_prefix(self, arrays: tuple[np.ndarray, np.ndarray], n: int) -> None:
+        """Start a new sequence's cache with positions 0..n-1 of copy_prefix's arrays."""
+        if self.pos != 0 or n > self.ring_room():
+            raise ValueError(f"a prefix of {n} positions does not fit a cache at position "
+                             f"{self.pos} with {self.ring_room()} positions of room")
+        self._reserve(n)
+        keys, values = arrays
+        for layer in range(len(self._where)):
+            k, v, _ = self._layer_arrays(layer)
+            k[:n], v[:n] = keys[layer, :n], values[layer, :n]
+        self.pos = n

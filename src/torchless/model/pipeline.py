@@ -237,6 +237,9 @@ class PipelineParallelMistral(PipelineBuffers, Runner):
         state.cache.reserve(state.max_seq_len)
         return state
 
+    def caches(self, state) -> list:
+        return [state.cache]
+
     def submit(self, tag, spans: list[Span]) -> None:
         if self._failed:
             raise TorchlessError(f"the pipeline is stopped: {self._failed}")

@@ -47,6 +47,11 @@ class Runner:
     def has_room(self, spans) -> bool:
         return True
 
+    def caches(self, state) -> list:
+        """A sequence's KV caches in this process, one per shard, for the engine's prefix
+        cache; empty where some live in other processes (MPI ranks), which turns it off."""
+        return []
+
     def micro_batch_rows(self, running: int) -> int:
         """How many of the `running` sequences go into one micro-batch: all of them when one
         micro-batch is in flight at a time, else a fair share of the `depth`."""
@@ -84,6 +89,9 @@ class LocalRunner(Runner):
     def __init__(self, model):
         self.model, self.config, self._done = model, model.config, deque()
         self._split = BatchSplit()  # a decode step's sequences in parts, a thread each
+
+    def caches(self, state) -> list:
+        return [state.cache]
 
     def submit(self, tag, spans) -> None:
         try:

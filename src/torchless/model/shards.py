@@ -90,6 +90,9 @@ class ThreadedTensorParallel(Runner):
             self.config, ParallelConfig.tensor_parallel(len(self.shards)),
             states=[shard.new_state(max_seq_len) for shard in self.shards])
 
+    def caches(self, state) -> list:
+        return [shard_state.cache for shard_state in state.states]
+
     def forward(self, state, token: int, debug: bool = False):
         return self._run("forward", lambda r: (state.states[r], token, debug))
 

@@ -59,7 +59,7 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None,
     engine = EngineThread(llm.engine, log)
     model_id = model_name or served_name(llm.model_path)
     metrics = engine.metrics = ServerMetrics(model_id, lambda: engine.batch_size,
-                                             lambda: engine.queue_depth)
+                                             lambda: engine.queue_depth, llm.engine.prefix_cache)
 
     def check_key(request: HTTPRequest) -> None:
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":

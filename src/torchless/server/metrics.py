@@ -13,6 +13,7 @@ import time
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                ProcessCollector, generate_latest)
+from prometheus_client.core import CounterMetricFamily
 
 # vLLM's buckets, in seconds
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -25,11 +26,31 @@ _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+class _PrefixCacheCollector:
+    """vLLM's prefix cache counters, in prompt tokens: looked up, and found kept. Read from the
+    engine's PrefixCache when scraped (its counts only grow)."""
+
+    def __init__(self, model_name: str, prefix_cache):
+        self.model_name, self.prefix_cache = model_name, prefix_cache
+
+    def collect(self):
+        cache = self.prefix_cache
+        for name, doc, value in (
+                ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", cache.queried_tokens),
+                ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", cache.reused_tokens)):
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            yield family
+
+
 class ServerMetrics:
-    def __init__(self, model_name: str, running, waiting):
-        """running, waiting: callables giving the sequences decoding and those queued."""
+    def __init__(self, model_name: str, running, waiting, prefix_cache=None):
+        """running, waiting: callables giving the sequences decoding and those queued;
+        prefix_cache: the engine's PrefixCache, whose counts are exported."""
         self.registry = registry = CollectorRegistry()
         ProcessCollector(registry=registry)
+        if prefix_cache is not None:
+            registry.register(_PrefixCacheCollector(model_name, prefix_cache))
         label = {"labelnames": ["model_name"], "registry": registry}
 
         def gauge(name, doc, read):
