@@ -44,7 +44,8 @@ def run_mode(args) -> None:
     from torchless import LLM
 
     parallel = args.parallel.format(mb=args.mb) if args.parallel else None
-    llm = LLM(args.model, parallel=parallel)
+    # no prefix cache: the measured call repeats the warm-up's prompts (so would every mode)
+    llm = LLM(args.model, parallel=parallel, prefix_cache_bytes=0)
     prompts = (PROMPTS * ((args.prompts + len(PROMPTS) - 1) // len(PROMPTS)))[:args.prompts]
     sequential = args.mode == "sequential"
 

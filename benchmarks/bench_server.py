@@ -1,7 +1,7 @@
 """Load test of `torchless serve` with the official openai client.
 
     python benchmarks/bench_server.py [-m smollm2] [--clients 16] [--seconds 60] [--max-tokens 64]
-                                      [--parallel pp=2,mb=2] [--threads N]
+                                      [--parallel pp=2,mb=2] [--threads N] [--prefix-cache-mb MB]
 
 Starts the server as a subprocess on a free port, then: one client alone for --solo-seconds
 (the baseline), and --clients concurrent streaming clients for --seconds, each sending request
@@ -13,6 +13,7 @@ Not part of CI.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import socket
 import statistics
@@ -25,6 +26,9 @@ import urllib.request
 PROMPTS = ["Write a short story about a robot.", "Explain how rain forms.", "List five fruits.",
            "What is the capital of Italy?", "Describe a sunset.", "Give me a recipe for pancakes.",
            "Why is the sky blue?", "Tell me about the moon."]
+
+
+REQUEST_NUMBERS = itertools.count()  # over every client of the run (next() holds the GIL)
 
 
 def free_port() -> int:
@@ -45,7 +49,9 @@ def client_loop(base: str, until: float, max_tokens: int, seed: int, out: dict, 
     client = openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=120)
     i = seed
     while time.monotonic() < until:
-        prompt = PROMPTS[i % len(PROMPTS)]
+        # Each request its own: a request number first, so a prefix cache finds only what
+        # real chat traffic shares (the chat template's system prompt), not a repeated prompt.
+        prompt = f"Request {next(REQUEST_NUMBERS)}. {PROMPTS[i % len(PROMPTS)]}"
         i += 1
         t0 = time.monotonic()
         ttft, tokens = None, 0
@@ -93,12 +99,15 @@ def main(argv=None) -> None:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--parallel", default=None, help="passed to torchless serve (e.g. pp=2,mb=2)")
     p.add_argument("--threads", type=int, default=None, help="passed to torchless serve")
+    p.add_argument("--prefix-cache-mb", type=float, default=None,
+                   help="passed to torchless serve (0: the prefix cache off)")
     args = p.parse_args(argv)
 
     port = free_port()
     cmd = [sys.executable, "-m", "torchless", "serve", "-m", args.model, "--port", str(port),
            "--max-batch", str(args.max_batch)] + (["--parallel", args.parallel] if args.parallel else []) \
-        + (["--threads", str(args.threads)] if args.threads else [])
+        + (["--threads", str(args.threads)] if args.threads else []) \
+        + (["--prefix-cache-mb", str(args.prefix_cache_mb)] if args.prefix_cache_mb is not None else [])
     server = subprocess.Popen(cmd, stderr=open(os.devnull, "w"))
     base = f"http://127.0.0.1:{port}/v1"
     try:

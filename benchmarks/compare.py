@@ -210,7 +210,9 @@ def run_torchless_batch(args) -> dict:
 
     work = json.loads(Path(args.work).read_text())
     t0 = time.perf_counter()
-    llm = LLM(str(args.model))
+    # No prefix cache: the measured runs repeat the warm-up's prompts, which it would find kept,
+    # and llama.cpp runs each batch from an empty cache.
+    llm = LLM(str(args.model), prefix_cache_bytes=0)
     load_s = time.perf_counter() - t0
     try:  # after torchless is loaded: pools its imports brought in are limited too
         from threadpoolctl import threadpool_limits
