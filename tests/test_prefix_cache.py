@@ -106,6 +106,20 @@ def test_gemma3_local_and_global_layers_reuse_their_prefix(tmp_path):
     assert engine.prefix_cache.reused_tokens == 36 + 40 + 40
 
 
+def test_a_prefix_that_cannot_be_restored_runs_in_full(tiny_models, monkeypatch):
+    """Out of memory half way through a restore: the prompt runs whole, over what was written."""
+    model = Mistral.load(Parameters.load(tiny_models["llama"][2]))
+    real = KVCache.load_prefix
+
+    def fails_half_way(self, arrays, n):
+        real(self, arrays, n // 2)
+        raise MemoryError
+
+    monkeypatch.setattr(KVCache, "load_prefix", fails_half_way)
+    engine, _ = assert_reuse_agrees(LocalRunner(model), LocalRunner(model), model.config.vocab_size)
+    assert engine.prefix_cache.hits == 0 and engine.prefix_cache.nbytes > 0
+
+
 def test_an_mpi_runner_has_no_prefix_cache():
     from torchless.model.runner import Runner
 
@@ -130,10 +144,10 @@ def test_a_restored_prefix_is_the_kept_keys_and_values():
     prompt = list(range(20))
     kept.store(prompt, [cache], cache.intact_prefix())
     snapshot, n = kept.lookup(prompt + [99], room=64)
-    assert n == 20 and kept.reused_tokens == 20
+    assert n == 20 and kept.queried_tokens == 21
     new = KVCache(n_layers=2, n_kv_heads=1, head_dim=4, max_seq_len=64)
     kept.restore(snapshot, n, [new])
-    assert new.pos == 20
+    assert new.pos == 20 and kept.reused_tokens == 20
     for layer in range(2):
         assert np.array_equal(new.layer(layer)[0][:20], cache.layer(layer)[0][:20])
         assert np.array_equal(new.layer(layer)[1][:20], cache.layer(layer)[1][:20])

@@ -149,21 +149,30 @@ class Engine:
         return events
 
     def _reuse_prefix(self, seq: Sequence) -> None:
-        """Start a new sequence's cache from the longest kept prefix of its prompt."""
+        """Start a new sequence's cache from the longest kept prefix of its prompt. The cache
+        only saves work: if restoring fails (out of memory), the whole prompt runs instead,
+        over whatever was half written."""
         caches = self.runner.caches(seq.state)
         if not caches or not self.prefix_cache.budget_bytes:
             return
-        room = min(cache.ring_room() for cache in caches)
-        hit = self.prefix_cache.lookup(seq.prompt_ids, room)
-        if hit is not None:
+        hit = self.prefix_cache.lookup(seq.prompt_ids, min(cache.ring_room() for cache in caches))
+        if hit is None:
+            return
+        try:
             self.prefix_cache.restore(*hit, caches)
-            seq.n_scheduled = seq.n_cached = hit[1]
+        except MemoryError:
+            for cache in caches:
+                cache.reset()
+            return
+        seq.n_scheduled = seq.n_cached = hit[1]
 
     def _keep_prefix(self, seq: Sequence) -> None:
         caches = self.runner.caches(seq.state)
         if caches and self.prefix_cache.budget_bytes:
-            room = min(cache.intact_prefix() for cache in caches)
-            self.prefix_cache.store(seq.prompt_ids, caches, room)
+            try:
+                self.prefix_cache.store(seq.prompt_ids, caches, min(c.intact_prefix() for c in caches))
+            except MemoryError:  # not kept: a later prompt runs in full
+                pass
 
     def _fit(self, batch: list) -> list:
         """Drop sequences off the end of a micro-batch until the runner has room for it (a

@@ -71,8 +71,6 @@ class PrefixCache:
         if snapshot is None or snapshot.tokens[:n] != tuple(prompt[:n]):  # none, or a hash collision
             return None
         self._snapshots.move_to_end(id(snapshot))
-        self.hits += 1
-        self.reused_tokens += n
         return snapshot, n
 
     def store(self, prompt: list[int], caches: list, room: int) -> None:
@@ -111,4 +109,6 @@ class PrefixCache:
         """Start `caches` (a new sequence's, one per shard) with the snapshot's first n positions."""
         for cache, arrays in zip(caches, snapshot.arrays, strict=True):
             cache.load_prefix(arrays, n)
+        self.hits += 1
+        self.reused_tokens += n
 
