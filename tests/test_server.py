@@ -249,6 +249,7 @@ def test_models_health_and_metrics(client, server):
     again = client.completions.create(model="x", prompt=prompt, max_tokens=5, temperature=0)
     after = _metrics(server[0])
     assert moved("vllm:prefix_cache_hits_total") == (again.usage.prompt_tokens - 1) // 4 * 4 > 0
+    assert again.usage.prompt_tokens_details.cached_tokens == (again.usage.prompt_tokens - 1) // 4 * 4
     assert again.choices[0].text == out.choices[0].text
 
 

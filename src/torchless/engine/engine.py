@@ -164,7 +164,7 @@ class Engine:
             for cache in caches:
                 cache.reset()
             return
-        seq.n_scheduled = seq.n_cached = hit[1]
+        seq.n_scheduled = seq.n_cached = seq.cached_tokens = hit[1]
 
     def _keep_prefix(self, seq: Sequence) -> None:
         caches = self.runner.caches(seq.state)

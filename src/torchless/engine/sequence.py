@@ -34,6 +34,7 @@ class Sequence:
         self.state = None                   # the runner's state (KV cache) while admitted
         self.n_scheduled = 0                # tokens sent to the runner
         self.n_cached = 0                   # tokens whose keys and values are in the cache
+        self.cached_tokens = 0              # prompt tokens the prefix cache held: not run again
         self.in_flight = 0                  # micro-batches holding its tokens, not yet returned
         self.finish_reason: str | None = None
         self.logprobs = logprobs            # alternatives to record per token; None: record nothing

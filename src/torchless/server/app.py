@@ -183,7 +183,10 @@ def create_app(llm, max_batch: int = 8, api_key: str | None = None, log=None,
         n = len(jobs) // len({id(j.prompt) for j in jobs})
         p = sum(j.prompt_tokens for j in jobs[::n])
         c = sum(j.completion_tokens for j in jobs)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        # OpenAI's count of prompt tokens found cached (here: in the prefix cache)
+        cached = sum(j.seq.cached_tokens for j in jobs[::n])
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     async def respond(http, jobs, events, meta, make_choice, make_delta, stream,
                       include_usage=False, opening=None):
