@@ -368,7 +368,8 @@ def _add_model_args(p, model_default=None) -> None:
                    help="tp=N: N tensor-parallel shards; pp=S,mb=M: S pipeline stages with up to M "
                         "micro-batches in flight, of 4 or more prompts each where there are enough "
                         "(pays off for batches of prompts). Threads of this process, or one shard or "
-                        "stage per rank under mpiexec -n N (or -n S); auto picks for the model and machine")
+                        "stage per rank under mpiexec -n N (or -n S); auto picks for the model and "
+                        "machine")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -472,11 +473,16 @@ def cmd_serve(args) -> int:
     if not 1 <= args.port <= 65535 or args.max_batch < 1:
         raise TorchlessError("--port must be 1..65535 and --max-batch at least 1")
     if not 0 <= args.prefix_cache_mb <= 2**30:  # (NaN fails too)
-        raise TorchlessError(f"--prefix-cache-mb must be 0 or more, got {args.prefix_cache_mb:g}")
+        raise TorchlessError(f"--prefix-cache-mb must be 0 or more (and finite), "
+                             f"got {args.prefix_cache_mb:g}")
 
     def serve(args, llm) -> int:
         app = create_app(llm, args.max_batch, args.api_key, model_name=args.served_model_name)
-        _err(f"serving on http://{args.host}:{args.port}/v1 (max batch {args.max_batch})")
+        # the prefix cache runs only where every KV cache is in this process (Runner.caches)
+        prefix = ("off" if not args.prefix_cache_mb else "off under mpiexec" if llm.runner.group is not None
+                  else f"{args.prefix_cache_mb:g} MB")
+        _err(f"serving on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
+             f"prefix cache {prefix})")
         # h11 with deadlines for slow clients; in-flight streams get a few seconds after SIGTERM
         limits.run(app, args.host, args.port)
         return 0
