@@ -75,6 +75,45 @@ def test_a_prompt_runs_only_past_the_prefix_it_shares(tiny_models, arch):
     assert engine.prefix_cache.hits == sum(1 for n in reused if n)
 
 
+def test_a_next_turn_reuses_the_completion_too(tiny_models):
+    """A chat's next turn starts with the last turn's prompt and completion: both were kept
+    when the sequence ended (all but the last completion token, which never ran)."""
+    model = Mistral.load(Parameters.load(tiny_models["llama"][2]))
+    rng = np.random.default_rng(7)
+    first = rng.integers(0, model.config.vocab_size, 40).tolist()
+    engine = Engine(LocalRunner(model), prefix_cache_bytes=64 << 20)
+    (_, completion), = run_in_turn(engine, [first], max_tokens=9)
+    assert len(completion) == 9
+    turn = first + completion + rng.integers(0, model.config.vocab_size, 5).tolist()
+    (logits, tokens), = run_in_turn(engine, [turn])
+    (ref_logits, ref_tokens), = run_in_turn(Engine(LocalRunner(model), prefix_cache_bytes=0), [turn])
+    assert_close_rel(logits, ref_logits)
+    assert tokens == ref_tokens
+    assert engine.prefix_cache.reused_tokens == 48  # 40 + 8 run, in whole blocks of 4
+
+
+def test_a_sequence_that_failed_keeps_only_its_prompt(tiny_models):
+    """A micro-batch that raised may have left its positions half written, but did not move
+    the cache's position: only what ran before it is kept."""
+    model = Mistral.load(Parameters.load(tiny_models["llama"][2]))
+    real, calls = model.forward_spans, []
+
+    def fails_on_the_third_step(spans, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected")
+        return real(spans, *args, **kwargs)
+
+    model.forward_spans = fails_on_the_third_step
+    engine = Engine(LocalRunner(model), prefix_cache_bytes=64 << 20)
+    seq = engine.add(Sequence(list(range(1, 39)), lambda logits, tokens, n: int(np.argmax(logits)), 8))
+    while engine.has_work():
+        engine.step()
+    # positions 0-38 ran, 39 failed: 9 whole blocks, not the 10 that n_cached (40) would give
+    assert seq.finish_reason == "error" and seq.n_cached == 40
+    assert engine.prefix_cache.lookup(seq.tokens + [1], 64)[1] == 36
+
+
 def test_the_prefix_is_reused_through_every_runner_in_this_process(tiny_models):
     params = Parameters.load(tiny_models["llama"][2])
     model = Mistral.load(params)

@@ -110,8 +110,8 @@ class Engine:
                 continue
             if not last:  # a prompt chunk that is not the last
                 continue
-            if seq.completion_tokens == 0:  # its whole prompt is in its cache now
-                self._keep_prefix(seq)
+            if seq.completion_tokens == 0:  # its whole prompt is in its cache now: for the
+                self._keep_prefix(seq, seq.prompt_ids)  # others sharing its start meanwhile
             before = seq.completion_tokens
             text = seq.take(row)
             self.tokens_generated += seq.completion_tokens - before
@@ -166,11 +166,12 @@ class Engine:
             return
         seq.n_scheduled = seq.n_cached = seq.cached_tokens = hit[1]
 
-    def _keep_prefix(self, seq: Sequence) -> None:
+    def _keep_prefix(self, seq: Sequence, tokens: list[int]) -> None:
+        """Keep the keys and values of `tokens` (all in the sequence's cache) for later prompts."""
         caches = self.runner.caches(seq.state)
         if caches and self.prefix_cache.budget_bytes:
             try:
-                self.prefix_cache.store(seq.prompt_ids, caches, min(c.intact_prefix() for c in caches))
+                self.prefix_cache.store(tokens, caches, min(c.intact_prefix() for c in caches))
             except MemoryError:  # not kept: a later prompt runs in full
                 pass
 
@@ -186,6 +187,10 @@ class Engine:
     def _release(self, seq: Sequence) -> None:
         if seq.in_flight:  # a pipeline still holds some of its tokens: when they return
             return
+        if seq.state is not None:
+            # prompt and completion as run (a chat's next turn starts with them); of a failed
+            # micro-batch nothing is kept, as its cache's position did not move (intact_prefix)
+            self._keep_prefix(seq, seq.tokens[:seq.n_cached])
         state = self.scheduler.finish(seq)
         if state is not None:
             self.runner.release(state)

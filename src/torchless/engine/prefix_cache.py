@@ -5,9 +5,10 @@ differs: a chat's system prompt, the earlier turns of a conversation, a shared f
 Prompts are cut into blocks of BLOCK tokens. A block's key is a hash of the block's tokens and
 of the key of the block before it, so a key stands for the whole prefix up to the block's end,
 and two prompts share exactly the keys of the blocks they share. When a sequence's prompt has
-been run, its keys and values up to its last whole block (a snapshot: copies, since the
-sequence's own cache goes on changing and is released when it ends) are kept under every one of
-its block keys. A new prompt walks its own keys to the deepest one kept, and its cache starts as
+been run, and again when the sequence ends (its prompt and completion as run: a chat's next turn
+starts with them), its keys and values up to its last whole block (a snapshot: copies, since
+the sequence's own cache goes on changing and is released when it ends) are kept under every
+one of its block keys. A new prompt walks its own keys to the deepest one kept, and its cache starts as
 that many positions of the snapshot. At least one prompt token is always run: its logits give
 the first completion token.
 
