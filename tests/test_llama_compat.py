@@ -216,6 +216,29 @@ def test_stream_chunks(llm):
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
 
 
+def test_a_ram_cache_keeps_answers_the_same(llm, backend):
+    """set_cache(LlamaRAMCache(...)): a prompt that starts as an earlier one gives what it gave
+    without the cache; set_cache(None) takes it away again (torchless: its default budget)."""
+    ram_cache = torchless.LlamaRAMCache if backend == "torchless" else llama_cpp.LlamaRAMCache
+    long_prompt = PROMPT + " Paris. The capital of Italy is Rome. The capital of Spain is"
+    plain = llm(long_prompt, max_tokens=6, temperature=0)["choices"][0]["text"]
+    llm.set_cache(ram_cache(capacity_bytes=1 << 26))
+    try:
+        assert isinstance(llm.cache, ram_cache)
+        llm(long_prompt, max_tokens=6, temperature=0)
+        assert llm(long_prompt, max_tokens=6, temperature=0)["choices"][0]["text"] == plain
+        if backend == "torchless":
+            kept = llm._llm.engine.prefix_cache
+            assert kept.budget_bytes == 1 << 26 and kept.reused_tokens > 0
+            with pytest.raises(torchless.TorchlessError, match="LlamaRAMCache or None"):
+                llm.set_cache(object())
+            llm.set_cache(ram_cache(capacity_bytes=0))
+            assert kept.nbytes == 0
+    finally:
+        llm.set_cache(None)
+    assert llm.cache is None
+
+
 def test_chat_shape_and_defaults(llm):
     out = llm.create_chat_completion(CHAT, temperature=0, logit_bias=no_eos(llm))  # max_tokens=None
     assert set(out) == {"id", "object", "created", "model", "choices", "usage"}

@@ -46,7 +46,7 @@ _EXPORTS = {
         # seed 6.3
         "TensorParallelStrategy", "TensorParallelConfig", "column_parallel_linear",
         "row_parallel_linear", "all_reduce_sum", "all_reduce_sum_inplace", "mlp_tensor_parallel"],
-    ".llama_compat": ["Llama", "LlamaGrammar"],
+    ".llama_compat": ["Llama", "LlamaGrammar", "LlamaRAMCache"],
     ".loader": ["Parameters"],
     ".model.mistral": ["InferenceState", "Mistral"],
     # parallel models

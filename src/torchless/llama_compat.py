@@ -25,6 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from .api import LLM, chat_messages
+from .engine.engine import PREFIX_CACHE_BYTES
 from .chat_template import render_chat_template
 from .errors import TorchlessError
 from .grammar import LlamaGrammar  # noqa: F401 - llama_cpp.LlamaGrammar's place here
@@ -53,6 +54,19 @@ _DEFAULT_ONLY = {"vocab_only": False, "kv_overrides": None, "rope_scaling_type":
 # Sampling arguments of llama.cpp's that this engine's sampler does not have.
 _SAMPLING_DEFAULTS = {"typical_p": 1.0, "tfs_z": 1.0, "mirostat_mode": 0, "suffix": None,
                       "stopping_criteria": None, "logits_processor": None, "grammar": None}
+
+
+class LlamaRAMCache:
+    """llama_cpp.LlamaRAMCache's place: `Llama.set_cache(LlamaRAMCache(capacity_bytes))` gives
+    the engine's prefix cache (engine/prefix_cache.py) that budget. Like llama-cpp-python's, it
+    keeps recent prompts' keys and values in memory, so a prompt that starts as one of them runs
+    only from where it differs."""
+
+    def __init__(self, capacity_bytes: int = 2 << 30):
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes < 0:
+            raise TorchlessError(f"LlamaRAMCache: capacity_bytes must be an integer >= 0, "
+                                 f"got {capacity_bytes!r}")
+        self.capacity_bytes = capacity_bytes
 
 
 class EmbeddingModeError(TorchlessError, RuntimeError):
@@ -129,6 +143,7 @@ class Llama:
         self.scores = np.zeros((n_ctx_, n_vocab), np.single)     # (n_ctx, n_vocab), pages on use
         self._logits = np.zeros(n_vocab, np.single)               # the last evaluated token's
         self._state = None
+        self.cache: LlamaRAMCache | None = None  # set_cache's
 
     @classmethod
     def from_pretrained(cls, repo_id: str, filename: str | None = None, additional_files=None,
@@ -199,6 +214,19 @@ class Llama:
 
     def reset(self) -> None:
         self.n_tokens = 0
+
+    def set_cache(self, cache: LlamaRAMCache | None) -> None:
+        """A LlamaRAMCache: the prefix cache gets its capacity. None: the default budget (where
+        llama-cpp-python without a cache still reuses the prompt its context holds)."""
+        if cache is None:
+            budget = PREFIX_CACHE_BYTES
+        elif type(cache).__name__ == "LlamaRAMCache" and hasattr(cache, "capacity_bytes"):
+            budget = int(cache.capacity_bytes)
+        else:
+            raise TorchlessError(f"Llama.set_cache: torchless keeps prompts in memory only "
+                                 f"(LlamaRAMCache or None), got {type(cache).__name__}")
+        self._llm.engine.prefix_cache.set_budget(budget)
+        self.cache = cache
 
     def eval(self, tokens) -> None:
         """Run `tokens` after the first n_tokens ones (what was evaluated past them is

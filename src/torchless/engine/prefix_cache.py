@@ -60,6 +60,12 @@ class PrefixCache:
         self.queried_tokens = 0  # prompt tokens looked up
         self.reused_tokens = 0  # prompt tokens found, which were not run again
 
+    def set_budget(self, budget_bytes: int) -> None:
+        """A new budget; the least recently used snapshots go until the kept ones fit it."""
+        self.budget_bytes = int(budget_bytes)
+        while self.nbytes > self.budget_bytes:
+            self._drop(next(iter(self._snapshots.values())))
+
     def lookup(self, prompt: list[int], room: int) -> tuple[Snapshot, int] | None:
         """The snapshot holding the longest kept prefix of `prompt` that leaves a token to run
         and fits `room` positions, and that prefix's length; None if none is kept."""
