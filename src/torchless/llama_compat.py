@@ -25,8 +25,8 @@ from typing import Iterator
 import numpy as np
 
 from .api import LLM, chat_messages
-from .engine.engine import PREFIX_CACHE_BYTES
 from .chat_template import render_chat_template
+from .engine.engine import PREFIX_CACHE_BYTES
 from .errors import TorchlessError
 from .grammar import LlamaGrammar  # noqa: F401 - llama_cpp.LlamaGrammar's place here
 from .sampling import Sampler, SamplingParams
