@@ -306,14 +306,14 @@ def test_two_level_scales_are_read_back_exactly(t):
 
 
 def test_packed_weights_stay_close_to_their_file_size():
-    """Packed bytes per file byte for a real-sized matrix (2048 x 2048): the 4-, 5- and 8-bit
-    types (most of a Q4_0, Q4_K_M, Q5_K_M or Q8_0 file) stay within 1.15x of the file, scales
-    included."""
+    """Packed bytes per file byte for a real-sized matrix (2048 x 2048): the 4-, 5-, 6- and 8-bit
+    types (most of a Q4_0, Q4_K_M, Q5_K_M, Q6_K or Q8_0 file) stay within 1.15x of the file,
+    scales included."""
     from torchless.quant import BLOCK_LAYOUT
 
     shape = (2048, 2048)
     ratio = {}
-    for t in (GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q8_0, GT.Q4_K, GT.Q5_K):
+    for t in (GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q8_0, GT.Q4_K, GT.Q5_K, GT.Q6_K):
         block, size = BLOCK_LAYOUT[t]
         ratio[t.name] = qm.packed_nbytes(t, shape) / (shape[0] * shape[1] // block * size)
     assert all(r <= 1.15 for r in ratio.values()), ratio

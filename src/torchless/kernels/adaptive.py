@@ -88,7 +88,7 @@ def _tasks_q4(codes, scale, mn, group, x, out, bounds, owners, starts):
         _group_sums(x, group, xs)
     counters, ends = starts[:-1].copy(), starts[1:]
     for w in prange(counters.shape[0]):
-        s = np.empty((3, TILE), np.float32)  # _tile_*'s scratch: sums, scales, mins
+        s = np.empty((4, TILE), np.float32)  # _tile_*'s scratch: sums, scales, mins, 6-bit high sums
         acc = np.empty(TILE, np.float32)
         i = _claim(counters, ends, w)
         while i >= 0:
@@ -107,7 +107,7 @@ def _tasks_q8(codes, scale, mn, group, x, out, bounds, owners, starts):
         _group_sums(x, group, xs)
     counters, ends = starts[:-1].copy(), starts[1:]
     for w in prange(counters.shape[0]):
-        s = np.empty((3, TILE), np.float32)  # _tile_*'s scratch: sums, scales, mins
+        s = np.empty((4, TILE), np.float32)  # _tile_*'s scratch: sums, scales, mins, 6-bit high sums
         acc = np.empty(TILE, np.float32)
         i = _claim(counters, ends, w)
         while i >= 0:
@@ -124,7 +124,7 @@ def _tasks_f32(codes, scale, mn, group, x, out, bounds, owners, starts):
     xs = np.empty(1, np.float32)
     counters, ends = starts[:-1].copy(), starts[1:]
     for w in prange(counters.shape[0]):
-        s = np.empty((3, TILE), np.float32)  # _tile_*'s scratch: sums, scales, mins
+        s = np.empty((4, TILE), np.float32)  # _tile_*'s scratch: sums, scales, mins, 6-bit high sums
         acc = np.empty(TILE, np.float32)
         i = _claim(counters, ends, w)
         while i >= 0:

@@ -4,17 +4,21 @@ scale.
 
 `prepare()` repacks every supported GGML type once, at load, into one of three layouts:
 
-  "q4"  4- or 5-bit codes, packed (0.5 or 0.625 byte/weight), groups of 32 columns:
-        codes uint8 (n_tiles, n_groups, 16 + H, TILE); byte j < 16 of group g holds the low 4
-        bits of columns 32g+j (low nibble) and 32g+16+j (high nibble), as Q4_0/Q4_1 already do.
-        5-bit codes (H = 4) keep their fifth bits in bytes 16..19, beside the nibbles of the
+  "q4"  4-, 5- or 6-bit codes, packed (0.5, 0.625 or 0.75 byte/weight), groups of 32 columns:
+        codes uint8 (n_tiles, n_code_groups, 16 + H, TILE); byte j < 16 of group g holds the low
+        4 bits of columns 32g+j (low nibble) and 32g+16+j (high nibble), as Q4_0/Q4_1 already
+        do. 5-bit codes (H = 4) keep their fifth bits in bytes 16..19, beside the nibbles of the
         same 4 bytes: bit i of byte 16+k is column 32g+4k+i's, bit 4+i column 32g+16+4k+i's
-        (the kernels read codes 4 bytes at a time). Q4_K's and Q5_K's sub-blocks are
-        re-arranged into the same form. Weight = scale * code + min. Used by Q4_0 (min = -8 d),
-        Q4_1 (min = m), Q4_K (scale = d sc_j, min = -dmin m_j), and with fifth bits by Q5_0
-        (min = -16 d), Q5_1 and Q5_K.
+        (the kernels read codes 4 bytes at a time); 6-bit codes (H = 8) their top two bits in
+        bytes 16..23: bits 2i, 2i+1 of byte 16+k are column 32g+4k+i's, of byte 20+k column
+        32g+16+4k+i's. Q4_K's and Q5_K's sub-blocks are re-arranged into
+        the same form. Weight = scale * code + min. Used by Q4_0 (min = -8 d), Q4_1 (min = m),
+        Q4_K (scale = d sc_j, min = -dmin m_j), with fifth bits by Q5_0 (min = -16 d), Q5_1 and
+        Q5_K, and with sixth bits by Q6_K, whose scales change every 16 columns (group 16: the
+        low nibbles of a code group have one scale, the high nibbles the next; code 0..63,
+        min = -32 scale; its dequantization computes scale * (code - 32), as gguf-py does).
   "q8"  signed 8-bit codes (1 byte/weight): codes int8 (n_tiles, n_groups, G, TILE), G = 32 or
-        16. Used by Q8_0 (G=32), Q6_K (codes -32..31, G=16) and the rarer types.
+        16. Used by Q8_0 (G=32) and the rarer types.
   "f32" float32 (n_tiles, cols, TILE). Used by F32, and F16/BF16, which are converted to float32
         at load (twice their file size in memory; they are small or rare in quantized files).
 
@@ -29,7 +33,8 @@ scale/min come in three encodings, all read by the kernels through `widen_row` /
   float32 (n_tiles, n_groups, TILE) otherwise (the IQ1/2/3 lattice types).
 Decode reads every weight byte once per token, so the scales' width is both memory and speed:
 float16 makes a Q4_1 weight 0.625 byte, as in the file, instead of 0.75; two levels make Q4_K's
-scale and min 0.047 byte per weight instead of 0.25 (packed Q4_K is 1.06x its file, not 1.33x).
+scale and min 0.047 byte per weight instead of 0.25 (packed Q4_K is 1.06x its file, not 1.33x),
+and six-bit codes Q6_K's weight 0.906 byte instead of 1.078 (1.10x its file, not 1.31x).
 Every value scale*code+min equals the dequantized weight of gguf-py exactly (a float16 times a
 small integer is exact in float32, and two levels compute the same float32 product as gguf-py).
 Rows are padded to a multiple of TILE with zero codes and zero scales.
@@ -66,8 +71,9 @@ QK_K = 256
 # The types whose scales (and mins) are float16 values in the file, kept as float16 bits unless a
 # tensor's are not (Q4_0's min is -8 d, which overflows float16 when |d| > 8188).
 F16_SCALE_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, TQ1_0, TQ2_0})
-# The types kept as "q4" codes with a fifth bit per column (see the module docstring).
-FIVE_BIT_TYPES = frozenset({Q5_0, Q5_1, Q5_K})
+# The types kept as "q4" codes with a fifth (and sixth) bit per column: the bytes of high bits
+# after the 16 of nibbles in a group of 32 columns (see the module docstring).
+HIGH_BIT_BYTES = {Q5_0: 4, Q5_1: 4, Q5_K: 4, Q6_K: 8}
 # The types whose scales (and mins) are a float16 super-block scale times an integer sub-scale
 # per group: kept in two levels (see the module docstring).
 TWO_LEVEL_TYPES = frozenset({Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_XS})
@@ -350,8 +356,10 @@ def _decode(ggml_type: int, raw: np.ndarray, cols: int):
         # within a 128-half, gguf-py's 32-chunk k = 2*nibble + (chunk of the 64 ql bytes) takes
         # its high bits from qh shifted by 2k
         lo = lo.reshape(n, nb, 2, 4, 32)
-        q = (lo | (hi << 4)).astype(np.int8) - 32
-        return q.reshape(n, cols), (_f16(b[..., 208:210]), sc), None, "q8", 16
+        q = lo | (hi << 4)  # 0..63: weight = d sc_j (q - 32), kept as scale q + min
+        d = _f16(b[..., 208:210])
+        with np.errstate(invalid="ignore"):  # NaN scales stay NaN
+            return q.reshape(n, cols), (d, sc), (np.float32(-32.0) * d, sc), "q4", 16
     raise ValueError(f"qmatmul: unsupported ggml type {ggml_type}")
 
 
@@ -360,13 +368,16 @@ def packed_layout(ggml_type: int, cols: int) -> tuple[str, int, bool]:
     share a scale, and whether a min term is kept."""
     t = int(ggml_type)
     kinds = {F32: "f32", F16: "f32", BF16: "f32", Q4_0: "q4", Q4_1: "q4", Q4_K: "q4",
-             Q5_0: "q4", Q5_1: "q4", Q8_0: "q8", Q5_K: "q4", Q6_K: "q8",
+             Q5_0: "q4", Q5_1: "q4", Q8_0: "q8", Q5_K: "q4", Q6_K: "q4",
              Q2_K: "q8", Q3_K: "q8", IQ4_NL: "q8", IQ4_XS: "q8", TQ1_0: "q8", TQ2_0: "q8", MXFP4: "q8",
              **{t: "q8" for t in _IQ_GROUP}}
     if t not in kinds:
         raise ValueError(f"qmatmul: unsupported ggml type {t}")
     kind = kinds[t]
-    group = {"f32": cols, "q4": 32}.get(kind, 16 if t in (Q2_K, Q3_K, Q6_K) else _IQ_GROUP.get(t, 32))
+    if kind == "f32":
+        group = cols
+    else:
+        group = 16 if t in (Q2_K, Q3_K, Q6_K) else _IQ_GROUP.get(t, 32)
     return kind, group, kind == "q4" or t == Q2_K
 
 
@@ -378,8 +389,7 @@ def packed_nbytes(ggml_type: int, shape) -> int:
     if kind == "f32":
         return tiles * cols * TILE * 4
     code_bytes = tiles * cols * TILE // (2 if kind == "q4" else 1)
-    if int(ggml_type) in FIVE_BIT_TYPES:
-        code_bytes += tiles * (cols // 32) * 4 * TILE
+    code_bytes += tiles * (cols // 32) * HIGH_BIT_BYTES.get(int(ggml_type), 0) * TILE
     if int(ggml_type) in TWO_LEVEL_TYPES:  # per 256 columns: 4 bytes, and a byte per group
         per_scale = tiles * (cols // QK_K) * (4 + QK_K // group) * TILE
     else:  # as prepare keeps them (real files)
@@ -433,7 +443,7 @@ def prepare(qtensor) -> PackedWeight:
     if kind == "f32":
         codes = np.zeros((n_tiles, cols, TILE), np.float32)
     elif kind == "q4":
-        codes = np.zeros((n_tiles, n_groups, 16 + (4 if t in FIVE_BIT_TYPES else 0), TILE), np.uint8)
+        codes = np.zeros((n_tiles, cols // 32, 16 + HIGH_BIT_BYTES.get(t, 0), TILE), np.uint8)
     else:
         codes = np.zeros((n_tiles, n_groups, group, TILE), np.int8)
     if t in TWO_LEVEL_TYPES:
@@ -452,13 +462,16 @@ def prepare(qtensor) -> PackedWeight:
             codes[t0:t0 + nt] = c.reshape(nt, TILE, cols).transpose(0, 2, 1)
             continue
         if kind == "q4":
-            c = c.reshape(nt, TILE, n_groups, 32).astype(np.uint8)
-            nibbles = (c[..., :16] & 0x0F) | ((c[..., 16:] & 0x0F) << 4)  # byte j: column j, j + 16
-            if t in FIVE_BIT_TYPES:  # byte 16 + k: the fifth bits of columns 4k.. (low), 16 + 4k..
-                five = (c >> 4).reshape(nt, TILE, n_groups, 2, 4, 4).transpose(0, 1, 2, 4, 3, 5)
-                fifth = np.packbits(five.reshape(nt, TILE, n_groups, 4, 8), axis=-1, bitorder="little")
-                nibbles = np.concatenate([nibbles, fifth[..., 0]], axis=-1)
-            codes[t0:t0 + nt] = nibbles.transpose(0, 2, 3, 1)
+            ng = cols // 32
+            c = c.reshape(nt, TILE, ng, 32).astype(np.uint8)
+            planes = [(c[..., :16] & 0x0F) | ((c[..., 16:] & 0x0F) << 4)]  # byte j: column j, j + 16
+            if HIGH_BIT_BYTES.get(t) == 4:  # byte 16 + k: the fifth bits of columns 4k.. (low), 16 + 4k..
+                b = (c >> 4).reshape(nt, TILE, ng, 2, 4, 4).transpose(0, 1, 2, 4, 3, 5)
+                planes.append(np.packbits(b.reshape(nt, TILE, ng, 4, 8), axis=-1, bitorder="little")[..., 0])
+            elif HIGH_BIT_BYTES.get(t) == 8:  # byte 16 + k (20 + k): bits 4-5 of columns 4k.. (16 + 4k..)
+                top = (c >> 4).reshape(nt, TILE, ng, 8, 4) << np.array([0, 2, 4, 6], np.uint8)
+                planes.append(np.bitwise_or.reduce(top, axis=-1))
+            codes[t0:t0 + nt] = np.concatenate(planes, axis=-1).transpose(0, 2, 3, 1)
         else:
             codes[t0:t0 + nt] = c.reshape(nt, TILE, n_groups, group).transpose(0, 2, 3, 1)
         scale[t0:t0 + nt] = _tiled_scales(s, nt)

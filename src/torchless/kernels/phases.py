@@ -131,7 +131,7 @@ def _product_tasks(weight, x, out, counters, runners, w, done, phase):
     if i < 0:
         return
     xs = _x_sums(weight, x)
-    s = np.empty((3, TILE), np.float32)  # the tile kernels' scratch: sums, scales, mins
+    s = np.empty((4, TILE), np.float32)  # the tile kernels' scratch: sums, scales, mins, 6-bit high sums
     acc = np.empty(TILE, np.float32)
     while i >= 0:
         _run_task(weight, x, xs, out, i, s, acc)
@@ -219,7 +219,7 @@ def _mlp_part(w, h, gate, up, o, w_gate, w_up, w_down, cg, rg, cd, rd, done, d):
     i = adaptive._claim(cg, ends, w)
     if i >= 0:
         xs_gate, xs_up = _x_sums(w_gate, h), _x_sums(w_up, h)
-        s = np.empty((3, TILE), np.float32)
+        s = np.empty((4, TILE), np.float32)
         acc = np.empty(TILE, np.float32)
         while i >= 0:
             _run_task(w_gate, h, xs_gate, gate, i, s, acc)

@@ -54,12 +54,16 @@ def available() -> bool:
     return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni"))
 
 
-def _make_group_dot(n_quads: int, nibbles: bool, n_xrows: int, fifth_bits: bool = False):
+def _make_group_dot(n_quads: int, nibbles: bool, n_xrows: int, fifth_bits: bool = False,
+                    sixth_bits: bool = False):
     """An intrinsic isum[i, r] = sum_c u8(code[t, g, c, r]) * xq[m0 + i, x0 + c] for i <
     n_xrows, r < TILE, over the n_quads * 4 columns of group g (twice that for packed nibbles:
     low nibble column c, high nibble column c + 16; with fifth_bits, the 5-bit codes of the
     "q4" layout, their fifth bits in byte 16 + c // 4: see packing). xq4 is xq viewed as int32
-    (4 columns each), x0 = g * (columns of a group)."""
+    (4 columns each), x0 = g * (columns of a group). With sixth_bits (6-bit codes, their top
+    two bits in bits 2k, 2k + 1 of byte 16 + c // 4, or 20 + c // 4 for the high nibbles), whose
+    scale changes every 16 columns, the halves are summed apart: the low-nibble columns' sums in
+    rows i of isum, the high-nibble ones' in rows n_xrows + i."""
 
     @intrinsic
     def group_dot(typingctx, codes, t, g, xq4, m0, isum):
@@ -72,7 +76,7 @@ def _make_group_dot(n_quads: int, nibbles: bool, n_xrows: int, fifth_bits: bool 
             v16, v64, v128 = ir.VectorType(_I32, 16), ir.VectorType(_I8, 64), ir.VectorType(_I8, 128)
             dpbusd = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(v16, [v16, v16, v16]), "llvm.x86.avx512.vpdpbusd.512")
-            acc = [[ir.Constant(v16, [0] * 16) for _ in range(2)] for _ in range(n_xrows)]
+            acc = [[ir.Constant(v16, [0] * 16) for _ in range(2)] for _ in range(n_xrows * (2 if sixth_bits else 1))]
             # bytes of 4 columns x 32 rows (column-major) -> two halves of 16 rows, each row's
             # 4 bytes adjacent: out[4 r + k] = in[32 k + r]
             transposes = [ir.Constant(ir.VectorType(_I32, 64), [32 * k + 16 * h + r for r in range(16)
@@ -93,27 +97,33 @@ def _make_group_dot(n_quads: int, nibbles: bool, n_xrows: int, fifth_bits: bool 
                 if nibbles:
                     low = [builder.and_(h, ir.Constant(v64, [15] * 64)) for h in halves]
                     high = [builder.lshr(h, ir.Constant(v64, [4] * 64)) for h in halves]
-                    if fifth_bits:
-                        pb = cgutils.get_item_pointer(context, builder, sig.args[0], codes_a, [t_, g_, intp(16 + q), intp(0)])
+                    zero = ir.Constant(v64, [0] * 64)
+                    # (byte, mask of each lane's bit, value it adds) per high bit of each nibble
+                    if sixth_bits:
+                        planes = [(16 + 4 * which + q, ir.Constant(v64, [(b << 2 * k) for _ in range(16) for k in range(4)]),
+                                   16 * b) for which in (0, 1) for b in (1, 2)]
+                    else:
+                        planes = [(16 + q, bit_of[which], 16) for which in ((0, 1) if fifth_bits else ())]
+                    for n_plane, (byte, mask, value) in enumerate(planes):
+                        pb = cgutils.get_item_pointer(context, builder, sig.args[0], codes_a, [t_, g_, intp(byte), intp(0)])
                         bits = builder.load(builder.bitcast(pb, v32.as_pointer()), align=1)
-                        sixteen, zero = ir.Constant(v64, [16] * 64), ir.Constant(v64, [0] * 64)
-                        for nib, which in ((low, 0), (high, 1)):
-                            for h in (0, 1):
-                                near = builder.shuffle_vector(bits, ir.Constant(v32, ir.Undefined), spreads[h])
-                                on = builder.icmp_unsigned("!=", builder.and_(near, bit_of[which]), zero)
-                                nib[h] = builder.or_(nib[h], builder.select(on, sixteen, zero))
-                    columns = [(q, low), (q + n_quads, high)]
+                        nib = low if n_plane < len(planes) // 2 else high
+                        for h in (0, 1):
+                            near = builder.shuffle_vector(bits, ir.Constant(v32, ir.Undefined), spreads[h])
+                            on = builder.icmp_unsigned("!=", builder.and_(near, mask), zero)
+                            nib[h] = builder.or_(nib[h], builder.select(on, ir.Constant(v64, [value] * 64), zero))
+                    columns = [(q, low, 0), (q + n_quads, high, n_xrows if sixth_bits else 0)]
                 else:  # signed codes + 128: unsigned bytes, as vpdpbusd wants its first operand
-                    columns = [(q, [builder.xor(h, ir.Constant(v64, [-128] * 64)) for h in halves])]
-                for xq_col, weights in columns:
+                    columns = [(q, [builder.xor(h, ir.Constant(v64, [-128] * 64)) for h in halves], 0)]
+                for xq_col, weights, first in columns:
                     weights = [builder.bitcast(w, v16) for w in weights]
                     for i in range(n_xrows):
                         x4 = builder.load(builder.gep(xrows[i], [intp(xq_col)]), align=4)
                         xb = builder.insert_element(ir.Constant(v16, ir.Undefined), x4, ir.Constant(_I32, 0))
                         xb = builder.shuffle_vector(xb, ir.Constant(v16, ir.Undefined), ir.Constant(v16, [0] * 16))
                         for h in range(2):
-                            acc[i][h] = builder.call(dpbusd, [acc[i][h], weights[h], xb])
-            for i in range(n_xrows):
+                            acc[first + i][h] = builder.call(dpbusd, [acc[first + i][h], weights[h], xb])
+            for i in range(len(acc)):
                 for h in range(2):
                     p = cgutils.get_item_pointer(context, builder, sig.args[5], isum_a, [intp(i), intp(16 * h)])
                     builder.store(acc[i][h], builder.bitcast(p, v16.as_pointer()), align=4)
@@ -127,6 +137,7 @@ def _make_group_dot(n_quads: int, nibbles: bool, n_xrows: int, fifth_bits: bool 
 # One intrinsic per code layout and block of X rows (LEVELS int8 rows for each of 4, 2 or 1 rows).
 _dot_q4_4, _dot_q4_2, _dot_q4_1 = (_make_group_dot(4, True, LEVELS * n) for n in (4, 2, 1))
 _dot_q5_4, _dot_q5_2, _dot_q5_1 = (_make_group_dot(4, True, LEVELS * n, True) for n in (4, 2, 1))
+_dot_q6_4, _dot_q6_2, _dot_q6_1 = (_make_group_dot(4, True, LEVELS * n, True, True) for n in (4, 2, 1))
 _dot_q8g32_4, _dot_q8g32_2, _dot_q8g32_1 = (_make_group_dot(8, False, LEVELS * n) for n in (4, 2, 1))
 _dot_q8g16_4, _dot_q8g16_2, _dot_q8g16_1 = (_make_group_dot(4, False, LEVELS * n) for n in (4, 2, 1))
 
@@ -166,17 +177,21 @@ def quantize_rows(X, group, xq, dx, xs, sq):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _accumulate(acc, isum, scale, mn, t, g, buf, dx, xs, sq, m0, n, offset):
-    """acc[i] += this group's share of row m0 + i (i < n) from the integer sums of its levels
-    (the group's float16 scales and mins already widened into buf: see packing.widen_row)."""
+def _accumulate(acc, isum, scale, mn, t, g, buf, dx, xs, sq, m0, n, offset, first):
+    """acc[i] += scale group g's share of row m0 + i (i < n) from the integer sums of its levels,
+    isum rows first + LEVELS i + k (the group's scales and mins widened into buf: see
+    packing.widen_row)."""
+    widen_row(scale, t, g, buf, 0)
     has_min = mn.shape[1] > 0
+    if has_min:
+        widen_row(mn, t, g, buf, 1)
     for i in range(n):
         m = m0 + i
         xg = xs[m, g]
         for r in range(TILE):
             v = np.float32(0.0)
             for k in range(LEVELS):
-                v += dx[LEVELS * m + k, g] * np.float32(isum[LEVELS * i + k, r] - offset * sq[LEVELS * m + k, g])
+                v += dx[LEVELS * m + k, g] * np.float32(isum[first + LEVELS * i + k, r] - offset * sq[LEVELS * m + k, g])
             a = acc[i, r] + row_value(scale, t, g, r, buf, 0) * v
             acc[i, r] = a + row_value(mn, t, g, r, buf, 1) * xg if has_min else a
 
@@ -194,17 +209,27 @@ def _tiles_q4(codes, scale, mn, xq4, dx, xs, sq, out, t0, t1):
     """out[:, rows of tiles t0..t1] for every row of X; each tile's codes are read once from
     memory and then stay in L1 for all the row blocks."""
     M = xs.shape[0]
-    isum = np.empty((LEVELS * ROW_BLOCK, TILE), np.int32)
+    isum = np.empty((2 * LEVELS * ROW_BLOCK, TILE), np.int32)  # 6-bit codes: two halves
     acc = np.empty((ROW_BLOCK, TILE), np.float32)
-    has_min = mn.shape[1] > 0
     buf = np.empty((2, TILE), np.float32)  # a group's scales and mins, widened (float16 bits)
-    five_bit = codes.shape[2] > 16
+    high_bytes = codes.shape[2] - 16  # 0, 4 (fifth bits) or 8 (fifth and sixth)
+    five_bit = high_bytes == 4
     for t in range(t0, t1):
         m0 = 0
         while m0 < M:
             n = min(ROW_BLOCK, M - m0) if M - m0 != 3 else 2  # blocks of 4, 2, 1 rows
             acc[:n] = 0.0
             for g in range(codes.shape[1]):
+                if high_bytes == 8:  # a scale per 16 columns: X's groups are 16 columns too
+                    if n == 4:
+                        _dot_q6_4(codes, t, g, xq4, LEVELS * m0, isum)
+                    elif n == 2:
+                        _dot_q6_2(codes, t, g, xq4, LEVELS * m0, isum)
+                    else:
+                        _dot_q6_1(codes, t, g, xq4, LEVELS * m0, isum)
+                    _accumulate(acc, isum, scale, mn, t, 2 * g, buf, dx, xs, sq, m0, n, 0, 0)
+                    _accumulate(acc, isum, scale, mn, t, 2 * g + 1, buf, dx, xs, sq, m0, n, 0, LEVELS * n)
+                    continue
                 if five_bit and n == 4:
                     _dot_q5_4(codes, t, g, xq4, LEVELS * m0, isum)
                 elif five_bit and n == 2:
@@ -217,22 +242,19 @@ def _tiles_q4(codes, scale, mn, xq4, dx, xs, sq, out, t0, t1):
                     _dot_q4_2(codes, t, g, xq4, LEVELS * m0, isum)
                 else:
                     _dot_q4_1(codes, t, g, xq4, LEVELS * m0, isum)
-                widen_row(scale, t, g, buf, 0)
-                if has_min:
-                    widen_row(mn, t, g, buf, 1)
-                _accumulate(acc, isum, scale, mn, t, g, buf, dx, xs, sq, m0, n, 0)
+                _accumulate(acc, isum, scale, mn, t, g, buf, dx, xs, sq, m0, n, 0, 0)
             _store(acc, out, t, m0, n)
             m0 += n
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
 def _tiles_q8(codes, scale, mn, xq4, dx, xs, sq, out, t0, t1):
-    """As _tiles_q4, for signed byte codes in groups of 32 (Q8_0, Q5_K) or 16 (Q6_K) columns."""
+    """As _tiles_q4, for signed byte codes in groups of 32 (Q8_0, IQ4_NL, ...) or 16 (Q2_K,
+    Q3_K) columns."""
     M = xs.shape[0]
     wide = codes.shape[2] == 32
     isum = np.empty((LEVELS * ROW_BLOCK, TILE), np.int32)
     acc = np.empty((ROW_BLOCK, TILE), np.float32)
-    has_min = mn.shape[1] > 0
     buf = np.empty((2, TILE), np.float32)  # a group's scales and mins, widened (float16 bits)
     for t in range(t0, t1):
         m0 = 0
@@ -252,10 +274,7 @@ def _tiles_q8(codes, scale, mn, xq4, dx, xs, sq, out, t0, t1):
                     _dot_q8g16_2(codes, t, g, xq4, LEVELS * m0, isum)
                 else:
                     _dot_q8g16_1(codes, t, g, xq4, LEVELS * m0, isum)
-                widen_row(scale, t, g, buf, 0)
-                if has_min:
-                    widen_row(mn, t, g, buf, 1)
-                _accumulate(acc, isum, scale, mn, t, g, buf, dx, xs, sq, m0, n, 128)
+                _accumulate(acc, isum, scale, mn, t, g, buf, dx, xs, sq, m0, n, 128, 0)
             _store(acc, out, t, m0, n)
             m0 += n
 
