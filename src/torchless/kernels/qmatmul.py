@@ -113,7 +113,7 @@ def _q6_group_sums(codes, t, g, x, s):
     high-nibble ones. Bits 2i, 2i+1 of byte 16 + k hold the top two bits of low-nibble column
     4k + i, of byte 20 + k those of high-nibble column 16 + 4k + i: a shift and a mask put
     them in place (bits 4-5). The row loop outside with sums in registers, as in
-    _q4_group_sums, measured 1.2x faster here than _q5_group_sums's order."""
+    _q4_group_sums, measured 1.15x faster here than _q5_group_sums's order."""
     o = g * 32
     m4, top = np.uint8(15), np.uint8(48)
     for r in range(TILE):
