@@ -374,7 +374,7 @@ def _rows_q8(codes, scale, mn, group, x, out, r0, r1):
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
     if mn.shape[1] > 0:
         _group_sums(x, group, xs)
-    s = np.empty((4, TILE), np.float32)  # sums, widened scales, widened mins, 6-bit high halves' sums
+    s = np.empty((3, TILE), np.float32)  # sums, widened scales, widened mins
     acc = np.empty(TILE, np.float32)
     for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
         _tile_q8(codes, scale, mn, x, xs, out, t, r0, r1, s, acc)
@@ -387,7 +387,7 @@ def _par_q8(codes, scale, mn, group, x, out, r0, r1):
         _group_sums(x, group, xs)
     t0 = r0 // TILE
     for i in prange((r1 + TILE - 1) // TILE - t0):
-        s = np.empty((4, TILE), np.float32)  # per task: tasks run on different threads
+        s = np.empty((3, TILE), np.float32)  # per task: tasks run on different threads
         acc = np.empty(TILE, np.float32)
         _tile_q8(codes, scale, mn, x, xs, out, t0 + i, r0, r1, s, acc)
 
@@ -397,7 +397,7 @@ def _rows_f32(codes, scale, mn, group, x, out, r0, r1):
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
     if mn.shape[1] > 0:
         _group_sums(x, group, xs)
-    s = np.empty((4, TILE), np.float32)  # sums, widened scales, widened mins, 6-bit high halves' sums
+    s = np.empty((3, TILE), np.float32)  # sums, widened scales, widened mins
     acc = np.empty(TILE, np.float32)
     for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
         _tile_f32(codes, scale, mn, x, xs, out, t, r0, r1, s, acc)
@@ -410,7 +410,7 @@ def _par_f32(codes, scale, mn, group, x, out, r0, r1):
         _group_sums(x, group, xs)
     t0 = r0 // TILE
     for i in prange((r1 + TILE - 1) // TILE - t0):
-        s = np.empty((4, TILE), np.float32)  # per task: tasks run on different threads
+        s = np.empty((3, TILE), np.float32)  # per task: tasks run on different threads
         acc = np.empty(TILE, np.float32)
         _tile_f32(codes, scale, mn, x, xs, out, t0 + i, r0, r1, s, acc)
 

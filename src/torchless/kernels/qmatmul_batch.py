@@ -98,16 +98,19 @@ def _make_group_dot(n_quads: int, nibbles: bool, n_xrows: int, fifth_bits: bool 
                     low = [builder.and_(h, ir.Constant(v64, [15] * 64)) for h in halves]
                     high = [builder.lshr(h, ir.Constant(v64, [4] * 64)) for h in halves]
                     zero = ir.Constant(v64, [0] * 64)
-                    # (byte, mask of each lane's bit, value it adds) per high bit of each nibble
+                    # (the nibbles it completes, byte, mask of each lane's bit, value it adds) per
+                    # high bit of the codes
                     if sixth_bits:
-                        planes = [(16 + 4 * which + q, ir.Constant(v64, [(b << 2 * k) for _ in range(16) for k in range(4)]),
-                                   16 * b) for which in (0, 1) for b in (1, 2)]
+                        planes = [(nib, 16 + 4 * which + q,
+                                   ir.Constant(v64, [(b << 2 * k) for _ in range(16) for k in range(4)]), 16 * b)
+                                  for which, nib in enumerate((low, high)) for b in (1, 2)]
+                    elif fifth_bits:
+                        planes = [(nib, 16 + q, bit_of[which], 16) for which, nib in enumerate((low, high))]
                     else:
-                        planes = [(16 + q, bit_of[which], 16) for which in ((0, 1) if fifth_bits else ())]
-                    for n_plane, (byte, mask, value) in enumerate(planes):
+                        planes = []
+                    for nib, byte, mask, value in planes:
                         pb = cgutils.get_item_pointer(context, builder, sig.args[0], codes_a, [t_, g_, intp(byte), intp(0)])
                         bits = builder.load(builder.bitcast(pb, v32.as_pointer()), align=1)
-                        nib = low if n_plane < len(planes) // 2 else high
                         for h in (0, 1):
                             near = builder.shuffle_vector(bits, ir.Constant(v32, ir.Undefined), spreads[h])
                             on = builder.icmp_unsigned("!=", builder.and_(near, mask), zero)
@@ -137,7 +140,7 @@ def _make_group_dot(n_quads: int, nibbles: bool, n_xrows: int, fifth_bits: bool 
 # One intrinsic per code layout and block of X rows (LEVELS int8 rows for each of 4, 2 or 1 rows).
 _dot_q4_4, _dot_q4_2, _dot_q4_1 = (_make_group_dot(4, True, LEVELS * n) for n in (4, 2, 1))
 _dot_q5_4, _dot_q5_2, _dot_q5_1 = (_make_group_dot(4, True, LEVELS * n, True) for n in (4, 2, 1))
-_dot_q6_4, _dot_q6_2, _dot_q6_1 = (_make_group_dot(4, True, LEVELS * n, True, True) for n in (4, 2, 1))
+_dot_q6_4, _dot_q6_2, _dot_q6_1 = (_make_group_dot(4, True, LEVELS * n, sixth_bits=True) for n in (4, 2, 1))
 _dot_q8g32_4, _dot_q8g32_2, _dot_q8g32_1 = (_make_group_dot(8, False, LEVELS * n) for n in (4, 2, 1))
 _dot_q8g16_4, _dot_q8g16_2, _dot_q8g16_1 = (_make_group_dot(4, False, LEVELS * n) for n in (4, 2, 1))
 
