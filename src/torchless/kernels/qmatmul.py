@@ -139,7 +139,7 @@ def _q6_group_sums(codes, t, g, x, s):
 def _tile_q6(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
     """_tile_q4 for 6-bit codes, a scale per 16 columns: the halves of each group apart. Its own
     function, apart from _tile_q4's loop (as a branch there, with the accumulation shared in a
-    helper, Q4_K's and Q5_K's matvecs ran 1.1-1.2x slower)."""
+    helper, Q4_K's and Q5_K's matvecs ran 1.1-1.3x slower)."""
     acc[:] = 0.0
     for g in range(codes.shape[1]):
         prefetch_row(codes, t + 1, g, 768)  # the next tile's group (see _tile_q4)
