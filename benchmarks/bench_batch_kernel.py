@@ -1,12 +1,13 @@
-"""Batched quantized products: the float kernel (`qmatmul.matmul_float_into`, each tile expanded
-to float32) against the integer one (`qmatmul.matmul_into`, see kernels/qmatmul_batch.py),
-interleaved in one process, on SmolLM2's weight shapes (Q4_1 layers, Q8_0 head) per batch M;
-then BLAS at the same M (what sets `gemm.MIN_TOKENS_FOR_BLAS`); with --model, the whole
-micro-batch step (`forward_spans` over B one-token spans) with either kernel.
+"""Batched quantized products: the integer kernel (int8 activations in three levels, VNNI dots)
+against the float kernel (each tile expanded to float32 once per call, rows of X multiplied in
+register blocks), both forced at every M, interleaved in one process, on SmolLM2's weight shapes
+(Q4_1 layers, Q8_0 head); with --blas, BLAS at the same M too (what sets
+`gemm.MIN_TOKENS_FOR_BLAS`). `qmatmul_batch.FLOAT_MIN_ROWS` is where the float kernel starts to
+win. The whole-model effect: benchmarks/compare.py --batch.
 
-    python benchmarks/bench_batch_kernel.py --threads 1 [--m 1,2,4,8,16,32,64] [--model smollm2]
+    python benchmarks/bench_batch_kernel.py --threads 1 [--m 1,2,4,8,16,32,64] [--blas]
 
-Prints per M and shape the median us per row of X [min-max over rounds], rows/s, and new/old.
+Prints per M and shape the median us per row of X [min-max over rounds], rows/s, and int/float.
 """
 
 import argparse
@@ -14,12 +15,31 @@ import time
 
 import numba
 import numpy as np
+from numba import njit
 
-from torchless.kernels import gemm, qmatmul, qmatmul_batch
+from torchless.kernels import gemm, qmatmul
+from torchless.kernels import qmatmul_batch as qb
 from torchless.quant import GGMLType, QTensor
 
 SHAPES = [("Q4_1", 576, 576), ("Q4_1", 192, 576), ("Q4_1", 1536, 576), ("Q4_1", 576, 1536),
           ("Q8_0", 49152, 576)]
+
+
+@njit(nogil=True)
+def integer_product(codes, scale, mn, group, X, out):
+    xq4, dx, xs, sq = qb.quantized_activations(X, group)
+    if codes.dtype == np.uint8:
+        qb._tiles_q4(codes, scale, mn, xq4, dx, xs, sq, out, 0, codes.shape[0])
+    else:
+        qb._tiles_q8(codes, scale, mn, xq4, dx, xs, sq, out, 0, codes.shape[0])
+
+
+@njit(nogil=True)
+def float_product(codes, scale, mn, X, out):
+    if codes.dtype == np.uint8:
+        qb._float_tiles_q4(codes, scale, mn, X, out, 0, codes.shape[0])
+    else:
+        qb._float_tiles_q8(codes, scale, mn, X, out, 0, codes.shape[0])
 
 
 def random_weight(kind, rows, cols, rng):
@@ -53,8 +73,9 @@ def kernels(args):
         for kind, w in weights:
             X = rng.standard_normal((m, w.cols)).astype(np.float32)
             out = np.empty((m, w.rows), np.float32)
-            fns = {"old": lambda: qmatmul.matmul_float_into(w, X, out),
-                   "new": lambda: qmatmul.matmul_into(w, X, out)}
+            fns = {"float": lambda: float_product(w.codes, w.scale, w.min, X, out)}
+            if qb.INTEGER:
+                fns["int"] = lambda: integer_product(w.codes, w.scale, w.min, w.group, X, out)
             if args.blas:
                 fns["blas"] = lambda: gemm.matmul_blas_into(w, X, out, args.threads)
             calls = max(1, int(2e7 // (w.rows * w.cols * max(m, 4))))
@@ -63,36 +84,11 @@ def kernels(args):
             per_row = {k: np.array(v) / m for k, v in times.items()}
             cells = "  ".join(f"{k} {np.median(v):8.1f} [{v.min():.1f}-{v.max():.1f}] "
                               f"({1e6 / np.median(v):7.0f} rows/s)" for k, v in per_row.items())
-            ratio = per_row["old"] / per_row["new"]
-            print(f"M={m:3d} {kind} {w.rows:5d}x{w.cols:<5d} {cells}  old/new {np.median(ratio):.2f} "
-                  f"[{ratio.min():.2f}-{ratio.max():.2f}]", flush=True)
-
-
-def model_step(args):
-    from torchless import Mistral, Parameters
-    from torchless.model.mistral import Span
-
-    model = Mistral.load(Parameters.load(args.model))
-    integer = dict(qmatmul_batch._INT_PAR)
-    for b in map(int, args.m.split(",")):
-        states = [model.new_state(256) for _ in range(b)]
-        for i, s in enumerate(states):
-            model.prefill(s, [1 + i, 2, 3, 4])
-
-        def step(use_integer):
-            qmatmul_batch._INT_PAR.clear()
-            if use_integer:
-                qmatmul_batch._INT_PAR.update(integer)
-            model.forward_spans([Span(s, [5], s.pos) for s in states])
-
-        with gemm.single_threaded_blas():
-            times = interleaved({"old": lambda: step(False), "new": lambda: step(True)},
-                                args.rounds, args.steps)
-        tok = {k: b * 1e6 / np.array(v) for k, v in times.items()}
-        print(f"B={b:3d} step: " + "  ".join(f"{k} {np.median(v):7.1f} tok/s [{v.min():.1f}-{v.max():.1f}]"
-                                               for k, v in tok.items())
-              + f"  new/old {np.median(tok['new'] / tok['old']):.2f}", flush=True)
-    qmatmul_batch._INT_PAR.update(integer)
+            line = f"M={m:3d} {kind} {w.rows:5d}x{w.cols:<5d} {cells}"
+            if "int" in per_row:
+                ratio = per_row["int"] / per_row["float"]
+                line += f"  int/float {np.median(ratio):.2f} [{ratio.min():.2f}-{ratio.max():.2f}]"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":
@@ -100,11 +96,7 @@ if __name__ == "__main__":
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--m", default="1,2,4,8,16,32,64")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=3)
     p.add_argument("--blas", action="store_true", help="time gemm.matmul_blas_into too")
-    p.add_argument("--model", help="also time forward_spans over B one-token sequences")
     args = p.parse_args()
     numba.set_num_threads(args.threads)
     kernels(args)
-    if args.model:
-        model_step(args)

@@ -219,18 +219,20 @@ def test_new_types_repacked_as_q8_exactly(t):
 
     from torchless.kernels import adaptive
 
-    X = np.random.default_rng(1).standard_normal((5, cols)).astype(np.float32)
-    X[:, 5] *= 40  # an outlier column, as real activations have
-    exact = X.astype(np.float64) @ ref.T.astype(np.float64)  # (5, rows)
-    float_bound = 1e-4 * (np.abs(X) @ np.abs(ref.T)) + 1e-30  # float32 accumulation
-    # the integer kernels carry each x as three int8 levels (see test_qmatmul.activation_bound)
-    amax = np.abs(X).reshape(5, -1, group).max(-1).repeat(group, axis=-1)
-    int_bound = amax @ np.abs(ref.T) / (2 * 127 * 254 ** 2) * 1.01 + 2e-5 * (np.abs(X) @ np.abs(ref.T))
-    y = np.full(rows, np.nan, np.float32)
-    qm.matvec_into(w, X[0], y)
-    np.testing.assert_array_less(np.abs(y - exact[0]), float_bound[0])
-    for fn, bound in ((qm.matmul_into, int_bound), (adaptive.matmul_adaptive_into, int_bound),
-                      (qm.matmul_float_into, float_bound)):
-        Y = np.full((5, rows), np.nan, np.float32)
-        fn(w, X, Y)
-        np.testing.assert_array_less(np.abs(Y - exact), bound)
+    # 3 rows: the integer kernels (where the host has them); 5: the float ones (FLOAT_MIN_ROWS)
+    for n_rows in (3, 5):
+        X = np.random.default_rng(1).standard_normal((n_rows, cols)).astype(np.float32)
+        X[:, 5] *= 40  # an outlier column, as real activations have
+        exact = X.astype(np.float64) @ ref.T.astype(np.float64)  # (n_rows, rows)
+        float_bound = 1e-4 * (np.abs(X) @ np.abs(ref.T)) + 1e-30  # float32 accumulation
+        # the integer kernels carry each x as three int8 levels (see test_qmatmul.activation_bound)
+        amax = np.abs(X).reshape(n_rows, -1, group).max(-1).repeat(group, axis=-1)
+        int_bound = amax @ np.abs(ref.T) / (2 * 127 * 254 ** 2) * 1.01 + 2e-5 * (np.abs(X) @ np.abs(ref.T))
+        y = np.full(rows, np.nan, np.float32)
+        qm.matvec_into(w, X[0], y)
+        np.testing.assert_array_less(np.abs(y - exact[0]), float_bound[0])
+        for fn, bound in ((qm.matmul_into, int_bound), (adaptive.matmul_adaptive_into, int_bound),
+                          (qm.matmul_float_into, float_bound)):
+            Y = np.full((n_rows, rows), np.nan, np.float32)
+            fn(w, X, Y)
+            np.testing.assert_array_less(np.abs(Y - exact), bound)

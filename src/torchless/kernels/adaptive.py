@@ -23,8 +23,8 @@ from numba.extending import intrinsic
 
 from . import qmatmul, qmatmul_batch
 from .qmatmul import TILE, PackedWeight, _group_sums, _tile_f32, _tile_q4, _tile_q8
-from .qmatmul_batch import (_float_tiles_f32, _float_tiles_q4, _float_tiles_q8, _tiles_q4, _tiles_q8,
-                            quantized_activations)
+from .qmatmul_batch import (FLOAT_MIN_ROWS, _float_tiles_f32, _float_tiles_q4, _float_tiles_q8, _tiles_q4,
+                            _tiles_q8, quantized_activations)
 from .fused import attend_heads
 from .workdist import WorkDistributionConfig, WorkStealingStats
 
@@ -250,6 +250,8 @@ def _matvec(weights: PackedWeight, x, out, config=None, stats=GLOBAL_STATS):
 
 @njit(nogil=True, cache=True, parallel=True)
 def _batch_tasks_q4(codes, scale, mn, group, X, out, bounds, owners, starts):
+    if X.shape[0] >= FLOAT_MIN_ROWS:
+        return _batch_float_tasks_q4(codes, scale, mn, group, X, out, bounds, owners, starts)
     xq4, dx, xs, sq = quantized_activations(X, group)
     runners = np.empty(owners.shape[0], np.int64)
     counters, ends = starts[:-1].copy(), starts[1:]
@@ -264,6 +266,8 @@ def _batch_tasks_q4(codes, scale, mn, group, X, out, bounds, owners, starts):
 
 @njit(nogil=True, cache=True, parallel=True)
 def _batch_tasks_q8(codes, scale, mn, group, X, out, bounds, owners, starts):
+    if X.shape[0] >= FLOAT_MIN_ROWS:
+        return _batch_float_tasks_q8(codes, scale, mn, group, X, out, bounds, owners, starts)
     xq4, dx, xs, sq = quantized_activations(X, group)
     runners = np.empty(owners.shape[0], np.int64)
     counters, ends = starts[:-1].copy(), starts[1:]

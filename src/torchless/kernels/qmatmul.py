@@ -37,6 +37,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .float_tiles import expand_bytes, expand_bytes_min, expand_nibbles, expand_nibbles_min, scale_row
 from .packing import (F16_SCALE_TYPES, TILE, TWO_LEVEL_TYPES, PackedWeight, packed_layout, packed_nbytes,  # noqa: F401
                       prefetch_row, prefetch_scales, prepare, row_value, widen_row)
 
@@ -297,12 +298,10 @@ def _dq_tile_q6(codes, scale, t, wt):
 
 
 @njit(nogil=True, cache=True)
-def _dq_tile_q4(codes, scale, mn, t, wt):
-    if codes.shape[2] > 20:
-        _dq_tile_q6(codes, scale, t, wt)
-        return
+def _dq_tile_q5(codes, scale, mn, t, wt):
+    """_dq_tile_q4 for 5-bit codes (Q5_0, Q5_1, Q5_K): the fifth bits of columns j and j + 16
+    in byte 16 + j // 4."""
     has_min = mn.shape[1] > 0
-    five_bit = codes.shape[2] > 16
     buf = np.empty((2, TILE), np.float32)
     for g in range(codes.shape[1]):
         widen_row(scale, t, g, buf, 0)
@@ -311,15 +310,34 @@ def _dq_tile_q4(codes, scale, mn, t, wt):
         for j in range(16):
             for r in range(TILE):
                 v = codes[t, g, j, r]
-                lo, hi = np.int32(v & 15), np.int32(v >> 4)
-                if five_bit:  # the fifth bits of columns j and j + 16
-                    h = np.int32(codes[t, g, 16 + j // 4, r]) >> (j % 4)
-                    lo |= (h & 1) << 4
-                    hi |= (h & 16)
+                h = np.int32(codes[t, g, 16 + j // 4, r]) >> (j % 4)
+                lo = np.int32(v & 15) | ((h & 1) << 4)
+                hi = np.int32(v >> 4) | (h & 16)
                 m = row_value(mn, t, g, r, buf, 1) if has_min else np.float32(0.0)
                 d = row_value(scale, t, g, r, buf, 0)
                 wt[g * 32 + j, r] = d * np.float32(lo) + m
                 wt[g * 32 + 16 + j, r] = d * np.float32(hi) + m
+
+
+@njit(nogil=True, cache=True)
+def _dq_tile_q4(codes, scale, mn, t, wt):
+    if codes.shape[2] > 20:
+        _dq_tile_q6(codes, scale, t, wt)
+        return
+    if codes.shape[2] > 16:
+        _dq_tile_q5(codes, scale, mn, t, wt)
+        return
+    has_min = mn.shape[1] > 0
+    buf = np.empty((2, TILE), np.float32)
+    for g in range(codes.shape[1]):
+        scale_row(scale, t, g, buf, 0)
+        if has_min:
+            scale_row(mn, t, g, buf, 1)
+            for j in range(16):
+                expand_nibbles_min(codes, t, g, j, buf, wt, g * 32 + j)
+        else:
+            for j in range(16):
+                expand_nibbles(codes, t, g, j, buf, wt, g * 32 + j)
 
 
 @njit(nogil=True, cache=True)
@@ -328,13 +346,14 @@ def _dq_tile_q8(codes, scale, mn, t, wt):
     group = codes.shape[2]
     buf = np.empty((2, TILE), np.float32)
     for g in range(codes.shape[1]):
-        widen_row(scale, t, g, buf, 0)
+        scale_row(scale, t, g, buf, 0)
         if has_min:
-            widen_row(mn, t, g, buf, 1)
-        for j in range(group):
-            for r in range(TILE):
-                m = row_value(mn, t, g, r, buf, 1) if has_min else np.float32(0.0)
-                wt[g * group + j, r] = row_value(scale, t, g, r, buf, 0) * np.float32(codes[t, g, j, r]) + m
+            scale_row(mn, t, g, buf, 1)
+            for j in range(group):
+                expand_bytes_min(codes, t, g, j, buf, wt, g * group + j)
+        else:
+            for j in range(group):
+                expand_bytes(codes, t, g, j, buf, wt, g * group + j)
 
 
 @njit(nogil=True, cache=True)

@@ -1,12 +1,32 @@
-"""Batched products (2..64 rows of X) on "q4" and "q8" packed weights with integer dot products.
+"""Batched products (2..64 rows of X) on packed weights: integer dot products for 2 and 3 rows,
+float32 multiply-adds on each tile expanded once per call from 4 rows on.
 
-Why integers
-------------
-The float kernels of `qmatmul` spend one FMA per weight per row of X (16 multiply-adds per
-instruction) plus the conversion of each code to float32, so a row costs about as much at 8
+Which kernel, by rows of X
+--------------------------
+From FLOAT_MIN_ROWS (4) rows, each 32-row tile is expanded to float32 once per call (cols x 32,
+in L1/L2) and multiplied with blocks of 8, 4, 2 and 1 rows of X whose sums stay in registers
+(kernels/float_tiles): one FMA of 16 lanes per weight per row, but nothing else per weight,
+so the cost per row falls as the rows share the expansion. Under 4 rows the expansion is not
+paid back, and the integer kernels below are faster. Measured on one core (Zen 4, AVX-512;
+`NUMBA_NUM_THREADS=1 python benchmarks/bench_batch_kernel.py --threads 1`), us per row of X,
+integer against float: SmolLM2's 1536 x 576 Q4_1 at 2 rows 40 against 46, at 4 rows 31 against
+30, at 8 32 against 23, at 16 30-39 against 21; its 49152 x 576 Q8_0 head at 8 rows 1444 against
+986, at 16 1543 against 831. The float kernels also run where the host lacks AVX-512 VNNI, at
+every batch size, and on "f32" weights.
+
+A row's result does not depend on the other rows of its call in either kernel (each row of X
+gets the same sequence of operations in any block), but the two kernels round differently, so a
+row multiplied with 2 others and the same row multiplied with 3 others can differ in the last
+bits: the float kernel is float32 rounding of the exact product, the integer one the error of
+its three activation levels (below).
+
+Why integers (2 and 3 rows)
+---------------------------
+The matvec kernels of `qmatmul` spend one FMA per weight per row of X (16 multiply-adds per
+instruction) plus the conversion of each code to float32, so a row costs about as much at 2
 rows as alone. AVX-512 VNNI's `vpdpbusd` does 64 multiply-adds of unsigned by signed bytes per
 instruction into 16 int32 lanes, and the codes are already bytes: with X quantized to int8 a
-row costs ~4x less (benchmarks/bench_batch_kernel.py). numba does not emit `vpdpbusd` from
+row costs ~4x less per dot. numba does not emit `vpdpbusd` from
 loops (LLVM has no pattern for it from per-lane code), so the inner block is written as LLVM
 IR (`_make_group_dot`): one call computes the int32 dots of one 32-row tile's group of codes
 with a block of X rows, accumulators in registers.
@@ -26,9 +46,9 @@ of one. The codes stay in the tiled layout of `qmatmul`
 in registers into the per-row 4-byte groups that `vpdpbusd` multiplies. Signed "q8" codes get
 +128 (a sign-bit flip) to be unsigned, and 128 * sum(x codes) is taken back off exactly.
 
-`available()` says whether this host has the instructions; without them `qmatmul.matmul_into`
-uses the float kernels. Tile-range functions (`_tiles_q4`, `_tiles_q8`) are what both the
-prange driver here and the task scheduler of `adaptive` run.
+`available()` says whether this host has the instructions; without them only the float kernels
+run. Tile-range functions (`_tiles_q4`, `_tiles_q8`, `_float_tiles_*`) are what both the prange
+drivers here and the task scheduler of `adaptive` run.
 """
 
 from __future__ import annotations
@@ -41,11 +61,13 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import qmatmul
-from .qmatmul import TILE, PackedWeight, _dot_tile, row_value, widen_row
+from .float_tiles import rows_dot_1, rows_dot_2, rows_dot_4, rows_dot_8
+from .qmatmul import TILE, PackedWeight, row_value, widen_row
 
 _FM = {"contract"}
 ROW_BLOCK = 4  # rows of X per pass over a tile
 LEVELS = 3  # int8 rows per row of X (see the module docstring)
+FLOAT_MIN_ROWS = 4  # from this many rows of X, the float kernels (see the module docstring)
 _I8, _I32 = ir.IntType(8), ir.IntType(32)
 
 
@@ -323,6 +345,10 @@ def quantized_activations(X, group):
 
 @njit(nogil=True, cache=True, parallel=True)
 def _par_q4(codes, scale, mn, group, X, out):
+    if X.shape[0] >= FLOAT_MIN_ROWS:
+        for t in prange(codes.shape[0]):
+            _float_tiles_q4(codes, scale, mn, X, out, t, t + 1)
+        return
     xq4, dx, xs, sq = quantized_activations(X, group)
     for t in prange(codes.shape[0]):
         _tiles_q4(codes, scale, mn, xq4, dx, xs, sq, out, t, t + 1)
@@ -330,6 +356,10 @@ def _par_q4(codes, scale, mn, group, X, out):
 
 @njit(nogil=True, cache=True, parallel=True)
 def _par_q8(codes, scale, mn, group, X, out):
+    if X.shape[0] >= FLOAT_MIN_ROWS:
+        for t in prange(codes.shape[0]):
+            _float_tiles_q8(codes, scale, mn, X, out, t, t + 1)
+        return
     xq4, dx, xs, sq = quantized_activations(X, group)
     for t in prange(codes.shape[0]):
         _tiles_q8(codes, scale, mn, xq4, dx, xs, sq, out, t, t + 1)
@@ -337,55 +367,52 @@ def _par_q8(codes, scale, mn, group, X, out):
 
 @njit(nogil=True, cache=True)
 def _serial_q4(codes, scale, mn, group, X, out):
+    if X.shape[0] >= FLOAT_MIN_ROWS:
+        _float_tiles_q4(codes, scale, mn, X, out, 0, codes.shape[0])
+        return
     xq4, dx, xs, sq = quantized_activations(X, group)
     _tiles_q4(codes, scale, mn, xq4, dx, xs, sq, out, 0, codes.shape[0])
 
 
 @njit(nogil=True, cache=True)
 def _serial_q8(codes, scale, mn, group, X, out):
+    if X.shape[0] >= FLOAT_MIN_ROWS:
+        _float_tiles_q8(codes, scale, mn, X, out, 0, codes.shape[0])
+        return
     xq4, dx, xs, sq = quantized_activations(X, group)
     _tiles_q8(codes, scale, mn, xq4, dx, xs, sq, out, 0, codes.shape[0])
 
 
 # --------------------------------------------------------------------------------------------
-# Float kernels: for "f32" weights, and for "q4"/"q8" on hosts without AVX-512 VNNI. Each tile
-# is expanded to float32 once (cols x TILE, in L1/L2) and multiplied with every row of X.
+# Float kernels: from FLOAT_MIN_ROWS rows of X, for "f32" weights, and on hosts without AVX-512
+# VNNI. Each tile is expanded to float32 once (cols x TILE, in L1/L2) and multiplied with every
+# row of X.
 # --------------------------------------------------------------------------------------------
 
-@njit(nogil=True, cache=True, fastmath=_FM)
-def _dot_tile4(wt, X, m, out, base, rows, acc):
-    """_dot_tile for rows m..m+3 of X at once: each weight load feeds 4 FMAs, which is what
-    makes prefill faster per token than decode."""
-    cols = wt.shape[0]
-    acc[:, :] = 0.0
-    for k in range(0, cols - 1, 2):
-        a0 = X[m, k]; a1 = X[m + 1, k]; a2 = X[m + 2, k]; a3 = X[m + 3, k]
-        b0 = X[m, k + 1]; b1 = X[m + 1, k + 1]; b2 = X[m + 2, k + 1]; b3 = X[m + 3, k + 1]
-        for r in range(TILE):
-            w0 = wt[k, r]
-            w1 = wt[k + 1, r]
-            acc[0, r] += w0 * a0 + w1 * b0
-            acc[1, r] += w0 * a1 + w1 * b1
-            acc[2, r] += w0 * a2 + w1 * b2
-            acc[3, r] += w0 * a3 + w1 * b3
-    if cols % 2:
-        k = cols - 1
-        for r in range(TILE):
-            for i in range(4):
-                acc[i, r] += wt[k, r] * X[m + i, k]
-    for r in range(base, min(rows, base + TILE)):
-        for i in range(4):
-            out[m + i, r] = acc[i, r - base]
-
-
-
-@njit(nogil=True, cache=True, fastmath=_FM)
-def _multiply_tile(wt, X, out, t, acc, acc4):
-    M4 = X.shape[0] - X.shape[0] % 4
-    for m in range(0, M4, 4):
-        _dot_tile4(wt, X, m, out, t * TILE, out.shape[1], acc4)
-    for m in range(M4, X.shape[0]):
-        _dot_tile(wt, X[m], out[m], t * TILE, 0, out.shape[1], acc)
+@njit(nogil=True, cache=True)
+def _multiply_tile(wt, X, out, t, acc):
+    """out[:, rows of tile t] = X @ wt: blocks of 8, 4, 2 and 1 rows of X, each a pass over the
+    expanded tile with its sums in registers (float_tiles)."""
+    M = X.shape[0]
+    base = t * TILE
+    m = 0
+    while m < M:
+        n = M - m
+        if n >= 8:
+            rows_dot_8(wt, X, m, acc)
+            n = 8
+        elif n >= 4:
+            rows_dot_4(wt, X, m, acc)
+            n = 4
+        elif n >= 2:
+            rows_dot_2(wt, X, m, acc)
+            n = 2
+        else:
+            rows_dot_1(wt, X, m, acc)
+        for i in range(n):
+            for r in range(base, min(out.shape[1], base + TILE)):
+                out[m + i, r] = acc[i, r - base]
+        m += n
 
 
 # One per kind (not a factory): numba's on-disk cache keys functions by name.
@@ -393,26 +420,26 @@ def _multiply_tile(wt, X, out, t, acc, acc4):
 @njit(nogil=True, cache=True)
 def _float_tiles_q4(codes, scale, mn, X, out, t0, t1):
     wt = np.empty((X.shape[1], TILE), np.float32)
-    acc, acc4 = np.empty(TILE, np.float32), np.empty((4, TILE), np.float32)
+    acc = np.empty((8, TILE), np.float32)
     for t in range(t0, t1):
         qmatmul._dq_tile_q4(codes, scale, mn, t, wt)
-        _multiply_tile(wt, X, out, t, acc, acc4)
+        _multiply_tile(wt, X, out, t, acc)
 
 
 @njit(nogil=True, cache=True)
 def _float_tiles_q8(codes, scale, mn, X, out, t0, t1):
     wt = np.empty((X.shape[1], TILE), np.float32)
-    acc, acc4 = np.empty(TILE, np.float32), np.empty((4, TILE), np.float32)
+    acc = np.empty((8, TILE), np.float32)
     for t in range(t0, t1):
         qmatmul._dq_tile_q8(codes, scale, mn, t, wt)
-        _multiply_tile(wt, X, out, t, acc, acc4)
+        _multiply_tile(wt, X, out, t, acc)
 
 
 @njit(nogil=True, cache=True)
 def _float_tiles_f32(codes, scale, mn, X, out, t0, t1):
-    acc, acc4 = np.empty(TILE, np.float32), np.empty((4, TILE), np.float32)
+    acc = np.empty((8, TILE), np.float32)
     for t in range(t0, t1):
-        _multiply_tile(codes[t], X, out, t, acc, acc4)
+        _multiply_tile(codes[t], X, out, t, acc)
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -451,7 +478,8 @@ def check_batch(w: PackedWeight, X: np.ndarray, out: np.ndarray) -> None:
 def matmul_into(w: PackedWeight, X: np.ndarray, out: np.ndarray) -> None:
     """out = X @ W.T: X float32 (M, cols), out float32 (M, rows), over numba's threads (prange
     over tiles). Each weight tile is read from memory once per call, whatever M. Integer dots
-    (see the module docstring) where the host has them and the kind is "q4"/"q8"."""
+    for 2 or 3 rows where the host has them and the kind is "q4"/"q8", else float (see the
+    module docstring)."""
     check_batch(w, X, out)
     if not X.shape[0]:
         return
@@ -462,8 +490,8 @@ def matmul_into(w: PackedWeight, X: np.ndarray, out: np.ndarray) -> None:
 
 
 def matmul_float_into(w: PackedWeight, X: np.ndarray, out: np.ndarray) -> None:
-    """matmul_into with float32 arithmetic only (float32-rounding accurate; the fallback, and
-    the baseline benchmarks/bench_batch_kernel.py compares against)."""
+    """matmul_into with float32 arithmetic only, at every M (float32-rounding accurate; what
+    hosts without VNNI run)."""
     check_batch(w, X, out)
     if X.shape[0]:
         _FLOAT_PAR[w.kind](w.codes, w.scale, w.min, X, out)

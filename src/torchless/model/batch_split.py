@@ -31,8 +31,12 @@ import numpy as np
 
 from ..kernels.adaptive import GLOBAL_STATS, _get_num_threads
 from ..kernels.gemm import MIN_TOKENS_FOR_BLAS
+from ..kernels.qmatmul_batch import FLOAT_MIN_ROWS
 
-MIN_ROWS_PER_PART = 2
+# The batched products round differently under FLOAT_MIN_ROWS rows of X (integer dots) and from
+# it (float), so a part keeps at least that many tokens, as the whole then has: the parts' rows
+# get the same bits as the whole's.
+MIN_ROWS_PER_PART = FLOAT_MIN_ROWS
 # A micro-batch runs whole over T threads at about WHOLE_SPEEDUP / T of one thread's time per
 # token (measured ~1.3-1.5 on 2 cores), so parts pay only while the largest holds less than
 # WHOLE_SPEEDUP / T of the tokens: a long prompt chunk beside a few decode rows runs whole.
@@ -58,7 +62,8 @@ def assign_parts(spans, n_threads: int) -> list[list[int]]:
         k = loads.index(min(loads))
         parts[k].append(i)
         loads[k] += tokens[i]
-    if max(loads) * n > WHOLE_SPEEDUP * total or max(loads) >= MIN_TOKENS_FOR_BLAS:
+    if (max(loads) * n > WHOLE_SPEEDUP * total or max(loads) >= MIN_TOKENS_FOR_BLAS
+            or min(loads) < MIN_ROWS_PER_PART):
         return [list(range(len(spans)))]
     return [sorted(part) for part in parts]
 

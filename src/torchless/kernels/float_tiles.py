@@ -1,0 +1,152 @@
+"""Float32 building blocks of the batched products: expand a row of a tile's codes to float32,
+and multiply an expanded tile with a block of rows of X, accumulators in registers.
+
+Why written as LLVM IR: numba vectorizes a loop over a tile's 32 rows, but with the
+accumulators in an array it loads and stores them around every multiply-add, and with a
+branch or a 4-D index inside its loops it stops vectorizing the expansion of codes (Q8_0's
+tiles expanded at 2 G weights/s). Here the block of X rows (8, 4, 2 or 1) keeps 2 x R vectors of
+16 float32 in registers over the whole loop of columns, each column's 32 weights are loaded
+once for all R rows, and a row of codes is widened with one load, one conversion and one
+multiply-add per 16 values (benchmarks/bench_batch_kernel.py).
+
+Exactness: each row of X gets the same sequence of fused multiply-adds whatever block it is in,
+so a row's result does not depend on how many rows are multiplied with it; the expansion is
+`scale * code (+ min)` in float32, unfused, exactly as the scalar dequantizers compute it.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from .packing import TILE, widen_row
+
+_F32, _I8, _I32 = ir.FloatType(), ir.IntType(8), ir.IntType(32)
+_V16 = ir.VectorType(_F32, 16)
+_HALVES = TILE // 16
+
+
+def _make_rows_dot(n_rows: int):
+    """An intrinsic acc[i, 0:TILE] = sum_k X[m0 + i, k] * wt[k, 0:TILE] for i < n_rows: wt float32
+    (cols, TILE), the expanded tile, contiguous; X float32 (M, cols) C-contiguous."""
+
+    @intrinsic
+    def rows_dot(typingctx, wt, X, m0, acc):
+        def codegen(context, builder, sig, args):
+            intp = lambda v: context.get_constant(types.intp, v)  # noqa: E731
+            wt_a = context.make_array(sig.args[0])(context, builder, args[0])
+            x_a = context.make_array(sig.args[1])(context, builder, args[1])
+            acc_a = context.make_array(sig.args[3])(context, builder, args[3])
+            m0_ = context.cast(builder, args[2], sig.args[2], types.intp)
+            cols = cgutils.unpack_tuple(builder, wt_a.shape, 2)[0]
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16, [_V16] * 3),
+                                                 "llvm.fma.v16f32")
+            weights = builder.bitcast(wt_a.data, _F32.as_pointer())
+            xrows = [cgutils.get_item_pointer(context, builder, sig.args[1], x_a,
+                                              [builder.add(m0_, intp(i)), intp(0)]) for i in range(n_rows)]
+            entry = builder.block
+            loop = builder.append_basic_block("rows_dot.loop")
+            done = builder.append_basic_block("rows_dot.done")
+            zero = ir.Constant(_V16, [0.0] * 16)
+            splat = ir.Constant(ir.VectorType(_I32, 16), [0] * 16)
+            builder.cbranch(builder.icmp_signed(">", cols, intp(0)), loop, done)
+            builder.position_at_end(loop)
+            k = builder.phi(cgutils.intp_t)
+            k.add_incoming(intp(0), entry)
+            acc = [builder.phi(_V16) for _ in range(n_rows * _HALVES)]
+            for a in acc:
+                a.add_incoming(zero, entry)
+            row = builder.mul(k, intp(TILE))
+            w = [builder.load(builder.bitcast(builder.gep(weights, [builder.add(row, intp(16 * h))]),
+                                              _V16.as_pointer()), align=4) for h in range(_HALVES)]
+            new = []
+            for i in range(n_rows):
+                x = builder.load(builder.gep(xrows[i], [k]))
+                xb = builder.insert_element(ir.Constant(_V16, ir.Undefined), x, ir.Constant(_I32, 0))
+                xb = builder.shuffle_vector(xb, ir.Constant(_V16, ir.Undefined), splat)
+                new += [builder.call(fma, [w[h], xb, acc[_HALVES * i + h]]) for h in range(_HALVES)]
+            k_next = builder.add(k, intp(1))
+            k.add_incoming(k_next, loop)
+            for a, n in zip(acc, new):
+                a.add_incoming(n, loop)
+            builder.cbranch(builder.icmp_signed("<", k_next, cols), loop, done)
+            builder.position_at_end(done)
+            results = [builder.phi(_V16) for _ in new]  # (all of a block's phis come first)
+            for result, n in zip(results, new):
+                result.add_incoming(zero, entry)
+                result.add_incoming(n, loop)
+            for i in range(n_rows):
+                for h in range(_HALVES):
+                    p = cgutils.get_item_pointer(context, builder, sig.args[3], acc_a, [intp(i), intp(16 * h)])
+                    builder.store(results[_HALVES * i + h], builder.bitcast(p, _V16.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.void(wt, X, m0, acc), codegen
+
+    return rows_dot
+
+
+# rows_dot_<R>: R rows of X per pass over an expanded tile (2 R accumulators of 16 lanes; 8 rows
+# use 16 of AVX-512's 32 vector registers, and on AVX2 spill less than 16 rows would)
+rows_dot_8, rows_dot_4, rows_dot_2, rows_dot_1 = (_make_rows_dot(n) for n in (8, 4, 2, 1))
+
+
+def _make_expand_codes(nibbles: bool, has_min: bool):
+    """An intrinsic wt[o, :] = buf[0, :] * code[t, g, j, :] (+ buf[1, :]): the TILE codes of
+    column j of group g as float32, a row's scale (and min) widened into buf. With nibbles,
+    "q4" codes: the low nibbles to wt[o], the high ones to wt[o + 16]; else signed bytes."""
+
+    @intrinsic
+    def expand_codes(typingctx, codes, t, g, j, buf, wt, o):
+        def codegen(context, builder, sig, args):
+            intp = lambda v: context.get_constant(types.intp, v)  # noqa: E731
+            codes_a = context.make_array(sig.args[0])(context, builder, args[0])
+            buf_a = context.make_array(sig.args[4])(context, builder, args[4])
+            wt_a = context.make_array(sig.args[5])(context, builder, args[5])
+            t_, g_, j_, o_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2, 3, 6))
+            v_bytes, v_floats = ir.VectorType(_I8, TILE), ir.VectorType(_F32, TILE)
+            p = cgutils.get_item_pointer(context, builder, sig.args[0], codes_a, [t_, g_, j_, intp(0)])
+            raw = builder.load(builder.bitcast(p, v_bytes.as_pointer()), align=1)
+
+            def buf_row(k):
+                q = cgutils.get_item_pointer(context, builder, sig.args[4], buf_a, [intp(k), intp(0)])
+                return builder.load(builder.bitcast(q, v_floats.as_pointer()), align=4)
+
+            scale = buf_row(0)
+            mn = buf_row(1) if has_min else None
+            if nibbles:
+                values = [builder.uitofp(builder.and_(raw, ir.Constant(v_bytes, [15] * TILE)), v_floats),
+                          builder.uitofp(builder.lshr(raw, ir.Constant(v_bytes, [4] * TILE)), v_floats)]
+            else:
+                values = [builder.sitofp(raw, v_floats)]
+            for k, v in enumerate(values):
+                w = builder.fmul(scale, v)
+                if has_min:
+                    w = builder.fadd(w, mn)
+                q = cgutils.get_item_pointer(context, builder, sig.args[5], wt_a, [builder.add(o_, intp(16 * k)), intp(0)])
+                builder.store(w, builder.bitcast(q, v_floats.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.void(codes, t, g, j, buf, wt, o), codegen
+
+    return expand_codes
+
+
+expand_nibbles, expand_nibbles_min = _make_expand_codes(True, False), _make_expand_codes(True, True)
+expand_bytes, expand_bytes_min = _make_expand_codes(False, False), _make_expand_codes(False, True)
+
+
+def scale_row(src, t, g, buf, k):
+    """buf[k, :TILE] = the scales (or mins) of group g of tile t, in any of packing's encodings
+    (widen_row leaves float32 ones in place, for row_value to read)."""
+
+
+@overload(scale_row, inline="always")
+def _scale_row_compiled(src, t, g, buf, k):
+    if src.dtype == types.float32 and src.ndim == 3:
+        def copy(src, t, g, buf, k):
+            buf[k, :TILE] = src[t, g, :TILE]
+        return copy
+    return lambda src, t, g, buf, k: widen_row(src, t, g, buf, k)
