@@ -93,10 +93,14 @@ def _make_rows_dot(n_rows: int):
 rows_dot_8, rows_dot_4, rows_dot_2, rows_dot_1 = (_make_rows_dot(n) for n in (8, 4, 2, 1))
 
 
-def _make_expand_codes(nibbles: bool, has_min: bool):
+def _make_expand_codes(nibbles: bool, has_min: bool, high_bits: int = 0):
     """An intrinsic wt[o, :] = buf[0, :] * code[t, g, j, :] (+ buf[1, :]): the TILE codes of
     column j of group g as float32, a row's scale (and min) widened into buf. With nibbles,
-    "q4" codes: the low nibbles to wt[o], the high ones to wt[o + 16]; else signed bytes."""
+    "q4" codes: the low nibbles to wt[o], the high ones to wt[o + 16]; else signed bytes. With
+    high_bits 1 (5-bit codes) the fifth bits come from byte 16 + j // 4 (see packing); with 2
+    (Q6_K's 6-bit codes) the top two bits of the low and high nibbles from bytes 16 + j // 4 and
+    20 + j // 4, the low nibbles on buf[0]'s scales and the high ones on buf[1]'s, as
+    scale * (code - 32) (no min)."""
 
     @intrinsic
     def expand_codes(typingctx, codes, t, g, j, buf, wt, o):
@@ -107,21 +111,47 @@ def _make_expand_codes(nibbles: bool, has_min: bool):
             wt_a = context.make_array(sig.args[5])(context, builder, args[5])
             t_, g_, j_, o_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2, 3, 6))
             v_bytes, v_floats = ir.VectorType(_I8, TILE), ir.VectorType(_F32, TILE)
-            p = cgutils.get_item_pointer(context, builder, sig.args[0], codes_a, [t_, g_, j_, intp(0)])
-            raw = builder.load(builder.bitcast(p, v_bytes.as_pointer()), align=1)
+            splat = lambda v: ir.Constant(v_bytes, [v] * TILE)  # noqa: E731
+
+            def code_row(k):
+                p = cgutils.get_item_pointer(context, builder, sig.args[0], codes_a, [t_, g_, k, intp(0)])
+                return builder.load(builder.bitcast(p, v_bytes.as_pointer()), align=1)
 
             def buf_row(k):
                 q = cgutils.get_item_pointer(context, builder, sig.args[4], buf_a, [intp(k), intp(0)])
                 return builder.load(builder.bitcast(q, v_floats.as_pointer()), align=4)
 
-            scale = buf_row(0)
-            mn = buf_row(1) if has_min else None
+            raw = code_row(j_)
             if nibbles:
-                values = [builder.uitofp(builder.and_(raw, ir.Constant(v_bytes, [15] * TILE)), v_floats),
-                          builder.uitofp(builder.lshr(raw, ir.Constant(v_bytes, [4] * TILE)), v_floats)]
+                codes = [builder.and_(raw, splat(15)), builder.lshr(raw, splat(4))]
             else:
-                values = [builder.sitofp(raw, v_floats)]
-            for k, v in enumerate(values):
+                codes = [raw]
+            if high_bits:
+                quad = builder.add(intp(16), builder.lshr(j_, intp(2)))
+                # per-byte shift of the quad's byte of high bits: j % 4 (x 2 for two bits each)
+                shift = builder.trunc(builder.mul(builder.and_(j_, intp(3)), intp(high_bits)), _I8)
+                shift = builder.shuffle_vector(
+                    builder.insert_element(ir.Constant(v_bytes, ir.Undefined), shift, ir.Constant(_I32, 0)),
+                    ir.Constant(v_bytes, ir.Undefined), ir.Constant(ir.VectorType(_I32, TILE), [0] * TILE))
+                if high_bits == 1:
+                    bits = builder.lshr(code_row(quad), shift)
+                    codes = [builder.or_(codes[0], builder.shl(builder.and_(bits, splat(1)), splat(4))),
+                             builder.or_(codes[1], builder.and_(bits, splat(16)))]
+                else:
+                    tops = [builder.lshr(code_row(builder.add(quad, intp(4 * k))), shift) for k in (0, 1)]
+                    codes = [builder.or_(c, builder.shl(builder.and_(top, splat(3)), splat(4)))
+                             for c, top in zip(codes, tops)]
+            if nibbles:
+                values = [builder.uitofp(c, v_floats) for c in codes]
+            else:
+                values = [builder.sitofp(codes[0], v_floats)]
+            if high_bits == 2:  # code - 32 is exact in float32
+                values = [builder.fsub(v, ir.Constant(v_floats, [32.0] * TILE)) for v in values]
+                scales = [buf_row(0), buf_row(1)]
+            else:
+                scales = [buf_row(0)] * len(values)
+            mn = buf_row(1) if has_min else None
+            for k, (v, scale) in enumerate(zip(values, scales)):
                 w = builder.fmul(scale, v)
                 if has_min:
                     w = builder.fadd(w, mn)
@@ -136,6 +166,8 @@ def _make_expand_codes(nibbles: bool, has_min: bool):
 
 expand_nibbles, expand_nibbles_min = _make_expand_codes(True, False), _make_expand_codes(True, True)
 expand_bytes, expand_bytes_min = _make_expand_codes(False, False), _make_expand_codes(False, True)
+expand_q5, expand_q5_min = _make_expand_codes(True, False, 1), _make_expand_codes(True, True, 1)
+expand_q6 = _make_expand_codes(True, False, 2)
 
 
 def scale_row(src, t, g, buf, k):

@@ -37,7 +37,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .float_tiles import expand_bytes, expand_bytes_min, expand_nibbles, expand_nibbles_min, scale_row
+from .float_tiles import (expand_bytes, expand_bytes_min, expand_nibbles, expand_nibbles_min, expand_q5,
+                          expand_q5_min, expand_q6, scale_row)
 from .packing import (F16_SCALE_TYPES, TILE, TWO_LEVEL_TYPES, PackedWeight, packed_layout, packed_nbytes,  # noqa: F401
                       prefetch_row, prefetch_scales, prepare, row_value, widen_row)
 
@@ -286,15 +287,10 @@ def _dq_tile_q6(codes, scale, t, wt):
     half on 2g + 1."""
     buf = np.empty((2, TILE), np.float32)
     for g in range(codes.shape[1]):
-        widen_row(scale, t, 2 * g, buf, 0)
-        widen_row(scale, t, 2 * g + 1, buf, 1)
+        scale_row(scale, t, 2 * g, buf, 0)
+        scale_row(scale, t, 2 * g + 1, buf, 1)
         for j in range(16):
-            for r in range(TILE):
-                v = np.int32(codes[t, g, j, r])
-                lo = (v & 15) | (((np.int32(codes[t, g, 16 + j // 4, r]) >> (2 * (j % 4))) & 3) << 4)
-                hi = (v >> 4) | (((np.int32(codes[t, g, 20 + j // 4, r]) >> (2 * (j % 4))) & 3) << 4)
-                wt[g * 32 + j, r] = row_value(scale, t, 2 * g, r, buf, 0) * np.float32(lo - 32)
-                wt[g * 32 + 16 + j, r] = row_value(scale, t, 2 * g + 1, r, buf, 1) * np.float32(hi - 32)
+            expand_q6(codes, t, g, j, buf, wt, g * 32 + j)
 
 
 @njit(nogil=True, cache=True)
@@ -304,19 +300,14 @@ def _dq_tile_q5(codes, scale, mn, t, wt):
     has_min = mn.shape[1] > 0
     buf = np.empty((2, TILE), np.float32)
     for g in range(codes.shape[1]):
-        widen_row(scale, t, g, buf, 0)
+        scale_row(scale, t, g, buf, 0)
         if has_min:
-            widen_row(mn, t, g, buf, 1)
-        for j in range(16):
-            for r in range(TILE):
-                v = codes[t, g, j, r]
-                h = np.int32(codes[t, g, 16 + j // 4, r]) >> (j % 4)
-                lo = np.int32(v & 15) | ((h & 1) << 4)
-                hi = np.int32(v >> 4) | (h & 16)
-                m = row_value(mn, t, g, r, buf, 1) if has_min else np.float32(0.0)
-                d = row_value(scale, t, g, r, buf, 0)
-                wt[g * 32 + j, r] = d * np.float32(lo) + m
-                wt[g * 32 + 16 + j, r] = d * np.float32(hi) + m
+            scale_row(mn, t, g, buf, 1)
+            for j in range(16):
+                expand_q5_min(codes, t, g, j, buf, wt, g * 32 + j)
+        else:
+            for j in range(16):
+                expand_q5(codes, t, g, j, buf, wt, g * 32 + j)
 
 
 @njit(nogil=True, cache=True)
