@@ -2,7 +2,8 @@
 
     python benchmarks/bench_lm_head.py [-m smollm2] [--rounds 5]
 
-One thread: the serial integer kernel (qmatmul_batch.INT_SERIAL) on the model's LM head and on
+One thread: the serial batched kernel (qmatmul_batch.INT_SERIAL: integer dots for 2-3 rows,
+float32 tiles from 4) on the model's LM head and on
 one layer's ffn_up, for 1, 4, 8 and 16 rows of X, all rows per tile and in 4-row slices: best of
 --rounds, microseconds, and whether the two are bit-equal; and, for comparison, the float
 decode kernel (qmatmul.matvec_rows) run once per row. (Slicing the head in the engine was

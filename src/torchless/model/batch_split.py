@@ -5,11 +5,13 @@ so a decode step is ~240 parallel regions, each ending in a barrier where one th
 the other, plus the serial pieces between them (norms, RoPE, attention at short context). With
 the sequences cut into T parts instead, each thread runs the whole model on its part with no
 barrier until the step ends (on 2 cores, SmolLM2, 8 sequences: see benchmarks/compare.py
---batch). A decode row costs the same in a part as in the whole, since the batched integer
-kernels read each weight tile once per 4 rows of X; and a row's result does not depend on the
+--batch). A decode row costs a little more in a part than in the whole (the batched kernels
+expand each weight tile to float32 once per call, for fewer rows: on one core, SmolLM2's
+1536 x 576 product took 23 us a row at 8 rows and 20 at 16); and a row's result does not depend on the
 other rows of its micro-batch, so a decode step's logits are the same bits either way (a
-prompt chunk in a smaller micro-batch may take the integer kernels rather than BLAS: the same
-up to rounding).
+prompt chunk in a smaller micro-batch may take the batched kernels rather than BLAS: the same
+up to rounding; and parts keep MIN_ROWS_PER_PART rows, on the same side of the batched
+kernels' switch from integer to float arithmetic as the whole).
 
 The parts are the work distribution's tasks at this level, one per thread, all local, and
 `WorkStealingStats` counts them. They are balanced by tokens; a micro-batch whose parts would
@@ -44,7 +46,7 @@ WHOLE_SPEEDUP = 1.4
 # A part of MIN_TOKENS_FOR_BLAS tokens or more would expand every weight to float32 for BLAS,
 # each part again, where the whole micro-batch expands each row once over all threads: on 2
 # cores, SmolLM2, 16 prompts of 11 tokens ran 8% faster whole, 4 of 32 12% (8 of 11, whose
-# parts stay on the integer kernels, 25% faster in parts).
+# parts stay on the batched kernels, 25% faster in parts).
 
 
 def assign_parts(spans, n_threads: int) -> list[list[int]]:

@@ -28,7 +28,7 @@ from .runner import Runner
 
 
 # The fewest rows a pipeline cuts a micro-batch to. A decode row alone costs nearly all of a
-# step's weight reading; from about 4 rows on the batched integer kernels share it. On one thread
+# step's weight reading; from about 4 rows on the batched kernels share it. On one thread
 # a SmolLM2 decode micro-batch took 20 ms for 1 row, 31-36 ms for 4, 59-86 ms for 8; 8 prompts
 # through pp=2 ran 1.19x the batched run at 1 thread as micro-batches of 4, 0.94x as 2x4 of 2
 # (benchmarks/bench_pipeline.py --mb 2 against --mb 4).
@@ -55,7 +55,7 @@ def stage_bounds(layer_costs, n_stages: int, tail_cost: float = 0.0) -> list[tup
 def layer_costs(model: Mistral) -> tuple[list[int], int]:
     """Multiply-adds per token of each layer's products, and of the output projection. A
     pipeline pays off on micro-batches of several sequences, whose products are compute-bound
-    (the batched integer kernels), so their cost follows the weight count, not the bytes: by
+    (the batched kernels), so their cost follows the weight count, not the bytes: by
     bytes the Q8_0 head of SmolLM2 weighed 13.6 Q4_1 layers and its stage sat idle 30% of the
     time (benchmarks/bench_pipeline.py). Read from the tensor shapes: nothing is repacked."""
     def weights(linear):
