@@ -165,6 +165,8 @@ def test_a_decode_step_runs_in_parts_a_thread_each_and_equals_the_whole(tiny_lla
 
     calls = []
     forward = model.forward_spans
+    # parts are for products too small to cut into tasks (see BatchSplit.forward)
+    monkeypatch.setattr("torchless.model.batch_split.inline_threshold_bytes", lambda: 2**62)
     monkeypatch.setattr(model, "forward_spans",
                         lambda part: calls.append((threading.get_ident(), len(part))) or forward(part))
     runner = LocalRunner(model)
@@ -182,6 +184,18 @@ def test_a_decode_step_runs_in_parts_a_thread_each_and_equals_the_whole(tiny_lla
     assert after[0] - before[0] == 2 and after[1] - before[1] == 2  # the parts, no product tasks
     np.testing.assert_array_equal(logits, whole)  # a row does not depend on its neighbours
 
+    # products big enough to be cut into tasks: the micro-batch runs whole, its products split
+    monkeypatch.setattr("torchless.model.batch_split.inline_threshold_bytes", lambda: 0)
+    calls.clear()
+    runner = LocalRunner(model)
+    try:
+        runner.submit("step", spans)
+        _, logits = runner.collect()
+    finally:
+        runner.close()
+    assert [n for _, n in calls] == [8]
+    np.testing.assert_array_equal(logits, whole)
+
 
 def test_parts_are_balanced_by_tokens_or_the_micro_batch_runs_whole():
     from types import SimpleNamespace
@@ -196,6 +210,7 @@ def test_parts_are_balanced_by_tokens_or_the_micro_batch_runs_whole():
     assert assign_parts(spans(1, 1, 1, 1, 1), 2) == [[0, 1, 2, 3, 4]]
     assert assign_parts(spans(5, 1, 1, 1), 2) == [[0, 1, 2, 3]]  # a part of 3 tokens
     assert assign_parts(spans(1, 1, 1, 1, 1, 1, 1, 1), 2) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert assign_parts(spans(1, 1, 1, 1, 1, 1, 1, 1), 2, products_split=True) == [list(range(8))]
     assert assign_parts(spans(1, 8, 1, 1, 1, 1, 1, 1, 1, 1), 2) == [[1, 9], [0, 2, 3, 4, 5, 6, 7, 8]]
     assert assign_parts(spans(40, 1, 1, 1), 2) == [[0, 1, 2, 3]]  # 40 of 43 tokens in one part
     assert assign_parts(spans(*[11] * 8), 2) == [[0, 2, 4, 6], [1, 3, 5, 7]]
