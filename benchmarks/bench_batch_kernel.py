@@ -26,20 +26,25 @@ SHAPES = [("Q4_1", 576, 576), ("Q4_1", 192, 576), ("Q4_1", 1536, 576), ("Q4_1", 
 
 
 @njit(nogil=True)
-def integer_product(codes, scale, mn, group, X, out):
+def _integer_q4(codes, scale, mn, group, X, out):
     xq4, dx, xs, sq = qb.quantized_activations(X, group)
-    if codes.dtype == np.uint8:
-        qb._tiles_q4(codes, scale, mn, xq4, dx, xs, sq, out, 0, codes.shape[0])
-    else:
-        qb._tiles_q8(codes, scale, mn, xq4, dx, xs, sq, out, 0, codes.shape[0])
+    qb._tiles_q4(codes, scale, mn, xq4, dx, xs, sq, out, 0, codes.shape[0])
 
 
 @njit(nogil=True)
-def float_product(codes, scale, mn, X, out):
-    if codes.dtype == np.uint8:
-        qb._float_tiles_q4(codes, scale, mn, X, out, 0, codes.shape[0])
-    else:
-        qb._float_tiles_q8(codes, scale, mn, X, out, 0, codes.shape[0])
+def _integer_q8(codes, scale, mn, group, X, out):
+    xq4, dx, xs, sq = qb.quantized_activations(X, group)
+    qb._tiles_q8(codes, scale, mn, xq4, dx, xs, sq, out, 0, codes.shape[0])
+
+
+def integer_product(w, X, out):
+    """The integer kernel at any M (the engine takes it under FLOAT_MIN_ROWS rows)."""
+    (_integer_q4 if w.kind == "q4" else _integer_q8)(w.codes, w.scale, w.min, w.group, X, out)
+
+
+def float_product(w, X, out):
+    """The float kernel at any M (the engine takes it from FLOAT_MIN_ROWS rows)."""
+    qb.FLOAT_TILES[w.kind](w.codes, w.scale, w.min, X, out, 0, w.codes.shape[0])
 
 
 def random_weight(kind, rows, cols, rng):
@@ -73,9 +78,9 @@ def kernels(args):
         for kind, w in weights:
             X = rng.standard_normal((m, w.cols)).astype(np.float32)
             out = np.empty((m, w.rows), np.float32)
-            fns = {"float": lambda: float_product(w.codes, w.scale, w.min, X, out)}
+            fns = {"float": lambda: float_product(w, X, out)}
             if qb.INTEGER:
-                fns["int"] = lambda: integer_product(w.codes, w.scale, w.min, w.group, X, out)
+                fns["int"] = lambda: integer_product(w, X, out)
             if args.blas:
                 fns["blas"] = lambda: gemm.matmul_blas_into(w, X, out, args.threads)
             calls = max(1, int(2e7 // (w.rows * w.cols * max(m, 4))))

@@ -214,7 +214,7 @@ def test_parts_are_balanced_by_tokens_or_the_micro_batch_runs_whole():
     assert assign_parts(spans(1, 8, 1, 1, 1, 1, 1, 1, 1, 1), 2) == [[1, 9], [0, 2, 3, 4, 5, 6, 7, 8]]
     assert assign_parts(spans(40, 1, 1, 1), 2) == [[0, 1, 2, 3]]  # 40 of 43 tokens in one part
     assert assign_parts(spans(*[11] * 8), 2) == [[0, 2, 4, 6], [1, 3, 5, 7]]
-    assert assign_parts(spans(*[11] * 12), 2) == [list(range(12))]  # parts of 66 tokens: BLAS
+    assert assign_parts(spans(*[200] * 12), 2) == [list(range(12))]  # parts of 1200 tokens: BLAS
     assert assign_parts(spans(1, 1, 1, 1), 1) == [[0, 1, 2, 3]]
     assert assign_parts(spans(1, 1, 1, 1, 1, 1, 1), 4) == [list(range(7))]  # a part holds 4 tokens
     assert assign_parts(spans(*[1] * 16), 4) == [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]

@@ -52,12 +52,13 @@ def test_fast_forward_equals_forward(model, threads):
     assert_close_rel(fast, ref)
 
 
-@pytest.mark.parametrize("chunk, n", [(4, 22), (20, 22), (70, 88)])
-def test_prefill_equals_forward(model, threads, chunk, n):
-    """Chunks below gemm.MIN_TOKENS_FOR_BLAS rows run the quantized kernel, the 70-token one BLAS."""
+@pytest.mark.parametrize("chunk, n", [(3, 22), (4, 22), (20, 22), (70, 88)])
+def test_prefill_equals_forward(model, threads, chunk, n, monkeypatch):
+    """Chunks of 3 run the batched integer kernels, of 4 and 20 the float ones, the 70-token one
+    BLAS (its threshold lowered here: by default it starts past the default chunk of 256)."""
     from torchless.kernels import gemm
 
-    assert 20 < gemm.MIN_TOKENS_FOR_BLAS <= 70
+    monkeypatch.setattr(gemm, "MIN_TOKENS_FOR_BLAS", 64)
     tokens = (TOKENS * 4)[:n]
     ref = reference_logits(model, tokens)
     state = InferenceState(model.config)

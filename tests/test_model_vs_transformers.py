@@ -7,6 +7,7 @@ import pytest
 
 from model_factory import hf_logits, make_hf_model, write_gguf
 from torchless import InferenceState, Mistral, Parameters
+from torchless.kernels import gemm
 
 SEQ = [5, 17, 101, 3, 250, 42, 42, 7, 199, 64, 12, 0, 299, 150, 77, 8, 31, 2, 90, 11]  # > window of 7
 
@@ -92,14 +93,14 @@ def q5_model(tmp_path_factory):
     return path, hf.eval()
 
 
-Q5_SEQ = [int(t) for t in np.random.default_rng(5).integers(0, 300, 72)]  # >= 64: a BLAS prefill chunk
+Q5_SEQ = [int(t) for t in np.random.default_rng(5).integers(0, 300, 72)]  # one prefill chunk
 
 
 def test_q5_0_q5_1_gguf_every_path_matches_transformers(q5_model, capsys):
     """Every product path on Q5_0/Q5_1 weights against transformers on the same GGUF file:
-    the reference path, the fused decode blocks (matvec), a 72-token prefill chunk (BLAS), chunks
-    of 5 (the batched integer kernels) and a batched decode step of two sequences (the fused
-    batch blocks)."""
+    the reference path, the fused decode blocks (matvec), a 72-token prefill chunk (the float
+    batched kernels, and BLAS with its threshold lowered), chunks of 5 (float) and 3 (the integer
+    kernels) and a batched decode step of two sequences (the fused batch blocks)."""
     from torchless import cli
     from torchless.model.mistral import Span
 
@@ -117,8 +118,13 @@ def test_q5_0_q5_1_gguf_every_path_matches_transformers(q5_model, capsys):
     assert_close_rel(np.stack([model.fast_forward(state, t).copy() for t in Q5_SEQ[:12]]), ref[:12], 1e-4)
     state = InferenceState(model.config)
     assert_close_rel(model.prefill(state, Q5_SEQ, all_logits=True), ref, 1e-4)
-    state = InferenceState(model.config)
-    assert_close_rel(model.prefill(state, Q5_SEQ[:20], chunk_size=5, all_logits=True), ref[:20], 1e-4)
+    with pytest.MonkeyPatch.context() as mp:  # the same chunk through BLAS, as longer chunks go
+        mp.setattr(gemm, "MIN_TOKENS_FOR_BLAS", 64)
+        state = InferenceState(model.config)
+        assert_close_rel(model.prefill(state, Q5_SEQ, all_logits=True), ref, 1e-4)
+    for chunk in (5, 3):  # the float batched kernels, the integer ones
+        state = InferenceState(model.config)
+        assert_close_rel(model.prefill(state, Q5_SEQ[:20], chunk_size=chunk, all_logits=True), ref[:20], 1e-4)
 
     a, b = InferenceState(model.config), InferenceState(model.config)
     model.prefill(a, Q5_SEQ[:9])
@@ -149,8 +155,9 @@ def _random_mixed_gguf_and_transformers(root, mix, seed):
 
 
 def _every_path_matches_transformers(path, hf, capsys, counts):
-    """As the Q5_0/Q5_1 test: every product path (reference, fused decode, BLAS prefill chunk,
-    batched integer kernels in chunks of 5, a batched decode step of two sequences) against
+    """As the Q5_0/Q5_1 test: every product path (reference, fused decode, a 72-token prefill
+    chunk through the float batched kernels and through BLAS, chunks of 5 and 3 (float and
+    integer batched kernels), a batched decode step of two sequences) against
     transformers on the same file; all weights repacked as "q8"; `inspect` lists each type with
     its tensor count."""
     from torchless import cli
@@ -159,7 +166,7 @@ def _every_path_matches_transformers(path, hf, capsys, counts):
     params = Parameters.load(path)
     types = {name: t.ggml_type.name for name, t in params.tensors.items() if t.data.ndim == 2}
     assert set(types.values()) == set(counts), types
-    seq = [int(t) for t in np.random.default_rng(7).integers(0, 320, 72)]  # >= 64: a BLAS prefill chunk
+    seq = [int(t) for t in np.random.default_rng(7).integers(0, 320, 72)]  # one prefill chunk
     ref = hf_logits(hf, seq)
     model = Mistral.load(params)
     assert {lin.packed.kind for lin in model.linears()} == {"q8"}
@@ -170,8 +177,13 @@ def _every_path_matches_transformers(path, hf, capsys, counts):
     assert_close_rel(np.stack([model.fast_forward(state, t).copy() for t in seq[:12]]), ref[:12], 1e-4)
     state = InferenceState(model.config)
     assert_close_rel(model.prefill(state, seq, all_logits=True), ref, 1e-4)
-    state = InferenceState(model.config)
-    assert_close_rel(model.prefill(state, seq[:20], chunk_size=5, all_logits=True), ref[:20], 1e-4)
+    with pytest.MonkeyPatch.context() as mp:  # the same chunk through BLAS, as longer chunks go
+        mp.setattr(gemm, "MIN_TOKENS_FOR_BLAS", 64)
+        state = InferenceState(model.config)
+        assert_close_rel(model.prefill(state, seq, all_logits=True), ref, 1e-4)
+    for chunk in (5, 3):  # the float batched kernels, the integer ones
+        state = InferenceState(model.config)
+        assert_close_rel(model.prefill(state, seq[:20], chunk_size=chunk, all_logits=True), ref[:20], 1e-4)
 
     a, b = InferenceState(model.config), InferenceState(model.config)
     model.prefill(a, seq[:9])

@@ -18,10 +18,14 @@ from numba import njit
 
 from .qmatmul import TILE, PackedWeight, _dq_tile_f32, _dq_tile_q4, _dq_tile_q8
 
-# Below this many rows the quantized kernel beats BLAS (which expands the weights to float32 per
-# call): on SmolLM2 at 2 threads it won clearly at 16 and 32 rows and by 0-13% at 64
-# (benchmarks/bench_batch_kernel.py). Prefill chunks of 256 go to BLAS.
-MIN_TOKENS_FOR_BLAS = 64
+# Below this many rows the batched kernels beat BLAS (which expands the weights to float32 per
+# call, then runs sgemm). With the float batched kernels (kernels/float_tiles) they do at every
+# chunk size measured: one core, SmolLM2's shapes at 64, 128 and 256 rows 1.3-2x
+# (`python benchmarks/bench_batch_kernel.py --m 64,128,256 --blas`), a 4096 x 4096 and a
+# 4096 x 14336 Q4_1 weight at 64 and 256 rows 1.4-2.5x; a whole 256-token SmolLM2 prefill
+# (`torchless bench -p 256`) 1.2-1.45x at 1 thread and 1.25-1.3x at 2. Prompt chunks are 256
+# tokens by default, so BLAS runs only for chunks made longer than this (not measured).
+MIN_TOKENS_FOR_BLAS = 1024
 
 
 # Transposed dequantization, for prefill through BLAS: a long prompt's products are

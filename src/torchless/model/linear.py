@@ -41,7 +41,8 @@ class Linear:
 
     def __call__(self, x: np.ndarray, fast: bool = False, work=None) -> np.ndarray:
         """x: (T, in) -> (T, out). fast: the quantized kernels, cut into tasks by `work` (a
-        WorkDistributionConfig; None: the adaptive choice), or BLAS for long prompt chunks."""
+        WorkDistributionConfig; None: the adaptive choice), or BLAS for prompt chunks over
+        gemm.MIN_TOKENS_FOR_BLAS tokens."""
         if fast:
             x = np.ascontiguousarray(x, np.float32)
             y = np.empty((x.shape[0], self.shape[0]), np.float32)
