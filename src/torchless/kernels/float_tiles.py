@@ -6,8 +6,8 @@ accumulators in an array it loads and stores them around every multiply-add, and
 branch or a 4-D index inside its loops it stops vectorizing the expansion of codes (Q8_0's
 tiles expanded at 2 G weights/s). Here the block of X rows (8, 4, 2 or 1) keeps 2 x R vectors of
 16 float32 in registers over the whole loop of columns, each column's 32 weights are loaded
-once for all R rows, and a row of codes is widened with one load, one conversion and one
-multiply-add per 16 values (benchmarks/bench_batch_kernel.py).
+once for all R rows, and a row of codes is widened with one load, and per 16 values one
+conversion and one multiply (and add of the min) (benchmarks/bench_batch_kernel.py).
 
 Exactness: each row of X gets the same sequence of fused multiply-adds whatever block it is in,
 so a row's result does not depend on how many rows are multiplied with it; the expansion is
@@ -34,6 +34,10 @@ def _make_rows_dot(n_rows: int):
 
     @intrinsic
     def rows_dot(typingctx, wt, X, m0, acc):
+        if not all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2
+                   and a.layout == "C" for a in (wt, X, acc)):
+            return None  # the loop steps through wt and the rows of X as contiguous memory
+
         def codegen(context, builder, sig, args):
             intp = lambda v: context.get_constant(types.intp, v)  # noqa: E731
             wt_a = context.make_array(sig.args[0])(context, builder, args[0])
