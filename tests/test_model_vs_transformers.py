@@ -96,13 +96,39 @@ def q5_model(tmp_path_factory):
 Q5_SEQ = [int(t) for t in np.random.default_rng(5).integers(0, 300, 72)]  # one prefill chunk
 
 
-def test_q5_0_q5_1_gguf_every_path_matches_transformers(q5_model, capsys):
-    """Every product path on Q5_0/Q5_1 weights against transformers on the same GGUF file:
-    the reference path, the fused decode blocks (matvec), a 72-token prefill chunk (the float
-    batched kernels, and BLAS with its threshold lowered), chunks of 5 (float) and 3 (the integer
-    kernels) and a batched decode step of two sequences (the fused batch blocks)."""
-    from torchless import cli
+def _check_every_path(model, seq, ref):
+    """Logits of every product path against `ref` (transformers' logits of the 72-token seq): the
+    reference path, the fused decode blocks (matvec), seq as one prefill chunk (the float
+    batched kernels, and BLAS with its threshold lowered), chunks of 5 (float) and 3 (the
+    integer kernels), and a batched decode step of two sequences (the fused batch blocks)."""
     from torchless.model.mistral import Span
+
+    state = InferenceState(model.config)
+    assert_close_rel(np.stack([model.forward(state, t).copy() for t in seq[:12]]), ref[:12], 1e-4)
+    state = InferenceState(model.config)
+    assert_close_rel(np.stack([model.fast_forward(state, t).copy() for t in seq[:12]]), ref[:12], 1e-4)
+    state = InferenceState(model.config)
+    assert_close_rel(model.prefill(state, seq, all_logits=True), ref, 1e-4)
+    with pytest.MonkeyPatch.context() as mp:  # the same chunk through BLAS, as longer chunks go
+        mp.setattr(gemm, "MIN_TOKENS_FOR_BLAS", 64)
+        state = InferenceState(model.config)
+        assert_close_rel(model.prefill(state, seq, all_logits=True), ref, 1e-4)
+    for chunk in (5, 3):  # the float batched kernels, the integer ones
+        state = InferenceState(model.config)
+        assert_close_rel(model.prefill(state, seq[:20], chunk_size=chunk, all_logits=True), ref[:20], 1e-4)
+
+    a, b = InferenceState(model.config), InferenceState(model.config)
+    model.prefill(a, seq[:9])
+    model.prefill(b, seq[:4])
+    both = model.forward_spans([Span(a, [seq[9]], 9), Span(b, [seq[4]], 4)], fast=True)
+    assert_close_rel(both[0], ref[9], 1e-4)
+    assert_close_rel(both[1], ref[4], 1e-4)
+
+
+def test_q5_0_q5_1_gguf_every_path_matches_transformers(q5_model, capsys):
+    """Every product path (_check_every_path) on Q5_0/Q5_1 weights against transformers on the
+    same GGUF file, and `inspect` counting the tensors of each type."""
+    from torchless import cli
 
     path, hf = q5_model
     params = Parameters.load(path)
@@ -112,26 +138,7 @@ def test_q5_0_q5_1_gguf_every_path_matches_transformers(q5_model, capsys):
     ref = hf_logits(hf, Q5_SEQ)
     model = Mistral.load(params)
 
-    state = InferenceState(model.config)
-    assert_close_rel(np.stack([model.forward(state, t).copy() for t in Q5_SEQ[:12]]), ref[:12], 1e-4)
-    state = InferenceState(model.config)
-    assert_close_rel(np.stack([model.fast_forward(state, t).copy() for t in Q5_SEQ[:12]]), ref[:12], 1e-4)
-    state = InferenceState(model.config)
-    assert_close_rel(model.prefill(state, Q5_SEQ, all_logits=True), ref, 1e-4)
-    with pytest.MonkeyPatch.context() as mp:  # the same chunk through BLAS, as longer chunks go
-        mp.setattr(gemm, "MIN_TOKENS_FOR_BLAS", 64)
-        state = InferenceState(model.config)
-        assert_close_rel(model.prefill(state, Q5_SEQ, all_logits=True), ref, 1e-4)
-    for chunk in (5, 3):  # the float batched kernels, the integer ones
-        state = InferenceState(model.config)
-        assert_close_rel(model.prefill(state, Q5_SEQ[:20], chunk_size=chunk, all_logits=True), ref[:20], 1e-4)
-
-    a, b = InferenceState(model.config), InferenceState(model.config)
-    model.prefill(a, Q5_SEQ[:9])
-    model.prefill(b, Q5_SEQ[:4])
-    both = model.forward_spans([Span(a, [Q5_SEQ[9]], 9), Span(b, [Q5_SEQ[4]], 4)], fast=True)
-    assert_close_rel(both[0], ref[9], 1e-4)
-    assert_close_rel(both[1], ref[4], 1e-4)
+    _check_every_path(model, Q5_SEQ, ref)
 
     assert cli.main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
@@ -161,7 +168,6 @@ def _every_path_matches_transformers(path, hf, capsys, counts):
     transformers on the same file; all weights repacked as "q8"; `inspect` lists each type with
     its tensor count."""
     from torchless import cli
-    from torchless.model.mistral import Span
 
     params = Parameters.load(path)
     types = {name: t.ggml_type.name for name, t in params.tensors.items() if t.data.ndim == 2}
@@ -171,26 +177,7 @@ def _every_path_matches_transformers(path, hf, capsys, counts):
     model = Mistral.load(params)
     assert {lin.packed.kind for lin in model.linears()} == {"q8"}
 
-    state = InferenceState(model.config)
-    assert_close_rel(np.stack([model.forward(state, t).copy() for t in seq[:12]]), ref[:12], 1e-4)
-    state = InferenceState(model.config)
-    assert_close_rel(np.stack([model.fast_forward(state, t).copy() for t in seq[:12]]), ref[:12], 1e-4)
-    state = InferenceState(model.config)
-    assert_close_rel(model.prefill(state, seq, all_logits=True), ref, 1e-4)
-    with pytest.MonkeyPatch.context() as mp:  # the same chunk through BLAS, as longer chunks go
-        mp.setattr(gemm, "MIN_TOKENS_FOR_BLAS", 64)
-        state = InferenceState(model.config)
-        assert_close_rel(model.prefill(state, seq, all_logits=True), ref, 1e-4)
-    for chunk in (5, 3):  # the float batched kernels, the integer ones
-        state = InferenceState(model.config)
-        assert_close_rel(model.prefill(state, seq[:20], chunk_size=chunk, all_logits=True), ref[:20], 1e-4)
-
-    a, b = InferenceState(model.config), InferenceState(model.config)
-    model.prefill(a, seq[:9])
-    model.prefill(b, seq[:4])
-    both = model.forward_spans([Span(a, [seq[9]], 9), Span(b, [seq[4]], 4)], fast=True)
-    assert_close_rel(both[0], ref[9], 1e-4)
-    assert_close_rel(both[1], ref[4], 1e-4)
+    _check_every_path(model, seq, ref)
 
     assert cli.main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out

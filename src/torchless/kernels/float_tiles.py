@@ -97,14 +97,16 @@ def _make_rows_dot(n_rows: int):
 rows_dot_8, rows_dot_4, rows_dot_2, rows_dot_1 = (_make_rows_dot(n) for n in (8, 4, 2, 1))
 
 
-def _make_expand_codes(nibbles: bool, has_min: bool, high_bits: int = 0):
-    """An intrinsic wt[o, :] = buf[0, :] * code[t, g, j, :] (+ buf[1, :]): the TILE codes of
-    column j of group g as float32, a row's scale (and min) widened into buf. With nibbles,
+def _make_expand_codes(nibbles: bool, high_bits: int = 0):
+    """An intrinsic wt[o, :] = buf[0, :] * code[t, g, j, :] + buf[1, :]: the TILE codes of
+    column j of group g as float32, a row's scale and min widened into buf (zeros where the
+    layout has no min: + 0.0, as the scalar dequantizers always added). With nibbles,
     "q4" codes: the low nibbles to wt[o], the high ones to wt[o + 16]; else signed bytes. With
     high_bits 1 (5-bit codes) the fifth bits come from byte 16 + j // 4 (see packing); with 2
     (Q6_K's 6-bit codes) the top two bits of the low and high nibbles from bytes 16 + j // 4 and
     20 + j // 4, the low nibbles on buf[0]'s scales and the high ones on buf[1]'s, as
     scale * (code - 32) (no min)."""
+    has_min = high_bits != 2
 
     @intrinsic
     def expand_codes(typingctx, codes, t, g, j, buf, wt, o):
@@ -168,10 +170,8 @@ def _make_expand_codes(nibbles: bool, has_min: bool, high_bits: int = 0):
     return expand_codes
 
 
-expand_nibbles, expand_nibbles_min = _make_expand_codes(True, False), _make_expand_codes(True, True)
-expand_bytes, expand_bytes_min = _make_expand_codes(False, False), _make_expand_codes(False, True)
-expand_q5, expand_q5_min = _make_expand_codes(True, False, 1), _make_expand_codes(True, True, 1)
-expand_q6 = _make_expand_codes(True, False, 2)
+expand_nibbles, expand_q5, expand_q6 = (_make_expand_codes(True, bits) for bits in (0, 1, 2))
+expand_bytes = _make_expand_codes(False)
 
 
 def scale_row(src, t, g, buf, k):

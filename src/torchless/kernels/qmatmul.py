@@ -37,8 +37,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .float_tiles import (expand_bytes, expand_bytes_min, expand_nibbles, expand_nibbles_min, expand_q5,
-                          expand_q5_min, expand_q6, scale_row)
+from .float_tiles import expand_bytes, expand_nibbles, expand_q5, expand_q6, scale_row
 from .packing import (F16_SCALE_TYPES, TILE, TWO_LEVEL_TYPES, PackedWeight, packed_layout, packed_nbytes,  # noqa: F401
                       prefetch_row, prefetch_scales, prepare, row_value, widen_row)
 
@@ -294,57 +293,33 @@ def _dq_tile_q6(codes, scale, t, wt):
 
 
 @njit(nogil=True, cache=True)
-def _dq_tile_q5(codes, scale, mn, t, wt):
-    """_dq_tile_q4 for 5-bit codes (Q5_0, Q5_1, Q5_K): the fifth bits of columns j and j + 16
-    in byte 16 + j // 4."""
-    has_min = mn.shape[1] > 0
-    buf = np.empty((2, TILE), np.float32)
-    for g in range(codes.shape[1]):
-        scale_row(scale, t, g, buf, 0)
-        if has_min:
-            scale_row(mn, t, g, buf, 1)
-            for j in range(16):
-                expand_q5_min(codes, t, g, j, buf, wt, g * 32 + j)
-        else:
-            for j in range(16):
-                expand_q5(codes, t, g, j, buf, wt, g * 32 + j)
-
-
-@njit(nogil=True, cache=True)
 def _dq_tile_q4(codes, scale, mn, t, wt):
     if codes.shape[2] > 20:
         _dq_tile_q6(codes, scale, t, wt)
         return
-    if codes.shape[2] > 16:
-        _dq_tile_q5(codes, scale, mn, t, wt)
-        return
-    has_min = mn.shape[1] > 0
-    buf = np.empty((2, TILE), np.float32)
+    five_bit = codes.shape[2] > 16  # the fifth bits of columns j and j + 16 in byte 16 + j // 4
+    buf = np.zeros((2, TILE), np.float32)  # row 1: the mins, zero where there are none
     for g in range(codes.shape[1]):
         scale_row(scale, t, g, buf, 0)
-        if has_min:
+        if mn.shape[1] > 0:
             scale_row(mn, t, g, buf, 1)
-            for j in range(16):
-                expand_nibbles_min(codes, t, g, j, buf, wt, g * 32 + j)
-        else:
-            for j in range(16):
+        for j in range(16):
+            if five_bit:
+                expand_q5(codes, t, g, j, buf, wt, g * 32 + j)
+            else:
                 expand_nibbles(codes, t, g, j, buf, wt, g * 32 + j)
 
 
 @njit(nogil=True, cache=True)
 def _dq_tile_q8(codes, scale, mn, t, wt):
-    has_min = mn.shape[1] > 0
     group = codes.shape[2]
-    buf = np.empty((2, TILE), np.float32)
+    buf = np.zeros((2, TILE), np.float32)  # row 1: the mins, zero where there are none
     for g in range(codes.shape[1]):
         scale_row(scale, t, g, buf, 0)
-        if has_min:
+        if mn.shape[1] > 0:
             scale_row(mn, t, g, buf, 1)
-            for j in range(group):
-                expand_bytes_min(codes, t, g, j, buf, wt, g * group + j)
-        else:
-            for j in range(group):
-                expand_bytes(codes, t, g, j, buf, wt, g * group + j)
+        for j in range(group):
+            expand_bytes(codes, t, g, j, buf, wt, g * group + j)
 
 
 @njit(nogil=True, cache=True)
