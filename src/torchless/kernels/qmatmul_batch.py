@@ -7,12 +7,14 @@ From FLOAT_MIN_ROWS (4) rows, each 32-row tile is expanded to float32 once per c
 in L1/L2) and multiplied with blocks of 8, 4, 2 and 1 rows of X whose sums stay in registers
 (kernels/float_tiles): one FMA of 16 lanes per weight per row, but nothing else per weight,
 so the cost per row falls as the rows share the expansion. Under 4 rows the expansion is not
-paid back, and the integer kernels below are faster. Measured on one core (Zen 4, AVX-512;
-`NUMBA_NUM_THREADS=1 python benchmarks/bench_batch_kernel.py --threads 1`), us per row of X,
-integer against float: SmolLM2's 1536 x 576 Q4_1 at 2 rows 40 against 46, at 4 rows 31 against
-30, at 8 32 against 23, at 16 30-39 against 21; its 49152 x 576 Q8_0 head at 8 rows 1444 against
-986, at 16 1543 against 831. The float kernels also run where the host lacks AVX-512 VNNI, at
-every batch size, and on "f32" weights.
+paid back, and the integer kernels below are faster. Measured on one core (AMD EPYC, Zen 4;
+`python benchmarks/bench_batch_kernel.py --threads 1 --m 2,3,4,8,16,32,64`), us per row of X,
+integer against float (medians of 5 rounds): SmolLM2's 1536 x 576 Q4_1 at 2 rows 39 against 44,
+3 rows 45 against 40, 4 rows 39 against 35, 8 rows 35 against 24, 16 rows 31 against 19, 64
+rows 31 against 17; its 49152 x 576 Q8_0 head at 2 rows 1443 against 2410, 4 rows 1371 against
+1495 (the one shape where 4 rows still favour integers), 8 rows 1315 against 1005, 16 rows 1272
+against 776. The float kernels also run where the host lacks AVX-512 VNNI, at every batch size,
+and on "f32" weights.
 
 A row's result does not depend on the other rows of its call in either kernel (each row of X
 gets the same sequence of operations in any block), but the two kernels round differently, so a
