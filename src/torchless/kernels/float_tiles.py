@@ -110,6 +110,12 @@ def _make_expand_codes(nibbles: bool, high_bits: int = 0):
 
     @intrinsic
     def expand_codes(typingctx, codes, t, g, j, buf, wt, o):
+        if not (isinstance(codes, types.Array) and codes.ndim == 4 and codes.layout == "C"
+                and codes.dtype == (types.uint8 if nibbles else types.int8)
+                and all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2
+                        and a.layout == "C" for a in (buf, wt))):
+            return None  # rows of TILE codes, scales and weights read and written as vectors
+
         def codegen(context, builder, sig, args):
             intp = lambda v: context.get_constant(types.intp, v)  # noqa: E731
             codes_a = context.make_array(sig.args[0])(context, builder, args[0])
