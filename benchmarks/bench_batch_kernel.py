@@ -6,6 +6,7 @@ register blocks), both forced at every M, interleaved in one process, on SmolLM2
 win. The whole-model effect: benchmarks/compare.py --batch.
 
     python benchmarks/bench_batch_kernel.py --threads 1 [--m 1,2,4,8,16,32,64] [--blas]
+                                            [--shapes Q4_1:4096x4096,Q4_1:4096x14336]
 
 Prints per M and shape the median us per row of X [min-max over rounds], rows/s, and int/float.
 """
@@ -72,7 +73,9 @@ def interleaved(fns, rounds, calls):
 
 def kernels(args):
     rng = np.random.default_rng(0)
-    weights = [(kind, random_weight(kind, r, c, rng)) for kind, r, c in SHAPES]
+    shapes = SHAPES if not args.shapes else [
+        (kind, *map(int, size.split("x"))) for kind, size in (s.split(":") for s in args.shapes.split(","))]
+    weights = [(kind, random_weight(kind, r, c, rng)) for kind, r, c in shapes]
     print(f"threads={args.threads}  us per row of X: median [min-max] over {args.rounds} rounds")
     for m in map(int, args.m.split(",")):
         for kind, w in weights:
@@ -102,6 +105,7 @@ if __name__ == "__main__":
     p.add_argument("--m", default="1,2,4,8,16,32,64")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--blas", action="store_true", help="time gemm.matmul_blas_into too")
+    p.add_argument("--shapes", help="KIND:ROWSxCOLS,... (Q4_1 or Q8_0) instead of SmolLM2's shapes")
     args = p.parse_args()
     numba.set_num_threads(args.threads)
     kernels(args)

@@ -20,9 +20,10 @@ from .qmatmul import TILE, PackedWeight, _dq_tile_f32, _dq_tile_q4, _dq_tile_q8
 
 # Below this many rows the batched kernels beat BLAS (which expands the weights to float32 per
 # call, then runs sgemm). With the float batched kernels (kernels/float_tiles) they do at every
-# chunk size measured: one core, SmolLM2's shapes at 64, 128 and 256 rows 1.3-2x
+# chunk size measured: one core, SmolLM2's shapes at 64, 128 and 256 rows 1.35-2.1x
 # (`python benchmarks/bench_batch_kernel.py --m 64,128,256 --blas`), a 4096 x 4096 and a
-# 4096 x 14336 Q4_1 weight at 64 and 256 rows 1.4-2.5x; a whole 256-token SmolLM2 prefill
+# 4096 x 14336 Q4_1 weight at 64 and 256 rows 1.55-2.5x (the same with `--m 64,256
+# --shapes Q4_1:4096x4096,Q4_1:4096x14336`); a whole 256-token SmolLM2 prefill
 # (`torchless bench -p 256`) 1.2-1.45x at 1 thread and 1.25-1.3x at 2. Prompt chunks are 256
 # tokens by default, so BLAS runs only for chunks made longer than this (not measured).
 MIN_TOKENS_FOR_BLAS = 1024

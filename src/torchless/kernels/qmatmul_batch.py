@@ -67,7 +67,10 @@ from .float_tiles import rows_dot_1, rows_dot_2, rows_dot_4, rows_dot_8
 from .qmatmul import TILE, PackedWeight, row_value, widen_row
 
 _FM = {"contract"}
-ROW_BLOCK = 4  # rows of X per pass over a tile
+# Rows of X per pass over a tile. The engine takes these kernels for 2 and 3 rows only; the
+# 4-row blocks serve benchmarks/bench_batch_kernel.py, which forces them at every M to show
+# where the float kernels overtake them (FLOAT_MIN_ROWS).
+ROW_BLOCK = 4
 LEVELS = 3  # int8 rows per row of X (see the module docstring)
 FLOAT_MIN_ROWS = 4  # from this many rows of X, the float kernels (see the module docstring)
 _I8, _I32 = ir.IntType(8), ir.IntType(32)
@@ -396,7 +399,6 @@ def _multiply_tile(wt, X, out, t, acc):
     """out[:, rows of tile t] = X @ wt: blocks of 8, 4, 2 and 1 rows of X, each a pass over the
     expanded tile with its sums in registers (float_tiles)."""
     M = X.shape[0]
-    base = t * TILE
     m = 0
     while m < M:
         n = M - m
@@ -411,9 +413,7 @@ def _multiply_tile(wt, X, out, t, acc):
             n = 2
         else:
             rows_dot_1(wt, X, m, acc)
-        for i in range(n):
-            for r in range(base, min(out.shape[1], base + TILE)):
-                out[m + i, r] = acc[i, r - base]
+        _store(acc, out, t, m, n)
         m += n
 
 

@@ -82,8 +82,9 @@ class BatchSplit:
         # Whole, a micro-batch's products are cut into row tasks once their work passes the
         # inline threshold (kernels/adaptive), and then each thread expands its own tiles once
         # for every row, where each part expands every tile for its own rows: on 2 cores,
-        # SmolLM2, 64 greedy tokens, whole against 2 parts alternating in one process (4 rounds,
-        # medians): 8 sequences 254 against 231 tok/s, 16 339 against 317. Parts are for
+        # SmolLM2, 64 greedy tokens, whole against 2 parts alternating in one process (a scratch
+        # A/B of `LLM.create_completion`, 4 rounds, medians): 8 sequences 254 against 231
+        # tok/s, 16 339 against 317. Parts are for
         # micro-batches whose products would run on one thread whole.
         tokens = sum(len(sp.tokens) for sp in spans)
         parts = assign_parts(spans, n_threads, self._largest_product(model) * tokens >= inline_threshold_bytes())
