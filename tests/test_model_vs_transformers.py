@@ -161,12 +161,12 @@ def _random_mixed_gguf_and_transformers(root, mix, seed):
     return path, hf.eval()
 
 
-def _every_path_matches_transformers(path, hf, capsys, counts):
+def _every_path_matches_transformers(path, hf, capsys, counts, kinds=("q8",)):
     """As the Q5_0/Q5_1 test: every product path (reference, fused decode, a 72-token prefill
     chunk through the float batched kernels and through BLAS, chunks of 5 and 3 (float and
     integer batched kernels), a batched decode step of two sequences) against
-    transformers on the same file; all weights repacked as "q8"; `inspect` lists each type with
-    its tensor count."""
+    transformers on the same file; the weights repacked as `kinds`; `inspect` lists each type
+    with its tensor count."""
     from torchless import cli
 
     params = Parameters.load(path)
@@ -175,7 +175,7 @@ def _every_path_matches_transformers(path, hf, capsys, counts):
     seq = [int(t) for t in np.random.default_rng(7).integers(0, 320, 72)]  # one prefill chunk
     ref = hf_logits(hf, seq)
     model = Mistral.load(params)
-    assert {lin.packed.kind for lin in model.linears()} == {"q8"}
+    assert {lin.packed.kind for lin in model.linears()} == set(kinds)
 
     _check_every_path(model, seq, ref)
 
@@ -191,7 +191,8 @@ def test_q2_k_q3_k_iq4_nl_iq4_xs_gguf_every_path_matches_transformers(tmp_path_f
     from model_factory import mixed_low_bit_quant
 
     path, hf = _random_mixed_gguf_and_transformers(tmp_path_factory.mktemp("lowbit"), mixed_low_bit_quant, 6)
-    _every_path_matches_transformers(path, hf, capsys, {"Q2_K": 5, "Q3_K": 3, "IQ4_NL": 4, "IQ4_XS": 4})
+    _every_path_matches_transformers(path, hf, capsys, {"Q2_K": 5, "Q3_K": 3, "IQ4_NL": 4, "IQ4_XS": 4},
+                                     kinds=("q4", "q8"))  # 2- and 3-bit codes packed
 
 
 def test_tq1_0_tq2_0_mxfp4_gguf_every_path_matches_transformers(tmp_path_factory, capsys):

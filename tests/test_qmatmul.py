@@ -293,15 +293,19 @@ def _one_level(w):
             return a
         n_tiles, n_super, per, tile = a.shape
         top = np.ascontiguousarray(a[:, :, :4, :]).reshape(n_tiles, n_super, 4 * tile).view(np.float32)
+        sub = a[:, :, 4:, :]
+        if a.dtype == np.uint8:  # sub-scales two to a byte: group 2 k low, 2 k + 1 high nibble
+            sub = np.stack([sub & 15, sub >> 4], axis=3).reshape(n_tiles, n_super, -1, tile)
         with np.errstate(invalid="ignore", over="ignore"):
-            return (top[:, :, None, :] * a[:, :, 4:, :].astype(np.float32)).reshape(n_tiles, -1, tile)
+            return (top[:, :, None, :] * sub.astype(np.float32)).reshape(n_tiles, -1, tile)
     return qm.PackedWeight(w.ggml_type, w.shape, w.kind, w.group, w.codes, wide(w.scale), wide(w.min))
 
 
 @pytest.mark.parametrize("t", sorted(qm.TWO_LEVEL_TYPES))
 def test_two_level_scales_are_read_back_exactly(t):
     """The K types and IQ4_XS keep the file's super-block scale and integer sub-scales apart
-    (a byte per group instead of a float32): dequantization still equals gguf-py bit for bit,
+    (a byte per group instead of a float32; Q2_K's 4-bit ones two to a byte): dequantization
+    still equals gguf-py bit for bit,
     whatever the float16 super-block scales (random bytes: subnormal, inf and NaN included), and
     matvec and the batched kernels equal the products with the scales multiplied out."""
     from torchless.quant import BLOCK_LAYOUT
@@ -311,7 +315,7 @@ def test_two_level_scales_are_read_back_exactly(t):
     rows, cols = 70, 512
     raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
     w = qm.prepare(QTensor(int(t), (rows, cols), raw))
-    assert w.scale.dtype == np.int8 and w.scale.ndim == 4
+    assert w.scale.dtype == (np.uint8 if t in qm.NIBBLE_SUBSCALE_TYPES else np.int8) and w.scale.ndim == 4
     wide = _one_level(w)
     assert w.nbytes < wide.nbytes
     with np.errstate(invalid="ignore", over="ignore"):
@@ -330,14 +334,14 @@ def test_two_level_scales_are_read_back_exactly(t):
 
 
 def test_packed_weights_stay_close_to_their_file_size():
-    """Packed bytes per file byte for a real-sized matrix (2048 x 2048): the 4-, 5-, 6- and 8-bit
-    types (most of a Q4_0, Q4_K_M, Q5_K_M, Q6_K or Q8_0 file) stay within 1.15x of the file,
-    scales included."""
+    """Packed bytes per file byte for a real-sized matrix (2048 x 2048): the 2- to 8-bit types
+    (most of a Q2_K, Q3_K_M, Q4_0, Q4_K_M, Q5_K_M, Q6_K or Q8_0 file) stay within 1.15x of the
+    file, scales included."""
     from torchless.quant import BLOCK_LAYOUT
 
     shape = (2048, 2048)
     ratio = {}
-    for t in (GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q8_0, GT.Q4_K, GT.Q5_K, GT.Q6_K):
+    for t in (GT.Q2_K, GT.Q3_K, GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q8_0, GT.Q4_K, GT.Q5_K, GT.Q6_K):
         block, size = BLOCK_LAYOUT[t]
         ratio[t.name] = qm.packed_nbytes(t, shape) / (shape[0] * shape[1] // block * size)
     assert all(r <= 1.15 for r in ratio.values()), ratio

@@ -183,24 +183,26 @@ def test_count_nonfinite_scales(t):
     assert count_nonfinite_scales(QTensor(t, q.shape, data.reshape(q.data.shape))) == 2
 
 
-# the "q8" kind each new type is repacked into at load: (group of columns per scale, has a min,
-# code range)
-Q8_REPACK = {GGMLType.Q2_K: (16, True, (0, 3)), GGMLType.Q3_K: (16, False, (-4, 3)),
+# the layout each new type is repacked into at load: (kind, group of columns per scale, has a
+# min, code range ("q8", byte codes) or bytes per 32 columns ("q4", 2- and 3-bit codes))
+REPACK = {GGMLType.Q2_K: ("q4", 16, True, 8), GGMLType.Q3_K: ("q4", 16, False, 12),
+          **{t: ("q8",) + v for t, v in {
              GGMLType.IQ4_NL: (32, False, (-127, 113)), GGMLType.IQ4_XS: (32, False, (-127, 113)),
              GGMLType.TQ1_0: (32, False, (-1, 1)), GGMLType.TQ2_0: (32, False, (-1, 2)),  # 3 (unused) decodes to 2
              GGMLType.MXFP4: (32, False, (-12, 12)),
              GGMLType.IQ2_XXS: (32, False, (-43, 43)), GGMLType.IQ2_XS: (16, False, (-43, 43)),
              GGMLType.IQ2_S: (16, False, (-43, 43)), GGMLType.IQ3_XXS: (32, False, (-62, 62)),
              GGMLType.IQ3_S: (32, False, (-15, 15)), GGMLType.IQ1_S: (32, False, (-9, 9)),
-             GGMLType.IQ1_M: (16, False, (-9, 9))}
+             GGMLType.IQ1_M: (16, False, (-9, 9))}.items()}}
 
 
-@pytest.mark.parametrize("t", list(Q8_REPACK), ids=lambda t: t.name)
-def test_new_types_repacked_as_q8_exactly(t):
-    """Each new type becomes the kernels' "q8" kind, and scale * code + min is gguf-py's weight
+@pytest.mark.parametrize("t", list(REPACK), ids=lambda t: t.name)
+def test_new_types_repacked_exactly(t):
+    """Each new type becomes its kernel layout, and scale * code + min is gguf-py's weight
     exactly for random blocks (finite scales) -- through the row dequantizer (embedding lookups)
     and the BLAS prefill's transposed expansion of the tiles. The products (decode matvec, the
-    batched kernels) on that kind are then held to the float64 product of gguf-py's weights."""
+    batched kernels) on that kind are then held to the float64 product of gguf-py's weights
+    (Q2_K and Q3_K take the float kernels at every batch size: no integer ones for 2-3 bits)."""
     from torchless.kernels import gemm
     from torchless.kernels import qmatmul as qm
 
@@ -209,10 +211,13 @@ def test_new_types_repacked_as_q8_exactly(t):
     q = random_qtensor(t, rows=rows, blocks_per_row=cols // block_size, seed=11)
     ref = oracle(t, q.data).reshape(rows, cols)
     w = qm.prepare(q)
-    group, has_min, (lo, hi) = Q8_REPACK[t]
-    assert (w.kind, w.group, w.codes.dtype) == ("q8", group, np.int8)
+    kind, group, has_min, codes = REPACK[t]
+    assert (w.kind, w.group, w.codes.dtype) == (kind, group, np.int8 if kind == "q8" else np.uint8)
     assert (w.min.size > 0) == has_min
-    assert w.codes.min() == lo and w.codes.max() == hi  # 70 x 512 random codes reach both ends
+    if kind == "q8":
+        assert w.codes.min() == codes[0] and w.codes.max() == codes[1]  # 70 x 512 random codes reach both ends
+    else:
+        assert w.codes.shape[2] == codes
     np.testing.assert_array_equal(qm.dequantize_rows(w, 0, rows), ref)
     out = np.empty((cols, rows - 3), np.float32)
     np.testing.assert_array_equal(gemm.dequantize_transposed_into(w, out, 3, rows), ref[3:].T)
@@ -231,6 +236,8 @@ def test_new_types_repacked_as_q8_exactly(t):
         y = np.full(rows, np.nan, np.float32)
         qm.matvec_into(w, X[0], y)
         np.testing.assert_array_less(np.abs(y - exact[0]), float_bound[0])
+        if kind == "q4":
+            int_bound = float_bound
         for fn, bound in ((qm.matmul_into, int_bound), (adaptive.matmul_adaptive_into, int_bound),
                           (qm.matmul_float_into, float_bound)):
             Y = np.full((n_rows, rows), np.nan, np.float32)

@@ -22,9 +22,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import qmatmul, qmatmul_batch
-from .qmatmul import TILE, PackedWeight, _group_sums, _tile_f32, _tile_q4, _tile_q8
+from .qmatmul import TILE, PackedWeight, _group_sums, _tile_f32, _tile_q4, _tile_q8, reads_x_sums
 from .qmatmul_batch import (FLOAT_MIN_ROWS, _float_tiles_f32, _float_tiles_q4, _float_tiles_q8, _tiles_q4,
-                            _tiles_q8, quantized_activations)
+                            _tiles_q8, quantized_activations, takes_float)
 from .fused import attend_heads
 from .workdist import WorkDistributionConfig, WorkStealingStats
 
@@ -84,7 +84,7 @@ def _claim(counters, ends, w):
 def _tasks_q4(codes, scale, mn, group, x, out, bounds, owners, starts):
     runners = np.empty(owners.shape[0], np.int64)
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
-    if mn.shape[1] > 0:
+    if reads_x_sums(codes, mn):
         _group_sums(x, group, xs)
     counters, ends = starts[:-1].copy(), starts[1:]
     for w in prange(counters.shape[0]):
@@ -103,7 +103,7 @@ def _tasks_q4(codes, scale, mn, group, x, out, bounds, owners, starts):
 def _tasks_q8(codes, scale, mn, group, x, out, bounds, owners, starts):
     runners = np.empty(owners.shape[0], np.int64)
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
-    if mn.shape[1] > 0:
+    if reads_x_sums(codes, mn):
         _group_sums(x, group, xs)
     counters, ends = starts[:-1].copy(), starts[1:]
     for w in prange(counters.shape[0]):
@@ -250,7 +250,7 @@ def _matvec(weights: PackedWeight, x, out, config=None, stats=GLOBAL_STATS):
 
 @njit(nogil=True, cache=True, parallel=True)
 def _batch_tasks_q4(codes, scale, mn, group, X, out, bounds, owners, starts):
-    if X.shape[0] >= FLOAT_MIN_ROWS:
+    if takes_float(codes, X):
         return _batch_float_tasks_q4(codes, scale, mn, group, X, out, bounds, owners, starts)
     xq4, dx, xs, sq = quantized_activations(X, group)
     runners = np.empty(owners.shape[0], np.int64)

@@ -180,6 +180,134 @@ expand_nibbles, expand_q5, expand_q6 = (_make_expand_codes(True, bits) for bits 
 expand_bytes = _make_expand_codes(False)
 
 
+def _splat_bytes(builder, value):
+    """A TILE-byte vector of one i8 value."""
+    v_bytes = ir.VectorType(_I8, TILE)
+    return builder.shuffle_vector(
+        builder.insert_element(ir.Constant(v_bytes, ir.Undefined), value, ir.Constant(_I32, 0)),
+        ir.Constant(v_bytes, ir.Undefined), ir.Constant(ir.VectorType(_I32, TILE), [0] * TILE))
+
+
+def _low_codes(context, builder, codes_type, codes_a, t_, g_, j_, three_bit):
+    """The four code vectors (i8 x TILE) of byte row j < 8 of group g in the 2- and 3-bit
+    layouts (see packing): columns j + 8 i in bit pairs 2i, 2i + 1; 3-bit codes take their third
+    bits from byte 8 + j // 2 (bits 4 (j % 2) + i)."""
+    intp = lambda v: context.get_constant(types.intp, v)  # noqa: E731
+    v_bytes = ir.VectorType(_I8, TILE)
+    splat = lambda v: ir.Constant(v_bytes, [v] * TILE)  # noqa: E731
+
+    def code_row(k):
+        p = cgutils.get_item_pointer(context, builder, codes_type, codes_a, [t_, g_, k, intp(0)])
+        return builder.load(builder.bitcast(p, v_bytes.as_pointer()), align=1)
+
+    raw = code_row(j_)
+    codes = [builder.and_(builder.lshr(raw, splat(2 * i)), splat(3)) for i in range(4)]
+    if three_bit:
+        shift = builder.trunc(builder.mul(builder.and_(j_, intp(1)), intp(4)), _I8)
+        high = builder.lshr(code_row(builder.add(intp(8), builder.lshr(j_, intp(1)))),
+                            _splat_bytes(builder, shift))  # bit i: column j + 8 i's third bit
+        codes = [builder.or_(c, builder.and_(builder.shl(high, splat(2 - i)) if i < 2 else
+                                             builder.lshr(high, splat(i - 2)), splat(4)))
+                 for i, c in enumerate(codes)]
+    return codes
+
+
+def _low_layout_types(codes, *floats):
+    return (isinstance(codes, types.Array) and codes.ndim == 4 and codes.layout == "C"
+            and codes.dtype == types.uint8
+            and all(isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C"
+                    for a in floats))
+
+
+def _make_expand_low(three_bit: bool):
+    """An intrinsic for the 2- and 3-bit "q4" layouts (see packing): the codes of byte row j < 8
+    of group g (columns j, j + 8, j + 16, j + 24) as float32 to wt[o + 8 i, :]. The first two
+    columns are on buf[0]'s scales, the last two on buf[1]'s. 2-bit codes (Q2_K) add buf[2]'s
+    and buf[3]'s mins: scale * code + min; 3-bit codes (Q3_K) are scale * (code - 4), as
+    gguf-py computes scale * q."""
+
+    @intrinsic
+    def expand_low(typingctx, codes, t, g, j, buf, wt, o):
+        if not (_low_layout_types(codes, buf, wt) and buf.ndim == 2 and wt.ndim == 2):
+            return None
+
+        def codegen(context, builder, sig, args):
+            intp = lambda v: context.get_constant(types.intp, v)  # noqa: E731
+            codes_a = context.make_array(sig.args[0])(context, builder, args[0])
+            buf_a = context.make_array(sig.args[4])(context, builder, args[4])
+            wt_a = context.make_array(sig.args[5])(context, builder, args[5])
+            t_, g_, j_, o_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2, 3, 6))
+            v_floats = ir.VectorType(_F32, TILE)
+
+            def buf_row(k):
+                q = cgutils.get_item_pointer(context, builder, sig.args[4], buf_a, [intp(k), intp(0)])
+                return builder.load(builder.bitcast(q, v_floats.as_pointer()), align=4)
+
+            codes = _low_codes(context, builder, sig.args[0], codes_a, t_, g_, j_, three_bit)
+            scales = [buf_row(0), buf_row(1)]
+            mins = None if three_bit else [buf_row(2), buf_row(3)]
+            for i, c in enumerate(codes):
+                v = builder.uitofp(c, v_floats)
+                if three_bit:  # code - 4 is exact in float32
+                    w = builder.fmul(scales[i // 2], builder.fsub(v, ir.Constant(v_floats, [4.0] * TILE)))
+                else:
+                    w = builder.fadd(builder.fmul(scales[i // 2], v), mins[i // 2])
+                q = cgutils.get_item_pointer(context, builder, sig.args[5], wt_a, [builder.add(o_, intp(8 * i)), intp(0)])
+                builder.store(w, builder.bitcast(q, v_floats.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.void(codes, t, g, j, buf, wt, o), codegen
+
+    return expand_low
+
+
+def _make_low_code_sums(three_bit: bool):
+    """An intrinsic for decode on the 2- and 3-bit layouts: s[0, :] = the sum over the first 16
+    columns of group g (those on its first scale) of code * x[32 g + column], s[3, :] over the
+    last 16, the codes as `_low_codes` reads them (3-bit: 0..7, the kernel subtracts 4 x the
+    sum of x). Written as IR because numba's own loop for 3-bit codes did not vectorize (1.6 G
+    weights/s against 14-15 for 2-bit ones). Two accumulators per half, summed at the end."""
+
+    @intrinsic
+    def low_code_sums(typingctx, codes, t, g, x, s):
+        if not (_low_layout_types(codes, x, s) and x.ndim == 1 and s.ndim == 2):
+            return None
+
+        def codegen(context, builder, sig, args):
+            intp = lambda v: context.get_constant(types.intp, v)  # noqa: E731
+            codes_a = context.make_array(sig.args[0])(context, builder, args[0])
+            x_a = context.make_array(sig.args[3])(context, builder, args[3])
+            s_a = context.make_array(sig.args[4])(context, builder, args[4])
+            t_, g_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2))
+            v_floats = ir.VectorType(_F32, TILE)
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v_floats, [v_floats] * 3),
+                                                 f"llvm.fma.v{TILE}f32")
+            zero_idx = ir.Constant(ir.VectorType(_I32, TILE), [0] * TILE)
+            base = builder.mul(g_, intp(32))
+            acc = [ir.Constant(v_floats, [0.0] * TILE)] * 4  # half 0: i = 0, 1; half 1: i = 2, 3
+            for j in range(8):
+                codes = _low_codes(context, builder, sig.args[0], codes_a, t_, g_, intp(j), three_bit)
+                for i, c in enumerate(codes):
+                    xp = cgutils.get_item_pointer(context, builder, sig.args[3], x_a, [builder.add(base, intp(j + 8 * i))])
+                    xb = builder.shuffle_vector(
+                        builder.insert_element(ir.Constant(v_floats, ir.Undefined), builder.load(xp),
+                                               ir.Constant(_I32, 0)),
+                        ir.Constant(v_floats, ir.Undefined), zero_idx)
+                    acc[i] = builder.call(fma, [builder.uitofp(c, v_floats), xb, acc[i]])
+            for row, (a, b) in ((0, acc[0:2]), (3, acc[2:4])):
+                q = cgutils.get_item_pointer(context, builder, sig.args[4], s_a, [intp(row), intp(0)])
+                builder.store(builder.fadd(a, b), builder.bitcast(q, v_floats.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.void(codes, t, g, x, s), codegen
+
+    return low_code_sums
+
+
+expand_q2, expand_q3 = _make_expand_low(False), _make_expand_low(True)
+low_code_sums_q2, low_code_sums_q3 = _make_low_code_sums(False), _make_low_code_sums(True)
+
+
 def scale_row(src, t, g, buf, k):
     """buf[k, :TILE] = the scales (or mins) of group g of tile t, in any of packing's encodings
     (widen_row leaves float32 ones in place, for row_value to read)."""

@@ -17,6 +17,13 @@ scale.
         Q5_K, and with sixth bits by Q6_K, whose scales change every 16 columns (group 16: the
         low nibbles of a code group have one scale, the high nibbles the next; code 0..63,
         min = -32 scale; its dequantization computes scale * (code - 32), as gguf-py does).
+        2- and 3-bit codes (Q2_K, Q3_K; group 16) take 8 or 12 bytes per group of 32 columns
+        (the third dimension, 16 + H above, tells the layouts apart): byte j < 8 holds columns
+        32g+j, +8, +16, +24 in bits 0-1, 2-3, 4-5, 6-7 (columns j and j+8 on the group's first
+        scale, j+16 and j+24 on the second); Q3_K's third bits are in bytes 8..11: bit 4h+i of
+        byte 8+k is column 32g+(2k+h)+8i's. Q2_K: code 0..3, scale d sc_j, min -dmin m_j. Q3_K:
+        code 0..7 (gguf-py's -4..3 plus 4), weight = scale * (code - 4), no min kept (the
+        kernels subtract 4 x the group's sum of x; 0.4 byte/weight would grow by a third).
   "q8"  signed 8-bit codes (1 byte/weight): codes int8 (n_tiles, n_groups, G, TILE), G = 32 or
         16. Used by Q8_0 (G=32) and the rarer types.
   "f32" float32 (n_tiles, cols, TILE). Used by F32, and F16/BF16, which are converted to float32
@@ -29,12 +36,16 @@ scale/min come in three encodings, all read by the kernels through `widen_row` /
         IQ4_XS multiply a float16 super-block scale by a small integer sub-scale per group, as
         the file does: [t, s, 0:4, :] is the float32 super-block scale of the tile's 32 rows (128
         bytes), [t, s, 4 + j, :] the int8 sub-scale of group G s + j. A group's scale is their
-        product, computed as the kernel reads it;
+        product, computed as the kernel reads it. Q2_K's 4-bit sub-scales (and mins) are kept
+        two to a byte, uint8 (n_tiles, n_super, 4 + G / 2, TILE): group G s + j's in the low
+        (j even) or high (j odd) nibble of [t, s, 4 + j // 2, :] (a byte each would make Q2_K
+        1.24x its file);
   float32 (n_tiles, n_groups, TILE) otherwise (the IQ1/2/3 lattice types).
 Decode reads every weight byte once per token, so the scales' width is both memory and speed:
 float16 makes a Q4_1 weight 0.625 byte, as in the file, instead of 0.75; two levels make Q4_K's
 scale and min 0.047 byte per weight instead of 0.25 (packed Q4_K is 1.06x its file, not 1.33x),
-and six-bit codes Q6_K's weight 0.906 byte instead of 1.078 (1.10x its file, not 1.31x).
+six-bit codes Q6_K's weight 0.906 byte instead of 1.078 (1.10x its file, not 1.31x), and 2- and
+3-bit codes Q2_K's and Q3_K's 1.05x and 1.06x their file (a byte per code: 3.5x and 2.5x).
 Every value scale*code+min equals the dequantized weight of gguf-py exactly (a float16 times a
 small integer is exact in float32, and two levels compute the same float32 product as gguf-py).
 Rows are padded to a multiple of TILE with zero codes and zero scales.
@@ -74,9 +85,18 @@ F16_SCALE_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, TQ1_0, TQ2_0}
 # The types kept as "q4" codes with a fifth (and sixth) bit per column: the bytes of high bits
 # after the 16 of nibbles in a group of 32 columns (see the module docstring).
 HIGH_BIT_BYTES = {Q5_0: 4, Q5_1: 4, Q5_K: 4, Q6_K: 8}
+# The "q4" types with 2- or 3-bit codes: bytes per group of 32 columns (see the module docstring).
+LOW_BIT_BYTES = {Q2_K: 8, Q3_K: 12}
 # The types whose scales (and mins) are a float16 super-block scale times an integer sub-scale
 # per group: kept in two levels (see the module docstring).
 TWO_LEVEL_TYPES = frozenset({Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_XS})
+# The two-level types whose 4-bit sub-scales are kept two to a byte.
+NIBBLE_SUBSCALE_TYPES = frozenset({Q2_K})
+
+
+def code_bytes(ggml_type: int) -> int:
+    """Bytes per group of 32 columns of a "q4" type's codes (the third dimension of its codes)."""
+    return LOW_BIT_BYTES.get(ggml_type, 16 + HIGH_BIT_BYTES.get(ggml_type, 0))
 try:  # widening float16 in a kernel wants F16C (every AVX2 x86 has it); without, float32 scales
     _HOST_F16C = bool(_llvm.get_host_cpu_features().get("f16c", False))
 except RuntimeError:
@@ -132,6 +152,37 @@ def _widen_two_level_row(typingctx, src, t, sb, j, dst, k):
 
 
 @intrinsic
+def _widen_nibble_row(typingctx, src, t, sb, j, dst, k):
+    """_widen_two_level_row for sub-scales kept two to a byte (uint8 src): group j's is the low
+    (j even) or high (j odd) nibble of src[t, sb, 4 + j // 2, :]."""
+    if not (isinstance(src, types.Array) and src.dtype == types.uint8 and src.ndim == 4
+            and isinstance(dst, types.Array) and dst.dtype == types.float32 and dst.ndim == 2):
+        return None
+
+    def codegen(context, builder, sig, args):
+        src_a = context.make_array(sig.args[0])(context, builder, args[0])
+        dst_a = context.make_array(sig.args[4])(context, builder, args[4])
+        t_, sb_, j_, k_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2, 3, 5))
+        intp = lambda v: context.get_constant(types.intp, v)  # noqa: E731
+        pd = cgutils.get_item_pointer(context, builder, sig.args[0], src_a, [t_, sb_, intp(0), intp(0)])
+        byte = builder.add(builder.lshr(j_, intp(1)), intp(4))
+        ps = cgutils.get_item_pointer(context, builder, sig.args[0], src_a, [t_, sb_, byte, intp(0)])
+        q = cgutils.get_item_pointer(context, builder, sig.args[4], dst_a, [k_, intp(0)])
+        vf, vb = ir.VectorType(ir.FloatType(), TILE), ir.VectorType(ir.IntType(8), TILE)
+        d = builder.load(builder.bitcast(pd, vf.as_pointer()), align=4)
+        packed = builder.load(builder.bitcast(ps, vb.as_pointer()), align=1)
+        shift = builder.trunc(builder.mul(builder.and_(j_, intp(1)), intp(4)), ir.IntType(8))
+        shift = builder.shuffle_vector(builder.insert_element(ir.Constant(vb, ir.Undefined), shift,
+                                                              ir.Constant(ir.IntType(32), 0)),
+                                       ir.Constant(vb, ir.Undefined),
+                                       ir.Constant(ir.VectorType(ir.IntType(32), TILE), [0] * TILE))
+        sub = builder.and_(builder.lshr(packed, shift), ir.Constant(vb, [15] * TILE))
+        builder.store(builder.fmul(d, builder.uitofp(sub, vf)), builder.bitcast(q, vf.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return types.none(src, t, sb, j, dst, k), codegen
+
+
+@intrinsic
 def prefetch_row(typingctx, arr, t, g, nbytes):
     """Ask for the cache lines of arr[t, g, ...] (nbytes of them, from its first element) with
     llvm.prefetch, for the kernels to fetch the next tile while they compute this one. A
@@ -177,6 +228,10 @@ def _prefetch_scales_compiled(src, t, g):
 def widen_row(src, t, g, buf, k):
     if src.dtype == np.uint16:
         buf[k, :TILE] = src[t, g, :TILE].view(np.float16)
+    elif src.ndim == 4 and src.dtype == np.uint8:  # sub-scales two to a byte
+        sb, j = divmod(g, 2 * (src.shape[2] - 4))
+        d = np.ascontiguousarray(src[t, sb, :4]).view(np.float32).reshape(TILE)
+        buf[k, :TILE] = d * ((src[t, sb, 4 + j // 2] >> (4 * (j % 2))) & 15).astype(np.float32)
     elif src.ndim == 4:
         sb, j = divmod(g, src.shape[2] - 4)
         d = np.ascontiguousarray(src[t, sb, :4]).view(np.float32).reshape(TILE)
@@ -191,6 +246,11 @@ def row_value(src, t, g, r, buf, k):
 def _widen_row_compiled(src, t, g, buf, k):
     if src.dtype == types.uint16:
         return lambda src, t, g, buf, k: _widen_f16_tile_row(src, t, g, buf, k)
+    if src.ndim == 4 and src.dtype == types.uint8:
+        def widen_nibbles(src, t, g, buf, k):
+            per_block = 2 * (src.shape[2] - 4)
+            _widen_nibble_row(src, t, g // per_block, g % per_block, buf, k)
+        return widen_nibbles
     if src.ndim == 4:
         def widen_two_level(src, t, g, buf, k):
             per_block = src.shape[2] - 4
@@ -307,17 +367,20 @@ def _decode(ggml_type: int, raw: np.ndarray, cols: int):
     if ggml_type == Q2_K:  # weight = (d sc_j) q - dmin m_j per 16 columns
         nb = cols // QK_K
         b = raw.reshape(n, nb, 84)
-        sc = b[..., :16].reshape(n, -1)
-        scale = (_f16(b[..., 80:82]), (sc & 0x0F).astype(np.int8))
-        mn = (_f16(b[..., 82:84]), -(sc >> 4).astype(np.int8))
+        sc = b[..., :16].reshape(n, -1)  # sub-scales two to a byte: the file's sc_j | m_j << 4
+        pairs = lambda v: v[:, 0::2] | (v[:, 1::2] << np.uint8(4))  # noqa: E731
+        scale = (_f16(b[..., 80:82]), pairs(sc & np.uint8(0x0F)))
+        with np.errstate(invalid="ignore"):  # -dmin m_j: the same bits as -(dmin m_j)
+            mn = (-_f16(b[..., 82:84]), pairs(sc >> np.uint8(4)))
         qs = b[..., 16:80].reshape(n, nb, 2, 1, 32)  # column 128 h + 32 k + j: byte 32 h + j >> 2k
         q = (qs >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 0x03
-        return q.astype(np.int8).reshape(n, cols), scale, mn, "q8", 16
-    if ggml_type == Q3_K:  # weight = (d (sc_j - 32)) q per 16 columns
+        return q.reshape(n, cols), scale, mn, "q4", 16
+    if ggml_type == Q3_K:  # weight = (d (sc_j - 32)) q per 16 columns, code = q + 4
         nb = cols // QK_K
         b = raw.reshape(n * nb, 110)
         scale = (_f16(b[:, 108:110]).reshape(n, nb), q3_k_scales(b[:, 96:108]).reshape(n, -1))
-        return q3_k_codes(b[:, :32], b[:, 32:96]).reshape(n, cols), scale, None, "q8", 16
+        codes = (q3_k_codes(b[:, :32], b[:, 32:96]) + np.int8(4)).view(np.uint8)
+        return codes.reshape(n, cols), scale, None, "q4", 16
     if ggml_type in (IQ4_NL, IQ4_XS):  # weight = scale * level[index] per 32 columns
         head = 2 if ggml_type == IQ4_NL else 8
         b = raw.reshape(n, -1, head + 16) if ggml_type == IQ4_NL else raw.reshape(n * (cols // QK_K), 136)
@@ -369,7 +432,7 @@ def packed_layout(ggml_type: int, cols: int) -> tuple[str, int, bool]:
     t = int(ggml_type)
     kinds = {F32: "f32", F16: "f32", BF16: "f32", Q4_0: "q4", Q4_1: "q4", Q4_K: "q4",
              Q5_0: "q4", Q5_1: "q4", Q8_0: "q8", Q5_K: "q4", Q6_K: "q4",
-             Q2_K: "q8", Q3_K: "q8", IQ4_NL: "q8", IQ4_XS: "q8", TQ1_0: "q8", TQ2_0: "q8", MXFP4: "q8",
+             Q2_K: "q4", Q3_K: "q4", IQ4_NL: "q8", IQ4_XS: "q8", TQ1_0: "q8", TQ2_0: "q8", MXFP4: "q8",
              **{t: "q8" for t in _IQ_GROUP}}
     if t not in kinds:
         raise ValueError(f"qmatmul: unsupported ggml type {t}")
@@ -378,7 +441,7 @@ def packed_layout(ggml_type: int, cols: int) -> tuple[str, int, bool]:
         group = cols
     else:
         group = 16 if t in (Q2_K, Q3_K, Q6_K) else _IQ_GROUP.get(t, 32)
-    return kind, group, kind == "q4" or t == Q2_K
+    return kind, group, kind == "q4" and t != Q3_K
 
 
 def packed_nbytes(ggml_type: int, shape) -> int:
@@ -388,13 +451,16 @@ def packed_nbytes(ggml_type: int, shape) -> int:
     tiles = -(-rows // TILE)
     if kind == "f32":
         return tiles * cols * TILE * 4
-    code_bytes = tiles * cols * TILE // (2 if kind == "q4" else 1)
-    code_bytes += tiles * (cols // 32) * HIGH_BIT_BYTES.get(int(ggml_type), 0) * TILE
-    if int(ggml_type) in TWO_LEVEL_TYPES:  # per 256 columns: 4 bytes, and a byte per group
-        per_scale = tiles * (cols // QK_K) * (4 + QK_K // group) * TILE
+    if kind == "q4":
+        n_code_bytes = tiles * (cols // 32) * code_bytes(int(ggml_type)) * TILE
+    else:
+        n_code_bytes = tiles * cols * TILE
+    if int(ggml_type) in TWO_LEVEL_TYPES:  # per 256 columns: 4 bytes, and a byte (or half) per group
+        per_block = QK_K // group // (2 if int(ggml_type) in NIBBLE_SUBSCALE_TYPES else 1)
+        per_scale = tiles * (cols // QK_K) * (4 + per_block) * TILE
     else:  # as prepare keeps them (real files)
         per_scale = tiles * (cols // group) * TILE * (2 if int(ggml_type) in F16_SCALE_TYPES and _HOST_F16C else 4)
-    return code_bytes + per_scale * (2 if has_min else 1)
+    return n_code_bytes + per_scale * (2 if has_min else 1)
 
 
 def _f16_exact(a: np.ndarray) -> bool:
@@ -418,14 +484,15 @@ def _pad_rows(a, pad: int):
 
 def _tiled_scales(s, nt: int) -> np.ndarray:
     """Per-row scales (nt * TILE, groups) -> (nt, groups, TILE); a two-level pair (super-block
-    scales (rows, n_super), sub-scales (rows, groups)) -> int8 (nt, n_super, 4 + G, TILE)."""
+    scales (rows, n_super), sub-scales (rows, groups) int8, or uint8 two to a byte) -> int8 (or
+    uint8) (nt, n_super, 4 + bytes of sub-scales per super-block, TILE)."""
     if not isinstance(s, tuple):
         return s.reshape(nt, TILE, -1).transpose(0, 2, 1)
     top, sub = s
     n_super = top.shape[1]
     top = np.ascontiguousarray(top.astype(np.float32).reshape(nt, TILE, n_super).transpose(0, 2, 1))
-    top = top.view(np.int8).reshape(nt, n_super, 4, TILE)  # float32 bytes: 4 rows of TILE
-    sub = sub.astype(np.int8).reshape(nt, TILE, n_super, -1).transpose(0, 2, 3, 1)
+    top = top.view(sub.dtype).reshape(nt, n_super, 4, TILE)  # float32 bytes: 4 rows of TILE
+    sub = sub.reshape(nt, TILE, n_super, -1).transpose(0, 2, 3, 1)
     return np.concatenate([top, sub], axis=2)
 
 
@@ -443,10 +510,12 @@ def prepare(qtensor) -> PackedWeight:
     if kind == "f32":
         codes = np.zeros((n_tiles, cols, TILE), np.float32)
     elif kind == "q4":
-        codes = np.zeros((n_tiles, cols // 32, 16 + HIGH_BIT_BYTES.get(t, 0), TILE), np.uint8)
+        codes = np.zeros((n_tiles, cols // 32, code_bytes(t), TILE), np.uint8)
     else:
         codes = np.zeros((n_tiles, n_groups, group, TILE), np.int8)
-    if t in TWO_LEVEL_TYPES:
+    if t in NIBBLE_SUBSCALE_TYPES:
+        scale = np.zeros((n_tiles, cols // QK_K, 4 + QK_K // group // 2, TILE), np.uint8)
+    elif t in TWO_LEVEL_TYPES:
         scale = np.zeros((n_tiles, cols // QK_K, 4 + QK_K // group, TILE), np.int8)
     else:
         scale = np.zeros((n_tiles, n_groups if kind != "f32" else 0, TILE), np.float32)
@@ -465,7 +534,13 @@ def prepare(qtensor) -> PackedWeight:
             ng = cols // 32
             c = c.reshape(nt, TILE, ng, 32).astype(np.uint8)
             planes = [(c[..., :16] & 0x0F) | ((c[..., 16:] & 0x0F) << 4)]  # byte j: column j, j + 16
-            if HIGH_BIT_BYTES.get(t) == 4:  # byte 16 + k: the fifth bits of columns 4k.. (low), 16 + 4k..
+            if t in LOW_BIT_BYTES:  # byte j: bits 2i, 2i + 1 of column j + 8 i; Q3_K's third bits after
+                quads = c.reshape(nt, TILE, ng, 4, 8)
+                planes = [np.bitwise_or.reduce((quads & 3) << np.array([0, 2, 4, 6], np.uint8).reshape(4, 1), axis=3)]
+                if t == Q3_K:  # bit 4 h + i of byte 8 + k: column 2 k + h + 8 i
+                    b = (quads >> 2).transpose(0, 1, 2, 4, 3).reshape(nt, TILE, ng, 4, 8)
+                    planes.append(np.packbits(b, axis=-1, bitorder="little")[..., 0])
+            elif HIGH_BIT_BYTES.get(t) == 4:  # byte 16 + k: the fifth bits of columns 4k.. (low), 16 + 4k..
                 b = (c >> 4).reshape(nt, TILE, ng, 2, 4, 4).transpose(0, 1, 2, 4, 3, 5)
                 planes.append(np.packbits(b.reshape(nt, TILE, ng, 4, 8), axis=-1, bitorder="little")[..., 0])
             elif HIGH_BIT_BYTES.get(t) == 8:  # byte 16 + k (20 + k): bits 4-5 of columns 4k.. (16 + 4k..)

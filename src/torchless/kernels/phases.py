@@ -33,7 +33,7 @@ from numba.extending import intrinsic, overload
 
 from . import adaptive
 from .fused import add_into, attend_heads, rmsnorm_into, rope_and_store, swiglu_rows
-from .qmatmul import TILE, _group_sums, _tile_f32, _tile_q4, _tile_q8
+from .qmatmul import TILE, _group_sums, _tile_f32, _tile_q4, _tile_q8, reads_x_sums
 
 
 @intrinsic
@@ -99,9 +99,9 @@ def _x_sums_impl(weight, x):
     sums = kind_of(weight.types[0]) != "f32"
 
     def impl(weight, x):
-        mn, group = weight[2], weight[3]
+        codes, mn, group = weight[0], weight[2], weight[3]
         xs = np.empty(max(1, x.shape[0] // group), np.float32)
-        if sums and mn.shape[1] > 0:
+        if sums and reads_x_sums(codes, mn):
             _group_sums(x, group, xs)
         return xs
 

@@ -37,9 +37,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .float_tiles import expand_bytes, expand_nibbles, expand_q5, expand_q6, scale_row
-from .packing import (F16_SCALE_TYPES, TILE, TWO_LEVEL_TYPES, PackedWeight, packed_layout, packed_nbytes,  # noqa: F401
-                      prefetch_row, prefetch_scales, prepare, row_value, widen_row)
+from .float_tiles import (expand_bytes, expand_nibbles, expand_q2, expand_q3, expand_q5, expand_q6, low_code_sums_q2,
+                          low_code_sums_q3, scale_row)
+from .packing import (F16_SCALE_TYPES, LOW_BIT_BYTES, NIBBLE_SUBSCALE_TYPES, Q3_K, TILE,  # noqa: F401
+                      TWO_LEVEL_TYPES, PackedWeight, packed_layout, packed_nbytes, prefetch_row,
+                      prefetch_scales, prepare, row_value, widen_row)
 
 # 'contract' only: lets LLVM fuse a*b+c into FMA. No reassociation is needed (the vectorized
 # loop is across rows, each lane summing in program order), so results are deterministic and
@@ -50,6 +52,16 @@ _FM = {"contract"}
 # --------------------------------------------------------------------------------------------
 # Kernels: one tile of TILE rows at a time. Each writes rows [max(r0, t*TILE), min(r1, ...)).
 # --------------------------------------------------------------------------------------------
+
+_Q3_BYTES = LOW_BIT_BYTES[Q3_K]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def reads_x_sums(codes, mn):
+    """Whether a matvec reads x's sums per group of columns (`_group_sums`): for a min term, and
+    for Q3_K's 3-bit codes, whose weight is scale * (code - 4)."""
+    return mn.shape[1] > 0 or (codes.ndim == 4 and codes.shape[2] == _Q3_BYTES)
+
 
 @njit(nogil=True, cache=True)
 def _group_sums(x, group, xs):
@@ -158,7 +170,38 @@ def _tile_q6(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
+def _tile_low(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
+    """_tile_q6 for 2- and 3-bit codes. Q2_K keeps a min per 16 columns; Q3_K's weight is
+    scale * (code - 4), so each half adds scale * (sum of code x - 4 x the half's sum of x)."""
+    three_bit = codes.shape[2] > 8
+    acc[:] = 0.0
+    for g in range(codes.shape[1]):
+        prefetch_row(codes, t + 1, g, 384)  # the next tile's group (see _tile_q4)
+        if three_bit:  # column sums of the codes, s[0] and s[3] (float_tiles)
+            low_code_sums_q3(codes, t, g, x, s)
+        else:
+            low_code_sums_q2(codes, t, g, x, s)
+        for half in range(2):
+            widen_row(scale, t, 2 * g + half, s, 1)
+            xg = xs[2 * g + half]
+            if three_bit:
+                for r in range(TILE):
+                    acc[r] += row_value(scale, t, 2 * g + half, r, s, 1) * (s[3 * half, r] - np.float32(4.0) * xg)
+            else:
+                widen_row(mn, t, 2 * g + half, s, 2)
+                for r in range(TILE):
+                    a = acc[r] + row_value(scale, t, 2 * g + half, r, s, 1) * s[3 * half, r]
+                    acc[r] = a + row_value(mn, t, 2 * g + half, r, s, 2) * xg
+    base = t * TILE
+    for r in range(max(r0, base), min(r1, base + TILE)):
+        out[r] = acc[r - base]
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
 def _tile_q4(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
+    if codes.shape[2] < 16:
+        _tile_low(codes, scale, mn, x, xs, out, t, r0, r1, s, acc)
+        return
     if codes.shape[2] > 20:
         _tile_q6(codes, scale, mn, x, xs, out, t, r0, r1, s, acc)
         return
@@ -293,7 +336,29 @@ def _dq_tile_q6(codes, scale, t, wt):
 
 
 @njit(nogil=True, cache=True)
+def _dq_tile_low(codes, scale, mn, t, wt):
+    """_dq_tile_q4 for 2- and 3-bit codes (see float_tiles.expand_q2 / expand_q3): a group's
+    two scales in buf rows 0 and 1, Q2_K's two mins in rows 2 and 3."""
+    buf = np.empty((4, TILE), np.float32)
+    three_bit = codes.shape[2] > 8
+    for g in range(codes.shape[1]):
+        scale_row(scale, t, 2 * g, buf, 0)
+        scale_row(scale, t, 2 * g + 1, buf, 1)
+        if three_bit:
+            for j in range(8):
+                expand_q3(codes, t, g, j, buf, wt, g * 32 + j)
+        else:
+            scale_row(mn, t, 2 * g, buf, 2)
+            scale_row(mn, t, 2 * g + 1, buf, 3)
+            for j in range(8):
+                expand_q2(codes, t, g, j, buf, wt, g * 32 + j)
+
+
+@njit(nogil=True, cache=True)
 def _dq_tile_q4(codes, scale, mn, t, wt):
+    if codes.shape[2] < 16:
+        _dq_tile_low(codes, scale, mn, t, wt)
+        return
     if codes.shape[2] > 20:
         _dq_tile_q6(codes, scale, t, wt)
         return
@@ -334,7 +399,7 @@ def _dq_tile_f32(codes, scale, mn, t, wt):
 @njit(nogil=True, cache=True)
 def _rows_q4(codes, scale, mn, group, x, out, r0, r1):
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
-    if mn.shape[1] > 0:
+    if reads_x_sums(codes, mn):
         _group_sums(x, group, xs)
     s = np.empty((4, TILE), np.float32)  # sums, widened scales, widened mins, 6-bit high halves' sums
     acc = np.empty(TILE, np.float32)
@@ -345,7 +410,7 @@ def _rows_q4(codes, scale, mn, group, x, out, r0, r1):
 @njit(nogil=True, cache=True, parallel=True)
 def _par_q4(codes, scale, mn, group, x, out, r0, r1):
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
-    if mn.shape[1] > 0:
+    if reads_x_sums(codes, mn):
         _group_sums(x, group, xs)
     t0 = r0 // TILE
     for i in prange((r1 + TILE - 1) // TILE - t0):
@@ -357,7 +422,7 @@ def _par_q4(codes, scale, mn, group, x, out, r0, r1):
 @njit(nogil=True, cache=True)
 def _rows_q8(codes, scale, mn, group, x, out, r0, r1):
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
-    if mn.shape[1] > 0:
+    if reads_x_sums(codes, mn):
         _group_sums(x, group, xs)
     s = np.empty((3, TILE), np.float32)  # sums, widened scales, widened mins
     acc = np.empty(TILE, np.float32)
@@ -368,7 +433,7 @@ def _rows_q8(codes, scale, mn, group, x, out, r0, r1):
 @njit(nogil=True, cache=True, parallel=True)
 def _par_q8(codes, scale, mn, group, x, out, r0, r1):
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
-    if mn.shape[1] > 0:
+    if reads_x_sums(codes, mn):
         _group_sums(x, group, xs)
     t0 = r0 // TILE
     for i in prange((r1 + TILE - 1) // TILE - t0):
@@ -380,7 +445,7 @@ def _par_q8(codes, scale, mn, group, x, out, r0, r1):
 @njit(nogil=True, cache=True)
 def _rows_f32(codes, scale, mn, group, x, out, r0, r1):
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
-    if mn.shape[1] > 0:
+    if reads_x_sums(codes, mn):
         _group_sums(x, group, xs)
     s = np.empty((3, TILE), np.float32)  # sums, widened scales, widened mins
     acc = np.empty(TILE, np.float32)
@@ -391,7 +456,7 @@ def _rows_f32(codes, scale, mn, group, x, out, r0, r1):
 @njit(nogil=True, cache=True, parallel=True)
 def _par_f32(codes, scale, mn, group, x, out, r0, r1):
     xs = np.empty(max(1, x.shape[0] // group), np.float32)
-    if mn.shape[1] > 0:
+    if reads_x_sums(codes, mn):
         _group_sums(x, group, xs)
     t0 = r0 // TILE
     for i in prange((r1 + TILE - 1) // TILE - t0):

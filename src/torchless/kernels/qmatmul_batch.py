@@ -14,7 +14,8 @@ integer against float (medians of 5 rounds): SmolLM2's 1536 x 576 Q4_1 at 2 rows
 rows 31 against 17; its 49152 x 576 Q8_0 head at 2 rows 1443 against 2410, 4 rows 1371 against
 1495 (the one shape where 4 rows still favour integers), 8 rows 1315 against 1005, 16 rows 1272
 against 776. The float kernels also run where the host lacks AVX-512 VNNI, at every batch size,
-and on "f32" weights.
+on "f32" weights, and on the 2- and 3-bit codes of Q2_K and Q3_K (`takes_float`), for which
+there are no integer kernels.
 
 A row's result does not depend on the other rows of its call in either kernel (each row of X
 gets the same sequence of operations in any block), but the two kernels round differently, so a
@@ -301,8 +302,8 @@ def _tiles_q6(codes, scale, mn, xq4, dx, xs, sq, out, t0, t1):
 
 @njit(nogil=True, cache=True, fastmath=_FM)
 def _tiles_q8(codes, scale, mn, xq4, dx, xs, sq, out, t0, t1):
-    """As _tiles_q4, for signed byte codes in groups of 32 (Q8_0, IQ4_NL, ...) or 16 (Q2_K,
-    Q3_K) columns."""
+    """As _tiles_q4, for signed byte codes in groups of 32 (Q8_0, IQ4_NL, ...) or 16 (IQ2_XS,
+    IQ2_S, IQ1_M) columns."""
     M = xs.shape[0]
     wide = codes.shape[2] == 32
     isum = np.empty((LEVELS * ROW_BLOCK, TILE), np.int32)
@@ -335,6 +336,13 @@ def _tiles_q8(codes, scale, mn, xq4, dx, xs, sq, out, t0, t1):
             m0 += n
 
 
+@njit(nogil=True, cache=True, inline="always")
+def takes_float(codes, X):
+    """Whether a product on "q4" codes runs the float kernels: from FLOAT_MIN_ROWS rows of X,
+    and always for the 2- and 3-bit layouts (Q2_K, Q3_K), which have no integer kernels."""
+    return X.shape[0] >= FLOAT_MIN_ROWS or codes.shape[2] < 16
+
+
 @njit(nogil=True, cache=True)
 def quantized_activations(X, group):
     """(xq viewed as int32 columns of 4, dx, xs, sq) for the tile functions; see quantize_rows."""
@@ -350,7 +358,7 @@ def quantized_activations(X, group):
 
 @njit(nogil=True, cache=True, parallel=True)
 def _par_q4(codes, scale, mn, group, X, out):
-    if X.shape[0] >= FLOAT_MIN_ROWS:
+    if takes_float(codes, X):
         for t in prange(codes.shape[0]):
             _float_tiles_q4(codes, scale, mn, X, out, t, t + 1)
         return
@@ -372,7 +380,7 @@ def _par_q8(codes, scale, mn, group, X, out):
 
 @njit(nogil=True, cache=True)
 def _serial_q4(codes, scale, mn, group, X, out):
-    if X.shape[0] >= FLOAT_MIN_ROWS:
+    if takes_float(codes, X):
         _float_tiles_q4(codes, scale, mn, X, out, 0, codes.shape[0])
         return
     xq4, dx, xs, sq = quantized_activations(X, group)
