@@ -335,13 +335,50 @@ def test_two_level_scales_are_read_back_exactly(t):
 
 def test_packed_weights_stay_close_to_their_file_size():
     """Packed bytes per file byte for a real-sized matrix (2048 x 2048): the 2- to 8-bit types
-    (most of a Q2_K, Q3_K_M, Q4_0, Q4_K_M, Q5_K_M, Q6_K or Q8_0 file) stay within 1.15x of the
-    file, scales included."""
+    (most of a Q2_K, Q3_K_M, Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0 or IQ4_XS file) stay within 1.15x
+    of the file, scales included."""
     from torchless.quant import BLOCK_LAYOUT
 
     shape = (2048, 2048)
     ratio = {}
-    for t in (GT.Q2_K, GT.Q3_K, GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q8_0, GT.Q4_K, GT.Q5_K, GT.Q6_K):
+    for t in (GT.Q2_K, GT.Q3_K, GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q8_0, GT.Q4_K, GT.Q5_K, GT.Q6_K,
+              GT.IQ4_NL, GT.IQ4_XS):
         block, size = BLOCK_LAYOUT[t]
         ratio[t.name] = qm.packed_nbytes(t, shape) / (shape[0] * shape[1] // block * size)
     assert all(r <= 1.15 for r in ratio.values()), ratio
+
+
+@pytest.mark.parametrize("avx2", [True, False])
+def test_iq4_lookup_with_and_without_avx2(monkeypatch, avx2):
+    """The IQ4 kernels look their nibbles up with vpshufb where the host has AVX2, else with a
+    chain of selects: both give IQ4NL_VALUES[index] for every index (compiled here afresh, not
+    from the kernel cache, with the host's AVX2 as the test says)."""
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    from torchless.kernels import float_tiles
+    from torchless.quant import IQ4NL_VALUES
+
+    if avx2 and not float_tiles._HOST_AVX2:
+        pytest.skip("this host has no AVX2")
+    monkeypatch.setattr(float_tiles, "_HOST_AVX2", avx2)
+
+    @intrinsic
+    def look_up(typingctx, index, out):
+        def codegen(context, builder, sig, args):
+            v = ir.VectorType(ir.IntType(8), qm.TILE)
+            src, dst = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1))
+            index = builder.load(builder.bitcast(src.data, v.as_pointer()), align=1)
+            builder.store(float_tiles._iq4_values(builder, index), builder.bitcast(dst.data, v.as_pointer()), align=1)
+            return context.get_dummy_value()
+        return types.void(index, out), codegen
+
+    run = njit(lambda index, out: look_up(index, out))
+    for start in (0, 16):
+        index = (np.arange(qm.TILE) + start) % 16
+        index = np.roll(index, 5).astype(np.uint8)
+        out = np.zeros(qm.TILE, np.int8)
+        run(index, out)
+        np.testing.assert_array_equal(out, IQ4NL_VALUES[index])

@@ -186,8 +186,8 @@ def test_count_nonfinite_scales(t):
 # the layout each new type is repacked into at load: (kind, group of columns per scale, has a
 # min, code range ("q8", byte codes) or bytes per 32 columns ("q4", 2- and 3-bit codes))
 REPACK = {GGMLType.Q2_K: ("q4", 16, True, 8), GGMLType.Q3_K: ("q4", 16, False, 12),
+          GGMLType.IQ4_NL: ("q4", 32, False, 17), GGMLType.IQ4_XS: ("q4", 32, False, 17),
           **{t: ("q8",) + v for t, v in {
-             GGMLType.IQ4_NL: (32, False, (-127, 113)), GGMLType.IQ4_XS: (32, False, (-127, 113)),
              GGMLType.TQ1_0: (32, False, (-1, 1)), GGMLType.TQ2_0: (32, False, (-1, 2)),  # 3 (unused) decodes to 2
              GGMLType.MXFP4: (32, False, (-12, 12)),
              GGMLType.IQ2_XXS: (32, False, (-43, 43)), GGMLType.IQ2_XS: (16, False, (-43, 43)),
@@ -202,7 +202,8 @@ def test_new_types_repacked_exactly(t):
     exactly for random blocks (finite scales) -- through the row dequantizer (embedding lookups)
     and the BLAS prefill's transposed expansion of the tiles. The products (decode matvec, the
     batched kernels) on that kind are then held to the float64 product of gguf-py's weights
-    (Q2_K and Q3_K take the float kernels at every batch size: no integer ones for 2-3 bits)."""
+    (the "q4" ones here take the float kernels at every batch size: no integer ones for 2-3
+    bits or looked-up nibbles)."""
     from torchless.kernels import gemm
     from torchless.kernels import qmatmul as qm
 

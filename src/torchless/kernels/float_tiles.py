@@ -16,11 +16,13 @@ so a row's result does not depend on how many rows are multiplied with it; the e
 
 from __future__ import annotations
 
+from llvmlite import binding as _llvm
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from ..quant import IQ4NL_VALUES
 from .packing import TILE, widen_row
 
 _F32, _I8, _I32 = ir.FloatType(), ir.IntType(8), ir.IntType(32)
@@ -97,7 +99,28 @@ def _make_rows_dot(n_rows: int):
 rows_dot_8, rows_dot_4, rows_dot_2, rows_dot_1 = (_make_rows_dot(n) for n in (8, 4, 2, 1))
 
 
-def _make_expand_codes(nibbles: bool, high_bits: int = 0):
+try:  # IQ4's index lookup: one pshufb per 32 codes where the host has AVX2, else a select chain
+    _HOST_AVX2 = bool(_llvm.get_host_cpu_features().get("avx2", False))
+except RuntimeError:
+    _HOST_AVX2 = False
+
+
+def _iq4_values(builder, index):
+    """IQ4NL_VALUES[index] for a vector of TILE byte indices 0..15, as signed bytes."""
+    v_bytes = ir.VectorType(_I8, TILE)
+    levels = [int(v) for v in IQ4NL_VALUES]
+    if _HOST_AVX2 and TILE == 32:  # vpshufb looks up within each 16-byte lane: the table twice
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v_bytes, [v_bytes, v_bytes]),
+                                            "llvm.x86.avx2.pshuf.b")
+        return builder.call(fn, [ir.Constant(v_bytes, levels * 2), index])
+    out = ir.Constant(v_bytes, [levels[0]] * TILE)
+    for k in range(1, 16):
+        out = builder.select(builder.icmp_unsigned("==", index, ir.Constant(v_bytes, [k] * TILE)),
+                             ir.Constant(v_bytes, [levels[k]] * TILE), out)
+    return out
+
+
+def _make_expand_codes(nibbles: bool, high_bits: int = 0, lookup: bool = False):
     """An intrinsic wt[o, :] = buf[0, :] * code[t, g, j, :] + buf[1, :]: the TILE codes of
     column j of group g as float32, a row's scale and min widened into buf (zeros where the
     layout has no min: + 0.0, as the scalar dequantizers always added). With nibbles,
@@ -105,8 +128,9 @@ def _make_expand_codes(nibbles: bool, high_bits: int = 0):
     high_bits 1 (5-bit codes) the fifth bits come from byte 16 + j // 4 (see packing); with 2
     (Q6_K's 6-bit codes) the top two bits of the low and high nibbles from bytes 16 + j // 4 and
     20 + j // 4, the low nibbles on buf[0]'s scales and the high ones on buf[1]'s, as
-    scale * (code - 32) (no min)."""
-    has_min = high_bits != 2
+    scale * (code - 32) (no min). With lookup (IQ4_NL, IQ4_XS), the nibbles index IQ4NL_VALUES:
+    scale * value, no min (as gguf-py computes it)."""
+    has_min = high_bits != 2 and not lookup
 
     @intrinsic
     def expand_codes(typingctx, codes, t, g, j, buf, wt, o):
@@ -153,7 +177,9 @@ def _make_expand_codes(nibbles: bool, high_bits: int = 0):
                     tops = [builder.lshr(code_row(builder.add(quad, intp(4 * k))), shift) for k in (0, 1)]
                     codes = [builder.or_(c, builder.shl(builder.and_(top, splat(3)), splat(4)))
                              for c, top in zip(codes, tops)]
-            if nibbles:
+            if lookup:
+                values = [builder.sitofp(_iq4_values(builder, c), v_floats) for c in codes]
+            elif nibbles:
                 values = [builder.uitofp(c, v_floats) for c in codes]
             else:
                 values = [builder.sitofp(codes[0], v_floats)]
@@ -178,6 +204,48 @@ def _make_expand_codes(nibbles: bool, high_bits: int = 0):
 
 expand_nibbles, expand_q5, expand_q6 = (_make_expand_codes(True, bits) for bits in (0, 1, 2))
 expand_bytes = _make_expand_codes(False)
+expand_iq4 = _make_expand_codes(True, lookup=True)
+
+
+@intrinsic
+def iq4_code_sums(typingctx, codes, t, g, x, s):
+    """Decode on the IQ4 layout (nibbles indexing IQ4NL_VALUES, see packing): s[0, :] = the sum
+    over group g's 32 columns of IQ4NL_VALUES[index] * x[32 g + column], two accumulators
+    (even and odd byte rows) summed at the end. As IR for the lookup (vpshufb)."""
+    if not (isinstance(codes, types.Array) and codes.ndim == 4 and codes.layout == "C"
+            and codes.dtype == types.uint8 and all(isinstance(a, types.Array) and a.dtype == types.float32
+                                                   and a.layout == "C" for a in (x, s))
+            and x.ndim == 1 and s.ndim == 2):
+        return None
+
+    def codegen(context, builder, sig, args):
+        intp = lambda v: context.get_constant(types.intp, v)  # noqa: E731
+        codes_a = context.make_array(sig.args[0])(context, builder, args[0])
+        x_a = context.make_array(sig.args[3])(context, builder, args[3])
+        s_a = context.make_array(sig.args[4])(context, builder, args[4])
+        t_, g_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2))
+        v_bytes, v_floats = ir.VectorType(_I8, TILE), ir.VectorType(_F32, TILE)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v_floats, [v_floats] * 3),
+                                             f"llvm.fma.v{TILE}f32")
+        base = builder.mul(g_, intp(32))
+        acc = [ir.Constant(v_floats, [0.0] * TILE)] * 2
+        for j in range(16):
+            p = cgutils.get_item_pointer(context, builder, sig.args[0], codes_a, [t_, g_, intp(j), intp(0)])
+            raw = builder.load(builder.bitcast(p, v_bytes.as_pointer()), align=1)
+            halves = [builder.and_(raw, ir.Constant(v_bytes, [15] * TILE)),
+                      builder.lshr(raw, ir.Constant(v_bytes, [4] * TILE))]
+            for k, index in enumerate(halves):  # columns j and j + 16
+                xp = cgutils.get_item_pointer(context, builder, sig.args[3], x_a, [builder.add(base, intp(j + 16 * k))])
+                xb = builder.shuffle_vector(
+                    builder.insert_element(ir.Constant(v_floats, ir.Undefined), builder.load(xp), ir.Constant(_I32, 0)),
+                    ir.Constant(v_floats, ir.Undefined), ir.Constant(ir.VectorType(_I32, TILE), [0] * TILE))
+                value = builder.sitofp(_iq4_values(builder, index), v_floats)
+                acc[j % 2] = builder.call(fma, [value, xb, acc[j % 2]])
+        q = cgutils.get_item_pointer(context, builder, sig.args[4], s_a, [intp(0), intp(0)])
+        builder.store(builder.fadd(acc[0], acc[1]), builder.bitcast(q, v_floats.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(codes, t, g, x, s), codegen
 
 
 def _splat_bytes(builder, value):

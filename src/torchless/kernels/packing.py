@@ -24,6 +24,9 @@ scale.
         byte 8+k is column 32g+(2k+h)+8i's. Q2_K: code 0..3, scale d sc_j, min -dmin m_j. Q3_K:
         code 0..7 (gguf-py's -4..3 plus 4), weight = scale * (code - 4), no min kept (the
         kernels subtract 4 x the group's sum of x; 0.4 byte/weight would grow by a third).
+        IQ4_NL and IQ4_XS keep their 4-bit indices into IQ4NL_VALUES as nibbles, and a 17th
+        byte row of zeros per group marks the layout (the kernels look each index up; the
+        mark costs 1/16 of the codes): weight = scale * IQ4NL_VALUES[index], no min.
   "q8"  signed 8-bit codes (1 byte/weight): codes int8 (n_tiles, n_groups, G, TILE), G = 32 or
         16. Used by Q8_0 (G=32) and the rarer types.
   "f32" float32 (n_tiles, cols, TILE). Used by F32, and F16/BF16, which are converted to float32
@@ -87,6 +90,9 @@ F16_SCALE_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, TQ1_0, TQ2_0}
 HIGH_BIT_BYTES = {Q5_0: 4, Q5_1: 4, Q5_K: 4, Q6_K: 8}
 # The "q4" types with 2- or 3-bit codes: bytes per group of 32 columns (see the module docstring).
 LOW_BIT_BYTES = {Q2_K: 8, Q3_K: 12}
+# The "q4" types whose nibbles index IQ4NL_VALUES, and their bytes per group (the 17th marks them).
+LOOKUP_TYPES = frozenset({IQ4_NL, IQ4_XS})
+LOOKUP_BYTES = 17
 # The types whose scales (and mins) are a float16 super-block scale times an integer sub-scale
 # per group: kept in two levels (see the module docstring).
 TWO_LEVEL_TYPES = frozenset({Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_XS})
@@ -96,6 +102,8 @@ NIBBLE_SUBSCALE_TYPES = frozenset({Q2_K})
 
 def code_bytes(ggml_type: int) -> int:
     """Bytes per group of 32 columns of a "q4" type's codes (the third dimension of its codes)."""
+    if ggml_type in LOOKUP_TYPES:
+        return LOOKUP_BYTES
     return LOW_BIT_BYTES.get(ggml_type, 16 + HIGH_BIT_BYTES.get(ggml_type, 0))
 try:  # widening float16 in a kernel wants F16C (every AVX2 x86 has it); without, float32 scales
     _HOST_F16C = bool(_llvm.get_host_cpu_features().get("f16c", False))
@@ -381,15 +389,15 @@ def _decode(ggml_type: int, raw: np.ndarray, cols: int):
         scale = (_f16(b[:, 108:110]).reshape(n, nb), q3_k_scales(b[:, 96:108]).reshape(n, -1))
         codes = (q3_k_codes(b[:, :32], b[:, 32:96]) + np.int8(4)).view(np.uint8)
         return codes.reshape(n, cols), scale, None, "q4", 16
-    if ggml_type in (IQ4_NL, IQ4_XS):  # weight = scale * level[index] per 32 columns
+    if ggml_type in (IQ4_NL, IQ4_XS):  # weight = scale * IQ4NL_VALUES[index] per 32 columns
         head = 2 if ggml_type == IQ4_NL else 8
         b = raw.reshape(n, -1, head + 16) if ggml_type == IQ4_NL else raw.reshape(n * (cols // QK_K), 136)
         qs = b[..., head:].reshape(b.shape[:-1] + (-1, 16))  # per 32 columns: 16 bytes, low nibbles first
-        codes = IQ4NL_VALUES[np.concatenate([qs & 0x0F, qs >> 4], axis=-1)].reshape(n, cols)
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, cols)  # the indices
         d = _f16(b[..., 0:2])
         if ggml_type == IQ4_NL:
-            return codes, d, None, "q8", 32
-        return codes, (d.reshape(n, -1), iq4_xs_scales(b[:, 2:8]).reshape(n, -1)), None, "q8", 32
+            return codes, d, None, "q4", 32
+        return codes, (d.reshape(n, -1), iq4_xs_scales(b[:, 2:8]).reshape(n, -1)), None, "q4", 32
     if ggml_type in (TQ1_0, TQ2_0):  # weight = d q, q in -1..1; d per 256 columns, kept per 32
         b = raw.reshape(n * (cols // QK_K), -1)
         if ggml_type == TQ1_0:
@@ -432,7 +440,7 @@ def packed_layout(ggml_type: int, cols: int) -> tuple[str, int, bool]:
     t = int(ggml_type)
     kinds = {F32: "f32", F16: "f32", BF16: "f32", Q4_0: "q4", Q4_1: "q4", Q4_K: "q4",
              Q5_0: "q4", Q5_1: "q4", Q8_0: "q8", Q5_K: "q4", Q6_K: "q4",
-             Q2_K: "q4", Q3_K: "q4", IQ4_NL: "q8", IQ4_XS: "q8", TQ1_0: "q8", TQ2_0: "q8", MXFP4: "q8",
+             Q2_K: "q4", Q3_K: "q4", IQ4_NL: "q4", IQ4_XS: "q4", TQ1_0: "q8", TQ2_0: "q8", MXFP4: "q8",
              **{t: "q8" for t in _IQ_GROUP}}
     if t not in kinds:
         raise ValueError(f"qmatmul: unsupported ggml type {t}")
@@ -441,7 +449,7 @@ def packed_layout(ggml_type: int, cols: int) -> tuple[str, int, bool]:
         group = cols
     else:
         group = 16 if t in (Q2_K, Q3_K, Q6_K) else _IQ_GROUP.get(t, 32)
-    return kind, group, kind == "q4" and t != Q3_K
+    return kind, group, kind == "q4" and t != Q3_K and t not in LOOKUP_TYPES
 
 
 def packed_nbytes(ggml_type: int, shape) -> int:
@@ -540,6 +548,8 @@ def prepare(qtensor) -> PackedWeight:
                 if t == Q3_K:  # bit 4 h + i of byte 8 + k: column 2 k + h + 8 i
                     b = (quads >> 2).transpose(0, 1, 2, 4, 3).reshape(nt, TILE, ng, 4, 8)
                     planes.append(np.packbits(b, axis=-1, bitorder="little")[..., 0])
+            elif t in LOOKUP_TYPES:  # the 17th byte row: the layout's mark
+                planes.append(np.zeros((nt, TILE, ng, 1), np.uint8))
             elif HIGH_BIT_BYTES.get(t) == 4:  # byte 16 + k: the fifth bits of columns 4k.. (low), 16 + 4k..
                 b = (c >> 4).reshape(nt, TILE, ng, 2, 4, 4).transpose(0, 1, 2, 4, 3, 5)
                 planes.append(np.packbits(b.reshape(nt, TILE, ng, 4, 8), axis=-1, bitorder="little")[..., 0])

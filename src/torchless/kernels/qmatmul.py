@@ -37,9 +37,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .float_tiles import (expand_bytes, expand_nibbles, expand_q2, expand_q3, expand_q5, expand_q6, low_code_sums_q2,
-                          low_code_sums_q3, scale_row)
-from .packing import (F16_SCALE_TYPES, LOW_BIT_BYTES, NIBBLE_SUBSCALE_TYPES, Q3_K, TILE,  # noqa: F401
+from .float_tiles import (expand_bytes, expand_iq4, expand_nibbles, expand_q2, expand_q3, expand_q5, expand_q6,
+                          iq4_code_sums, low_code_sums_q2, low_code_sums_q3, scale_row)
+from .packing import (F16_SCALE_TYPES, LOOKUP_BYTES, LOW_BIT_BYTES, NIBBLE_SUBSCALE_TYPES, Q3_K, TILE,  # noqa: F401
                       TWO_LEVEL_TYPES, PackedWeight, packed_layout, packed_nbytes, prefetch_row,
                       prefetch_scales, prepare, row_value, widen_row)
 
@@ -53,7 +53,7 @@ _FM = {"contract"}
 # Kernels: one tile of TILE rows at a time. Each writes rows [max(r0, t*TILE), min(r1, ...)).
 # --------------------------------------------------------------------------------------------
 
-_Q3_BYTES = LOW_BIT_BYTES[Q3_K]
+_Q3_BYTES, _IQ4_BYTES = LOW_BIT_BYTES[Q3_K], LOOKUP_BYTES
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -198,9 +198,28 @@ def _tile_low(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
+def _tile_iq4(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
+    """_tile_q4 for nibbles that index IQ4NL_VALUES (IQ4_NL, IQ4_XS; no min)."""
+    acc[:] = 0.0
+    for g in range(codes.shape[1]):
+        prefetch_row(codes, t + 1, g, 544)  # the next tile's group (see _tile_q4)
+        prefetch_scales(scale, t + 1, g)
+        iq4_code_sums(codes, t, g, x, s)
+        widen_row(scale, t, g, s, 1)
+        for r in range(TILE):
+            acc[r] += row_value(scale, t, g, r, s, 1) * s[0, r]
+    base = t * TILE
+    for r in range(max(r0, base), min(r1, base + TILE)):
+        out[r] = acc[r - base]
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
 def _tile_q4(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
     if codes.shape[2] < 16:
         _tile_low(codes, scale, mn, x, xs, out, t, r0, r1, s, acc)
+        return
+    if codes.shape[2] == _IQ4_BYTES:
+        _tile_iq4(codes, scale, mn, x, xs, out, t, r0, r1, s, acc)
         return
     if codes.shape[2] > 20:
         _tile_q6(codes, scale, mn, x, xs, out, t, r0, r1, s, acc)
@@ -355,9 +374,22 @@ def _dq_tile_low(codes, scale, mn, t, wt):
 
 
 @njit(nogil=True, cache=True)
+def _dq_tile_iq4(codes, scale, t, wt):
+    """_dq_tile_q4 for nibbles that index IQ4NL_VALUES: scale * value."""
+    buf = np.empty((1, TILE), np.float32)
+    for g in range(codes.shape[1]):
+        scale_row(scale, t, g, buf, 0)
+        for j in range(16):
+            expand_iq4(codes, t, g, j, buf, wt, g * 32 + j)
+
+
+@njit(nogil=True, cache=True)
 def _dq_tile_q4(codes, scale, mn, t, wt):
     if codes.shape[2] < 16:
         _dq_tile_low(codes, scale, mn, t, wt)
+        return
+    if codes.shape[2] == _IQ4_BYTES:
+        _dq_tile_iq4(codes, scale, t, wt)
         return
     if codes.shape[2] > 20:
         _dq_tile_q6(codes, scale, t, wt)

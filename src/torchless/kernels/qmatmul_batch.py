@@ -65,6 +65,7 @@ from numba.extending import intrinsic
 
 from . import qmatmul
 from .float_tiles import rows_dot_1, rows_dot_2, rows_dot_4, rows_dot_8
+from .packing import LOOKUP_BYTES as _IQ4_BYTES
 from .qmatmul import TILE, PackedWeight, row_value, widen_row
 
 _FM = {"contract"}
@@ -339,8 +340,9 @@ def _tiles_q8(codes, scale, mn, xq4, dx, xs, sq, out, t0, t1):
 @njit(nogil=True, cache=True, inline="always")
 def takes_float(codes, X):
     """Whether a product on "q4" codes runs the float kernels: from FLOAT_MIN_ROWS rows of X,
-    and always for the 2- and 3-bit layouts (Q2_K, Q3_K), which have no integer kernels."""
-    return X.shape[0] >= FLOAT_MIN_ROWS or codes.shape[2] < 16
+    and always for the 2- and 3-bit layouts (Q2_K, Q3_K) and IQ4's looked-up nibbles, which
+    have no integer kernels."""
+    return X.shape[0] >= FLOAT_MIN_ROWS or codes.shape[2] < 16 or codes.shape[2] == _IQ4_BYTES
 
 
 @njit(nogil=True, cache=True)
