@@ -93,15 +93,16 @@ def fast_decode_logits(model, prompt=6):
     return np.concatenate([head, np.stack([model.fast_forward(state, t).copy() for t in SEQ[prompt:]])])
 
 
-def batched_logits(model):
-    """Three sequences at different positions decoded together, one span each per micro-batch."""
+def batched_logits(model, fast=False):
+    """Three sequences at different positions decoded together, one span each per micro-batch
+    (fast: the engine's way, through the compiled blocks where the model's blocks have them)."""
     starts = [3, 9, 14]
     states = [InferenceState(model.config) for _ in starts]
     for state, s in zip(states, starts):
         model.prefill(state, SEQ[:s])
     rows = {s: [] for s in starts}
     for step in range(len(SEQ) - max(starts)):
-        out = model.forward_spans([Span(st, [SEQ[s + step]], st.pos) for st, s in zip(states, starts)])
+        out = model.forward_spans([Span(st, [SEQ[s + step]], st.pos) for st, s in zip(states, starts)], fast=fast)
         for s, row in zip(starts, out):
             rows[s].append(row)
     return {s: np.stack(r) for s, r in rows.items()}
@@ -133,10 +134,10 @@ def pipeline_logits(params):
 
 
 def assert_every_position_close(model, ref, path):
-    """The logits of SEQ through one run path ("prefill", "decode", "fast_decode", "batched")
-    within 1e-4 of `ref` at every position."""
-    if path == "batched":
-        for start, rows in batched_logits(model).items():
+    """The logits of SEQ through one run path ("prefill", "decode", "fast_decode", "batched",
+    "fast_batched") within 1e-4 of `ref` at every position."""
+    if path in ("batched", "fast_batched"):
+        for start, rows in batched_logits(model, fast=path == "fast_batched").items():
             assert_close_rel(rows, ref[start:start + len(rows)])
         return
     ours = {"prefill": prefill_logits, "decode": reference_decode_logits, "fast_decode": fast_decode_logits}[path](model)
@@ -144,7 +145,7 @@ def assert_every_position_close(model, ref, path):
 
 
 @pytest.mark.parametrize("name, fmt", PARAMS)
-@pytest.mark.parametrize("path", ["prefill", "decode", "fast_decode", "batched"])
+@pytest.mark.parametrize("path", ["prefill", "decode", "fast_decode", "batched", "fast_batched"])
 def test_every_position_matches_transformers(case_files, name, fmt, path):
     params, ref = load(case_files, name, fmt)
     assert_every_position_close(Mistral.load(params), ref, path)
@@ -216,10 +217,10 @@ def test_local_layers_keep_rings_of_their_window(case_files):
 
 
 def test_compiled_blocks_only_where_they_are_llama_blocks(case_files):
-    """Qwen3's attention (q/k norms) runs kernel by kernel, its SwiGLU as the compiled block;
-    every Gemma 3 block runs kernel by kernel."""
+    """Qwen3's blocks (Llama's with per-head q/k norms) run as the compiled blocks; every
+    Gemma 3 block runs kernel by kernel (post-norms, GeGLU, local layers)."""
     qwen3 = Mistral.load(load(case_files, "qwen3", "gguf")[0]).fused_blocks()
-    assert all(a is None and m is not None for a, m in qwen3)
+    assert all(a is not None and m is not None for a, m in qwen3)
     gemma3 = Mistral.load(load(case_files, "gemma3", "gguf")[0]).fused_blocks()
     assert all(a is None and m is None for a, m in gemma3)
 
@@ -258,3 +259,21 @@ def test_what_gemma3_cannot_run_is_refused_in_one_line(overrides, message):
                 vocab_size=300)
     with pytest.raises(UnsupportedModelError, match=message):
         ModelConfig.from_hf(dict(base, **overrides))
+
+
+def test_compiled_qk_norm_and_query_scale_match_the_reference():
+    """The compiled blocks' per-head q/k norms and query scale (fused.qk_norm_and_scale, in
+    place) against the NumPy reference path's (ops.rmsnorm per head, then the scale)."""
+    from torchless.kernels import fused, ops
+
+    rng = np.random.default_rng(3)
+    q, k = rng.standard_normal((4, 16)).astype(np.float32), rng.standard_normal((2, 16)).astype(np.float32)
+    q_norm, k_norm = rng.uniform(0.5, 1.5, 16).astype(np.float32), rng.uniform(0.5, 1.5, 16).astype(np.float32)
+    expected_q = ops.rmsnorm(q, q_norm, 1e-6) * np.float32(0.3)
+    expected_k = ops.rmsnorm(k, k_norm, 1e-6)
+    fused.qk_norm_and_scale(q, k, q_norm, k_norm, 1e-6, 0.3)
+    np.testing.assert_allclose(q, expected_q, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(k, expected_k, rtol=1e-6, atol=1e-6)
+    before = q.copy()
+    fused.qk_norm_and_scale(q, k, np.zeros(0, np.float32), np.zeros(0, np.float32), 1e-6, 1.0)
+    np.testing.assert_array_equal(q, before)  # no norms and a factor of 1: nothing done

@@ -383,9 +383,9 @@ class ModelConfig:
 
     @property
     def plain_attention(self) -> bool:
-        """Whether every attention block is Llama's (what the compiled blocks implement)."""
-        return not (self.qk_norm or self.post_norms or self.query_factor != 1.0
-                    or self.sliding_layers is not None or self.rope_local_theta is not None)
+        """Whether every attention block is what the compiled blocks implement: Llama's, with
+        per-head q/k norms and a query scale allowed (Qwen3)."""
+        return not (self.post_norms or self.sliding_layers is not None or self.rope_local_theta is not None)
 
     @property
     def plain_mlp(self) -> bool:

@@ -76,9 +76,27 @@ def rope_rows(v, cos, sin, interleaved):
 
 
 @njit(nogil=True, cache=True)
-def rope_and_store(q, k, v, cos, sin, interleaved, k_layer, v_layer, slot):
-    """RoPE on q (n_heads, head_dim) and k (n_kv_heads, head_dim) in place; k, v into the
-    cache's slot."""
+def qk_norm_and_scale(q, k, q_norm, k_norm, eps, query_factor):
+    """Before RoPE, in place: each head of q (n_heads, head_dim) and k (n_kv_heads, head_dim)
+    RMS-normed where the model has per-head norms (Qwen3, Gemma 3; q_norm empty: none), and q
+    scaled by query_factor (so that attention's 1 / sqrt(head_dim) gives the model's scale)."""
+    if q_norm.shape[0] > 0:
+        for h in range(q.shape[0]):
+            rmsnorm_into(q[h], q_norm, eps, q[h])
+        for h in range(k.shape[0]):
+            rmsnorm_into(k[h], k_norm, eps, k[h])
+    if query_factor != 1.0:
+        f = np.float32(query_factor)
+        for h in range(q.shape[0]):
+            for i in range(q.shape[1]):
+                q[h, i] *= f
+
+
+@njit(nogil=True, cache=True)
+def rope_and_store(q, k, v, qk, cos, sin, interleaved, k_layer, v_layer, slot):
+    """qk_norm_and_scale (qk: its (q_norm, k_norm, eps, query_factor)), then RoPE on q
+    (n_heads, head_dim) and k (n_kv_heads, head_dim) in place; k, v into the cache's slot."""
+    qk_norm_and_scale(q, k, qk[0], qk[1], qk[2], qk[3])
     rope_rows(q, cos, sin, interleaved)
     rope_rows(k, cos, sin, interleaved)
     k_layer[slot] = k

@@ -1,7 +1,8 @@
 """A decoder layer as one compiled call for one token of one sequence (`layer_block`: the
-attention block, i.e. rmsnorm, Q/K/V products, RoPE, the KV cache write, GQA attention, output
-product, residual add; then the SwiGLU block), and each block as one compiled call for a
-micro-batch of one-token spans of different sequences.
+attention block, i.e. rmsnorm, Q/K/V products, per-head q/k norms where the model has them
+(Qwen3), RoPE, the KV cache write, GQA attention, output product, residual add; then the SwiGLU
+block), and each block as one compiled call for a micro-batch of one-token spans of different
+sequences.
 
 Why: run as separate kernels a decode step is ~200 Python-level calls per token, and between
 them the calling thread holds the GIL, so pipeline stage threads and the server's engine thread
@@ -91,13 +92,13 @@ def _batch_product_impl(weight, X, out, inline_bytes):
 
 
 @njit(nogil=True, cache=True)
-def _attention_serial(h, q, k, v, att, o, scores, wq, wk, wv, wo, cos, sin, interleaved,
+def _attention_serial(h, q, k, v, att, o, scores, wq, wk, wv, wo, qk, cos, sin, interleaved,
                       k_layer, v_layer, slot, n_valid, kv_map):
     _product(wq, h, q.reshape(-1))
     _product(wk, h, k)
     _product(wv, h, v)
     kv_shape = (k_layer.shape[1], k_layer.shape[2])
-    rope_and_store(q, k.reshape(kv_shape), v.reshape(kv_shape), cos, sin, interleaved,
+    rope_and_store(q, k.reshape(kv_shape), v.reshape(kv_shape), qk, cos, sin, interleaved,
                    k_layer, v_layer, slot)
     attend_heads(q, k_layer, v_layer, n_valid, kv_map, att, 0, q.shape[0], scores)
     _product(wo, att.reshape(-1), o)
@@ -119,12 +120,13 @@ def _attention_work(wq, wk, wv, wo, k_layer, n_valid):
 
 @njit(nogil=True, cache=True)
 def layer_block(x, h, q, k, v, att, o, scores, gate, up, attn_norm, ffn_norm, eps, wq, wk, wv,
-                wo, w_gate, w_up, w_down, cos, sin, interleaved, k_layer, v_layer, slot, n_valid,
+                wo, w_gate, w_up, w_down, qk, cos, sin, interleaved, k_layer, v_layer, slot, n_valid,
                 kv_map, attention_plan, inline_bytes):
     """x += the attention block, then x += the SwiGLU block, of one layer for one token. q,
     att: (n_heads, head_dim); k, v: (n_kv_heads * head_dim,); k_layer, v_layer: the layer's
     cache (slots, n_kv_heads, head_dim), grown to hold `slot`; attention_plan: (bounds, owners,
-    starts) over heads, owners empty for attention too small to split. Work (weight and cache
+    starts) over heads, owners empty for attention too small to split; qk: the per-head norms
+    and query factor (fused.qk_norm_and_scale). Work (weight and cache
     bytes) under inline_bytes runs on this thread, the rest as one parallel region
     (`phases.layer_phases`). Returns (tasks created, tasks local)."""
     rmsnorm_into(x, attn_norm, eps, h)
@@ -132,11 +134,11 @@ def layer_block(x, h, q, k, v, att, o, scores, gate, up, attn_norm, ffn_norm, ep
     work = _attention_work(wq, wk, wv, wo, k_layer, n_valid) + w_gate[5] + w_up[5] + w_down[5]
     if work >= inline_bytes:
         created, local = phases.layer_phases(x, h, q, k, v, att, o, gate, up, ffn_norm, eps, wq,
-                                             wk, wv, wo, w_gate, w_up, w_down, cos, sin,
+                                             wk, wv, wo, w_gate, w_up, w_down, qk, cos, sin,
                                              interleaved, k_layer, v_layer, slot, n_valid, kv_map,
                                              attention_plan)
     else:
-        _attention_serial(h, q, k, v, att, o, scores, wq, wk, wv, wo, cos, sin, interleaved,
+        _attention_serial(h, q, k, v, att, o, scores, wq, wk, wv, wo, qk, cos, sin, interleaved,
                           k_layer, v_layer, slot, n_valid, kv_map)
         add_into(x, o)
         rmsnorm_into(x, ffn_norm, eps, h)
@@ -181,7 +183,7 @@ def _batch_attention_tasks(Q, k_caches, v_caches, layer, n_valid, kv_map, ATT, b
 
 
 @njit(nogil=True, cache=True)
-def batch_attention_block(X, norm, eps, wq, wk, wv, wo, cos, sin, interleaved, k_caches,
+def batch_attention_block(X, norm, eps, wq, wk, wv, wo, qk, cos, sin, interleaved, k_caches,
                           v_caches, layer, slots, n_valid, kv_map, attention_plan, inline_bytes):
     """X (B, hidden) += the attention block of `layer`, row b the token of sequence b at the
     position whose RoPE is cos[b], sin[b] and whose cache slot is slots[b]; k_caches[b],
@@ -198,7 +200,7 @@ def batch_attention_block(X, norm, eps, wq, wk, wv, wo, cos, sin, interleaved, k
     c2, l2 = _batch_product(wk, H, K.reshape(B, -1), inline_bytes)
     c3, l3 = _batch_product(wv, H, V.reshape(B, -1), inline_bytes)
     for b in range(B):
-        rope_and_store(Q[b], K[b], V[b], cos[b], sin[b], interleaved, k_caches[b][layer],
+        rope_and_store(Q[b], K[b], V[b], qk, cos[b], sin[b], interleaved, k_caches[b][layer],
                        v_caches[b][layer], slots[b])
     ATT = np.empty_like(Q)
     bounds, owners, starts = attention_plan

@@ -166,7 +166,7 @@ def attention_state(wq, wk, wv, wo, heads_plan):
 
 
 @njit(nogil=True, cache=True)
-def _attention_part(w, h, q, k, v, att, o, wq, wk, wv, wo, cos, sin, interleaved, k_layer,
+def _attention_part(w, h, q, k, v, att, o, wq, wk, wv, wo, qk, cos, sin, interleaved, k_layer,
                     v_layer, slot, n_valid, kv_map, heads_bounds, heads_ends, cq, rq, ck, rk, cv, rv,
                     co, ro, ca, ra, done, once, d):
     """Worker w's share of the attention block, phases d..d+3 of `done`: the Q, K and V
@@ -178,7 +178,7 @@ def _attention_part(w, h, q, k, v, att, o, wq, wk, wv, wo, cos, sin, interleaved
     _wait_done(done, d, rq.shape[0] + rk.shape[0] + rv.shape[0])
     if adaptive._fetch_add(once, 0) == 0:  # the first worker here runs the one task
         kv_shape = (k_layer.shape[1], k_layer.shape[2])
-        rope_and_store(q, k.reshape(kv_shape), v.reshape(kv_shape), cos, sin, interleaved,
+        rope_and_store(q, k.reshape(kv_shape), v.reshape(kv_shape), qk, cos, sin, interleaved,
                        k_layer, v_layer, slot)
         _mark_done(done, d + 1)
     _wait_done(done, d + 1, 1)
@@ -240,7 +240,7 @@ def mlp_counts(w_gate, w_down, rg, rd):
 
 @njit(nogil=True, cache=True, parallel=True)
 def layer_phases(x, h, q, k, v, att, o, gate, up, ffn_norm, eps, wq, wk, wv, wo, w_gate, w_up,
-                 w_down, cos, sin, interleaved, k_layer, v_layer, slot, n_valid, kv_map,
+                 w_down, qk, cos, sin, interleaved, k_layer, v_layer, slot, n_valid, kv_map,
                  attention_plan):
     """A whole decoder layer for one token from the attention block's normed input h: the
     attention part, then (one task) x += its output and the MLP's norm, then the MLP part;
@@ -255,7 +255,7 @@ def layer_phases(x, h, q, k, v, att, o, gate, up, ffn_norm, eps, wq, wk, wv, wo,
     done, once = _zeros(7), _zeros(2)
     heads_bounds, heads_ends = heads[0], heads[2][1:]
     for w in prange(n_workers):
-        _attention_part(w, h, q, k, v, att, o, wq, wk, wv, wo, cos, sin, interleaved, k_layer,
+        _attention_part(w, h, q, k, v, att, o, wq, wk, wv, wo, qk, cos, sin, interleaved, k_layer,
                         v_layer, slot, n_valid, kv_map, heads_bounds, heads_ends, cq, rq, ck, rk,
                         cv, rv, co, ro, ca, ra, done, once, 0)
         _wait_done(done, 3, ro.shape[0])

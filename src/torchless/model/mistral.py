@@ -299,7 +299,8 @@ class Mistral:
         for li in range(start, stop):
             layer, (attention, mlp) = self.layers[li], blocks[li]
             fused_layer.run_counted(fused_layer.batch_attention_block, x, layer.attn_norm, c.norm_eps,
-                                    *attention, cos, sin, c.rope_interleaved, k_caches, v_caches, li,
+                                    *attention, self._qk_args(layer), cos, sin, c.rope_interleaved,
+                                    k_caches, v_caches, li,
                                     slots, n_valid, self.kv_map, plan, inline)
             fused_layer.run_counted(fused_layer.batch_mlp_block, x, layer.ffn_norm, c.norm_eps, *mlp,
                                     self.layout.intermediate_size, inline)
@@ -472,9 +473,17 @@ class Mistral:
         fused_layer.run_counted(
             fused_layer.layer_block, state.x, state.h, state.q, state.k, state.v, state.att,
             state.o, state.scores, state.gate, state.up, layer.attn_norm, layer.ffn_norm,
-            c.norm_eps, *attention, *mlp, *self.rope_at(state.pos), c.rope_interleaved,
+            c.norm_eps, *attention, *mlp, self._qk_args(layer), *self.rope_at(state.pos), c.rope_interleaved,
             *cache_args)
         return True
+
+    def _qk_args(self, layer: LayerWeights) -> tuple:
+        """fused.qk_norm_and_scale's arguments after q and k: (q_norm, k_norm, eps, query_factor),
+        the norms empty where the model has none."""
+        none = fused_layer.NO_BIAS  # an empty float32 vector
+        q_norm = none if layer.attn_q_norm is None else layer.attn_q_norm
+        k_norm = none if layer.attn_k_norm is None else layer.attn_k_norm
+        return q_norm, k_norm, float(self.config.norm_eps), float(self.config.query_factor)
 
     def decode_attention(self, li: int, state: InferenceState, work=None):
         """x += attention block of layer li for the token at state.pos (one token, in place),
@@ -487,8 +496,7 @@ class Mistral:
         layer.attn_v.matvec_into(h, state.v, work)
         kv_shape = (self.layout.n_kv_heads, c.head_dim)
         q, k = state.q, state.k.reshape(kv_shape)
-        if layer.attn_q_norm is not None or c.query_factor != 1.0:
-            q[:], k[:] = self._qk_norm_and_scale(layer, q, k)
+        fused.qk_norm_and_scale(q, k, *self._qk_args(layer))  # as the compiled layer does
         self._attend_one(li, state, state.pos, q, k, state.v.reshape(kv_shape), state.att, work)
         layer.attn_output.matvec_into(state.att.reshape(-1), state.o, work)
         if layer.post_attention_norm is not None:
