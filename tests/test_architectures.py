@@ -216,13 +216,12 @@ def test_local_layers_keep_rings_of_their_window(case_files):
     assert KVCache.bytes_for(model.config, model.config.n_kv_heads, 24) == per_position * (24 + 5 * 4)
 
 
-def test_compiled_blocks_only_where_they_are_llama_blocks(case_files):
-    """Qwen3's blocks (Llama's with per-head q/k norms) run as the compiled blocks; every
-    Gemma 3 block runs kernel by kernel (post-norms, GeGLU, local layers)."""
-    qwen3 = Mistral.load(load(case_files, "qwen3", "gguf")[0]).fused_blocks()
-    assert all(a is not None and m is not None for a, m in qwen3)
-    gemma3 = Mistral.load(load(case_files, "gemma3", "gguf")[0]).fused_blocks()
-    assert all(a is None and m is None for a, m in gemma3)
+def test_qwen3_and_gemma3_run_as_compiled_blocks(case_files):
+    """Qwen3's blocks (Llama's with per-head q/k norms) and Gemma 3's (q/k norms, post-norms,
+    GeGLU, local layers) run as the compiled blocks."""
+    for name in ("qwen3", "gemma3"):
+        blocks = Mistral.load(load(case_files, name, "gguf")[0]).fused_blocks()
+        assert all(a is not None and m is not None for a, m in blocks), name
 
 
 def test_a_multimodal_gemma3_folder_runs_its_text_model(case_files, tmp_path):
@@ -277,3 +276,24 @@ def test_compiled_qk_norm_and_query_scale_match_the_reference():
     before = q.copy()
     fused.qk_norm_and_scale(q, k, np.zeros(0, np.float32), np.zeros(0, np.float32), 1e-6, 1.0)
     np.testing.assert_array_equal(q, before)  # no norms and a factor of 1: nothing done
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
+def test_compiled_blocks_as_parallel_phases_match_transformers(case_files, name, monkeypatch):
+    """At 2 threads with the inline threshold at 0, a decode step's layer runs as one parallel
+    region (kernels/phases.py) and a micro-batch's products as the scheduler's tasks: q/k
+    norms, post-norms and GeGLU there too, against transformers."""
+    import numba
+
+    from torchless.kernels import adaptive
+
+    params, ref = load(case_files, name, "gguf")
+    previous = numba.get_num_threads()
+    numba.set_num_threads(2)
+    monkeypatch.setattr(adaptive, "_inline_bytes", 0)
+    try:
+        model = Mistral.load(params)
+        assert_every_position_close(model, ref, "fast_decode")
+        assert_every_position_close(model, ref, "fast_batched")
+    finally:
+        numba.set_num_threads(previous)

@@ -382,15 +382,10 @@ class ModelConfig:
         return self.attention_scale * math.sqrt(self.head_dim)
 
     @property
-    def plain_attention(self) -> bool:
-        """Whether every attention block is what the compiled blocks implement: Llama's, with
-        per-head q/k norms and a query scale allowed (Qwen3)."""
-        return not (self.post_norms or self.sliding_layers is not None or self.rope_local_theta is not None)
-
-    @property
     def plain_mlp(self) -> bool:
-        """Whether every MLP block is Llama's SwiGLU (what the compiled blocks implement)."""
-        return self.activation == "silu" and not self.post_norms and not self.n_experts
+        """Whether every MLP block is what the compiled blocks implement: SwiGLU or GeGLU, with
+        or without a post-norm, not a mixture of experts."""
+        return not self.n_experts
 
     @classmethod
     def from_gguf(cls, metadata: dict, tensor_names=(), rope_freqs=None) -> "ModelConfig":

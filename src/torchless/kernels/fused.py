@@ -59,6 +59,30 @@ def swiglu_into(gate, up, out):
     swiglu_rows(gate, up, out, 0, gate.shape[0])
 
 
+_GELU_C = np.float32(0.7978845608028654)  # sqrt(2 / pi)
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def glu_rows(gate, up, out, lo, hi, gelu):
+    """out[lo:hi] = act(gate[lo:hi]) * up[lo:hi]: act SiLU (SwiGLU), or with gelu the tanh
+    approximation of GELU (GeGLU: Gemma), as transformers' gelu_pytorch_tanh computes it."""
+    if not gelu:
+        swiglu_rows(gate, up, out, lo, hi)
+        return
+    for i in range(lo, hi):
+        g = gate[i]
+        inner = _GELU_C * (g + np.float32(0.044715) * g * g * g)
+        out[i] = np.float32(0.5) * g * (np.float32(1.0) + np.tanh(inner)) * up[i]
+
+
+@njit(nogil=True, cache=True)
+def post_norm(o, norm, eps):
+    """o = rmsnorm(o) * norm in place where the block has a post-norm (Gemma 3; norm empty:
+    none), before the residual add."""
+    if norm.shape[0] > 0:
+        rmsnorm_into(o, norm, eps, o)
+
+
 @njit(nogil=True, cache=True, fastmath=_FM)
 def rope_rows(v, cos, sin, interleaved):
     """Rotate each row of v: (n_heads, head_dim) in place; cos, sin: (head_dim // 2,)."""

@@ -33,7 +33,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from . import adaptive, phases, qmatmul, qmatmul_batch
-from .fused import add_bias, add_into, attend_heads, rmsnorm_into, rope_and_store, swiglu_into
+from .fused import add_bias, add_into, attend_heads, glu_rows, post_norm, rmsnorm_into, rope_and_store
 
 _FM = {"contract"}
 
@@ -105,10 +105,10 @@ def _attention_serial(h, q, k, v, att, o, scores, wq, wk, wv, wo, qk, cos, sin, 
 
 
 @njit(nogil=True, cache=True)
-def _mlp_serial(h, gate, up, o, w_gate, w_up, w_down):
+def _mlp_serial(h, gate, up, o, w_gate, w_up, w_down, gelu):
     _product(w_gate, h, gate)
     _product(w_up, h, up)
-    swiglu_into(gate, up, gate)
+    glu_rows(gate, up, gate, 0, gate.shape[0], gelu)
     _product(w_down, gate, o)
 
 
@@ -120,13 +120,14 @@ def _attention_work(wq, wk, wv, wo, k_layer, n_valid):
 
 @njit(nogil=True, cache=True)
 def layer_block(x, h, q, k, v, att, o, scores, gate, up, attn_norm, ffn_norm, eps, wq, wk, wv,
-                wo, w_gate, w_up, w_down, qk, cos, sin, interleaved, k_layer, v_layer, slot, n_valid,
-                kv_map, attention_plan, inline_bytes):
+                wo, w_gate, w_up, w_down, qk, post, cos, sin, interleaved, k_layer, v_layer, slot,
+                n_valid, kv_map, attention_plan, inline_bytes):
     """x += the attention block, then x += the SwiGLU block, of one layer for one token. q,
     att: (n_heads, head_dim); k, v: (n_kv_heads * head_dim,); k_layer, v_layer: the layer's
     cache (slots, n_kv_heads, head_dim), grown to hold `slot`; attention_plan: (bounds, owners,
     starts) over heads, owners empty for attention too small to split; qk: the per-head norms
-    and query factor (fused.qk_norm_and_scale). Work (weight and cache
+    and query factor (fused.qk_norm_and_scale); post: (the attention block's post-norm, the
+    MLP's, GeGLU or not) (fused.post_norm, fused.glu_rows). Work (weight and cache
     bytes) under inline_bytes runs on this thread, the rest as one parallel region
     (`phases.layer_phases`). Returns (tasks created, tasks local)."""
     rmsnorm_into(x, attn_norm, eps, h)
@@ -134,15 +135,17 @@ def layer_block(x, h, q, k, v, att, o, scores, gate, up, attn_norm, ffn_norm, ep
     work = _attention_work(wq, wk, wv, wo, k_layer, n_valid) + w_gate[5] + w_up[5] + w_down[5]
     if work >= inline_bytes:
         created, local = phases.layer_phases(x, h, q, k, v, att, o, gate, up, ffn_norm, eps, wq,
-                                             wk, wv, wo, w_gate, w_up, w_down, qk, cos, sin,
+                                             wk, wv, wo, w_gate, w_up, w_down, qk, post, cos, sin,
                                              interleaved, k_layer, v_layer, slot, n_valid, kv_map,
                                              attention_plan)
     else:
         _attention_serial(h, q, k, v, att, o, scores, wq, wk, wv, wo, qk, cos, sin, interleaved,
                           k_layer, v_layer, slot, n_valid, kv_map)
+        post_norm(o, post[0], eps)
         add_into(x, o)
         rmsnorm_into(x, ffn_norm, eps, h)
-        _mlp_serial(h, gate, up, o, w_gate, w_up, w_down)
+        _mlp_serial(h, gate, up, o, w_gate, w_up, w_down, post[2])
+    post_norm(o, post[1], eps)
     add_into(x, o)
     return created, local
 
@@ -183,12 +186,14 @@ def _batch_attention_tasks(Q, k_caches, v_caches, layer, n_valid, kv_map, ATT, b
 
 
 @njit(nogil=True, cache=True)
-def batch_attention_block(X, norm, eps, wq, wk, wv, wo, qk, cos, sin, interleaved, k_caches,
-                          v_caches, layer, slots, n_valid, kv_map, attention_plan, inline_bytes):
-    """X (B, hidden) += the attention block of `layer`, row b the token of sequence b at the
+def batch_attention_block(X, norm, eps, wq, wk, wv, wo, qk, post_norm_weight, cos, sin, interleaved,
+                          k_caches, v_caches, layer, slots, n_valid, kv_map, attention_plan,
+                          inline_bytes):
+    """X (B, hidden) += the attention block of a layer, row b the token of sequence b at the
     position whose RoPE is cos[b], sin[b] and whose cache slot is slots[b]; k_caches[b],
-    v_caches[b]: sequence b's whole cache (n_layers, slots, n_kv_heads, head_dim), grown to
-    hold its slot. attention_plan: over the B * n_heads (sequence, head) units."""
+    v_caches[b]: sequence b's caches (n, slots, n_kv_heads, head_dim) of the layer's kind
+    (whole or windowed), the layer's at index `layer`, grown to hold its slot.
+    attention_plan: over the B * n_heads (sequence, head) units."""
     B = X.shape[0]
     n_kv_heads, head_dim = k_caches[0].shape[2], k_caches[0].shape[3]
     n_heads = kv_map.shape[0]
@@ -215,13 +220,16 @@ def batch_attention_block(X, norm, eps, wq, wk, wv, wo, qk, cos, sin, interleave
         c4 = bounds.shape[0] - 1
     O = np.empty_like(X)
     c5, l5 = _batch_product(wo, ATT.reshape(B, -1), O, inline_bytes)
+    for b in range(B):
+        post_norm(O[b], post_norm_weight, eps)
     X += O
     return c1 + c2 + c3 + c4 + c5, l1 + l2 + l3 + l4 + l5
 
 
 @njit(nogil=True, cache=True)
-def batch_mlp_block(X, norm, eps, w_gate, w_up, w_down, intermediate, inline_bytes):
-    """X (B, hidden) += the SwiGLU block of one layer, every product once for all B rows."""
+def batch_mlp_block(X, norm, eps, w_gate, w_up, w_down, post, intermediate, inline_bytes):
+    """X (B, hidden) += the MLP block of one layer (post: as layer_block's), every product once
+    for all B rows."""
     B = X.shape[0]
     H = _rmsnorm_rows(X, norm, eps)
     gate = np.empty((B, intermediate), np.float32)
@@ -229,9 +237,11 @@ def batch_mlp_block(X, norm, eps, w_gate, w_up, w_down, intermediate, inline_byt
     c1, l1 = _batch_product(w_gate, H, gate, inline_bytes)
     c2, l2 = _batch_product(w_up, H, up, inline_bytes)
     for m in range(B):
-        swiglu_into(gate[m], up[m], gate[m])
+        glu_rows(gate[m], up[m], gate[m], 0, intermediate, post[2])
     O = np.empty_like(X)
     c3, l3 = _batch_product(w_down, gate, O, inline_bytes)
+    for m in range(B):
+        post_norm(O[m], post[1], eps)
     X += O
     return c1 + c2 + c3, l1 + l2 + l3
 

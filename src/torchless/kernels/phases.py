@@ -32,7 +32,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import adaptive
-from .fused import add_into, attend_heads, rmsnorm_into, rope_and_store, swiglu_rows
+from .fused import add_into, attend_heads, glu_rows, post_norm, rmsnorm_into, rope_and_store
 from .qmatmul import TILE, _group_sums, _tile_f32, _tile_q4, _tile_q8, reads_x_sums
 
 
@@ -212,9 +212,9 @@ def mlp_state(w_gate, w_down):
 
 
 @njit(nogil=True, cache=True)
-def _mlp_part(w, h, gate, up, o, w_gate, w_up, w_down, cg, rg, cd, rd, done, d):
-    """Worker w's share of the SwiGLU block, phases d, d+1 of `done`: the gate and up products
-    (a task computes both for its rows, then their SwiGLU); the down product."""
+def _mlp_part(w, h, gate, up, o, w_gate, w_up, w_down, gelu, cg, rg, cd, rd, done, d):
+    """Worker w's share of the MLP block, phases d, d+1 of `done`: the gate and up products
+    (a task computes both for its rows, then their SwiGLU or GeGLU); the down product."""
     bounds, ends = w_gate[6], w_gate[8][1:]
     i = adaptive._claim(cg, ends, w)
     if i >= 0:
@@ -224,7 +224,7 @@ def _mlp_part(w, h, gate, up, o, w_gate, w_up, w_down, cg, rg, cd, rd, done, d):
         while i >= 0:
             _run_task(w_gate, h, xs_gate, gate, i, s, acc)
             _run_task(w_up, h, xs_up, up, i, s, acc)
-            swiglu_rows(gate, up, gate, bounds[i], bounds[i + 1])
+            glu_rows(gate, up, gate, bounds[i], bounds[i + 1], gelu)
             rg[i] = w
             _mark_done(done, d)
             i = adaptive._claim(cg, ends, w)
@@ -240,7 +240,7 @@ def mlp_counts(w_gate, w_down, rg, rd):
 
 @njit(nogil=True, cache=True, parallel=True)
 def layer_phases(x, h, q, k, v, att, o, gate, up, ffn_norm, eps, wq, wk, wv, wo, w_gate, w_up,
-                 w_down, qk, cos, sin, interleaved, k_layer, v_layer, slot, n_valid, kv_map,
+                 w_down, qk, post, cos, sin, interleaved, k_layer, v_layer, slot, n_valid, kv_map,
                  attention_plan):
     """A whole decoder layer for one token from the attention block's normed input h: the
     attention part, then (one task) x += its output and the MLP's norm, then the MLP part;
@@ -260,11 +260,12 @@ def layer_phases(x, h, q, k, v, att, o, gate, up, ffn_norm, eps, wq, wk, wv, wo,
                         cv, rv, co, ro, ca, ra, done, once, 0)
         _wait_done(done, 3, ro.shape[0])
         if adaptive._fetch_add(once, 1) == 0:
+            post_norm(o, post[0], eps)
             add_into(x, o)
             rmsnorm_into(x, ffn_norm, eps, h)
             _mark_done(done, 4)
         _wait_done(done, 4, 1)
-        _mlp_part(w, h, gate, up, o, w_gate, w_up, w_down, cg, rg, cd, rd, done, 5)
+        _mlp_part(w, h, gate, up, o, w_gate, w_up, w_down, post[2], cg, rg, cd, rd, done, 5)
     c1, l1 = attention_counts(wq, wk, wv, wo, heads, rq, rk, rv, ro, ra)
     c2, l2 = mlp_counts(w_gate, w_down, rg, rd)
     return c1 + c2, l1 + l2

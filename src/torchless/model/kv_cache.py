@@ -129,6 +129,13 @@ class KVCache:
         k_layer, v_layer, _ = self._layer_arrays(layer)
         return k_layer, v_layer
 
+    def rings_of(self, layer: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(keys, values, index): the arrays of every layer of `layer`'s kind (whole cache or
+        windowed rings), (n, slots, n_kv_heads, head_dim), and the layer's index in them; for
+        compiled kernels that take several sequences' caches."""
+        local, j = self._where[layer]
+        return (self.k_local, self.v_local, j) if local else (self.k, self.v, j)
+
     def ring_length(self, layer: int) -> int:
         """Positions the layer holds before the oldest is overwritten."""
         return self._layer_arrays(layer)[2]

@@ -128,16 +128,16 @@ class Mistral:
 
     def fused_blocks(self, work=None) -> list[tuple]:
         """Per layer, the weight tuples of its attention block (q, k, v, output) and of its
-        SwiGLU block (gate, up, down) for the compiled blocks of kernels/fused_layer.py; None for
-        a block with a linear that is not a plain Linear (a tensor-parallel shard's, which
-        all-reduces its product), or that is not Llama's (see ModelConfig.plain_attention). A
+        gated MLP block (gate, up, down) for the compiled blocks of kernels/fused_layer.py; None
+        for a block with a linear that is not a plain Linear (a tensor-parallel shard's, which
+        all-reduces its product), and for a mixture of experts (ModelConfig.plain_mlp). A
         decode step fuses a layer whose blocks both have them (decode_layer) and runs any other
         layer kernel by kernel; a micro-batch of decode steps is fused where every block of the
         layers it runs has them (_fusable)."""
         n_threads = _get_num_threads()
         blocks = self._fused_weights.get((work, n_threads))
         if blocks is None:
-            plain = {ATTENTION_LINEARS: self.config.plain_attention, MLP_LINEARS: self.config.plain_mlp}
+            plain = {ATTENTION_LINEARS: True, MLP_LINEARS: self.config.plain_mlp}
 
             def block(layer, kinds):
                 linears = [getattr(layer, kind) for kind in kinds]
@@ -279,31 +279,43 @@ class Mistral:
 
     def _run_layers_fused(self, spans: list["Span"], x: np.ndarray, start: int, stop: int) -> np.ndarray:
         """run_layers for one-token spans: per layer one compiled call per block, each product
-        once for all rows, each sequence attending over its own cache."""
+        once for all rows, each sequence attending over its own cache (the layer's ring: whole,
+        or its window's where the layer is local)."""
         c, n_threads = self.config, _get_num_threads()
         caches = [sp.state.cache for sp in spans]
         positions = np.array([sp.start for sp in spans], np.int64)
-        n_valid = np.array([cache.n_valid(sp.start) for cache, sp in zip(caches, spans)], np.int64)
-        for cache, n in zip(caches, n_valid):
-            cache._reserve(int(n))  # before the arrays are handed over: it may replace them
-        slots = positions % np.array([cache.cache_len for cache in caches], np.int64)
+        for cache, pos in zip(caches, positions):
+            cache._reserve(int(pos) + 1)  # before the arrays are handed over: it may replace them
         self.rope_at(int(positions.max()))
-        cos, sin = self._rope_cos[positions], self._rope_sin[positions]
-        k_caches, v_caches = typed.List([ca.k for ca in caches]), typed.List([ca.v for ca in caches])
-        kv_bytes = 2 * 4 * self.layout.n_kv_heads * c.head_dim * int(n_valid.sum())
-        plan = fused_layer.attention_plan(len(spans) * self.layout.n_heads, int(n_valid.mean()),
-                                          kv_bytes, self.work, n_threads)
         inline = fused_layer.inline_bytes(n_threads)
+        rings = {}  # per kind of layer (whole cache, local ring): what its attention block takes
+
+        def ring(li: int) -> tuple:
+            keys, _, index = caches[0].rings_of(li)
+            length = caches[0].ring_length(li)
+            kind = (id(keys), c.layer_rope(li))  # which arrays (whole, windowed), which RoPE
+            if kind not in rings:
+                n_valid = np.minimum(positions + 1, length)
+                cos, sin = self._rope_local if kind[1] == "local" else (self._rope_cos, self._rope_sin)
+                kv_bytes = 2 * 4 * self.layout.n_kv_heads * c.head_dim * int(n_valid.sum())
+                plan = fused_layer.attention_plan(len(spans) * self.layout.n_heads, int(n_valid.mean()),
+                                                  kv_bytes, self.work, n_threads)
+                rings[kind] = (cos[positions], sin[positions], c.rope_interleaved,
+                               typed.List([ca.rings_of(li)[0] for ca in caches]),
+                               typed.List([ca.rings_of(li)[1] for ca in caches]),
+                               positions % length, n_valid, plan)
+            cos, sin, interleaved, k_caches, v_caches, slots, n_valid, plan = rings[kind]
+            return cos, sin, interleaved, k_caches, v_caches, index, slots, n_valid, self.kv_map, plan
+
         x = np.array(x, np.float32)  # updated in place: not the caller's array
         blocks = self.fused_blocks(self.work)
         for li in range(start, stop):
             layer, (attention, mlp) = self.layers[li], blocks[li]
+            post = self._post_args(layer)
             fused_layer.run_counted(fused_layer.batch_attention_block, x, layer.attn_norm, c.norm_eps,
-                                    *attention, self._qk_args(layer), cos, sin, c.rope_interleaved,
-                                    k_caches, v_caches, li,
-                                    slots, n_valid, self.kv_map, plan, inline)
+                                    *attention, self._qk_args(layer), post[0], *ring(li), inline)
             fused_layer.run_counted(fused_layer.batch_mlp_block, x, layer.ffn_norm, c.norm_eps, *mlp,
-                                    self.layout.intermediate_size, inline)
+                                    post, self.layout.intermediate_size, inline)
         return x
 
     def finish(self, spans: list["Span"], x: np.ndarray, all_logits: bool = False,
@@ -452,14 +464,13 @@ class Mistral:
         """The arguments of fused_layer.layer_block from the layer's cache on; grows the cache
         and state.scores to hold the token."""
         c, cache, pos, n_threads = self.config, state.cache, state.pos, _get_num_threads()
-        n_valid = cache.n_valid(pos)
-        cache._reserve(n_valid)
+        cache._reserve(pos + 1)  # every ring (whole, windowed) up to the token's slot
+        k_layer, v_layer, n_valid = cache.attended(li, pos)
         if state.scores.shape[0] < n_valid:
-            state.scores = np.empty(cache.k.shape[1], np.float32)
-        k_layer, v_layer = cache.layer(li)
+            state.scores = np.empty(k_layer.shape[0], np.float32)
         kv_bytes = 2 * 4 * n_valid * self.layout.n_kv_heads * c.head_dim
         plan = fused_layer.attention_plan(self.layout.n_heads, n_valid, kv_bytes, work, n_threads)
-        return (k_layer, v_layer, pos % cache.cache_len, n_valid, self.kv_map, plan,
+        return (k_layer, v_layer, pos % cache.ring_length(li), n_valid, self.kv_map, plan,
                 fused_layer.inline_bytes(n_threads))
 
     def decode_layer(self, li: int, state: InferenceState, work=None) -> bool:
@@ -473,7 +484,8 @@ class Mistral:
         fused_layer.run_counted(
             fused_layer.layer_block, state.x, state.h, state.q, state.k, state.v, state.att,
             state.o, state.scores, state.gate, state.up, layer.attn_norm, layer.ffn_norm,
-            c.norm_eps, *attention, *mlp, self._qk_args(layer), *self.rope_at(state.pos), c.rope_interleaved,
+            c.norm_eps, *attention, *mlp, self._qk_args(layer), self._post_args(layer),
+            *self.rope_at(state.pos, c.layer_rope(li)), c.rope_interleaved,
             *cache_args)
         return True
 
@@ -484,6 +496,14 @@ class Mistral:
         q_norm = none if layer.attn_q_norm is None else layer.attn_q_norm
         k_norm = none if layer.attn_k_norm is None else layer.attn_k_norm
         return q_norm, k_norm, float(self.config.norm_eps), float(self.config.query_factor)
+
+    def _post_args(self, layer: LayerWeights) -> tuple:
+        """The compiled blocks' (attention post-norm, MLP post-norm, GeGLU or not): the norms
+        empty where the model has none (Gemma 3 has both)."""
+        none = fused_layer.NO_BIAS
+        return (none if layer.post_attention_norm is None else layer.post_attention_norm,
+                none if layer.post_ffw_norm is None else layer.post_ffw_norm,
+                self.config.activation == "gelu_tanh")
 
     def decode_attention(self, li: int, state: InferenceState, work=None):
         """x += attention block of layer li for the token at state.pos (one token, in place),
@@ -513,10 +533,8 @@ class Mistral:
         else:
             layer.ffn_gate.matvec_into(h, state.gate, work)
             layer.ffn_up.matvec_into(h, state.up, work)
-            if self.config.activation == "silu":
-                fused.swiglu_into(state.gate, state.up, state.gate)
-            else:
-                state.gate[:] = self._activation(state.gate) * state.up
+            gelu = self.config.activation == "gelu_tanh"
+            fused.glu_rows(state.gate, state.up, state.gate, 0, state.gate.shape[0], gelu)  # as the compiled layer
             layer.ffn_down.matvec_into(state.gate, state.o, work)
         if layer.post_ffw_norm is not None:
             fused.rmsnorm_into(state.o, layer.post_ffw_norm, self.config.norm_eps, state.o)
