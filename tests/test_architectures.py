@@ -93,11 +93,12 @@ def fast_decode_logits(model, prompt=6):
     return np.concatenate([head, np.stack([model.fast_forward(state, t).copy() for t in SEQ[prompt:]])])
 
 
-def batched_logits(model, fast=False):
+def batched_logits(model, fast=False, contexts=(None, None, None)):
     """Three sequences at different positions decoded together, one span each per micro-batch
-    (fast: the engine's way, through the compiled blocks where the model's blocks have them)."""
+    (fast: the engine's way, through the compiled blocks where the model's blocks have them),
+    their caches sized for `contexts` tokens (None: the model's context)."""
     starts = [3, 9, 14]
-    states = [InferenceState(model.config) for _ in starts]
+    states = [InferenceState(model.config, n) for n in contexts]
     for state, s in zip(states, starts):
         model.prefill(state, SEQ[:s])
     rows = {s: [] for s in starts}
@@ -297,3 +298,22 @@ def test_compiled_blocks_as_parallel_phases_match_transformers(case_files, name,
         assert_every_position_close(model, ref, "fast_batched")
     finally:
         numba.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
+def test_batched_sequences_with_caches_of_other_sizes(case_files, name):
+    """Sequences sized for different contexts (the engine sizes each for its prompt and
+    max_tokens) decoded together: rings of different lengths; and (gemma3, a 4-token window) a
+    sequence whose context fits the window, so that its windowed layers stay whole."""
+    params, ref = load(case_files, name, "gguf")
+    model = Mistral.load(params)
+    for start, rows in batched_logits(model, fast=True, contexts=(13, 64, 30)).items():
+        assert_close_rel(rows, ref[start:start + len(rows)])
+    short, long = InferenceState(model.config, 4), InferenceState(model.config, 64)
+    model.prefill(short, SEQ[:2])
+    model.prefill(long, SEQ[:9])
+    for step in range(2):
+        out = model.forward_spans([Span(short, [SEQ[2 + step]], 2 + step), Span(long, [SEQ[9 + step]], 9 + step)],
+                                  fast=True)
+        assert_close_rel(out[0], ref[2 + step])
+        assert_close_rel(out[1], ref[9 + step])

@@ -53,12 +53,6 @@ def swiglu_rows(gate, up, out, lo, hi):
         out[i] = g / (np.float32(1.0) + np.exp(-g)) * up[i]
 
 
-@njit(nogil=True, cache=True, fastmath=_FM)
-def swiglu_into(gate, up, out):
-    """out = silu(gate) * up"""
-    swiglu_rows(gate, up, out, 0, gate.shape[0])
-
-
 _GELU_C = np.float32(0.7978845608028654)  # sqrt(2 / pi)
 
 

@@ -1,8 +1,8 @@
 """A decoder layer as one compiled call for one token of one sequence (`layer_block`: the
 attention block, i.e. rmsnorm, Q/K/V products, per-head q/k norms where the model has them
-(Qwen3), RoPE, the KV cache write, GQA attention, output product, residual add; then the SwiGLU
-block), and each block as one compiled call for a micro-batch of one-token spans of different
-sequences.
+(Qwen3, Gemma 3), RoPE, the KV cache write (a windowed layer's own ring), GQA attention, output
+product, post-norm (Gemma 3), residual add; then the gated MLP block, SwiGLU or GeGLU), and each
+block as one compiled call for a micro-batch of one-token spans of different sequences.
 
 Why: run as separate kernels a decode step is ~200 Python-level calls per token, and between
 them the calling thread holds the GIL, so pipeline stage threads and the server's engine thread
@@ -122,7 +122,7 @@ def _attention_work(wq, wk, wv, wo, k_layer, n_valid):
 def layer_block(x, h, q, k, v, att, o, scores, gate, up, attn_norm, ffn_norm, eps, wq, wk, wv,
                 wo, w_gate, w_up, w_down, qk, post, cos, sin, interleaved, k_layer, v_layer, slot,
                 n_valid, kv_map, attention_plan, inline_bytes):
-    """x += the attention block, then x += the SwiGLU block, of one layer for one token. q,
+    """x += the attention block, then x += the MLP block, of one layer for one token. q,
     att: (n_heads, head_dim); k, v: (n_kv_heads * head_dim,); k_layer, v_layer: the layer's
     cache (slots, n_kv_heads, head_dim), grown to hold `slot`; attention_plan: (bounds, owners,
     starts) over heads, owners empty for attention too small to split; qk: the per-head norms

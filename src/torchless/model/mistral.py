@@ -275,6 +275,10 @@ class Mistral:
         (a sequence's later token must see its earlier one's key), every block fusable."""
         if any(len(sp.tokens) != 1 for sp in spans) or len({id(sp.state) for sp in spans}) < len(spans):
             return False
+        if len({sp.state.cache.local_len for sp in spans}) > 1:
+            # a sequence whose context fits the window keeps its windowed layers whole: the
+            # blocks take one layout of caches (which layers are rings) for all sequences
+            return False
         return all(a is not None and m is not None for a, m in self.fused_blocks(self.work)[start:stop])
 
     def _run_layers_fused(self, spans: list["Span"], x: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -291,10 +295,10 @@ class Mistral:
         rings = {}  # per kind of layer (whole cache, local ring): what its attention block takes
 
         def ring(li: int) -> tuple:
-            keys, _, index = caches[0].rings_of(li)
-            length = caches[0].ring_length(li)
+            keys, _, index = caches[0].rings_of(li)  # one layout for all caches (_fusable)
             kind = (id(keys), c.layer_rope(li))  # which arrays (whole, windowed), which RoPE
             if kind not in rings:
+                length = np.array([ca.ring_length(li) for ca in caches], np.int64)  # per sequence
                 n_valid = np.minimum(positions + 1, length)
                 cos, sin = self._rope_local if kind[1] == "local" else (self._rope_cos, self._rope_sin)
                 kv_bytes = 2 * 4 * self.layout.n_kv_heads * c.head_dim * int(n_valid.sum())
