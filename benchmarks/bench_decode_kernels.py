@@ -24,12 +24,13 @@ SIZES = [(512, 1024), (4096, 1024), (16384, 1024)]
 
 
 def weight(qtype: GT, rows: int, cols: int, rng) -> qm.PackedWeight:
-    if qtype in (GT.Q4_K, GT.Q5_K, GT.Q6_K, GT.Q2_K, GT.Q3_K):
+    if qtype in (GT.Q4_K, GT.Q5_K, GT.Q6_K, GT.Q2_K, GT.Q3_K, GT.IQ4_NL, GT.IQ4_XS):
+        # random blocks (gguf-py quantizes none of the 2-, 3-bit and IQ4 types)
         block, size = BLOCK_LAYOUT[qtype]
         raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
         # sane float16 super-block scales (and mins) where each type keeps them
         at = {GT.Q6_K: 208, GT.Q2_K: 80, GT.Q3_K: 108}.get(qtype, 0)
-        n = 1 if qtype in (GT.Q6_K, GT.Q3_K) else 2
+        n = 2 if qtype in (GT.Q4_K, GT.Q5_K, GT.Q2_K) else 1
         raw[..., at:at + 2 * n] = rng.uniform(1e-3, 2e-2, (rows, cols // block, n)).astype(np.float16).view(np.uint8)
         raw = raw.reshape(rows, -1)
     else:
@@ -40,7 +41,7 @@ def weight(qtype: GT, rows: int, cols: int, rng) -> qm.PackedWeight:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--types", default="Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q4_K,Q5_K,Q6_K")
+    p.add_argument("--types", default="Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q4_K,Q5_K,Q6_K,Q2_K,Q3_K,IQ4_NL,IQ4_XS")
     p.add_argument("--reps", type=int, default=31)
     args = p.parse_args()
     rng = np.random.default_rng(0)
