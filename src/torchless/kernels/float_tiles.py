@@ -207,15 +207,23 @@ expand_bytes = _make_expand_codes(False)
 expand_iq4 = _make_expand_codes(True, lookup=True)
 
 
+def _fma_x(context, builder, x_type, x_a, index, values, acc):
+    """acc + values * x[index] (x broadcast), one llvm.fma of TILE float32 lanes."""
+    v_floats = ir.VectorType(_F32, TILE)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v_floats, [v_floats] * 3),
+                                         f"llvm.fma.v{TILE}f32")
+    x = builder.load(cgutils.get_item_pointer(context, builder, x_type, x_a, [index]))
+    xb = builder.shuffle_vector(builder.insert_element(ir.Constant(v_floats, ir.Undefined), x, ir.Constant(_I32, 0)),
+                                ir.Constant(v_floats, ir.Undefined), ir.Constant(ir.VectorType(_I32, TILE), [0] * TILE))
+    return builder.call(fma, [values, xb, acc])
+
+
 @intrinsic
 def iq4_code_sums(typingctx, codes, t, g, x, s):
     """Decode on the IQ4 layout (nibbles indexing IQ4NL_VALUES, see packing): s[0, :] = the sum
     over group g's 32 columns of IQ4NL_VALUES[index] * x[32 g + column], two accumulators
     (even and odd byte rows) summed at the end. As IR for the lookup (vpshufb)."""
-    if not (isinstance(codes, types.Array) and codes.ndim == 4 and codes.layout == "C"
-            and codes.dtype == types.uint8 and all(isinstance(a, types.Array) and a.dtype == types.float32
-                                                   and a.layout == "C" for a in (x, s))
-            and x.ndim == 1 and s.ndim == 2):
+    if not (_byte_codes_and_floats(codes, x, s) and x.ndim == 1 and s.ndim == 2):
         return None
 
     def codegen(context, builder, sig, args):
@@ -225,8 +233,6 @@ def iq4_code_sums(typingctx, codes, t, g, x, s):
         s_a = context.make_array(sig.args[4])(context, builder, args[4])
         t_, g_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2))
         v_bytes, v_floats = ir.VectorType(_I8, TILE), ir.VectorType(_F32, TILE)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v_floats, [v_floats] * 3),
-                                             f"llvm.fma.v{TILE}f32")
         base = builder.mul(g_, intp(32))
         acc = [ir.Constant(v_floats, [0.0] * TILE)] * 2
         for j in range(16):
@@ -235,12 +241,9 @@ def iq4_code_sums(typingctx, codes, t, g, x, s):
             halves = [builder.and_(raw, ir.Constant(v_bytes, [15] * TILE)),
                       builder.lshr(raw, ir.Constant(v_bytes, [4] * TILE))]
             for k, index in enumerate(halves):  # columns j and j + 16
-                xp = cgutils.get_item_pointer(context, builder, sig.args[3], x_a, [builder.add(base, intp(j + 16 * k))])
-                xb = builder.shuffle_vector(
-                    builder.insert_element(ir.Constant(v_floats, ir.Undefined), builder.load(xp), ir.Constant(_I32, 0)),
-                    ir.Constant(v_floats, ir.Undefined), ir.Constant(ir.VectorType(_I32, TILE), [0] * TILE))
                 value = builder.sitofp(_iq4_values(builder, index), v_floats)
-                acc[j % 2] = builder.call(fma, [value, xb, acc[j % 2]])
+                acc[j % 2] = _fma_x(context, builder, sig.args[3], x_a, builder.add(base, intp(j + 16 * k)),
+                                    value, acc[j % 2])
         q = cgutils.get_item_pointer(context, builder, sig.args[4], s_a, [intp(0), intp(0)])
         builder.store(builder.fadd(acc[0], acc[1]), builder.bitcast(q, v_floats.as_pointer()), align=4)
         return context.get_dummy_value()
@@ -280,7 +283,7 @@ def _low_codes(context, builder, codes_type, codes_a, t_, g_, j_, three_bit):
     return codes
 
 
-def _low_layout_types(codes, *floats):
+def _byte_codes_and_floats(codes, *floats):
     return (isinstance(codes, types.Array) and codes.ndim == 4 and codes.layout == "C"
             and codes.dtype == types.uint8
             and all(isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C"
@@ -296,7 +299,7 @@ def _make_expand_low(three_bit: bool):
 
     @intrinsic
     def expand_low(typingctx, codes, t, g, j, buf, wt, o):
-        if not (_low_layout_types(codes, buf, wt) and buf.ndim == 2 and wt.ndim == 2):
+        if not (_byte_codes_and_floats(codes, buf, wt) and buf.ndim == 2 and wt.ndim == 2):
             return None
 
         def codegen(context, builder, sig, args):
@@ -338,7 +341,7 @@ def _make_low_code_sums(three_bit: bool):
 
     @intrinsic
     def low_code_sums(typingctx, codes, t, g, x, s):
-        if not (_low_layout_types(codes, x, s) and x.ndim == 1 and s.ndim == 2):
+        if not (_byte_codes_and_floats(codes, x, s) and x.ndim == 1 and s.ndim == 2):
             return None
 
         def codegen(context, builder, sig, args):
@@ -348,20 +351,13 @@ def _make_low_code_sums(three_bit: bool):
             s_a = context.make_array(sig.args[4])(context, builder, args[4])
             t_, g_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2))
             v_floats = ir.VectorType(_F32, TILE)
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v_floats, [v_floats] * 3),
-                                                 f"llvm.fma.v{TILE}f32")
-            zero_idx = ir.Constant(ir.VectorType(_I32, TILE), [0] * TILE)
             base = builder.mul(g_, intp(32))
             acc = [ir.Constant(v_floats, [0.0] * TILE)] * 4  # half 0: i = 0, 1; half 1: i = 2, 3
             for j in range(8):
                 codes = _low_codes(context, builder, sig.args[0], codes_a, t_, g_, intp(j), three_bit)
                 for i, c in enumerate(codes):
-                    xp = cgutils.get_item_pointer(context, builder, sig.args[3], x_a, [builder.add(base, intp(j + 8 * i))])
-                    xb = builder.shuffle_vector(
-                        builder.insert_element(ir.Constant(v_floats, ir.Undefined), builder.load(xp),
-                                               ir.Constant(_I32, 0)),
-                        ir.Constant(v_floats, ir.Undefined), zero_idx)
-                    acc[i] = builder.call(fma, [builder.uitofp(c, v_floats), xb, acc[i]])
+                    acc[i] = _fma_x(context, builder, sig.args[3], x_a, builder.add(base, intp(j + 8 * i)),
+                                    builder.uitofp(c, v_floats), acc[i])
             for row, (a, b) in ((0, acc[0:2]), (3, acc[2:4])):
                 q = cgutils.get_item_pointer(context, builder, sig.args[4], s_a, [intp(row), intp(0)])
                 builder.store(builder.fadd(a, b), builder.bitcast(q, v_floats.as_pointer()), align=4)

@@ -137,55 +137,37 @@ def _widen_f16_tile_row(typingctx, src, t, g, dst, k):
 
 @intrinsic
 def _widen_two_level_row(typingctx, src, t, sb, j, dst, k):
-    """dst[k, 0:TILE] = float32 super-block scales src[t, sb, 0:4, :] times the int8 sub-scales
-    src[t, sb, 4 + j, :] (see the module docstring), as vector IR: two loads, `sitofp`, `fmul`."""
-    if not (isinstance(src, types.Array) and src.dtype == types.int8 and src.ndim == 4
+    """dst[k, 0:TILE] = float32 super-block scales src[t, sb, 0:4, :] times the sub-scales of
+    group j (see the module docstring), as vector IR: two loads, a conversion, `fmul`. int8 src:
+    src[t, sb, 4 + j, :]; uint8 src (two to a byte): the low (j even) or high (j odd) nibble
+    of src[t, sb, 4 + j // 2, :]."""
+    if not (isinstance(src, types.Array) and src.dtype in (types.int8, types.uint8) and src.ndim == 4
             and isinstance(dst, types.Array) and dst.dtype == types.float32 and dst.ndim == 2):
         return None
-
-    def codegen(context, builder, sig, args):
-        src_a = context.make_array(sig.args[0])(context, builder, args[0])
-        dst_a = context.make_array(sig.args[4])(context, builder, args[4])
-        t_, sb_, j_, k_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2, 3, 5))
-        zero, four = context.get_constant(types.intp, 0), context.get_constant(types.intp, 4)
-        pd = cgutils.get_item_pointer(context, builder, sig.args[0], src_a, [t_, sb_, zero, zero])
-        ps = cgutils.get_item_pointer(context, builder, sig.args[0], src_a, [t_, sb_, builder.add(j_, four), zero])
-        q = cgutils.get_item_pointer(context, builder, sig.args[4], dst_a, [k_, zero])
-        vf = ir.VectorType(ir.FloatType(), TILE)
-        d = builder.load(builder.bitcast(pd, vf.as_pointer()), align=4)
-        sub = builder.load(builder.bitcast(ps, ir.VectorType(ir.IntType(8), TILE).as_pointer()), align=1)
-        builder.store(builder.fmul(d, builder.sitofp(sub, vf)), builder.bitcast(q, vf.as_pointer()), align=4)
-        return context.get_dummy_value()
-    return types.none(src, t, sb, j, dst, k), codegen
-
-
-@intrinsic
-def _widen_nibble_row(typingctx, src, t, sb, j, dst, k):
-    """_widen_two_level_row for sub-scales kept two to a byte (uint8 src): group j's is the low
-    (j even) or high (j odd) nibble of src[t, sb, 4 + j // 2, :]."""
-    if not (isinstance(src, types.Array) and src.dtype == types.uint8 and src.ndim == 4
-            and isinstance(dst, types.Array) and dst.dtype == types.float32 and dst.ndim == 2):
-        return None
+    nibbles = src.dtype == types.uint8
 
     def codegen(context, builder, sig, args):
         src_a = context.make_array(sig.args[0])(context, builder, args[0])
         dst_a = context.make_array(sig.args[4])(context, builder, args[4])
         t_, sb_, j_, k_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2, 3, 5))
         intp = lambda v: context.get_constant(types.intp, v)  # noqa: E731
+        byte = builder.add(builder.lshr(j_, intp(1)) if nibbles else j_, intp(4))
         pd = cgutils.get_item_pointer(context, builder, sig.args[0], src_a, [t_, sb_, intp(0), intp(0)])
-        byte = builder.add(builder.lshr(j_, intp(1)), intp(4))
         ps = cgutils.get_item_pointer(context, builder, sig.args[0], src_a, [t_, sb_, byte, intp(0)])
         q = cgutils.get_item_pointer(context, builder, sig.args[4], dst_a, [k_, intp(0)])
         vf, vb = ir.VectorType(ir.FloatType(), TILE), ir.VectorType(ir.IntType(8), TILE)
         d = builder.load(builder.bitcast(pd, vf.as_pointer()), align=4)
-        packed = builder.load(builder.bitcast(ps, vb.as_pointer()), align=1)
-        shift = builder.trunc(builder.mul(builder.and_(j_, intp(1)), intp(4)), ir.IntType(8))
-        shift = builder.shuffle_vector(builder.insert_element(ir.Constant(vb, ir.Undefined), shift,
-                                                              ir.Constant(ir.IntType(32), 0)),
-                                       ir.Constant(vb, ir.Undefined),
-                                       ir.Constant(ir.VectorType(ir.IntType(32), TILE), [0] * TILE))
-        sub = builder.and_(builder.lshr(packed, shift), ir.Constant(vb, [15] * TILE))
-        builder.store(builder.fmul(d, builder.uitofp(sub, vf)), builder.bitcast(q, vf.as_pointer()), align=4)
+        sub = builder.load(builder.bitcast(ps, vb.as_pointer()), align=1)
+        if nibbles:
+            shift = builder.trunc(builder.mul(builder.and_(j_, intp(1)), intp(4)), ir.IntType(8))
+            shift = builder.shuffle_vector(builder.insert_element(ir.Constant(vb, ir.Undefined), shift,
+                                                                  ir.Constant(ir.IntType(32), 0)),
+                                           ir.Constant(vb, ir.Undefined),
+                                           ir.Constant(ir.VectorType(ir.IntType(32), TILE), [0] * TILE))
+            sub = builder.uitofp(builder.and_(builder.lshr(sub, shift), ir.Constant(vb, [15] * TILE)), vf)
+        else:
+            sub = builder.sitofp(sub, vf)
+        builder.store(builder.fmul(d, sub), builder.bitcast(q, vf.as_pointer()), align=4)
         return context.get_dummy_value()
     return types.none(src, t, sb, j, dst, k), codegen
 
@@ -254,14 +236,11 @@ def row_value(src, t, g, r, buf, k):
 def _widen_row_compiled(src, t, g, buf, k):
     if src.dtype == types.uint16:
         return lambda src, t, g, buf, k: _widen_f16_tile_row(src, t, g, buf, k)
-    if src.ndim == 4 and src.dtype == types.uint8:
-        def widen_nibbles(src, t, g, buf, k):
-            per_block = 2 * (src.shape[2] - 4)
-            _widen_nibble_row(src, t, g // per_block, g % per_block, buf, k)
-        return widen_nibbles
     if src.ndim == 4:
+        per_byte = 2 if src.dtype == types.uint8 else 1  # sub-scales per byte
+
         def widen_two_level(src, t, g, buf, k):
-            per_block = src.shape[2] - 4
+            per_block = per_byte * (src.shape[2] - 4)
             _widen_two_level_row(src, t, g // per_block, g % per_block, buf, k)
         return widen_two_level
     return lambda src, t, g, buf, k: None

@@ -148,6 +148,20 @@ def _q6_group_sums(codes, t, g, x, s):
         s[3, r] = c + d
 
 
+@njit(nogil=True, cache=True, fastmath=_FM, inline="always")
+def _add_halves(acc, scale, mn, xs, t, g, s):
+    """acc += group g's two halves of 16 columns, each with its own scale and min: scale x the
+    half's code sum (s[0], s[3]) + min x its sum of x (Q6_K, Q2_K)."""
+    for half in range(2):
+        widen_row(scale, t, 2 * g + half, s, 1)
+        widen_row(mn, t, 2 * g + half, s, 2)
+        xg = xs[2 * g + half]
+        for r in range(TILE):
+            # one multiply-add per statement (see _tile_q4)
+            a = acc[r] + row_value(scale, t, 2 * g + half, r, s, 1) * s[3 * half, r]
+            acc[r] = a + row_value(mn, t, 2 * g + half, r, s, 2) * xg
+
+
 @njit(nogil=True, cache=True, fastmath=_FM)
 def _tile_q6(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
     """_tile_q4 for 6-bit codes, a scale per 16 columns: the halves of each group apart. Its own
@@ -157,13 +171,7 @@ def _tile_q6(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
     for g in range(codes.shape[1]):
         prefetch_row(codes, t + 1, g, 768)  # the next tile's group (see _tile_q4)
         _q6_group_sums(codes, t, g, x, s)
-        for half in range(2):  # sums in s[0] and s[3]; the min (-32 scale) is always kept
-            widen_row(scale, t, 2 * g + half, s, 1)
-            widen_row(mn, t, 2 * g + half, s, 2)
-            xg = xs[2 * g + half]
-            for r in range(TILE):
-                a = acc[r] + row_value(scale, t, 2 * g + half, r, s, 1) * s[3 * half, r]
-                acc[r] = a + row_value(mn, t, 2 * g + half, r, s, 2) * xg
+        _add_halves(acc, scale, mn, xs, t, g, s)  # the min (-32 scale) is always kept
     base = t * TILE
     for r in range(max(r0, base), min(r1, base + TILE)):
         out[r] = acc[r - base]
@@ -181,17 +189,14 @@ def _tile_low(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
             low_code_sums_q3(codes, t, g, x, s)
         else:
             low_code_sums_q2(codes, t, g, x, s)
+        if not three_bit:
+            _add_halves(acc, scale, mn, xs, t, g, s)
+            continue
         for half in range(2):
             widen_row(scale, t, 2 * g + half, s, 1)
             xg = xs[2 * g + half]
-            if three_bit:
-                for r in range(TILE):
-                    acc[r] += row_value(scale, t, 2 * g + half, r, s, 1) * (s[3 * half, r] - np.float32(4.0) * xg)
-            else:
-                widen_row(mn, t, 2 * g + half, s, 2)
-                for r in range(TILE):
-                    a = acc[r] + row_value(scale, t, 2 * g + half, r, s, 1) * s[3 * half, r]
-                    acc[r] = a + row_value(mn, t, 2 * g + half, r, s, 2) * xg
+            for r in range(TILE):
+                acc[r] += row_value(scale, t, 2 * g + half, r, s, 1) * (s[3 * half, r] - np.float32(4.0) * xg)
     base = t * TILE
     for r in range(max(r0, base), min(r1, base + TILE)):
         out[r] = acc[r - base]
