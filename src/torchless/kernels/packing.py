@@ -105,6 +105,8 @@ def code_bytes(ggml_type: int) -> int:
     if ggml_type in LOOKUP_TYPES:
         return LOOKUP_BYTES
     return LOW_BIT_BYTES.get(ggml_type, 16 + HIGH_BIT_BYTES.get(ggml_type, 0))
+
+
 try:  # widening float16 in a kernel wants F16C (every AVX2 x86 has it); without, float32 scales
     _HOST_F16C = bool(_llvm.get_host_cpu_features().get("f16c", False))
 except RuntimeError:
