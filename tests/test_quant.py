@@ -184,7 +184,7 @@ def test_count_nonfinite_scales(t):
 
 
 # the layout each new type is repacked into at load: (kind, group of columns per scale, has a
-# min, code range ("q8", byte codes) or bytes per 32 columns ("q4", 2- and 3-bit codes))
+# min, code range ("q8", byte codes) or bytes per 32 columns ("q4": 2-, 3-bit and IQ4 codes))
 REPACK = {GGMLType.Q2_K: ("q4", 16, True, 8), GGMLType.Q3_K: ("q4", 16, False, 12),
           GGMLType.IQ4_NL: ("q4", 32, False, 17), GGMLType.IQ4_XS: ("q4", 32, False, 17),
           **{t: ("q8",) + v for t, v in {
