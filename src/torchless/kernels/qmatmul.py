@@ -185,13 +185,12 @@ def _tile_low(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
     acc[:] = 0.0
     for g in range(codes.shape[1]):
         prefetch_row(codes, t + 1, g, 384)  # the next tile's group (see _tile_q4)
-        if three_bit:  # column sums of the codes, s[0] and s[3] (float_tiles)
-            low_code_sums_q3(codes, t, g, x, s)
-        else:
-            low_code_sums_q2(codes, t, g, x, s)
+        # the column sums of the codes into s[0] and s[3] (float_tiles), then each half's share
         if not three_bit:
+            low_code_sums_q2(codes, t, g, x, s)
             _add_halves(acc, scale, mn, xs, t, g, s)
             continue
+        low_code_sums_q3(codes, t, g, x, s)
         for half in range(2):
             widen_row(scale, t, 2 * g + half, s, 1)
             xg = xs[2 * g + half]
