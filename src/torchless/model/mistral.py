@@ -102,6 +102,7 @@ class Mistral:
         self._rope_cos = self._rope_sin = np.zeros((0, config.head_dim // 2), np.float32)
         self._rope_local = (self._rope_cos, self._rope_sin)  # the tables of local layers (Gemma 3)
         self._fused_weights: dict = {}  # (work, threads) -> per layer (attention, mlp) weight tuples
+        self._block_norms = None  # per layer, the compiled blocks' norm arguments (_norm_args)
 
     def new_state(self, max_seq_len: int | None = None) -> InferenceState:
         return InferenceState(self.config, max_seq_len, self.layout)
@@ -315,9 +316,9 @@ class Mistral:
         blocks = self.fused_blocks(self.work)
         for li in range(start, stop):
             layer, (attention, mlp) = self.layers[li], blocks[li]
-            post = self._post_args(layer)
+            qk, post = self._norm_args(li)
             fused_layer.run_counted(fused_layer.batch_attention_block, x, layer.attn_norm, c.norm_eps,
-                                    *attention, self._qk_args(layer), post[0], *ring(li), inline)
+                                    *attention, qk, post[0], *ring(li), inline)
             fused_layer.run_counted(fused_layer.batch_mlp_block, x, layer.ffn_norm, c.norm_eps, *mlp,
                                     post, self.layout.intermediate_size, inline)
         return x
@@ -488,26 +489,23 @@ class Mistral:
         fused_layer.run_counted(
             fused_layer.layer_block, state.x, state.h, state.q, state.k, state.v, state.att,
             state.o, state.scores, state.gate, state.up, layer.attn_norm, layer.ffn_norm,
-            c.norm_eps, *attention, *mlp, self._qk_args(layer), self._post_args(layer),
+            c.norm_eps, *attention, *mlp, *self._norm_args(li),
             *self.rope_at(state.pos, c.layer_rope(li)), c.rope_interleaved,
             *cache_args)
         return True
 
-    def _qk_args(self, layer: LayerWeights) -> tuple:
-        """fused.qk_norm_and_scale's arguments after q and k: (q_norm, k_norm, eps, query_factor),
-        the norms empty where the model has none."""
-        none = fused_layer.NO_BIAS  # an empty float32 vector
-        q_norm = none if layer.attn_q_norm is None else layer.attn_q_norm
-        k_norm = none if layer.attn_k_norm is None else layer.attn_k_norm
-        return q_norm, k_norm, float(self.config.norm_eps), float(self.config.query_factor)
-
-    def _post_args(self, layer: LayerWeights) -> tuple:
-        """The compiled blocks' (attention post-norm, MLP post-norm, GeGLU or not): the norms
-        empty where the model has none (Gemma 3 has both)."""
-        none = fused_layer.NO_BIAS
-        return (none if layer.post_attention_norm is None else layer.post_attention_norm,
-                none if layer.post_ffw_norm is None else layer.post_ffw_norm,
-                self.config.activation == "gelu_tanh")
+    def _norm_args(self, li: int) -> tuple[tuple, tuple]:
+        """Layer li's (qk, post) arguments of the compiled blocks, made once per model:
+        qk = fused.qk_norm_and_scale's (q_norm, k_norm, eps, query_factor), post = (attention
+        post-norm, MLP post-norm, GeGLU or not); the norms empty where the model has none."""
+        if self._block_norms is None:
+            c, none = self.config, fused_layer.NO_BIAS  # an empty float32 vector
+            pick = lambda w: none if w is None else w  # noqa: E731
+            self._block_norms = [
+                ((pick(layer.attn_q_norm), pick(layer.attn_k_norm), float(c.norm_eps), float(c.query_factor)),
+                 (pick(layer.post_attention_norm), pick(layer.post_ffw_norm), c.activation == "gelu_tanh"))
+                for layer in self.layers]
+        return self._block_norms[li]
 
     def decode_attention(self, li: int, state: InferenceState, work=None):
         """x += attention block of layer li for the token at state.pos (one token, in place),
@@ -520,7 +518,7 @@ class Mistral:
         layer.attn_v.matvec_into(h, state.v, work)
         kv_shape = (self.layout.n_kv_heads, c.head_dim)
         q, k = state.q, state.k.reshape(kv_shape)
-        fused.qk_norm_and_scale(q, k, *self._qk_args(layer))  # as the compiled layer does
+        fused.qk_norm_and_scale(q, k, *self._norm_args(li)[0])  # as the compiled layer does
         self._attend_one(li, state, state.pos, q, k, state.v.reshape(kv_shape), state.att, work)
         layer.attn_output.matvec_into(state.att.reshape(-1), state.o, work)
         if layer.post_attention_norm is not None:
