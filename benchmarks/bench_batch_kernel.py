@@ -1,14 +1,16 @@
-"""Batched quantized products: the integer kernel (int8 activations in three levels, VNNI dots)
-against the float kernel (each tile expanded to float32 once per call, rows of X multiplied in
-register blocks), both forced at every M, interleaved in one process, on SmolLM2's weight shapes
-(Q4_1 layers, Q8_0 head); with --blas, BLAS at the same M too (what sets
-`gemm.MIN_TOKENS_FOR_BLAS`). `qmatmul_batch.FLOAT_MIN_ROWS` is where the float kernel starts to
-win. The whole-model effect: benchmarks/compare.py --batch.
+"""Batched quantized products: the integer kernel (int8 activations in three levels, VNNI dots),
+the float kernel (each tile expanded to float32 once per call, rows of X multiplied in register
+blocks) and the direct kernel (codes converted in registers, scales per group: direct_tiles),
+each forced at every M, interleaved in one process, on SmolLM2's weight shapes (Q4_1 layers,
+Q8_0 head); with --blas, BLAS at the same M too (what sets `gemm.MIN_TOKENS_FOR_BLAS`).
+`qmatmul_batch.FLOAT_MIN_ROWS` and `direct_tiles.DIRECT_MAX_ROWS` are where the kernels take
+over from each other. The whole-model effect: benchmarks/compare.py --batch.
 
     python benchmarks/bench_batch_kernel.py --threads 1 [--m 1,2,4,8,16,32,64] [--blas]
                                             [--shapes Q4_1:4096x4096,Q4_1:4096x14336]
 
-Prints per M and shape the median us per row of X [min-max over rounds], rows/s, and int/float.
+Prints per M and shape the median us per row of X [min-max over rounds], rows/s, int/float
+and direct/float.
 """
 
 import argparse
@@ -18,7 +20,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from torchless.kernels import gemm, qmatmul
+from torchless.kernels import direct_tiles, gemm, qmatmul
 from torchless.kernels import qmatmul_batch as qb
 from torchless.quant import GGMLType, QTensor
 
@@ -44,8 +46,16 @@ def integer_product(w, X, out):
 
 
 def float_product(w, X, out):
-    """The float kernel at any M (the engine takes it from FLOAT_MIN_ROWS rows)."""
-    qb.FLOAT_TILES[w.kind](w.codes, w.scale, w.min, X, out, 0, w.codes.shape[0])
+    """The expanded float kernel at any M (the engine takes it from DIRECT_MAX_ROWS rows, or
+    FLOAT_MIN_ROWS on the layouts without direct kernels)."""
+    expanded = qb._expanded_tiles_q4 if w.kind == "q4" else qb._expanded_tiles_q8
+    expanded(w.codes, w.scale, w.min, X, out, 0, w.codes.shape[0])
+
+
+def direct_product(w, X, out):
+    """The direct kernel at any M (the engine takes it for 2 to DIRECT_MAX_ROWS - 1 rows)."""
+    direct = direct_tiles.direct_tiles_q4 if w.kind == "q4" else direct_tiles.direct_tiles_q8
+    direct(w.codes, w.scale, w.min, X, direct_tiles.x_group_sums(w.codes, w.min, X), out, 0, w.codes.shape[0])
 
 
 def random_weight(kind, rows, cols, rng):
@@ -81,7 +91,7 @@ def kernels(args):
         for kind, w in weights:
             X = rng.standard_normal((m, w.cols)).astype(np.float32)
             out = np.empty((m, w.rows), np.float32)
-            fns = {"float": lambda: float_product(w, X, out)}
+            fns = {"float": lambda: float_product(w, X, out), "direct": lambda: direct_product(w, X, out)}
             if qb.INTEGER:
                 fns["int"] = lambda: integer_product(w, X, out)
             if args.blas:
@@ -96,6 +106,8 @@ def kernels(args):
             if "int" in per_row:
                 ratio = per_row["int"] / per_row["float"]
                 line += f"  int/float {np.median(ratio):.2f} [{ratio.min():.2f}-{ratio.max():.2f}]"
+            ratio = per_row["direct"] / per_row["float"]
+            line += f"  direct/float {np.median(ratio):.2f} [{ratio.min():.2f}-{ratio.max():.2f}]"
             print(line, flush=True)
 
 

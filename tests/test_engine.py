@@ -145,7 +145,7 @@ def test_threaded_tensor_parallel_batch_equals_each_prompt_alone(tiny_llama_gguf
 
 def test_a_decode_step_runs_in_parts_a_thread_each_and_equals_the_whole(tiny_llama_gguf, prompts, monkeypatch):
     """Quantized weights: the batched products give each row the same bits whatever rows share
-    its micro-batch (parts of 4 rows or more, as the whole, take the same kernels), so the parts'
+    its micro-batch (parts of 5 rows or more, as the whole, take the same kernels), so the parts'
     logits equal the whole's exactly."""
     import threading
 
@@ -155,11 +155,11 @@ def test_a_decode_step_runs_in_parts_a_thread_each_and_equals_the_whole(tiny_lla
     from torchless.model.mistral import Span
 
     model = Mistral.load(Parameters.load(tiny_llama_gguf))
-    eight = (prompts * 2)[:8]
-    states = [model.new_state(64) for _ in eight]
-    for state, prompt in zip(states, eight):
+    ten = (prompts * 2)[:10]
+    states = [model.new_state(64) for _ in ten]
+    for state, prompt in zip(states, ten):
         model.prefill(state, prompt)
-    spans = [Span(state, [3 + i], len(prompt)) for i, (state, prompt) in enumerate(zip(states, eight))]
+    spans = [Span(state, [3 + i], len(prompt)) for i, (state, prompt) in enumerate(zip(states, ten))]
     numba.set_num_threads(1)
     whole = model.forward_spans(spans)
 
@@ -179,7 +179,7 @@ def test_a_decode_step_runs_in_parts_a_thread_each_and_equals_the_whole(tiny_lla
         assert numba.get_num_threads() == 2  # restored on this thread
     finally:
         runner.close()
-    assert tag == "step" and sorted(n for _, n in calls) == [4, 4]
+    assert tag == "step" and sorted(n for _, n in calls) == [5, 5]
     assert len({thread for thread, _ in calls}) == 2
     assert after[0] - before[0] == 2 and after[1] - before[1] == 2  # the parts, no product tasks
     np.testing.assert_array_equal(logits, whole)  # a row does not depend on its neighbours
@@ -193,7 +193,7 @@ def test_a_decode_step_runs_in_parts_a_thread_each_and_equals_the_whole(tiny_lla
         _, logits = runner.collect()
     finally:
         runner.close()
-    assert [n for _, n in calls] == [8]
+    assert [n for _, n in calls] == [10]
     np.testing.assert_array_equal(logits, whole)
 
 
@@ -206,18 +206,19 @@ def test_parts_are_balanced_by_tokens_or_the_micro_batch_runs_whole():
         states = states or [object() for _ in lengths]
         return [SimpleNamespace(tokens=[0] * n, state=s) for n, s in zip(lengths, states)]
 
-    # parts of 2 and 3 rows would take the integer products, the whole of 5 the float ones
-    assert assign_parts(spans(1, 1, 1, 1, 1), 2) == [[0, 1, 2, 3, 4]]
-    assert assign_parts(spans(5, 1, 1, 1), 2) == [[0, 1, 2, 3]]  # a part of 3 tokens
-    assert assign_parts(spans(1, 1, 1, 1, 1, 1, 1, 1), 2) == [[0, 2, 4, 6], [1, 3, 5, 7]]
-    assert assign_parts(spans(1, 1, 1, 1, 1, 1, 1, 1), 2, products_split=True) == [list(range(8))]
-    assert assign_parts(spans(1, 8, 1, 1, 1, 1, 1, 1, 1, 1), 2) == [[1, 9], [0, 2, 3, 4, 5, 6, 7, 8]]
-    assert assign_parts(spans(40, 1, 1, 1), 2) == [[0, 1, 2, 3]]  # 40 of 43 tokens in one part
+    # parts keep 5 tokens or more (MIN_ROWS_PER_PART), the whole's range of batched kernels:
+    # parts of 4 would take the direct kernels, a whole of 8 the expanded float tiles
+    assert assign_parts(spans(*[1] * 9), 2) == [list(range(9))]  # a part would hold 4 tokens
+    assert assign_parts(spans(5, 1, 1, 1), 2) == [[0, 1, 2, 3]]
+    assert assign_parts(spans(*[1] * 10), 2) == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
+    assert assign_parts(spans(*[1] * 10), 2, products_split=True) == [list(range(10))]
+    assert assign_parts(spans(6, *[1] * 5), 2) == [[0], [1, 2, 3, 4, 5]]
+    assert assign_parts(spans(40, *[1] * 8), 2) == [list(range(9))]  # 40 of 48 tokens in one part
     assert assign_parts(spans(*[11] * 8), 2) == [[0, 2, 4, 6], [1, 3, 5, 7]]
     assert assign_parts(spans(*[200] * 12), 2) == [list(range(12))]  # parts of 1200 tokens: BLAS
     assert assign_parts(spans(1, 1, 1, 1), 1) == [[0, 1, 2, 3]]
-    assert assign_parts(spans(1, 1, 1, 1, 1, 1, 1), 4) == [list(range(7))]  # a part holds 4 tokens
-    assert assign_parts(spans(*[1] * 16), 4) == [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]
+    assert assign_parts(spans(*[1] * 19), 4) == [list(range(19))[k::3] for k in range(3)]  # 3 parts
+    assert assign_parts(spans(*[1] * 20), 4) == [list(range(k, 20, 4)) for k in range(4)]
     same = object()
     assert assign_parts(spans(4, 1, 1, 1, states=[same, same, object(), object()]), 2) == [[0, 1, 2, 3]]
 

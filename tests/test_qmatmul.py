@@ -132,28 +132,29 @@ def test_matmul_every_batch_size(qtype):
                     np.testing.assert_array_less(err, activation_bound(ref, X[i], group))
 
 
-@pytest.mark.parametrize("qtype", [GT.Q4_1, GT.Q8_0, GT.Q6_K, GT.F32], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [GT.Q4_1, GT.Q8_0, GT.Q4_K, GT.Q6_K, GT.F32], ids=lambda t: t.name)
 def test_a_rows_product_does_not_depend_on_the_rows_beside_it(qtype):
     """A row of X gets the same bits whether multiplied alone in its kernel's range of batch
-    sizes or with up to 20 others (the float kernel's blocks of 8, 4, 2 and 1 rows; the integer
-    kernel's 4, 2 and 1): what keeps a micro-batch's logits the same however the engine cuts it."""
+    sizes or with up to 20 others: the direct kernel's blocks of 4, 2 and 1 rows (2 to 7 rows on
+    4-bit and byte codes), the expanded float kernel's 8, 4, 2 and 1, the integer kernel's 4, 2
+    and 1 (2 and 3 rows on 6-bit codes). What keeps a micro-batch's logits the same however the
+    engine cuts it within a range."""
+    from torchless.kernels.direct_tiles import DIRECT_MAX_ROWS
     from torchless.kernels.qmatmul_batch import FLOAT_MIN_ROWS
 
+    switch = {GT.Q6_K: FLOAT_MIN_ROWS, GT.F32: None}.get(qtype, DIRECT_MAX_ROWS)
+    ranges = [(2, 22)] if switch is None else [(2, switch), (switch, 22)]
     rows, cols = 70, 256
     w = qm.prepare(make_weight(qtype, rows, cols, seed=3)[0])
     X = np.random.default_rng(4).standard_normal((21, cols)).astype(np.float32)
-    whole = np.empty((21, rows), np.float32)
-    qm.matmul_into(w, X, whole)
-    for m in range(FLOAT_MIN_ROWS, 21):
-        part = np.empty((m, rows), np.float32)
-        qm.matmul_into(w, X[21 - m:], part)
-        np.testing.assert_array_equal(part, whole[21 - m:])
-    small = np.empty((3, rows), np.float32)
-    qm.matmul_into(w, X[:3], small)
-    for m in range(2, FLOAT_MIN_ROWS):
-        part = np.empty((m, rows), np.float32)
-        qm.matmul_into(w, X[3 - m:3], part)
-        np.testing.assert_array_equal(part, small[3 - m:])
+    for lo, hi in ranges:
+        n = hi - 1
+        whole = np.empty((n, rows), np.float32)
+        qm.matmul_into(w, X[:n], whole)
+        for m in range(lo, n):
+            part = np.empty((m, rows), np.float32)
+            qm.matmul_into(w, X[n - m:n], part)
+            np.testing.assert_array_equal(part, whole[n - m:], err_msg=f"{m} of {n} rows")
 
 
 def test_dequantize_rows_exact():

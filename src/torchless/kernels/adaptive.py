@@ -22,9 +22,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import qmatmul, qmatmul_batch
+from .direct_tiles import direct_sums
 from .qmatmul import TILE, PackedWeight, _group_sums, _tile_f32, _tile_q4, _tile_q8, reads_x_sums
-from .qmatmul_batch import (FLOAT_MIN_ROWS, _float_tiles_f32, _float_tiles_q4, _float_tiles_q8, _tiles_q4,
-                            _tiles_q8, quantized_activations, takes_float)
+from .qmatmul_batch import (_float_range_f32, _float_range_q4, _float_range_q8, _tiles_q4, _tiles_q8,
+                            quantized_activations, takes_float)
 from .fused import attend_heads
 from .workdist import WorkDistributionConfig, WorkStealingStats
 
@@ -266,7 +267,7 @@ def _batch_tasks_q4(codes, scale, mn, group, X, out, bounds, owners, starts):
 
 @njit(nogil=True, cache=True, parallel=True)
 def _batch_tasks_q8(codes, scale, mn, group, X, out, bounds, owners, starts):
-    if X.shape[0] >= FLOAT_MIN_ROWS:
+    if takes_float(codes, X):
         return _batch_float_tasks_q8(codes, scale, mn, group, X, out, bounds, owners, starts)
     xq4, dx, xs, sq = quantized_activations(X, group)
     runners = np.empty(owners.shape[0], np.int64)
@@ -282,12 +283,13 @@ def _batch_tasks_q8(codes, scale, mn, group, X, out, bounds, owners, starts):
 
 @njit(nogil=True, cache=True, parallel=True)
 def _batch_float_tasks_q4(codes, scale, mn, group, X, out, bounds, owners, starts):
+    xs = direct_sums(codes, mn, X)
     runners = np.empty(owners.shape[0], np.int64)
     counters, ends = starts[:-1].copy(), starts[1:]
     for w in prange(counters.shape[0]):
         i = _claim(counters, ends, w)
         while i >= 0:
-            _float_tiles_q4(codes, scale, mn, X, out, bounds[i] // TILE, -(-bounds[i + 1] // TILE))
+            _float_range_q4(codes, scale, mn, X, xs, out, bounds[i] // TILE, -(-bounds[i + 1] // TILE))
             runners[i] = w
             i = _claim(counters, ends, w)
     return _count_local(runners, owners), runners
@@ -295,12 +297,13 @@ def _batch_float_tasks_q4(codes, scale, mn, group, X, out, bounds, owners, start
 
 @njit(nogil=True, cache=True, parallel=True)
 def _batch_float_tasks_q8(codes, scale, mn, group, X, out, bounds, owners, starts):
+    xs = direct_sums(codes, mn, X)
     runners = np.empty(owners.shape[0], np.int64)
     counters, ends = starts[:-1].copy(), starts[1:]
     for w in prange(counters.shape[0]):
         i = _claim(counters, ends, w)
         while i >= 0:
-            _float_tiles_q8(codes, scale, mn, X, out, bounds[i] // TILE, -(-bounds[i + 1] // TILE))
+            _float_range_q8(codes, scale, mn, X, xs, out, bounds[i] // TILE, -(-bounds[i + 1] // TILE))
             runners[i] = w
             i = _claim(counters, ends, w)
     return _count_local(runners, owners), runners
@@ -308,12 +311,13 @@ def _batch_float_tasks_q8(codes, scale, mn, group, X, out, bounds, owners, start
 
 @njit(nogil=True, cache=True, parallel=True)
 def _batch_float_tasks_f32(codes, scale, mn, group, X, out, bounds, owners, starts):
+    xs = X[:, :0]
     runners = np.empty(owners.shape[0], np.int64)
     counters, ends = starts[:-1].copy(), starts[1:]
     for w in prange(counters.shape[0]):
         i = _claim(counters, ends, w)
         while i >= 0:
-            _float_tiles_f32(codes, scale, mn, X, out, bounds[i] // TILE, -(-bounds[i + 1] // TILE))
+            _float_range_f32(codes, scale, mn, X, xs, out, bounds[i] // TILE, -(-bounds[i + 1] // TILE))
             runners[i] = w
             i = _claim(counters, ends, w)
     return _count_local(runners, owners), runners

@@ -1,8 +1,10 @@
-"""Batched products (2..64 rows of X) on packed weights: integer dot products for 2 and 3 rows,
-float32 multiply-adds on each tile expanded once per call from 4 rows on.
+"""Batched products (2..64 rows of X) on packed weights: on 4-bit and byte codes, the direct
+kernels of `direct_tiles` for 2 to 7 rows (codes converted in registers, scales applied per
+group), float32 multiply-adds on each tile expanded once per call from 8 rows on; on the other
+layouts, integer dot products for 2 and 3 rows (5- and 6-bit codes) and expanded tiles from 4.
 
-Which kernel, by rows of X
---------------------------
+Which kernel, by rows of X (the integer and expanded kernels; `direct_tiles` has its own numbers)
+----------------------------------------------------------------------------------------------
 From FLOAT_MIN_ROWS (4) rows, each 32-row tile is expanded to float32 once per call (cols x 32,
 in L1/L2) and multiplied with blocks of 8, 4, 2 and 1 rows of X whose sums stay in registers
 (kernels/float_tiles): one FMA of 16 lanes per weight per row, but nothing else per weight,
@@ -64,6 +66,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import qmatmul
+from .direct_tiles import direct_sums, direct_tiles_q4, direct_tiles_q8, takes_direct
 from .float_tiles import rows_dot_1, rows_dot_2, rows_dot_4, rows_dot_8
 from .packing import LOOKUP_BYTES as _IQ4_BYTES
 from .qmatmul import TILE, PackedWeight, row_value, widen_row
@@ -342,7 +345,8 @@ def takes_float(codes, X):
     """Whether a product on "q4" codes runs the float kernels: from FLOAT_MIN_ROWS rows of X,
     and always for the 2- and 3-bit layouts (Q2_K, Q3_K) and IQ4's looked-up nibbles, which
     have no integer kernels."""
-    return X.shape[0] >= FLOAT_MIN_ROWS or codes.shape[2] < 16 or codes.shape[2] == _IQ4_BYTES
+    return (X.shape[0] >= FLOAT_MIN_ROWS or takes_direct(codes, X) or codes.shape[2] < 16
+            or codes.shape[2] == _IQ4_BYTES)
 
 
 @njit(nogil=True, cache=True)
@@ -361,8 +365,7 @@ def quantized_activations(X, group):
 @njit(nogil=True, cache=True, parallel=True)
 def _par_q4(codes, scale, mn, group, X, out):
     if takes_float(codes, X):
-        for t in prange(codes.shape[0]):
-            _float_tiles_q4(codes, scale, mn, X, out, t, t + 1)
+        _float_par_q4(codes, scale, mn, X, out)
         return
     xq4, dx, xs, sq = quantized_activations(X, group)
     for t in prange(codes.shape[0]):
@@ -371,9 +374,8 @@ def _par_q4(codes, scale, mn, group, X, out):
 
 @njit(nogil=True, cache=True, parallel=True)
 def _par_q8(codes, scale, mn, group, X, out):
-    if X.shape[0] >= FLOAT_MIN_ROWS:
-        for t in prange(codes.shape[0]):
-            _float_tiles_q8(codes, scale, mn, X, out, t, t + 1)
+    if takes_float(codes, X):
+        _float_par_q8(codes, scale, mn, X, out)
         return
     xq4, dx, xs, sq = quantized_activations(X, group)
     for t in prange(codes.shape[0]):
@@ -391,7 +393,7 @@ def _serial_q4(codes, scale, mn, group, X, out):
 
 @njit(nogil=True, cache=True)
 def _serial_q8(codes, scale, mn, group, X, out):
-    if X.shape[0] >= FLOAT_MIN_ROWS:
+    if takes_float(codes, X):
         _float_tiles_q8(codes, scale, mn, X, out, 0, codes.shape[0])
         return
     xq4, dx, xs, sq = quantized_activations(X, group)
@@ -427,10 +429,20 @@ def _multiply_tile(wt, X, out, t, acc):
         m += n
 
 
-# One per kind (not a factory): numba's on-disk cache keys functions by name.
+# One per kind (not a factory): numba's on-disk cache keys functions by name. `_float_range_*`
+# run tiles t0..t1 given X's group sums (direct_tiles.direct_sums: computed once per product,
+# not per task); `_float_tiles_*` are the one-call entries that compute them.
 
 @njit(nogil=True, cache=True)
-def _float_tiles_q4(codes, scale, mn, X, out, t0, t1):
+def _float_range_q4(codes, scale, mn, X, xs, out, t0, t1):
+    if takes_direct(codes, X):
+        direct_tiles_q4(codes, scale, mn, X, xs, out, t0, t1)
+    else:
+        _expanded_tiles_q4(codes, scale, mn, X, out, t0, t1)
+
+
+@njit(nogil=True, cache=True)
+def _expanded_tiles_q4(codes, scale, mn, X, out, t0, t1):
     wt = np.empty((X.shape[1], TILE), np.float32)
     acc = np.empty((8, TILE), np.float32)
     for t in range(t0, t1):
@@ -439,7 +451,15 @@ def _float_tiles_q4(codes, scale, mn, X, out, t0, t1):
 
 
 @njit(nogil=True, cache=True)
-def _float_tiles_q8(codes, scale, mn, X, out, t0, t1):
+def _float_range_q8(codes, scale, mn, X, xs, out, t0, t1):
+    if takes_direct(codes, X):
+        direct_tiles_q8(codes, scale, mn, X, xs, out, t0, t1)
+    else:
+        _expanded_tiles_q8(codes, scale, mn, X, out, t0, t1)
+
+
+@njit(nogil=True, cache=True)
+def _expanded_tiles_q8(codes, scale, mn, X, out, t0, t1):
     wt = np.empty((X.shape[1], TILE), np.float32)
     acc = np.empty((8, TILE), np.float32)
     for t in range(t0, t1):
@@ -448,28 +468,45 @@ def _float_tiles_q8(codes, scale, mn, X, out, t0, t1):
 
 
 @njit(nogil=True, cache=True)
-def _float_tiles_f32(codes, scale, mn, X, out, t0, t1):
+def _float_range_f32(codes, scale, mn, X, xs, out, t0, t1):
     acc = np.empty((8, TILE), np.float32)
     for t in range(t0, t1):
         _multiply_tile(codes[t], X, out, t, acc)
 
 
+@njit(nogil=True, cache=True)
+def _float_tiles_q4(codes, scale, mn, X, out, t0, t1):
+    _float_range_q4(codes, scale, mn, X, direct_sums(codes, mn, X), out, t0, t1)
+
+
+@njit(nogil=True, cache=True)
+def _float_tiles_q8(codes, scale, mn, X, out, t0, t1):
+    _float_range_q8(codes, scale, mn, X, direct_sums(codes, mn, X), out, t0, t1)
+
+
+@njit(nogil=True, cache=True)
+def _float_tiles_f32(codes, scale, mn, X, out, t0, t1):
+    _float_range_f32(codes, scale, mn, X, X[:, :0], out, t0, t1)
+
+
 @njit(nogil=True, cache=True, parallel=True)
 def _float_par_q4(codes, scale, mn, X, out):
+    xs = direct_sums(codes, mn, X)
     for t in prange(codes.shape[0]):
-        _float_tiles_q4(codes, scale, mn, X, out, t, t + 1)
+        _float_range_q4(codes, scale, mn, X, xs, out, t, t + 1)
 
 
 @njit(nogil=True, cache=True, parallel=True)
 def _float_par_q8(codes, scale, mn, X, out):
+    xs = direct_sums(codes, mn, X)
     for t in prange(codes.shape[0]):
-        _float_tiles_q8(codes, scale, mn, X, out, t, t + 1)
+        _float_range_q8(codes, scale, mn, X, xs, out, t, t + 1)
 
 
 @njit(nogil=True, cache=True, parallel=True)
 def _float_par_f32(codes, scale, mn, X, out):
     for t in prange(codes.shape[0]):
-        _float_tiles_f32(codes, scale, mn, X, out, t, t + 1)
+        _float_range_f32(codes, scale, mn, X, X[:, :0], out, t, t + 1)
 
 
 INTEGER = available()
