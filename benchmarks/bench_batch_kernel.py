@@ -59,7 +59,7 @@ def direct_product(w, X, out):
 
 
 def random_weight(kind, rows, cols, rng):
-    size = {"Q4_1": 20, "Q8_0": 34}[kind]
+    size = {"Q4_1": 20, "Q5_0": 22, "Q8_0": 34}[kind]
     raw = rng.integers(0, 256, (rows, cols // 32, size), dtype=np.uint8)
     raw[..., 0:2] = rng.uniform(0.001, 0.02, (rows, cols // 32, 1)).astype(np.float16).view(np.uint8)
     if kind == "Q4_1":
@@ -117,7 +117,7 @@ if __name__ == "__main__":
     p.add_argument("--m", default="1,2,4,8,16,32,64")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--blas", action="store_true", help="time gemm.matmul_blas_into too")
-    p.add_argument("--shapes", help="KIND:ROWSxCOLS,... (Q4_1 or Q8_0) instead of SmolLM2's shapes")
+    p.add_argument("--shapes", help="KIND:ROWSxCOLS,... (Q4_1, Q5_0 or Q8_0) instead of SmolLM2's shapes")
     args = p.parse_args()
     numba.set_num_threads(args.threads)
     kernels(args)

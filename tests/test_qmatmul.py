@@ -132,13 +132,14 @@ def test_matmul_every_batch_size(qtype):
                     np.testing.assert_array_less(err, activation_bound(ref, X[i], group))
 
 
-@pytest.mark.parametrize("qtype", [GT.Q4_1, GT.Q8_0, GT.Q4_K, GT.Q6_K, GT.F32], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [GT.Q4_1, GT.Q8_0, GT.Q4_K, GT.Q5_0, GT.Q5_K, GT.Q6_K, GT.F32],
+                         ids=lambda t: t.name)
 def test_a_rows_product_does_not_depend_on_the_rows_beside_it(qtype):
     """A row of X gets the same bits whether multiplied alone in its kernel's range of batch
-    sizes or with up to 20 others: the direct kernel's blocks of 4, 2 and 1 rows (2 to 7 rows on
-    4-bit and byte codes), the expanded float kernel's 8, 4, 2 and 1, the integer kernel's 4, 2
-    and 1 (2 and 3 rows on 6-bit codes). What keeps a micro-batch's logits the same however the
-    engine cuts it within a range."""
+    sizes or with up to 20 others: the direct kernel's blocks of 4, 3, 2 and 1 rows (2 to 4 rows
+    on 4-, 5-bit and byte codes), the expanded float kernel's 8, 4, 2 and 1, the integer
+    kernel's 4, 2 and 1 (2 and 3 rows on 6-bit codes). What keeps a micro-batch's logits the
+    same however the engine cuts it within a range."""
     from torchless.kernels.direct_tiles import DIRECT_MAX_ROWS
     from torchless.kernels.qmatmul_batch import FLOAT_MIN_ROWS
 

@@ -1,4 +1,4 @@
-"""Batched products of 2 to 4 rows of X on 4-bit ("q4") and byte ("q8") codes, without
+"""Batched products of 2 to 4 rows of X on 4- and 5-bit ("q4") and byte ("q8") codes, without
 expanding the weights: each code row is converted to float32 in registers and multiplied with
 the rows of X at once, and the group's scale (and min) is applied to the group's sum.
 
@@ -7,16 +7,19 @@ min, stored to a buffer in L2) once per call, then multiply it with the rows of 
 5 rows the expansion is most of the work, and the integer kernels pay three int8 levels per
 activation. Here the codes are converted without their scale, summed per group of 32 columns
 for every row of X, and only then scaled: sum_k x_k (s c_k + m) = s sum_k x_k c_k + m sum_k x_k.
-Measured on one core (AMD EPYC Zen 4; `python benchmarks/bench_batch_kernel.py --threads 1 --m
-2,3,4,5,6,7,8`, random weights, us per row of X, medians of 5 rounds), this kernel against the
-expanded float tiles and the integer kernel: SmolLM2's 1536 x 576 Q4_1 at 2 rows 32.6 / 44.7 /
-40.1, 3 rows 37.7 / 39.8 / 45.4, 4 rows 31.2 / 35.5 / 41.5, 5 rows 29.5 / 30.0 / 38.1, 7 rows
-30.0 / 26.4 / 37.0; its 49152 x 576 Q8_0 head at 2 rows 1424 / 2271 / 1419, 3 rows 1557 / 1896 /
-1890, 4 rows 1142 / 1409 / 1446, 7 rows 1303 / 1163 / 1629. From 5 rows the expansion is paid
-back and the expanded tiles are as fast or faster: DIRECT_MAX_ROWS.
+Measured on one core (AMD EPYC Zen 4; `python benchmarks/bench_batch_kernel.py --threads 1
+--m 2,3,4,5 --shapes Q4_1:1536x576,Q8_0:49152x576,Q5_0:2048x640`, random weights, us per row
+of X, medians of 5 rounds), this kernel against the expanded float tiles and the integer
+kernel: SmolLM2's Q4_1 1536 x 576 at 2 rows 31.0 / 43.6 / 41.4, 3 rows 26.9 / 40.1 / 43.2, 4
+rows 25.9 / 29.2 / 30.2, 5 rows (a block of 4 and one of 1) 29.4 / 29.9 / 35.8; its Q8_0 head
+49152 x 576 at 2 rows 1362 / 2282 / 1433, 3 rows 1184 / 1906 / 1881, 4 rows 1092 / 1374 / 1431,
+5 rows 1192 / 1328 / 1636; Gemma 3 270M's Q5_0 2048 x 640 at 2 rows 50.0 / 80.3 / 60.9, 4 rows
+40.6 / 51.0 / 46.1, 5 rows 46.7 / 50.0 / 56.1. At 7 and 8 rows (run as two or three blocks)
+the expanded tiles were 1.1-1.2x faster than this kernel, at 16 rows 1.3x: from
+DIRECT_MAX_ROWS rows the expansion is paid back.
 
-Exactness: every row of X gets the same sequence of operations whichever block of 4, 2 or 1
-rows it is in (two chains of fused multiply-adds per group, even and odd byte rows, added, then
+Exactness: every row of X gets the same sequence of operations whichever block of 4, 3, 2 or
+1 rows it is in (two chains of fused multiply-adds per group, even and odd byte rows, added, then
 scaled), so within 2..4 rows a row's result does not depend on the rows beside it. It rounds
 differently from the expanded tiles (a float32 sum of the codes times x, then the scale,
 instead of a sum of dequantized weights times x): a row multiplied with 3 others and with 4
@@ -39,12 +42,14 @@ _F32, _I8, _I32 = ir.FloatType(), ir.IntType(8), ir.IntType(32)
 DIRECT_MAX_ROWS = 5  # from this many rows of X, the expanded float kernels (see the module docstring)
 
 
-def _make_code_sums(n_rows: int, nibbles: bool, n_bytes: int):
+def _make_code_sums(n_rows: int, nibbles: bool, n_bytes: int, fifth_bits: bool = False):
     """An intrinsic s[i, :] = sum over group g's columns of code[:, column] * X[m0 + i, column]
     for i < n_rows, the TILE codes of a column converted to float32 in registers. Nibbles: byte
-    row j < 16 holds columns 32 g + j (low nibble) and 32 g + 16 + j (high), unsigned; else byte
-    row j is column n_bytes g + j, signed. Two accumulators per row of X (even and odd byte
-    rows: one chain of 4-cycle fused multiply-adds per row would leave a lone row waiting)."""
+    row j < 16 holds columns 32 g + j (low nibble) and 32 g + 16 + j (high), unsigned, with
+    fifth_bits their fifth bits in byte 16 + j // 4 (bits j % 4 and 4 + j % 4: see packing);
+    else byte row j is column n_bytes g + j, signed. Two accumulators per row of X (even and
+    odd byte rows: one chain of 4-cycle fused multiply-adds per row would leave a lone row
+    waiting)."""
 
     @intrinsic
     def code_sums(typingctx, codes, t, g, X, m0, s):
@@ -61,6 +66,7 @@ def _make_code_sums(n_rows: int, nibbles: bool, n_bytes: int):
             s_a = context.make_array(sig.args[5])(context, builder, args[5])
             t_, g_, m_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2, 4))
             v_bytes, v_floats = ir.VectorType(_I8, TILE), ir.VectorType(_F32, TILE)
+            splat = lambda v: ir.Constant(v_bytes, [v] * TILE)  # noqa: E731
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v_floats, [v_floats] * 3),
                                                  f"llvm.fma.v{TILE}f32")
             base = builder.mul(g_, intp(32 if nibbles else n_bytes))
@@ -73,13 +79,20 @@ def _make_code_sums(n_rows: int, nibbles: bool, n_bytes: int):
                     builder.insert_element(ir.Constant(v_floats, ir.Undefined), x, ir.Constant(_I32, 0)),
                     ir.Constant(v_floats, ir.Undefined), ir.Constant(ir.VectorType(_I32, TILE), [0] * TILE))
 
+            def code_row(j):
+                p = cgutils.get_item_pointer(context, builder, sig.args[0], codes_a, [t_, g_, intp(j), intp(0)])
+                return builder.load(builder.bitcast(p, v_bytes.as_pointer()), align=1)
+
             acc = [[ir.Constant(v_floats, [0.0] * TILE)] * 2 for _ in range(n_rows)]
             for j in range(n_bytes):
-                p = cgutils.get_item_pointer(context, builder, sig.args[0], codes_a, [t_, g_, intp(j), intp(0)])
-                raw = builder.load(builder.bitcast(p, v_bytes.as_pointer()), align=1)
+                raw = code_row(j)
                 if nibbles:
-                    columns = [(j, builder.uitofp(builder.and_(raw, ir.Constant(v_bytes, [15] * TILE)), v_floats)),
-                               (j + 16, builder.uitofp(builder.lshr(raw, ir.Constant(v_bytes, [4] * TILE)), v_floats))]
+                    low, high = builder.and_(raw, splat(15)), builder.lshr(raw, splat(4))
+                    if fifth_bits:
+                        bits = builder.lshr(code_row(16 + j // 4), splat(j % 4))
+                        low = builder.or_(low, builder.shl(builder.and_(bits, splat(1)), splat(4)))
+                        high = builder.or_(high, builder.and_(bits, splat(16)))
+                    columns = [(j, builder.uitofp(low, v_floats)), (j + 16, builder.uitofp(high, v_floats))]
                 else:
                     columns = [(j, builder.sitofp(raw, v_floats))]
                 for column, values in columns:
@@ -95,17 +108,20 @@ def _make_code_sums(n_rows: int, nibbles: bool, n_bytes: int):
     return code_sums
 
 
-nibble_sums_4, nibble_sums_2, nibble_sums_1 = (_make_code_sums(n, True, 16) for n in (4, 2, 1))
-byte32_sums_4, byte32_sums_2, byte32_sums_1 = (_make_code_sums(n, False, 32) for n in (4, 2, 1))
-byte16_sums_4, byte16_sums_2, byte16_sums_1 = (_make_code_sums(n, False, 16) for n in (4, 2, 1))
+# per layout, blocks of 4, 3, 2 and 1 rows of X (the engine runs 2 to 4 rows as one block)
+nibble_sums_4, nibble_sums_3, nibble_sums_2, nibble_sums_1 = (_make_code_sums(n, True, 16) for n in (4, 3, 2, 1))
+q5_sums_4, q5_sums_3, q5_sums_2, q5_sums_1 = (_make_code_sums(n, True, 16, True) for n in (4, 3, 2, 1))
+byte32_sums_4, byte32_sums_3, byte32_sums_2, byte32_sums_1 = (_make_code_sums(n, False, 32) for n in (4, 3, 2, 1))
+byte16_sums_4, byte16_sums_3, byte16_sums_2, byte16_sums_1 = (_make_code_sums(n, False, 16) for n in (4, 3, 2, 1))
 
 
 @njit(nogil=True, cache=True, inline="always")
 def takes_direct(codes, X):
     """Whether a product runs here: 2 to 4 rows of X on 4-bit nibbles (16 byte rows per group:
-    Q4_0, Q4_1, Q4_K) or byte codes in groups of 32 or 16 (int8: Q8_0 and the types converted to
-    it). The 2-, 3-, 5- and 6-bit and IQ4 layouts keep their kernels."""
-    return 2 <= X.shape[0] < DIRECT_MAX_ROWS and codes.shape[2] in (16, 32)
+    Q4_0, Q4_1, Q4_K), 5-bit codes (20: Q5_0, Q5_1, Q5_K) or byte codes in groups of 32 or 16
+    (int8: Q8_0 and the types converted to it). The 2-, 3- and 6-bit and IQ4 layouts keep their
+    kernels."""
+    return 2 <= X.shape[0] < DIRECT_MAX_ROWS and codes.shape[2] in (16, 20, 32)
 
 
 @njit(nogil=True, cache=True)
@@ -157,29 +173,70 @@ def _store(acc, out, t, m0, n):
             out[m0 + i, r] = acc[i, r - base]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _block(rows_left):
+    return rows_left if rows_left < 4 else 4
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _nibble_sums(codes, t, g, X, m0, n, s):
+    if codes.shape[2] == 20:  # fifth bits
+        if n == 4:
+            q5_sums_4(codes, t, g, X, m0, s)
+        elif n == 3:
+            q5_sums_3(codes, t, g, X, m0, s)
+        elif n == 2:
+            q5_sums_2(codes, t, g, X, m0, s)
+        else:
+            q5_sums_1(codes, t, g, X, m0, s)
+    elif n == 4:
+        nibble_sums_4(codes, t, g, X, m0, s)
+    elif n == 3:
+        nibble_sums_3(codes, t, g, X, m0, s)
+    elif n == 2:
+        nibble_sums_2(codes, t, g, X, m0, s)
+    else:
+        nibble_sums_1(codes, t, g, X, m0, s)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _byte_sums(codes, t, g, X, m0, n, s):
+    if codes.shape[2] == 32:
+        if n == 4:
+            byte32_sums_4(codes, t, g, X, m0, s)
+        elif n == 3:
+            byte32_sums_3(codes, t, g, X, m0, s)
+        elif n == 2:
+            byte32_sums_2(codes, t, g, X, m0, s)
+        else:
+            byte32_sums_1(codes, t, g, X, m0, s)
+    elif n == 4:
+        byte16_sums_4(codes, t, g, X, m0, s)
+    elif n == 3:
+        byte16_sums_3(codes, t, g, X, m0, s)
+    elif n == 2:
+        byte16_sums_2(codes, t, g, X, m0, s)
+    else:
+        byte16_sums_1(codes, t, g, X, m0, s)
+
+
 # One per kind (not a factory): numba's on-disk cache keys functions by name.
 
 @njit(nogil=True, cache=True, fastmath=_FM)
 def direct_tiles_q4(codes, scale, mn, X, xs, out, t0, t1):
-    """out[:, rows of tiles t0..t1] for 4-bit nibbles; xs from x_group_sums."""
+    """out[:, rows of tiles t0..t1] for 4- and 5-bit nibbles; xs from x_group_sums."""
     s = np.empty((6, TILE), np.float32)  # sums of 4 rows of X, the scales, the mins
     acc = np.empty((4, TILE), np.float32)
     has_min = mn.shape[1] > 0
     for t in range(t0, t1):
         m0 = 0
         while m0 < X.shape[0]:
-            n = min(4, X.shape[0] - m0)
-            n = 4 if n == 4 else (2 if n >= 2 else 1)
+            n = _block(X.shape[0] - m0)
             acc[:n] = 0.0
             for g in range(codes.shape[1]):
                 if m0 == 0:  # the next tile's group, while this one computes (see qmatmul._tile_q4)
-                    prefetch_row(codes, t + 1, g, 512)
-                if n == 4:
-                    nibble_sums_4(codes, t, g, X, m0, s)
-                elif n == 2:
-                    nibble_sums_2(codes, t, g, X, m0, s)
-                else:
-                    nibble_sums_1(codes, t, g, X, m0, s)
+                    prefetch_row(codes, t + 1, g, 640)
+                _nibble_sums(codes, t, g, X, m0, n, s)
                 scale_row(scale, t, g, s, 4)
                 if has_min:
                     scale_row(mn, t, g, s, 5)
@@ -194,29 +251,15 @@ def direct_tiles_q8(codes, scale, mn, X, xs, out, t0, t1):
     s = np.empty((6, TILE), np.float32)
     acc = np.empty((4, TILE), np.float32)
     has_min = mn.shape[1] > 0
-    wide = codes.shape[2] == 32
     for t in range(t0, t1):
         m0 = 0
         while m0 < X.shape[0]:
-            n = min(4, X.shape[0] - m0)
-            n = 4 if n == 4 else (2 if n >= 2 else 1)
+            n = _block(X.shape[0] - m0)
             acc[:n] = 0.0
             for g in range(codes.shape[1]):
                 if m0 == 0:
                     prefetch_row(codes, t + 1, g, 1024)
-                if wide:
-                    if n == 4:
-                        byte32_sums_4(codes, t, g, X, m0, s)
-                    elif n == 2:
-                        byte32_sums_2(codes, t, g, X, m0, s)
-                    else:
-                        byte32_sums_1(codes, t, g, X, m0, s)
-                elif n == 4:
-                    byte16_sums_4(codes, t, g, X, m0, s)
-                elif n == 2:
-                    byte16_sums_2(codes, t, g, X, m0, s)
-                else:
-                    byte16_sums_1(codes, t, g, X, m0, s)
+                _byte_sums(codes, t, g, X, m0, n, s)
                 scale_row(scale, t, g, s, 4)
                 if has_min:
                     scale_row(mn, t, g, s, 5)

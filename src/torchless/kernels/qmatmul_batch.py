@@ -1,7 +1,7 @@
-"""Batched products (2..64 rows of X) on packed weights: on 4-bit and byte codes, the direct
-kernels of `direct_tiles` for 2 to 7 rows (codes converted in registers, scales applied per
-group), float32 multiply-adds on each tile expanded once per call from 8 rows on; on the other
-layouts, integer dot products for 2 and 3 rows (5- and 6-bit codes) and expanded tiles from 4.
+"""Batched products (2..64 rows of X) on packed weights: on 4-, 5-bit and byte codes, the
+direct kernels of `direct_tiles` for 2 to 4 rows (codes converted in registers, scales applied
+per group), float32 multiply-adds on each tile expanded once per call from 5 rows on; on the
+other layouts, integer dot products for 2 and 3 rows (6-bit codes) and expanded tiles from 4.
 
 Which kernel, by rows of X (the integer and expanded kernels; `direct_tiles` has its own numbers)
 ----------------------------------------------------------------------------------------------
