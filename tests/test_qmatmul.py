@@ -136,15 +136,14 @@ def test_matmul_every_batch_size(qtype):
                          ids=lambda t: t.name)
 def test_a_rows_product_does_not_depend_on_the_rows_beside_it(qtype):
     """A row of X gets the same bits whether multiplied alone in its kernel's range of batch
-    sizes or with up to 20 others: the direct kernel's blocks of 4, 3, 2 and 1 rows (2 to 4 rows
-    on 4-, 5-bit and byte codes), the expanded float kernel's 8, 4, 2 and 1, the integer
-    kernel's 4, 2 and 1 (2 and 3 rows on 6-bit codes). What keeps a micro-batch's logits the
-    same however the engine cuts it within a range."""
+    sizes or with up to 20 others: the direct kernel's blocks of 4, 3, 2 and 1 rows (1 to 4 rows
+    on 4-, 5-, 6-bit and byte codes), the expanded float kernel's 8, 4, 2 and 1 (from 5 rows,
+    and at every size on f32). What keeps a micro-batch's logits the same however the engine
+    cuts it within a range."""
     from torchless.kernels.direct_tiles import DIRECT_MAX_ROWS
-    from torchless.kernels.qmatmul_batch import FLOAT_MIN_ROWS
 
-    switch = {GT.Q6_K: FLOAT_MIN_ROWS, GT.F32: None}.get(qtype, DIRECT_MAX_ROWS)
-    ranges = [(2, 22)] if switch is None else [(2, switch), (switch, 22)]
+    switch = None if qtype == GT.F32 else DIRECT_MAX_ROWS
+    ranges = [(2, 22)] if switch is None else [(1, switch), (switch, 22)]
     rows, cols = 70, 256
     w = qm.prepare(make_weight(qtype, rows, cols, seed=3)[0])
     X = np.random.default_rng(4).standard_normal((21, cols)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Batched products of 2 to 4 rows of X on 4- and 5-bit ("q4") and byte ("q8") codes, without
+"""Batched products of 1 to 4 rows of X on 4-, 5-, 6-bit ("q4") and byte ("q8") codes, without
 expanding the weights: each code row is converted to float32 in registers and multiplied with
 the rows of X at once, and the group's scale (and min) is applied to the group's sum.
 
@@ -8,19 +8,19 @@ min, stored to a buffer in L2) once per call, then multiply it with the rows of 
 activation. Here the codes are converted without their scale, summed per group of 32 columns
 for every row of X, and only then scaled: sum_k x_k (s c_k + m) = s sum_k x_k c_k + m sum_k x_k.
 Measured on one core (AMD EPYC Zen 4; `python benchmarks/bench_batch_kernel.py --threads 1
---m 2,3,4,5 --shapes Q4_1:1536x576,Q8_0:49152x576,Q5_0:2048x640`, random weights, us per row
-of X, medians of 5 rounds), this kernel against the expanded float tiles and the integer
-kernel: SmolLM2's Q4_1 1536 x 576 at 2 rows 31.0 / 43.6 / 41.4, 3 rows 26.9 / 40.1 / 43.2, 4
+--m 1,2,3,4,5 --shapes Q4_1:1536x576,Q8_0:49152x576,Q5_0:2048x640`, random weights, us per
+row of X, medians of 5 rounds), this kernel against the expanded float tiles and the integer
+kernel: SmolLM2's Q4_1 1536 x 576 at 1 row 55.3 / 84.3 / 56.5, 2 rows 31.0 / 43.6 / 41.4, 3 rows 26.9 / 40.1 / 43.2, 4
 rows 25.9 / 29.2 / 30.2, 5 rows (a block of 4 and one of 1) 29.4 / 29.9 / 35.8; its Q8_0 head
 49152 x 576 at 2 rows 1362 / 2282 / 1433, 3 rows 1184 / 1906 / 1881, 4 rows 1092 / 1374 / 1431,
-5 rows 1192 / 1328 / 1636; Gemma 3 270M's Q5_0 2048 x 640 at 2 rows 50.0 / 80.3 / 60.9, 4 rows
+5 rows 1192 / 1328 / 1636 (1 row 1983 / 4480 / 2082); Gemma 3 270M's Q5_0 2048 x 640 at 2 rows 50.0 / 80.3 / 60.9, 4 rows
 40.6 / 51.0 / 46.1, 5 rows 46.7 / 50.0 / 56.1. At 7 and 8 rows (run as two or three blocks)
 the expanded tiles were 1.1-1.2x faster than this kernel, at 16 rows 1.3x: from
 DIRECT_MAX_ROWS rows the expansion is paid back.
 
 Exactness: every row of X gets the same sequence of operations whichever block of 4, 3, 2 or
 1 rows it is in (two chains of fused multiply-adds per group, even and odd byte rows, added, then
-scaled), so within 2..4 rows a row's result does not depend on the rows beside it. It rounds
+scaled), so within 1..4 rows a row's result does not depend on the rows beside it. It rounds
 differently from the expanded tiles (a float32 sum of the codes times x, then the scale,
 instead of a sum of dequantized weights times x): a row multiplied with 3 others and with 4
 others can differ in the last bits.
@@ -42,14 +42,16 @@ _F32, _I8, _I32 = ir.FloatType(), ir.IntType(8), ir.IntType(32)
 DIRECT_MAX_ROWS = 5  # from this many rows of X, the expanded float kernels (see the module docstring)
 
 
-def _make_code_sums(n_rows: int, nibbles: bool, n_bytes: int, fifth_bits: bool = False):
+def _make_code_sums(n_rows: int, nibbles: bool, n_bytes: int, high_bits: int = 0):
     """An intrinsic s[i, :] = sum over group g's columns of code[:, column] * X[m0 + i, column]
     for i < n_rows, the TILE codes of a column converted to float32 in registers. Nibbles: byte
-    row j < 16 holds columns 32 g + j (low nibble) and 32 g + 16 + j (high), unsigned, with
-    fifth_bits their fifth bits in byte 16 + j // 4 (bits j % 4 and 4 + j % 4: see packing);
-    else byte row j is column n_bytes g + j, signed. Two accumulators per row of X (even and
-    odd byte rows: one chain of 4-cycle fused multiply-adds per row would leave a lone row
-    waiting)."""
+    row j < 16 holds columns 32 g + j (low nibble) and 32 g + 16 + j (high), unsigned; with
+    high_bits 1 their fifth bits are in byte 16 + j // 4 (bits j % 4 and 4 + j % 4), with 2
+    (Q6_K) their top two bits in bytes 16 + j // 4 and 20 + j // 4 (bits 2 (j % 4), + 1: see
+    packing), the code taken as code - 32, and the two halves of 16 columns, on scales of their
+    own, summed apart: the high half into s[4 + i]. Else byte row j is column n_bytes g + j,
+    signed. Two accumulators per row of X (even and odd byte rows, or the halves: one chain of
+    4-cycle fused multiply-adds per row would leave a lone row waiting)."""
 
     @intrinsic
     def code_sums(typingctx, codes, t, g, X, m0, s):
@@ -88,19 +90,34 @@ def _make_code_sums(n_rows: int, nibbles: bool, n_bytes: int, fifth_bits: bool =
                 raw = code_row(j)
                 if nibbles:
                     low, high = builder.and_(raw, splat(15)), builder.lshr(raw, splat(4))
-                    if fifth_bits:
+                    if high_bits == 1:
                         bits = builder.lshr(code_row(16 + j // 4), splat(j % 4))
                         low = builder.or_(low, builder.shl(builder.and_(bits, splat(1)), splat(4)))
                         high = builder.or_(high, builder.and_(bits, splat(16)))
+                    elif high_bits == 2:
+                        tops = [builder.lshr(code_row(16 + 4 * k + j // 4), splat(2 * (j % 4))) for k in (0, 1)]
+                        low, high = (builder.or_(c, builder.shl(builder.and_(top, splat(3)), splat(4)))
+                                     for c, top in zip((low, high), tops))
                     columns = [(j, builder.uitofp(low, v_floats)), (j + 16, builder.uitofp(high, v_floats))]
                 else:
                     columns = [(j, builder.sitofp(raw, v_floats))]
-                for column, values in columns:
+                for half, (column, values) in enumerate(columns):
+                    chain = half if high_bits == 2 else j % 2
+                    if high_bits == 2:  # code - 32 is exact in float32
+                        values = builder.fsub(values, ir.Constant(v_floats, [32.0] * TILE))
                     for i in range(n_rows):
-                        acc[i][j % 2] = builder.call(fma, [values, x_splat(i, column), acc[i][j % 2]])
+                        acc[i][chain] = builder.call(fma, [values, x_splat(i, column), acc[i][chain]])
+
+            def store(row, value):
+                q = cgutils.get_item_pointer(context, builder, sig.args[5], s_a, [intp(row), intp(0)])
+                builder.store(value, builder.bitcast(q, v_floats.as_pointer()), align=4)
+
             for i in range(n_rows):
-                q = cgutils.get_item_pointer(context, builder, sig.args[5], s_a, [intp(i), intp(0)])
-                builder.store(builder.fadd(acc[i][0], acc[i][1]), builder.bitcast(q, v_floats.as_pointer()), align=4)
+                if high_bits == 2:
+                    store(i, acc[i][0])
+                    store(4 + i, acc[i][1])
+                else:
+                    store(i, builder.fadd(acc[i][0], acc[i][1]))
             return context.get_dummy_value()
 
         return types.void(codes, t, g, X, m0, s), codegen
@@ -110,24 +127,26 @@ def _make_code_sums(n_rows: int, nibbles: bool, n_bytes: int, fifth_bits: bool =
 
 # per layout, blocks of 4, 3, 2 and 1 rows of X (the engine runs 2 to 4 rows as one block)
 nibble_sums_4, nibble_sums_3, nibble_sums_2, nibble_sums_1 = (_make_code_sums(n, True, 16) for n in (4, 3, 2, 1))
-q5_sums_4, q5_sums_3, q5_sums_2, q5_sums_1 = (_make_code_sums(n, True, 16, True) for n in (4, 3, 2, 1))
+q5_sums_4, q5_sums_3, q5_sums_2, q5_sums_1 = (_make_code_sums(n, True, 16, 1) for n in (4, 3, 2, 1))
+q6_sums_4, q6_sums_3, q6_sums_2, q6_sums_1 = (_make_code_sums(n, True, 16, 2) for n in (4, 3, 2, 1))
 byte32_sums_4, byte32_sums_3, byte32_sums_2, byte32_sums_1 = (_make_code_sums(n, False, 32) for n in (4, 3, 2, 1))
 byte16_sums_4, byte16_sums_3, byte16_sums_2, byte16_sums_1 = (_make_code_sums(n, False, 16) for n in (4, 3, 2, 1))
 
 
 @njit(nogil=True, cache=True, inline="always")
 def takes_direct(codes, X):
-    """Whether a product runs here: 2 to 4 rows of X on 4-bit nibbles (16 byte rows per group:
-    Q4_0, Q4_1, Q4_K), 5-bit codes (20: Q5_0, Q5_1, Q5_K) or byte codes in groups of 32 or 16
-    (int8: Q8_0 and the types converted to it). The 2-, 3- and 6-bit and IQ4 layouts keep their
-    kernels."""
-    return 2 <= X.shape[0] < DIRECT_MAX_ROWS and codes.shape[2] in (16, 20, 32)
+    """Whether a product runs here: 1 to 4 rows of X on 4-bit nibbles (16 byte rows per group:
+    Q4_0, Q4_1, Q4_K), 5- and 6-bit codes (20 and 24: Q5_0, Q5_1, Q5_K, Q6_K) or byte codes in
+    groups of 32 or 16 (int8: Q8_0 and the types converted to it). The 2- and 3-bit and IQ4
+    layouts keep the expanded tiles."""
+    return 1 <= X.shape[0] < DIRECT_MAX_ROWS and codes.shape[2] in (16, 20, 24, 32)
 
 
 @njit(nogil=True, cache=True)
 def direct_sums(codes, mn, X):
-    """What direct_tiles_* read as xs for a product that runs here (else (M, 0))."""
-    if not takes_direct(codes, X):
+    """What direct_tiles_* read as xs for a product that runs here (else (M, 0)). Q6_K's codes
+    are taken as code - 32 and need none (its kept min, -32 scale, is the matvec's)."""
+    if not takes_direct(codes, X) or codes.shape[2] == 24:
         return np.empty((X.shape[0], 0), np.float32)
     return x_group_sums(codes, mn, X)
 
@@ -152,17 +171,26 @@ def x_group_sums(codes, mn, X):
 
 @njit(nogil=True, cache=True, fastmath=_FM, inline="always")
 def _scale_into(acc, s, xs, m0, n, g, has_min):
-    """acc[i] += scale * s[i] (+ min * the group's sum of x) for i < n; scale in s[4], min in
-    s[5]. One multiply-add per statement (see qmatmul._tile_q4)."""
+    """acc[i] += scale * s[i] (+ min * the group's sum of x) for i < n; scale in s[8], min in
+    s[9]. One multiply-add per statement (see qmatmul._tile_q4)."""
     for i in range(n):
         if has_min:
             xg = xs[m0 + i, g]
             for r in range(TILE):
-                a = acc[i, r] + s[4, r] * s[i, r]
-                acc[i, r] = a + s[5, r] * xg
+                a = acc[i, r] + s[8, r] * s[i, r]
+                acc[i, r] = a + s[9, r] * xg
         else:
             for r in range(TILE):
-                acc[i, r] += s[4, r] * s[i, r]
+                acc[i, r] += s[8, r] * s[i, r]
+
+
+@njit(nogil=True, cache=True, fastmath=_FM, inline="always")
+def _scale_halves_into(acc, s, n):
+    """acc[i] += scale of the low half * s[i] + scale of the high half * s[4 + i] (Q6_K)."""
+    for i in range(n):
+        for r in range(TILE):
+            a = acc[i, r] + s[8, r] * s[i, r]
+            acc[i, r] = a + s[9, r] * s[4 + i, r]
 
 
 @njit(nogil=True, cache=True)
@@ -180,7 +208,16 @@ def _block(rows_left):
 
 @njit(nogil=True, cache=True, inline="always")
 def _nibble_sums(codes, t, g, X, m0, n, s):
-    if codes.shape[2] == 20:  # fifth bits
+    if codes.shape[2] == 24:  # top two bits
+        if n == 4:
+            q6_sums_4(codes, t, g, X, m0, s)
+        elif n == 3:
+            q6_sums_3(codes, t, g, X, m0, s)
+        elif n == 2:
+            q6_sums_2(codes, t, g, X, m0, s)
+        else:
+            q6_sums_1(codes, t, g, X, m0, s)
+    elif codes.shape[2] == 20:  # fifth bits
         if n == 4:
             q5_sums_4(codes, t, g, X, m0, s)
         elif n == 3:
@@ -224,10 +261,11 @@ def _byte_sums(codes, t, g, X, m0, n, s):
 
 @njit(nogil=True, cache=True, fastmath=_FM)
 def direct_tiles_q4(codes, scale, mn, X, xs, out, t0, t1):
-    """out[:, rows of tiles t0..t1] for 4- and 5-bit nibbles; xs from x_group_sums."""
-    s = np.empty((6, TILE), np.float32)  # sums of 4 rows of X, the scales, the mins
+    """out[:, rows of tiles t0..t1] for 4-, 5- and 6-bit nibbles; xs from direct_sums."""
+    s = np.empty((10, TILE), np.float32)  # sums of 4 rows of X (Q6_K: 2 x 4), the scales, the mins
     acc = np.empty((4, TILE), np.float32)
-    has_min = mn.shape[1] > 0
+    six_bit = codes.shape[2] == 24
+    has_min = mn.shape[1] > 0 and not six_bit
     for t in range(t0, t1):
         m0 = 0
         while m0 < X.shape[0]:
@@ -235,11 +273,16 @@ def direct_tiles_q4(codes, scale, mn, X, xs, out, t0, t1):
             acc[:n] = 0.0
             for g in range(codes.shape[1]):
                 if m0 == 0:  # the next tile's group, while this one computes (see qmatmul._tile_q4)
-                    prefetch_row(codes, t + 1, g, 640)
+                    prefetch_row(codes, t + 1, g, 768)
                 _nibble_sums(codes, t, g, X, m0, n, s)
-                scale_row(scale, t, g, s, 4)
+                if six_bit:  # the halves of 16 columns on scale groups 2 g and 2 g + 1
+                    scale_row(scale, t, 2 * g, s, 8)
+                    scale_row(scale, t, 2 * g + 1, s, 9)
+                    _scale_halves_into(acc, s, n)
+                    continue
+                scale_row(scale, t, g, s, 8)
                 if has_min:
-                    scale_row(mn, t, g, s, 5)
+                    scale_row(mn, t, g, s, 9)
                 _scale_into(acc, s, xs, m0, n, g, has_min)
             _store(acc, out, t, m0, n)
             m0 += n
@@ -248,7 +291,7 @@ def direct_tiles_q4(codes, scale, mn, X, xs, out, t0, t1):
 @njit(nogil=True, cache=True, fastmath=_FM)
 def direct_tiles_q8(codes, scale, mn, X, xs, out, t0, t1):
     """out[:, rows of tiles t0..t1] for byte codes (groups of 32 or 16); xs from x_group_sums."""
-    s = np.empty((6, TILE), np.float32)
+    s = np.empty((10, TILE), np.float32)
     acc = np.empty((4, TILE), np.float32)
     has_min = mn.shape[1] > 0
     for t in range(t0, t1):
@@ -260,9 +303,9 @@ def direct_tiles_q8(codes, scale, mn, X, xs, out, t0, t1):
                 if m0 == 0:
                     prefetch_row(codes, t + 1, g, 1024)
                 _byte_sums(codes, t, g, X, m0, n, s)
-                scale_row(scale, t, g, s, 4)
+                scale_row(scale, t, g, s, 8)
                 if has_min:
-                    scale_row(mn, t, g, s, 5)
+                    scale_row(mn, t, g, s, 9)
                 _scale_into(acc, s, xs, m0, n, g, has_min)
             _store(acc, out, t, m0, n)
             m0 += n

@@ -1,7 +1,13 @@
-"""Batched products (2..64 rows of X) on packed weights: on 4-, 5-bit and byte codes, the
-direct kernels of `direct_tiles` for 2 to 4 rows (codes converted in registers, scales applied
+"""Batched products (2..64 rows of X) on packed weights: on 4-, 5-, 6-bit and byte codes, the
+direct kernels of `direct_tiles` for 1 to 4 rows (codes converted in registers, scales applied
 per group), float32 multiply-adds on each tile expanded once per call from 5 rows on; on the
-other layouts, integer dot products for 2 and 3 rows (6-bit codes) and expanded tiles from 4.
+2- and 3-bit and IQ4 layouts, expanded tiles at every batch size. (The matvec kernels of
+`qmatmul` take one row where a caller asks for a matvec; a micro-batch of one row comes here.)
+
+The integer kernels below (VNNI dots on int8 activations in three levels) ran 1 to 3 rows
+until the direct kernels, as fast or faster at every size they take (see direct_tiles), took
+those products: `takes_float` now sends every product to the float kernels, and the integer
+ones stay for benchmarks/bench_batch_kernel.py, which measures all three at every M.
 
 Which kernel, by rows of X (the integer and expanded kernels; `direct_tiles` has its own numbers)
 ----------------------------------------------------------------------------------------------
@@ -342,9 +348,9 @@ def _tiles_q8(codes, scale, mn, xq4, dx, xs, sq, out, t0, t1):
 
 @njit(nogil=True, cache=True, inline="always")
 def takes_float(codes, X):
-    """Whether a product on "q4" codes runs the float kernels: from FLOAT_MIN_ROWS rows of X,
-    and always for the 2- and 3-bit layouts (Q2_K, Q3_K) and IQ4's looked-up nibbles, which
-    have no integer kernels."""
+    """Whether a product runs the float kernels (direct or expanded) rather than the integer ones:
+    for every product since the direct kernels (see the module docstring): under FLOAT_MIN_ROWS
+    rows of X the direct kernels take every layout with integer kernels."""
     return (X.shape[0] >= FLOAT_MIN_ROWS or takes_direct(codes, X) or codes.shape[2] < 16
             or codes.shape[2] == _IQ4_BYTES)
 
@@ -401,9 +407,9 @@ def _serial_q8(codes, scale, mn, group, X, out):
 
 
 # --------------------------------------------------------------------------------------------
-# Float kernels: from FLOAT_MIN_ROWS rows of X, for "f32" weights, and on hosts without AVX-512
-# VNNI. Each tile is expanded to float32 once (cols x TILE, in L1/L2) and multiplied with every
-# row of X.
+# Float kernels: every product. Under DIRECT_MAX_ROWS rows of X on 4-, 5-, 6-bit and byte codes
+# the direct kernels (direct_tiles); else each tile is expanded to float32 once (cols x TILE, in
+# L1/L2) and multiplied with every row of X.
 # --------------------------------------------------------------------------------------------
 
 @njit(nogil=True, cache=True)

@@ -32,13 +32,11 @@ import numpy as np
 from ..kernels.adaptive import GLOBAL_STATS, _get_num_threads, inline_threshold_bytes
 from ..kernels.gemm import MIN_TOKENS_FOR_BLAS
 from ..kernels.direct_tiles import DIRECT_MAX_ROWS
-from ..kernels.qmatmul_batch import FLOAT_MIN_ROWS
 
-# The batched products switch arithmetic at FLOAT_MIN_ROWS rows of X (integer dots to expanded
-# float tiles, on 5- and 6-bit codes) and at DIRECT_MAX_ROWS (direct kernels to expanded float
-# tiles, on 4-bit and byte codes), so a part keeps at least as many tokens as the higher
-# switch, as the whole then has: the parts' rows get the same bits as the whole's.
-MIN_ROWS_PER_PART = max(FLOAT_MIN_ROWS, DIRECT_MAX_ROWS)
+# The batched products switch arithmetic at DIRECT_MAX_ROWS rows of X (from the direct kernels
+# to expanded float tiles), so a part keeps at least that many tokens, as the whole then has:
+# the parts' rows get the same bits as the whole's.
+MIN_ROWS_PER_PART = DIRECT_MAX_ROWS
 # A micro-batch runs whole over T threads at about WHOLE_SPEEDUP / T of one thread's time per
 # token (measured ~1.3-1.5 on 2 cores with products cut into tasks, before the float batched
 # kernels), so parts pay only while the largest holds less than WHOLE_SPEEDUP / T of the
