@@ -53,9 +53,9 @@ def float_product(w, X, out):
 
 
 def direct_product(w, X, out):
-    """The direct kernel at any M (the engine takes it for 2 to DIRECT_MAX_ROWS - 1 rows)."""
-    direct = direct_tiles.direct_tiles_q4 if w.kind == "q4" else direct_tiles.direct_tiles_q8
-    direct(w.codes, w.scale, w.min, X, direct_tiles.x_group_sums(w.codes, w.min, X), out, 0, w.codes.shape[0])
+    """The direct kernel at any M (the engine takes it for 1 to DIRECT_MAX_ROWS - 1 rows)."""
+    xs = direct_tiles.x_group_sums(w.codes, w.min, X)
+    direct_tiles.direct_tiles(w.codes, w.scale, w.min, X, xs, out, 0, w.codes.shape[0])
 
 
 def random_weight(kind, rows, cols, rng):

@@ -32,7 +32,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from .float_tiles import scale_row
 from .packing import TILE, prefetch_row
@@ -257,11 +257,34 @@ def _byte_sums(codes, t, g, X, m0, n, s):
         byte16_sums_1(codes, t, g, X, m0, s)
 
 
-# One per kind (not a factory): numba's on-disk cache keys functions by name.
+@njit(nogil=True, cache=True, inline="always")
+def _prefetch_group(codes, t, g):
+    """The cache lines of group g of tile t (its byte rows x TILE bytes; a literal per layout)."""
+    if codes.shape[2] == 16:
+        prefetch_row(codes, t, g, 512)
+    elif codes.shape[2] == 20:
+        prefetch_row(codes, t, g, 640)
+    elif codes.shape[2] == 24:
+        prefetch_row(codes, t, g, 768)
+    else:
+        prefetch_row(codes, t, g, 1024)
+
+
+def _code_sums(codes, t, g, X, m0, n, s):
+    """s[:n] = the group's code sums of rows m0.. of X, by the codes' kind (dtype)."""
+
+
+@overload(_code_sums, inline="always")
+def _code_sums_compiled(codes, t, g, X, m0, n, s):
+    if codes.dtype == types.uint8:
+        return lambda codes, t, g, X, m0, n, s: _nibble_sums(codes, t, g, X, m0, n, s)
+    return lambda codes, t, g, X, m0, n, s: _byte_sums(codes, t, g, X, m0, n, s)
+
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def direct_tiles_q4(codes, scale, mn, X, xs, out, t0, t1):
-    """out[:, rows of tiles t0..t1] for 4-, 5- and 6-bit nibbles; xs from direct_sums."""
+def direct_tiles(codes, scale, mn, X, xs, out, t0, t1):
+    """out[:, rows of tiles t0..t1]: 4-, 5- and 6-bit nibbles (uint8 codes) or byte codes in
+    groups of 32 or 16 (int8); xs from direct_sums."""
     s = np.empty((10, TILE), np.float32)  # sums of 4 rows of X (Q6_K: 2 x 4), the scales, the mins
     acc = np.empty((4, TILE), np.float32)
     six_bit = codes.shape[2] == 24
@@ -273,36 +296,13 @@ def direct_tiles_q4(codes, scale, mn, X, xs, out, t0, t1):
             acc[:n] = 0.0
             for g in range(codes.shape[1]):
                 if m0 == 0:  # the next tile's group, while this one computes (see qmatmul._tile_q4)
-                    prefetch_row(codes, t + 1, g, 768)
-                _nibble_sums(codes, t, g, X, m0, n, s)
+                    _prefetch_group(codes, t + 1, g)
+                _code_sums(codes, t, g, X, m0, n, s)
                 if six_bit:  # the halves of 16 columns on scale groups 2 g and 2 g + 1
                     scale_row(scale, t, 2 * g, s, 8)
                     scale_row(scale, t, 2 * g + 1, s, 9)
                     _scale_halves_into(acc, s, n)
                     continue
-                scale_row(scale, t, g, s, 8)
-                if has_min:
-                    scale_row(mn, t, g, s, 9)
-                _scale_into(acc, s, xs, m0, n, g, has_min)
-            _store(acc, out, t, m0, n)
-            m0 += n
-
-
-@njit(nogil=True, cache=True, fastmath=_FM)
-def direct_tiles_q8(codes, scale, mn, X, xs, out, t0, t1):
-    """out[:, rows of tiles t0..t1] for byte codes (groups of 32 or 16); xs from x_group_sums."""
-    s = np.empty((10, TILE), np.float32)
-    acc = np.empty((4, TILE), np.float32)
-    has_min = mn.shape[1] > 0
-    for t in range(t0, t1):
-        m0 = 0
-        while m0 < X.shape[0]:
-            n = _block(X.shape[0] - m0)
-            acc[:n] = 0.0
-            for g in range(codes.shape[1]):
-                if m0 == 0:
-                    prefetch_row(codes, t + 1, g, 1024)
-                _byte_sums(codes, t, g, X, m0, n, s)
                 scale_row(scale, t, g, s, 8)
                 if has_min:
                     scale_row(mn, t, g, s, 9)

@@ -72,7 +72,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import qmatmul
-from .direct_tiles import direct_sums, direct_tiles_q4, direct_tiles_q8, takes_direct
+from .direct_tiles import direct_sums, direct_tiles, takes_direct
 from .float_tiles import rows_dot_1, rows_dot_2, rows_dot_4, rows_dot_8
 from .packing import LOOKUP_BYTES as _IQ4_BYTES
 from .qmatmul import TILE, PackedWeight, row_value, widen_row
@@ -442,7 +442,7 @@ def _multiply_tile(wt, X, out, t, acc):
 @njit(nogil=True, cache=True)
 def _float_range_q4(codes, scale, mn, X, xs, out, t0, t1):
     if takes_direct(codes, X):
-        direct_tiles_q4(codes, scale, mn, X, xs, out, t0, t1)
+        direct_tiles(codes, scale, mn, X, xs, out, t0, t1)
     else:
         _expanded_tiles_q4(codes, scale, mn, X, out, t0, t1)
 
@@ -459,7 +459,7 @@ def _expanded_tiles_q4(codes, scale, mn, X, out, t0, t1):
 @njit(nogil=True, cache=True)
 def _float_range_q8(codes, scale, mn, X, xs, out, t0, t1):
     if takes_direct(codes, X):
-        direct_tiles_q8(codes, scale, mn, X, xs, out, t0, t1)
+        direct_tiles(codes, scale, mn, X, xs, out, t0, t1)
     else:
         _expanded_tiles_q8(codes, scale, mn, X, out, t0, t1)
 
