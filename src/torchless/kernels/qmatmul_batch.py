@@ -1,4 +1,4 @@
-"""Batched products (2..64 rows of X) on packed weights: on 4-, 5-, 6-bit and byte codes, the
+"""Batched products (1..64 rows of X) on packed weights: on 4-, 5-, 6-bit and byte codes, the
 direct kernels of `direct_tiles` for 1 to 4 rows (codes converted in registers, scales applied
 per group), float32 multiply-adds on each tile expanded once per call from 5 rows on; on the
 2- and 3-bit and IQ4 layouts, expanded tiles at every batch size. (The matvec kernels of

@@ -30,8 +30,8 @@ import numba
 import numpy as np
 
 from ..kernels.adaptive import GLOBAL_STATS, _get_num_threads, inline_threshold_bytes
-from ..kernels.gemm import MIN_TOKENS_FOR_BLAS
 from ..kernels.direct_tiles import DIRECT_MAX_ROWS
+from ..kernels.gemm import MIN_TOKENS_FOR_BLAS
 
 # The batched products switch arithmetic at DIRECT_MAX_ROWS rows of X (from the direct kernels
 # to expanded float tiles), so a part keeps at least that many tokens, as the whole then has:
