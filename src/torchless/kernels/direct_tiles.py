@@ -125,7 +125,7 @@ def _make_code_sums(n_rows: int, nibbles: bool, n_bytes: int, high_bits: int = 0
     return code_sums
 
 
-# per layout, blocks of 4, 3, 2 and 1 rows of X (the engine runs 2 to 4 rows as one block)
+# per layout, blocks of 4, 3, 2 and 1 rows of X (the engine runs 1 to 4 rows as one block)
 nibble_sums_4, nibble_sums_3, nibble_sums_2, nibble_sums_1 = (_make_code_sums(n, True, 16) for n in (4, 3, 2, 1))
 q5_sums_4, q5_sums_3, q5_sums_2, q5_sums_1 = (_make_code_sums(n, True, 16, 1) for n in (4, 3, 2, 1))
 q6_sums_4, q6_sums_3, q6_sums_2, q6_sums_1 = (_make_code_sums(n, True, 16, 2) for n in (4, 3, 2, 1))
@@ -144,7 +144,7 @@ def takes_direct(codes, X):
 
 @njit(nogil=True, cache=True)
 def direct_sums(codes, mn, X):
-    """What direct_tiles_* read as xs for a product that runs here (else (M, 0)). Q6_K's codes
+    """What direct_tiles reads as xs for a product that runs here (else (M, 0)). Q6_K's codes
     are taken as code - 32 and need none (its kept min, -32 scale, is the matvec's)."""
     if not takes_direct(codes, X) or codes.shape[2] == 24:
         return np.empty((X.shape[0], 0), np.float32)
