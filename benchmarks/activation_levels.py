@@ -1,5 +1,6 @@
 """How far int8 activation levels move the LM head's logits: why the batched integer kernels
-(kernels/qmatmul_batch) carry each activation as three int8 levels, not llama.cpp's one.
+that torchless had (see kernels/qmatmul_batch) carried each activation as three int8 levels,
+not llama.cpp's one, and why its batched products are float32 now.
 
 For --tokens random prompt ids, the final-normed hidden state of every position (what the LM
 head reads) is quantized per group of 32 as the kernels do (level k: round(residual / step),

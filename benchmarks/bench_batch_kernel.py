@@ -1,16 +1,17 @@
-"""Batched quantized products: the integer kernel (int8 activations in three levels, VNNI dots),
-the float kernel (each tile expanded to float32 once per call, rows of X multiplied in register
-blocks) and the direct kernel (codes converted in registers, scales per group: direct_tiles),
-each forced at every M, interleaved in one process, on SmolLM2's weight shapes (Q4_1 layers,
-Q8_0 head); with --blas, BLAS at the same M too (what sets `gemm.MIN_TOKENS_FOR_BLAS`).
-`qmatmul_batch.FLOAT_MIN_ROWS` and `direct_tiles.DIRECT_MAX_ROWS` are where the kernels take
-over from each other. The whole-model effect: benchmarks/compare.py --batch.
+"""Batched quantized products: the float kernel (each tile expanded to float32 once per call, rows
+of X multiplied in register blocks) and the direct kernel (codes converted in registers, scales
+per group: direct_tiles), each forced at every M, interleaved in one process, on SmolLM2's
+weight shapes (Q4_1 layers, Q8_0 head); with --blas, BLAS at the same M too (what sets
+`gemm.MIN_TOKENS_FOR_BLAS`). `direct_tiles.DIRECT_MAX_ROWS` is where the expanded tiles take
+over. The whole-model effect: benchmarks/compare.py --batch. (The integer kernels these were
+measured against, int8 activations in three levels with VNNI dots, were deleted when the direct
+kernels beat them: their figures are in direct_tiles' docstring.)
 
     python benchmarks/bench_batch_kernel.py --threads 1 [--m 1,2,4,8,16,32,64] [--blas]
                                             [--shapes Q4_1:4096x4096,Q4_1:4096x14336]
 
-Prints per M and shape the median us per row of X [min-max over rounds], rows/s, int/float
-and direct/float.
+Prints per M and shape the median us per row of X [min-max over rounds], rows/s and
+direct/float.
 """
 
 import argparse
@@ -18,7 +19,6 @@ import time
 
 import numba
 import numpy as np
-from numba import njit
 
 from torchless.kernels import direct_tiles, gemm, qmatmul
 from torchless.kernels import qmatmul_batch as qb
@@ -28,26 +28,9 @@ SHAPES = [("Q4_1", 576, 576), ("Q4_1", 192, 576), ("Q4_1", 1536, 576), ("Q4_1", 
           ("Q8_0", 49152, 576)]
 
 
-@njit(nogil=True)
-def _integer_q4(codes, scale, mn, group, X, out):
-    xq4, dx, xs, sq = qb.quantized_activations(X, group)
-    qb._tiles_q4(codes, scale, mn, xq4, dx, xs, sq, out, 0, codes.shape[0])
-
-
-@njit(nogil=True)
-def _integer_q8(codes, scale, mn, group, X, out):
-    xq4, dx, xs, sq = qb.quantized_activations(X, group)
-    qb._tiles_q8(codes, scale, mn, xq4, dx, xs, sq, out, 0, codes.shape[0])
-
-
-def integer_product(w, X, out):
-    """The integer kernel at any M (the engine takes it under FLOAT_MIN_ROWS rows)."""
-    (_integer_q4 if w.kind == "q4" else _integer_q8)(w.codes, w.scale, w.min, w.group, X, out)
-
-
 def float_product(w, X, out):
-    """The expanded float kernel at any M (the engine takes it from DIRECT_MAX_ROWS rows, or
-    FLOAT_MIN_ROWS on the layouts without direct kernels)."""
+    """The expanded float kernel at any M (the engine takes it from DIRECT_MAX_ROWS rows, and at
+    every M on the layouts without direct kernels)."""
     expanded = qb._expanded_tiles_q4 if w.kind == "q4" else qb._expanded_tiles_q8
     expanded(w.codes, w.scale, w.min, X, out, 0, w.codes.shape[0])
 
@@ -92,8 +75,6 @@ def kernels(args):
             X = rng.standard_normal((m, w.cols)).astype(np.float32)
             out = np.empty((m, w.rows), np.float32)
             fns = {"float": lambda: float_product(w, X, out), "direct": lambda: direct_product(w, X, out)}
-            if qb.INTEGER:
-                fns["int"] = lambda: integer_product(w, X, out)
             if args.blas:
                 fns["blas"] = lambda: gemm.matmul_blas_into(w, X, out, args.threads)
             calls = max(1, int(2e7 // (w.rows * w.cols * max(m, 4))))
@@ -103,9 +84,6 @@ def kernels(args):
             cells = "  ".join(f"{k} {np.median(v):8.1f} [{v.min():.1f}-{v.max():.1f}] "
                               f"({1e6 / np.median(v):7.0f} rows/s)" for k, v in per_row.items())
             line = f"M={m:3d} {kind} {w.rows:5d}x{w.cols:<5d} {cells}"
-            if "int" in per_row:
-                ratio = per_row["int"] / per_row["float"]
-                line += f"  int/float {np.median(ratio):.2f} [{ratio.min():.2f}-{ratio.max():.2f}]"
             ratio = per_row["direct"] / per_row["float"]
             line += f"  direct/float {np.median(ratio):.2f} [{ratio.min():.2f}-{ratio.max():.2f}]"
             print(line, flush=True)

@@ -2,8 +2,8 @@
 
     python benchmarks/bench_lm_head.py [-m smollm2] [--rounds 5]
 
-One thread: the serial batched kernel (qmatmul_batch.INT_SERIAL: integer dots for 2-3 rows,
-float32 tiles from 4) on the model's LM head and on
+One thread: the serial batched kernel (qmatmul_batch.FLOAT_TILES: the direct kernels under 5
+rows, expanded float32 tiles from 5) on the model's LM head and on
 one layer's ffn_up, for 1, 4, 8 and 16 rows of X, all rows per tile and in 4-row slices: best of
 --rounds, microseconds, and whether the two are bit-equal; and, for comparison, the float
 decode kernel (qmatmul.matvec_rows) run once per row. (Slicing the head in the engine was
@@ -45,17 +45,17 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for name, linear in (("LM head", llm.model.output), ("ffn_up", llm.model.layers[0].ffn_up)):
         w = linear.packed
-        kernel = qmatmul_batch.INT_SERIAL[w.kind]
+        kernel = qmatmul_batch.FLOAT_TILES[w.kind]
         for m in (1, 4, 8, 16):
             X = rng.standard_normal((m, w.shape[1])).astype(np.float32)
             whole_out, sliced_out = np.empty((m, w.shape[0]), np.float32), np.empty((m, w.shape[0]), np.float32)
 
             def whole():
-                kernel(w.codes, w.scale, w.min, w.group, X, whole_out)
+                kernel(w.codes, w.scale, w.min, X, whole_out, 0, w.codes.shape[0])
 
             def sliced():
                 for m0 in range(0, m, 4):
-                    kernel(w.codes, w.scale, w.min, w.group, X[m0:m0 + 4], sliced_out[m0:m0 + 4])
+                    kernel(w.codes, w.scale, w.min, X[m0:m0 + 4], sliced_out[m0:m0 + 4], 0, w.codes.shape[0])
 
             def by_row():  # the decode kernel (float, one FMA per weight), once per row
                 for i in range(m):

@@ -54,8 +54,8 @@ def test_fast_forward_equals_forward(model, threads):
 
 @pytest.mark.parametrize("chunk, n", [(3, 22), (4, 22), (20, 22), (70, 88)])
 def test_prefill_equals_forward(model, threads, chunk, n, monkeypatch):
-    """Chunks of 3 run the batched integer kernels, of 4 and 20 the float ones, the 70-token one
-    BLAS (its threshold lowered here: by default it starts past the default chunk of 256)."""
+    """Chunks of 3 and 4 run the direct batched kernels, of 20 the expanded float tiles, the
+    70-token one BLAS (its threshold lowered here: by default it starts past the default chunk of 256)."""
     from torchless.kernels import gemm
 
     monkeypatch.setattr(gemm, "MIN_TOKENS_FOR_BLAS", 64)

@@ -99,8 +99,8 @@ Q5_SEQ = [int(t) for t in np.random.default_rng(5).integers(0, 300, 72)]  # one 
 def _check_every_path(model, seq, ref):
     """Logits of every product path against `ref` (transformers' logits of the 72-token seq): the
     reference path, the fused decode blocks (matvec), seq as one prefill chunk (the float
-    batched kernels, and BLAS with its threshold lowered), chunks of 5 (float) and 3 (the
-    integer kernels), and a batched decode step of two sequences (the fused batch blocks)."""
+    batched kernels, and BLAS with its threshold lowered), chunks of 5 (expanded float tiles)
+    and 3 (the direct kernels), and a batched decode step of two sequences (the fused batch blocks)."""
     from torchless.model.mistral import Span
 
     state = InferenceState(model.config)

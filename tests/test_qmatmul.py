@@ -99,37 +99,24 @@ def test_threads_on_disjoint_ranges():
     check(out, ref, x)
 
 
-def activation_bound(ref_w, x, group):
-    """What the integer kernels' activations may cost: each x is carried as three int8 levels,
-    within max|x over its group of columns| / (2 * 127 * 254^2) of x; plus float32 rounding
-    (2e-5 of |W| @ |x|, as `check` allows, though from sums of 3 levels)."""
-    amax = np.abs(x.astype(np.float64)).reshape(-1, group).max(1).repeat(group)
-    return np.abs(ref_w) @ amax / (2 * 127 * 254 ** 2) * 1.01 + 2e-5 * (np.abs(ref_w) @ np.abs(x))
-
-
 @pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
 def test_matmul_every_batch_size(qtype):
     """Batched products for M = 1..64 (odd M, rows not a multiple of 32) equal the float64
-    product of gguf-py's weights: matmul_into within activation_bound, the float kernel and the
-    task-scheduled one likewise (the float kernel within `check`'s float32 bound)."""
+    product of gguf-py's weights within `check`'s float32 bound, by prange and by the
+    task-scheduled kernels."""
     from torchless.kernels import adaptive
 
     rows, cols = 77, 256
     qt, ref = make_weight(qtype, rows, cols, seed=5)
     w = qm.prepare(qt)
-    group = 16 if qtype == GT.Q6_K else 32
     for m in list(range(1, 18)) + [31, 32, 33, 63, 64]:
         X = np.random.default_rng(m).standard_normal((m, cols)).astype(np.float32)
         X[:, 5] *= 40  # an outlier column, as real activations have
-        for fn in (qm.matmul_into, adaptive.matmul_adaptive_into, qm.matmul_float_into):
+        for fn in (qm.matmul_into, adaptive.matmul_adaptive_into):
             out = np.full((m, rows), np.nan, np.float32)
             fn(w, X, out)
             for i in range(m):
-                if fn is qm.matmul_float_into:
-                    check(out[i], ref, X[i])
-                else:
-                    err = np.abs(out[i] - ref @ X[i].astype(np.float64))
-                    np.testing.assert_array_less(err, activation_bound(ref, X[i], group))
+                check(out[i], ref, X[i])
 
 
 @pytest.mark.parametrize("qtype", [GT.Q4_1, GT.Q8_0, GT.Q4_K, GT.Q5_0, GT.Q5_K, GT.Q6_K, GT.F32],

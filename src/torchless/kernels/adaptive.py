@@ -24,8 +24,7 @@ from numba.extending import intrinsic
 from . import qmatmul, qmatmul_batch
 from .direct_tiles import direct_sums
 from .qmatmul import TILE, PackedWeight, _group_sums, _tile_f32, _tile_q4, _tile_q8, reads_x_sums
-from .qmatmul_batch import (_float_range_f32, _float_range_q4, _float_range_q8, _tiles_q4, _tiles_q8,
-                            quantized_activations, takes_float)
+from .qmatmul_batch import _float_range_f32, _float_range_q4, _float_range_q8
 from .fused import attend_heads
 from .workdist import WorkDistributionConfig, WorkStealingStats
 
@@ -247,39 +246,7 @@ def _matvec(weights: PackedWeight, x, out, config=None, stats=GLOBAL_STATS):
 
 
 # Batched products (M rows of X): the same plans and claiming, each task a range of tiles for
-# every row of X. X is quantized once per call, before the workers start.
-
-@njit(nogil=True, cache=True, parallel=True)
-def _batch_tasks_q4(codes, scale, mn, group, X, out, bounds, owners, starts):
-    if takes_float(codes, X):
-        return _batch_float_tasks_q4(codes, scale, mn, group, X, out, bounds, owners, starts)
-    xq4, dx, xs, sq = quantized_activations(X, group)
-    runners = np.empty(owners.shape[0], np.int64)
-    counters, ends = starts[:-1].copy(), starts[1:]
-    for w in prange(counters.shape[0]):
-        i = _claim(counters, ends, w)
-        while i >= 0:
-            _tiles_q4(codes, scale, mn, xq4, dx, xs, sq, out, bounds[i] // TILE, -(-bounds[i + 1] // TILE))
-            runners[i] = w
-            i = _claim(counters, ends, w)
-    return _count_local(runners, owners), runners
-
-
-@njit(nogil=True, cache=True, parallel=True)
-def _batch_tasks_q8(codes, scale, mn, group, X, out, bounds, owners, starts):
-    if takes_float(codes, X):
-        return _batch_float_tasks_q8(codes, scale, mn, group, X, out, bounds, owners, starts)
-    xq4, dx, xs, sq = quantized_activations(X, group)
-    runners = np.empty(owners.shape[0], np.int64)
-    counters, ends = starts[:-1].copy(), starts[1:]
-    for w in prange(counters.shape[0]):
-        i = _claim(counters, ends, w)
-        while i >= 0:
-            _tiles_q8(codes, scale, mn, xq4, dx, xs, sq, out, bounds[i] // TILE, -(-bounds[i + 1] // TILE))
-            runners[i] = w
-            i = _claim(counters, ends, w)
-    return _count_local(runners, owners), runners
-
+# every row of X (qmatmul_batch's float kernels: direct under 5 rows, expanded tiles from 5).
 
 @njit(nogil=True, cache=True, parallel=True)
 def _batch_float_tasks_q4(codes, scale, mn, group, X, out, bounds, owners, starts):
@@ -324,8 +291,6 @@ def _batch_float_tasks_f32(codes, scale, mn, group, X, out, bounds, owners, star
 
 
 _BATCH_TASK_KERNELS = {"q4": _batch_float_tasks_q4, "q8": _batch_float_tasks_q8, "f32": _batch_float_tasks_f32}
-if qmatmul_batch.INTEGER:
-    _BATCH_TASK_KERNELS.update(q4=_batch_tasks_q4, q8=_batch_tasks_q8)
 
 
 def matmul_adaptive_into(weights: PackedWeight, X: np.ndarray, out: np.ndarray,
@@ -344,13 +309,8 @@ def _matmul(weights: PackedWeight, X, out, config=None, stats=GLOBAL_STATS):
         return out
     n_threads = _get_num_threads()
     if n_threads == 1 or weights.nbytes * X.shape[0] < inline_threshold_bytes():
-        n_tiles = weights.codes.shape[0]
-        if weights.kind in qmatmul_batch.INT_SERIAL:
-            qmatmul_batch.INT_SERIAL[weights.kind](weights.codes, weights.scale, weights.min,
-                                                   weights.group, X, out)
-        else:
-            qmatmul_batch.FLOAT_TILES[weights.kind](weights.codes, weights.scale, weights.min, X, out,
-                                                    0, n_tiles)
+        qmatmul_batch.FLOAT_TILES[weights.kind](weights.codes, weights.scale, weights.min, X, out,
+                                                0, weights.codes.shape[0])
         return out
     plan = _matmul_plan(rows, cols, config, n_threads)
     previous = _set_chunksize(1)  # as in _matvec

@@ -4,8 +4,8 @@ the rows of X at once, and the group's scale (and min) is applied to the group's
 
 Why: the float kernels of qmatmul_batch expand every 32-row tile to float32 (scale * code +
 min, stored to a buffer in L2) once per call, then multiply it with the rows of X. Under about
-5 rows the expansion is most of the work, and the integer kernels pay three int8 levels per
-activation. Here the codes are converted without their scale, summed per group of 32 columns
+5 rows the expansion is most of the work, and the integer kernels that ran 2 and 3 rows
+before these (see qmatmul_batch) paid three int8 levels per activation. Here the codes are converted without their scale, summed per group of 32 columns
 for every row of X, and only then scaled: sum_k x_k (s c_k + m) = s sum_k x_k c_k + m sum_k x_k.
 Measured on one core (AMD EPYC Zen 4; `python benchmarks/bench_batch_kernel.py --threads 1
 --m 1,2,3,4,5 --shapes Q4_1:1536x576,Q8_0:49152x576,Q5_0:2048x640`, random weights, us per

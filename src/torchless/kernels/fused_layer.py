@@ -39,11 +39,9 @@ _FM = {"contract"}
 
 
 def _kernels_of(codes_type):
-    """(serial matvec, serial integer batch or None, serial float batch, batch tasks) of a
-    weight's codes type."""
+    """(serial matvec, serial batch, batch tasks) of a weight's codes type."""
     kind = phases.kind_of(codes_type)
-    return (qmatmul._KERNELS[kind][0], qmatmul_batch.INT_SERIAL.get(kind),
-            qmatmul_batch.FLOAT_TILES[kind], adaptive._BATCH_TASK_KERNELS[kind])
+    return (qmatmul._KERNELS[kind][0], qmatmul_batch.FLOAT_TILES[kind], adaptive._BATCH_TASK_KERNELS[kind])
 
 
 def _product(weight, x, out):
@@ -69,17 +67,13 @@ def _product_impl(weight, x, out):
 
 @overload(_batch_product)
 def _batch_product_impl(weight, X, out, inline_bytes):
-    _, serial_int, serial_float, tasks = _kernels_of(weight.types[0])
-    integer = serial_int is not None
+    _, serial, tasks = _kernels_of(weight.types[0])
 
     def impl(weight, X, out, inline_bytes):
         codes, scale, mn, group, bias, nbytes, bounds, owners, starts = weight
         created = local = 0
         if nbytes * X.shape[0] < inline_bytes:
-            if integer:
-                serial_int(codes, scale, mn, group, X, out)
-            else:
-                serial_float(codes, scale, mn, X, out, 0, codes.shape[0])
+            serial(codes, scale, mn, X, out, 0, codes.shape[0])
         else:
             local, _ = tasks(codes, scale, mn, group, X, out, bounds, owners, starts)
             created = bounds.shape[0] - 1

@@ -585,11 +585,11 @@ def dequantize_rows(w: PackedWeight, start: int, stop: int) -> np.ndarray:
 
 
 def __getattr__(name: str):
-    """matmul_into / matmul_float_into: the batched products, which live in qmatmul_batch (it
-    builds on the tiles here), so that callers keep one module for every product. Looked up on
-    use, not imported at the end of this module: importing qmatmul_batch first would then find
-    itself half-initialized."""
-    if name in ("matmul_into", "matmul_float_into"):
+    """matmul_into: the batched products, which live in qmatmul_batch (it builds on the tiles
+    here), so that callers keep one module for every product. Looked up on use, not imported at
+    the end of this module: importing qmatmul_batch first would then find itself
+    half-initialized."""
+    if name == "matmul_into":
         from . import qmatmul_batch
 
         return getattr(qmatmul_batch, name)

@@ -340,9 +340,9 @@ class Mistral:
         if fast and not all_logits and len(spans) == 1 and len(spans[0].tokens) == 1 \
                 and spans[0].start == spans[0].state.pos:
             # One sequence's decode step: the float matvec kernels, as generate_tokens runs it.
-            # On one row they beat the batched kernels (integer dots under 4 rows) by ~10%
-            # (SmolLM2, 1 and 2 threads): a row is bound by reading the weights, not by
-            # multiply-adds.
+            # On one row they beat the batched kernels of the time (integer dots under 4 rows)
+            # by ~10% (SmolLM2, 1 and 2 threads): a row is bound by reading the weights, not
+            # by multiply-adds.
             sp = spans[0]
             return self.fast_forward(sp.state, int(sp.tokens[0]))[None].copy()
         for sp in spans:
