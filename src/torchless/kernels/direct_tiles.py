@@ -42,10 +42,10 @@ _F32, _I8, _I32 = ir.FloatType(), ir.IntType(8), ir.IntType(32)
 DIRECT_MAX_ROWS = 5  # from this many rows of X, the expanded float kernels (see the module docstring)
 
 
-def _make_code_sums(n_rows: int, nibbles: bool, n_bytes: int, high_bits: int = 0):
+def _make_code_sums(nibbles: bool, n_bytes: int, high_bits: int = 0):
     """An intrinsic s[i, :] = sum over group g's columns of code[:, column] * X[m0 + i, column]
-    for i < n_rows, the TILE codes of a column converted to float32 in registers. Nibbles: byte
-    row j < 16 holds columns 32 g + j (low nibble) and 32 g + 16 + j (high), unsigned; with
+    for i < n (1 to 4: a switch over four unrolled bodies), the TILE codes of a column converted
+    to float32 in registers. Nibbles: byte row j < 16 holds columns 32 g + j (low nibble) and 32 g + 16 + j (high), unsigned; with
     high_bits 1 their fifth bits are in byte 16 + j // 4 (bits j % 4 and 4 + j % 4), with 2
     (Q6_K) their top two bits in bytes 16 + j // 4 and 20 + j // 4 (bits 2 (j % 4), + 1: see
     packing), the code taken as code - 32, and the two halves of 16 columns, on scales of their
@@ -54,7 +54,7 @@ def _make_code_sums(n_rows: int, nibbles: bool, n_bytes: int, high_bits: int = 0
     4-cycle fused multiply-adds per row would leave a lone row waiting)."""
 
     @intrinsic
-    def code_sums(typingctx, codes, t, g, X, m0, s):
+    def code_sums(typingctx, codes, t, g, X, m0, n, s):
         if not (isinstance(codes, types.Array) and codes.ndim == 4 and codes.layout == "C"
                 and codes.dtype == (types.uint8 if nibbles else types.int8)
                 and all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2
@@ -65,72 +65,81 @@ def _make_code_sums(n_rows: int, nibbles: bool, n_bytes: int, high_bits: int = 0
             intp = lambda v: context.get_constant(types.intp, v)  # noqa: E731
             codes_a = context.make_array(sig.args[0])(context, builder, args[0])
             x_a = context.make_array(sig.args[3])(context, builder, args[3])
-            s_a = context.make_array(sig.args[5])(context, builder, args[5])
-            t_, g_, m_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2, 4))
+            s_a = context.make_array(sig.args[6])(context, builder, args[6])
+            t_, g_, m_, n_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2, 4, 5))
             v_bytes, v_floats = ir.VectorType(_I8, TILE), ir.VectorType(_F32, TILE)
             splat = lambda v: ir.Constant(v_bytes, [v] * TILE)  # noqa: E731
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v_floats, [v_floats] * 3),
                                                  f"llvm.fma.v{TILE}f32")
             base = builder.mul(g_, intp(32 if nibbles else n_bytes))
-            x_rows = [cgutils.get_item_pointer(context, builder, sig.args[3], x_a, [builder.add(m_, intp(i)), base])
-                      for i in range(n_rows)]
 
-            def x_splat(i, column):
-                x = builder.load(builder.gep(x_rows[i], [intp(column)]))
-                return builder.shuffle_vector(
-                    builder.insert_element(ir.Constant(v_floats, ir.Undefined), x, ir.Constant(_I32, 0)),
-                    ir.Constant(v_floats, ir.Undefined), ir.Constant(ir.VectorType(_I32, TILE), [0] * TILE))
+            def rows_body(n_rows):
+                x_rows = [cgutils.get_item_pointer(context, builder, sig.args[3], x_a, [builder.add(m_, intp(i)), base])
+                          for i in range(n_rows)]
 
-            def code_row(j):
-                p = cgutils.get_item_pointer(context, builder, sig.args[0], codes_a, [t_, g_, intp(j), intp(0)])
-                return builder.load(builder.bitcast(p, v_bytes.as_pointer()), align=1)
+                def x_splat(i, column):
+                    x = builder.load(builder.gep(x_rows[i], [intp(column)]))
+                    return builder.shuffle_vector(
+                        builder.insert_element(ir.Constant(v_floats, ir.Undefined), x, ir.Constant(_I32, 0)),
+                        ir.Constant(v_floats, ir.Undefined), ir.Constant(ir.VectorType(_I32, TILE), [0] * TILE))
 
-            acc = [[ir.Constant(v_floats, [0.0] * TILE)] * 2 for _ in range(n_rows)]
-            for j in range(n_bytes):
-                raw = code_row(j)
-                if nibbles:
-                    low, high = builder.and_(raw, splat(15)), builder.lshr(raw, splat(4))
-                    if high_bits == 1:
-                        bits = builder.lshr(code_row(16 + j // 4), splat(j % 4))
-                        low = builder.or_(low, builder.shl(builder.and_(bits, splat(1)), splat(4)))
-                        high = builder.or_(high, builder.and_(bits, splat(16)))
-                    elif high_bits == 2:
-                        tops = [builder.lshr(code_row(16 + 4 * k + j // 4), splat(2 * (j % 4))) for k in (0, 1)]
-                        low, high = (builder.or_(c, builder.shl(builder.and_(top, splat(3)), splat(4)))
-                                     for c, top in zip((low, high), tops))
-                    columns = [(j, builder.uitofp(low, v_floats)), (j + 16, builder.uitofp(high, v_floats))]
-                else:
-                    columns = [(j, builder.sitofp(raw, v_floats))]
-                for half, (column, values) in enumerate(columns):
-                    chain = half if high_bits == 2 else j % 2
-                    if high_bits == 2:  # code - 32 is exact in float32
-                        values = builder.fsub(values, ir.Constant(v_floats, [32.0] * TILE))
-                    for i in range(n_rows):
-                        acc[i][chain] = builder.call(fma, [values, x_splat(i, column), acc[i][chain]])
+                def code_row(j):
+                    p = cgutils.get_item_pointer(context, builder, sig.args[0], codes_a, [t_, g_, intp(j), intp(0)])
+                    return builder.load(builder.bitcast(p, v_bytes.as_pointer()), align=1)
 
-            def store(row, value):
-                q = cgutils.get_item_pointer(context, builder, sig.args[5], s_a, [intp(row), intp(0)])
-                builder.store(value, builder.bitcast(q, v_floats.as_pointer()), align=4)
+                acc = [[ir.Constant(v_floats, [0.0] * TILE)] * 2 for _ in range(n_rows)]
+                for j in range(n_bytes):
+                    raw = code_row(j)
+                    if nibbles:
+                        low, high = builder.and_(raw, splat(15)), builder.lshr(raw, splat(4))
+                        if high_bits == 1:
+                            bits = builder.lshr(code_row(16 + j // 4), splat(j % 4))
+                            low = builder.or_(low, builder.shl(builder.and_(bits, splat(1)), splat(4)))
+                            high = builder.or_(high, builder.and_(bits, splat(16)))
+                        elif high_bits == 2:
+                            tops = [builder.lshr(code_row(16 + 4 * k + j // 4), splat(2 * (j % 4))) for k in (0, 1)]
+                            low, high = (builder.or_(c, builder.shl(builder.and_(top, splat(3)), splat(4)))
+                                         for c, top in zip((low, high), tops))
+                        columns = [(j, builder.uitofp(low, v_floats)), (j + 16, builder.uitofp(high, v_floats))]
+                    else:
+                        columns = [(j, builder.sitofp(raw, v_floats))]
+                    for half, (column, values) in enumerate(columns):
+                        chain = half if high_bits == 2 else j % 2
+                        if high_bits == 2:  # code - 32 is exact in float32
+                            values = builder.fsub(values, ir.Constant(v_floats, [32.0] * TILE))
+                        for i in range(n_rows):
+                            acc[i][chain] = builder.call(fma, [values, x_splat(i, column), acc[i][chain]])
 
-            for i in range(n_rows):
-                if high_bits == 2:
-                    store(i, acc[i][0])
-                    store(4 + i, acc[i][1])
-                else:
-                    store(i, builder.fadd(acc[i][0], acc[i][1]))
+                def store(row, value):
+                    q = cgutils.get_item_pointer(context, builder, sig.args[6], s_a, [intp(row), intp(0)])
+                    builder.store(value, builder.bitcast(q, v_floats.as_pointer()), align=4)
+
+                for i in range(n_rows):
+                    if high_bits == 2:
+                        store(i, acc[i][0])
+                        store(4 + i, acc[i][1])
+                    else:
+                        store(i, builder.fadd(acc[i][0], acc[i][1]))
+
+            done = builder.append_basic_block("code_sums.done")
+            switch = builder.switch(n_, done)
+            for n_rows in (1, 2, 3, 4):
+                block = builder.append_basic_block(f"code_sums.rows{n_rows}")
+                switch.add_case(intp(n_rows), block)
+                builder.position_at_end(block)
+                rows_body(n_rows)
+                builder.branch(done)
+            builder.position_at_end(done)
             return context.get_dummy_value()
 
-        return types.void(codes, t, g, X, m0, s), codegen
+        return types.void(codes, t, g, X, m0, n, s), codegen
 
     return code_sums
 
 
-# per layout, blocks of 4, 3, 2 and 1 rows of X (the engine runs 1 to 4 rows as one block)
-nibble_sums_4, nibble_sums_3, nibble_sums_2, nibble_sums_1 = (_make_code_sums(n, True, 16) for n in (4, 3, 2, 1))
-q5_sums_4, q5_sums_3, q5_sums_2, q5_sums_1 = (_make_code_sums(n, True, 16, 1) for n in (4, 3, 2, 1))
-q6_sums_4, q6_sums_3, q6_sums_2, q6_sums_1 = (_make_code_sums(n, True, 16, 2) for n in (4, 3, 2, 1))
-byte32_sums_4, byte32_sums_3, byte32_sums_2, byte32_sums_1 = (_make_code_sums(n, False, 32) for n in (4, 3, 2, 1))
-byte16_sums_4, byte16_sums_3, byte16_sums_2, byte16_sums_1 = (_make_code_sums(n, False, 16) for n in (4, 3, 2, 1))
+# per layout (blocks of 1 to 4 rows of X: the engine runs 1 to 4 rows as one block)
+nibble_sums, q5_sums, q6_sums = (_make_code_sums(True, 16, bits) for bits in (0, 1, 2))
+byte32_sums, byte16_sums = _make_code_sums(False, 32), _make_code_sums(False, 16)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -209,52 +218,19 @@ def _block(rows_left):
 @njit(nogil=True, cache=True, inline="always")
 def _nibble_sums(codes, t, g, X, m0, n, s):
     if codes.shape[2] == 24:  # top two bits
-        if n == 4:
-            q6_sums_4(codes, t, g, X, m0, s)
-        elif n == 3:
-            q6_sums_3(codes, t, g, X, m0, s)
-        elif n == 2:
-            q6_sums_2(codes, t, g, X, m0, s)
-        else:
-            q6_sums_1(codes, t, g, X, m0, s)
+        q6_sums(codes, t, g, X, m0, n, s)
     elif codes.shape[2] == 20:  # fifth bits
-        if n == 4:
-            q5_sums_4(codes, t, g, X, m0, s)
-        elif n == 3:
-            q5_sums_3(codes, t, g, X, m0, s)
-        elif n == 2:
-            q5_sums_2(codes, t, g, X, m0, s)
-        else:
-            q5_sums_1(codes, t, g, X, m0, s)
-    elif n == 4:
-        nibble_sums_4(codes, t, g, X, m0, s)
-    elif n == 3:
-        nibble_sums_3(codes, t, g, X, m0, s)
-    elif n == 2:
-        nibble_sums_2(codes, t, g, X, m0, s)
+        q5_sums(codes, t, g, X, m0, n, s)
     else:
-        nibble_sums_1(codes, t, g, X, m0, s)
+        nibble_sums(codes, t, g, X, m0, n, s)
 
 
 @njit(nogil=True, cache=True, inline="always")
 def _byte_sums(codes, t, g, X, m0, n, s):
     if codes.shape[2] == 32:
-        if n == 4:
-            byte32_sums_4(codes, t, g, X, m0, s)
-        elif n == 3:
-            byte32_sums_3(codes, t, g, X, m0, s)
-        elif n == 2:
-            byte32_sums_2(codes, t, g, X, m0, s)
-        else:
-            byte32_sums_1(codes, t, g, X, m0, s)
-    elif n == 4:
-        byte16_sums_4(codes, t, g, X, m0, s)
-    elif n == 3:
-        byte16_sums_3(codes, t, g, X, m0, s)
-    elif n == 2:
-        byte16_sums_2(codes, t, g, X, m0, s)
+        byte32_sums(codes, t, g, X, m0, n, s)
     else:
-        byte16_sums_1(codes, t, g, X, m0, s)
+        byte16_sums(codes, t, g, X, m0, n, s)
 
 
 @njit(nogil=True, cache=True, inline="always")
