@@ -349,3 +349,21 @@ def test_sampling_without_a_cut_sorts_nothing(monkeypatch):
     monkeypatch.setattr(np, "lexsort", lambda *a, **k: pytest.fail("sorted"))
     freq = _frequencies(SamplingParams(temperature=1.0, seed=3, top_k=0, top_p=1.0, min_p=0.0))
     np.testing.assert_allclose(freq, _expected(8), atol=0.015)
+
+
+def test_a_draw_over_the_whole_vocabulary_follows_the_softmax_across_its_blocks():
+    # A draw without a cut sums the weights per block of 256 tokens and then searches its block:
+    # heavy tokens on both sides of block edges (255 | 256, 767 | 768) and in the last, partial
+    # block catch a draw that lands in the wrong block or one token off.
+    vocab, heavy = 1000, np.array([3, 255, 256, 511, 600, 767, 768, 900, 998, 999])
+    logits = np.full(vocab, -2.0, np.float32)
+    logits[heavy] = np.log(np.arange(1, 11, dtype=np.float32)) + 3.0
+    probs = np.exp(logits.astype(np.float64) / 0.8)
+    probs /= probs.sum()
+    s = Sampler(SamplingParams(temperature=0.8, seed=5, top_k=0, top_p=1.0, min_p=0.0))
+    n = 40000
+    freq = np.bincount([s(logits) for _ in range(n)], minlength=vocab) / n
+    tolerance = 4 * np.sqrt(probs * (1 - probs) / n) + 1e-3
+    assert np.all(np.abs(freq[heavy] - probs[heavy]) <= tolerance[heavy]), (freq[heavy], probs[heavy])
+    light = np.setdiff1d(np.arange(vocab), heavy)
+    assert abs(freq[light].sum() - probs[light].sum()) <= 4 * np.sqrt(probs[light].sum() / n) + 1e-3

@@ -93,6 +93,7 @@ def _logit_bias(bias) -> tuple:
     return tuple(sorted(out.items()))
 
 
+_BLOCK = 256  # tokens per partial sum of a whole-vocabulary draw (Sampler._draw_softmax)
 _HEAD = 256  # candidates first sorted for top-p / min-p without top-k (grown 8x while too few)
 
 
@@ -121,15 +122,26 @@ class Sampler:
         if top_k == vocab and p.top_p >= 1.0 and p.min_p <= 0.0:
             # Nothing to cut: draw from the softmax in vocabulary order, with no sort (a sort of
             # a 49k vocabulary per token was half a 16-client server's engine thread).
-            scaled = logits.astype(np.float64) / p.temperature
-            cumulative = np.cumsum(np.exp(scaled - scaled.max()))
-            draw = self.rng.random() * cumulative[-1]
-            return min(int(np.searchsorted(cumulative, draw, side="right")), vocab - 1)
+            return self._draw_softmax(logits)
         candidates, probs = self.kept(logits, top_k)
         cumulative = np.cumsum(probs)
         draw = self.rng.random() * cumulative[-1]
         choice = min(int(np.searchsorted(cumulative, draw, side="right")), len(probs) - 1)
         return int(candidates[choice])
+
+    def _draw_softmax(self, logits: np.ndarray) -> int:
+        """A token drawn from softmax(logits / temperature) over the whole vocabulary. The
+        weights are float32 exponentials (NumPy vectorizes those: 23 us for SmolLM2's 49k
+        vocabulary, against 380 us in float64, and a running sum over all of it another 160),
+        summed in float64 per block of _BLOCK; the draw finds its block, then its token inside."""
+        weights = np.exp((logits - logits.max()) * np.float32(1.0 / self.params.temperature))
+        cumulative = np.cumsum(np.add.reduceat(weights, np.arange(0, len(weights), _BLOCK), dtype=np.float64))
+        draw = self.rng.random() * cumulative[-1]
+        block = min(int(np.searchsorted(cumulative, draw, side="right")), len(cumulative) - 1)
+        if block:
+            draw -= cumulative[block - 1]
+        inside = np.cumsum(weights[block * _BLOCK:(block + 1) * _BLOCK], dtype=np.float64)
+        return block * _BLOCK + min(int(np.searchsorted(inside, draw, side="right")), len(inside) - 1)
 
     def kept(self, logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         """The tokens top-k, top-p and min-p keep, best first, and their probabilities (not yet
