@@ -508,3 +508,20 @@ def test_attention_matches_reference(monkeypatch, forced, n_heads, n_kv, head_di
                 assert (stats.tasks_created > 0) == (forced and numba.get_num_threads() > 1)
     finally:
         numba.set_num_threads(previous)
+
+
+def test_the_plan_cache_is_bounded_and_remakes_what_it_dropped(monkeypatch):
+    """Attention plans are made per (rows x heads, heads per task): a server whose micro-batches
+    mix prompt chunks of every length would add plans for as long as it runs. Past PLANS_KEPT
+    the cache starts over, and a dropped plan comes back equal when asked for again."""
+    from torchless.kernels import fused_layer
+
+    monkeypatch.setattr(adaptive, "_plans", {})
+    monkeypatch.setattr(adaptive, "PLANS_KEPT", 8)
+    first = fused_layer.attention_plan(9, 40, 2**40, None, 2)
+    for units in range(10, 40):
+        fused_layer.attention_plan(units, 40, 2**40, None, 2)
+        assert len(adaptive._plans) <= 8
+    again = fused_layer.attention_plan(9, 40, 2**40, None, 2)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)

@@ -163,6 +163,20 @@ class TaskPlan:
 
 
 _plans: dict = {}
+# Plans kept at most. Attention's are made per (rows x heads, heads per task), and a server's
+# micro-batches come in every size once prompt chunks run with decode steps: past this many the
+# cache starts over rather than grow for as long as the process runs.
+PLANS_KEPT = 4096
+
+
+def cached_plan(key, make) -> "TaskPlan":
+    """The plan stored under key, made by make() the first time."""
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= PLANS_KEPT:
+            _plans.clear()
+        plan = _plans[key] = make()
+    return plan
 _inline_bytes: int | None = None
 
 
@@ -326,12 +340,8 @@ def _matmul(weights: PackedWeight, X, out, config=None, stats=GLOBAL_STATS):
 
 
 def _matmul_plan(rows: int, cols: int, config, n_threads: int) -> TaskPlan:
-    key = (rows, cols, config, n_threads)
-    plan = _plans.get(key)
-    if plan is None:
-        plan = _plans[key] = TaskPlan(rows, config or WorkDistributionConfig.for_matmul(rows, cols),
-                                      n_threads)
-    return plan
+    return cached_plan((rows, cols, config, n_threads), lambda: TaskPlan(
+        rows, config or WorkDistributionConfig.for_matmul(rows, cols), n_threads))
 
 
 def matmul_vec_adaptive(weights, x: np.ndarray, config: WorkDistributionConfig | None = None,
@@ -383,10 +393,8 @@ def attention_parallel_adaptive(q: np.ndarray, k_cache: np.ndarray, v_cache: np.
         attend_heads(q, k_cache, v_cache, n_valid, kv_map, out, 0, n_heads, scores)
         return out
     config = config or WorkDistributionConfig.for_attention(n_heads, n_valid)
-    key = ("attention", n_heads, config, n_threads)
-    plan = _plans.get(key)
-    if plan is None:
-        plan = _plans[key] = TaskPlan(n_heads, config, n_threads, align=1)
+    plan = cached_plan(("attention", n_heads, config, n_threads),
+                       lambda: TaskPlan(n_heads, config, n_threads, align=1))
     previous = _set_chunksize(1)
     try:
         local, _ = _attention_tasks(q, k_cache, v_cache, n_valid, kv_map, out, plan.bounds,
