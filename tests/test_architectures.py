@@ -225,6 +225,32 @@ def test_qwen3_and_gemma3_run_as_compiled_blocks(case_files):
         assert all(a is not None and m is not None for a, m in blocks), name
 
 
+@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
+def test_a_micro_batch_of_decode_steps_and_prompt_chunks_matches_transformers(case_files, name, monkeypatch):
+    """A new request's prompt chunk in the same micro-batch as others' decode steps (what a
+    server's batch holds whenever a request arrives) runs as the compiled blocks while the chunk
+    fits every ring of its cache: all its rows' keys are written, then each row attends up to
+    its own position. Gemma 3's local rings hold 4 positions, so its chunk that ends past them
+    runs kernel by kernel, which must agree as well. Every row is held to transformers."""
+    from torchless.kernels import fused_layer
+
+    params, ref = load(case_files, name, "gguf")
+    model = Mistral.load(params)
+    blocks = []
+    run_counted = fused_layer.run_counted
+    monkeypatch.setattr(fused_layer, "run_counted", lambda block, *a: (blocks.append(block), run_counted(block, *a)))
+    decoding, fresh = InferenceState(model.config), InferenceState(model.config)
+    model.prefill(decoding, SEQ[:9])
+    expect_fused = {"qwen3": [True, True], "gemma3": [True, False]}[name]
+    for step, (chunk, fused) in enumerate(zip([(0, 3), (3, 8)], expect_fused)):
+        blocks.clear()
+        spans = [Span(decoding, [SEQ[9 + step]], 9 + step), Span(fresh, SEQ[chunk[0]:chunk[1]], chunk[0])]
+        out = model.forward_spans(spans, all_logits=True, fast=True)
+        assert (fused_layer.batch_attention_block in blocks) == fused, (name, step)
+        assert_close_rel(out[0], ref[9 + step])
+        assert_close_rel(out[1:], ref[chunk[0]:chunk[1]])
+
+
 def test_a_multimodal_gemma3_folder_runs_its_text_model(case_files, tmp_path):
     """Gemma3ForConditionalGeneration's config.json (the text model in text_config) and tensor
     names (model.language_model.*, a vision tower left aside) give the text model's logits."""

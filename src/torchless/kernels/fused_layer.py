@@ -2,7 +2,8 @@
 attention block, i.e. rmsnorm, Q/K/V products, per-head q/k norms where the model has them
 (Qwen3, Gemma 3), RoPE, the KV cache write (a windowed layer's own ring), GQA attention, output
 product, post-norm (Gemma 3), residual add; then the gated MLP block, SwiGLU or GeGLU), and each
-block as one compiled call for a micro-batch of one-token spans of different sequences.
+block as one compiled call for a micro-batch: rows that are tokens of different sequences, decode
+steps and prompt chunks alike (Mistral._fusable says which micro-batches can).
 
 Why: run as separate kernels a decode step is ~200 Python-level calls per token, and between
 them the calling thread holds the GIL, so pipeline stage threads and the server's engine thread
@@ -144,7 +145,7 @@ def layer_block(x, h, q, k, v, att, o, scores, gate, up, attn_norm, ffn_norm, ep
     return created, local
 
 
-# -- a micro-batch of B one-token spans, one per sequence ---------------------------------------
+# -- a micro-batch of B rows, each a token of some sequence at some position ---------------------
 
 @njit(nogil=True, cache=True)
 def _rmsnorm_rows(X, norm, eps):
@@ -156,7 +157,7 @@ def _rmsnorm_rows(X, norm, eps):
 
 @njit(nogil=True, cache=True)
 def _attend_unit(Q, k_caches, v_caches, layer, n_valid, kv_map, ATT, unit, scores):
-    """Attention of one (sequence, head) pair: unit = sequence * n_heads + head."""
+    """Attention of one (row, head) pair: unit = row * n_heads + head."""
     b, head = divmod(unit, Q.shape[1])
     attend_heads(Q[b], k_caches[b][layer], v_caches[b][layer], n_valid[b], kv_map, ATT[b],
                  head, head + 1, scores)
@@ -165,7 +166,7 @@ def _attend_unit(Q, k_caches, v_caches, layer, n_valid, kv_map, ATT, unit, score
 @njit(nogil=True, cache=True, parallel=True)
 def _batch_attention_tasks(Q, k_caches, v_caches, layer, n_valid, kv_map, ATT, bounds, owners,
                            starts):
-    """The scheduler's claiming (as adaptive._attention_tasks) over (sequence, head) units."""
+    """The scheduler's claiming (as adaptive._attention_tasks) over (row, head) units."""
     runners = np.empty(owners.shape[0], np.int64)
     counters, ends = starts[:-1].copy(), starts[1:]
     for w in prange(counters.shape[0]):
@@ -183,11 +184,13 @@ def _batch_attention_tasks(Q, k_caches, v_caches, layer, n_valid, kv_map, ATT, b
 def batch_attention_block(X, norm, eps, wq, wk, wv, wo, qk, post_norm_weight, cos, sin, interleaved,
                           k_caches, v_caches, layer, slots, n_valid, kv_map, attention_plan,
                           inline_bytes):
-    """X (B, hidden) += the attention block of a layer, row b the token of sequence b at the
-    position whose RoPE is cos[b], sin[b] and whose cache slot is slots[b]; k_caches[b],
-    v_caches[b]: sequence b's caches (n, slots, n_kv_heads, head_dim) of the layer's kind
-    (whole or windowed), the layer's at index `layer`, grown to hold its slot.
-    attention_plan: over the B * n_heads (sequence, head) units."""
+    """X (B, hidden) += the attention block of a layer, row b a token at the position whose
+    RoPE is cos[b], sin[b] and whose cache slot is slots[b], attending the first n_valid[b] slots;
+    k_caches[b], v_caches[b]: its sequence's caches (n, slots, n_kv_heads, head_dim) of the
+    layer's kind (whole or windowed), the layer's at index `layer`, grown to hold its slot. Rows
+    of one sequence (a prompt chunk) share its caches: every row's key and value is stored
+    before any row attends, so each sees those of the rows before it.
+    attention_plan: over the B * n_heads (row, head) units."""
     B = X.shape[0]
     n_kv_heads, head_dim = k_caches[0].shape[2], k_caches[0].shape[3]
     n_heads = kv_map.shape[0]
@@ -270,11 +273,8 @@ def attention_plan(units: int, seq_len: int, work_bytes: int, work, n_threads: i
     # keyed on what the default config depends on, so that a step builds no config (that cost
     # ~10 us a layer, per token)
     per_task = None if work else adaptive.WorkDistributionConfig.attention_units_per_task(units, seq_len)
-    key = ("attention", units, per_task, work, n_threads)
-    plan = adaptive._plans.get(key)
-    if plan is None:
-        config = work or adaptive.WorkDistributionConfig.for_attention(units, seq_len)
-        plan = adaptive._plans[key] = adaptive.TaskPlan(units, config, n_threads, align=1)
+    plan = adaptive.cached_plan(("attention", units, per_task, work, n_threads), lambda: adaptive.TaskPlan(
+        units, work or adaptive.WorkDistributionConfig.for_attention(units, seq_len), n_threads, align=1))
     return plan.bounds, plan.owners, plan.starts
 
 

@@ -6,11 +6,12 @@ faster paths. It is written once for T tokens at a time, and `prefill` runs the 
 chunks of the prompt with the products done by the quantized kernels. `fast_forward` is the
 one-token decode step: compiled kernels on the repacked quantized weights, writing into buffers
 allocated once per state, with the products cut into tasks by the work-distribution scheduler.
-A decode step runs each layer as one compiled `nogil` call, and micro-batches of one-token
-spans each block of a layer (kernels/fused_layer.py), so the GIL is held only between them.
-The compiled blocks are Llama's; a block with more (Qwen3's and Gemma's q/k norms, Gemma's
-output norms and GeGLU, per-layer windows and RoPE bases, Mixtral's experts) runs kernel by
-kernel, and in a decode step so does the rest of its layer.
+A decode step runs each layer as one compiled `nogil` call, and a micro-batch (decode steps
+and prompt chunks of different sequences) each block of a layer (kernels/fused_layer.py), so the
+GIL is held only between them. The compiled blocks take Llama's, Qwen3's and Gemma 3's layers
+(q/k norms, output norms, GeGLU, per-layer windows and RoPE bases); Mixtral's experts run
+kernel by kernel, and in a decode step so does the rest of their layer, as does a prompt chunk
+that would wrap a ring of its cache (`_fusable`).
 """
 
 from __future__ import annotations
@@ -272,9 +273,13 @@ class Mistral:
         return gelu_tanh(gate) if self.config.activation == "gelu_tanh" else ops.silu(gate)
 
     def _fusable(self, spans: list["Span"], start: int, stop: int) -> bool:
-        """Whether a micro-batch runs as compiled blocks: one-token spans of distinct sequences
-        (a sequence's later token must see its earlier one's key), every block fusable."""
-        if any(len(sp.tokens) != 1 for sp in spans) or len({id(sp.state) for sp in spans}) < len(spans):
+        """Whether a micro-batch runs as compiled blocks: spans of distinct sequences, every block
+        fusable, and each span of several tokens (a prompt chunk) within every ring of its cache:
+        a block writes all rows' keys and then lets each row attend to the slots up to its own
+        position, so no row may overwrite a key that an earlier row of its span still attends."""
+        if len({id(sp.state) for sp in spans}) < len(spans):
+            return False
+        if any(len(sp.tokens) > 1 and sp.start + len(sp.tokens) > sp.state.cache.ring_room() for sp in spans):
             return False
         if len({sp.state.cache.local_len for sp in spans}) > 1:
             # a sequence whose context fits the window keeps its windowed layers whole: the
@@ -283,14 +288,14 @@ class Mistral:
         return all(a is not None and m is not None for a, m in self.fused_blocks(self.work)[start:stop])
 
     def _run_layers_fused(self, spans: list["Span"], x: np.ndarray, start: int, stop: int) -> np.ndarray:
-        """run_layers for one-token spans: per layer one compiled call per block, each product
-        once for all rows, each sequence attending over its own cache (the layer's ring: whole,
-        or its window's where the layer is local)."""
+        """run_layers as compiled blocks: per layer one call per block, each product once for
+        all rows, each row (a token of a span) attending over its sequence's cache (the layer's
+        ring: whole, or its window's where the layer is local) up to its own position."""
         c, n_threads = self.config, _get_num_threads()
-        caches = [sp.state.cache for sp in spans]
-        positions = np.array([sp.start for sp in spans], np.int64)
-        for cache, pos in zip(caches, positions):
-            cache._reserve(int(pos) + 1)  # before the arrays are handed over: it may replace them
+        caches = [sp.state.cache for sp in spans for _ in sp.tokens]  # per row
+        positions = np.concatenate([np.arange(sp.start, sp.start + len(sp.tokens)) for sp in spans])
+        for sp in spans:  # before the arrays are handed over: growing replaces them
+            sp.state.cache._reserve(sp.start + len(sp.tokens))
         self.rope_at(int(positions.max()))
         inline = fused_layer.inline_bytes(n_threads)
         rings = {}  # per kind of layer (whole cache, local ring): what its attention block takes
@@ -303,7 +308,7 @@ class Mistral:
                 n_valid = np.minimum(positions + 1, length)
                 cos, sin = self._rope_local if kind[1] == "local" else (self._rope_cos, self._rope_sin)
                 kv_bytes = 2 * 4 * self.layout.n_kv_heads * c.head_dim * int(n_valid.sum())
-                plan = fused_layer.attention_plan(len(spans) * self.layout.n_heads, int(n_valid.mean()),
+                plan = fused_layer.attention_plan(len(positions) * self.layout.n_heads, int(n_valid.mean()),
                                                   kv_bytes, self.work, n_threads)
                 rings[kind] = (cos[positions], sin[positions], c.rope_interleaved,
                                typed.List([ca.rings_of(li)[0] for ca in caches]),
