@@ -74,8 +74,19 @@ def client_loop(base: str, until: float, max_tokens: int, seed: int, out: dict, 
                 out["error_examples"].append(repr(e)[:200])
 
 
-def run_clients(base: str, n: int, seconds: float, max_tokens: int) -> dict:
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process so far (this one by default)."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def run_clients(base: str, n: int, seconds: float, max_tokens: int, server_pid: int) -> dict:
+    """n clients for `seconds`; also the CPU seconds the clients (this process) and the server
+    used meanwhile: on a small machine the load generator takes cores from the server."""
     out = {"done": 0, "tokens": 0, "errors": 0, "ttft": [], "error_examples": []}
+    cpu0, server_cpu0 = cpu_seconds(), cpu_seconds(server_pid)
     lock = threading.Lock()
     until = time.monotonic() + seconds
     t0 = time.monotonic()
@@ -86,6 +97,8 @@ def run_clients(base: str, n: int, seconds: float, max_tokens: int) -> dict:
     for t in threads:
         t.join()
     out["wall"] = time.monotonic() - t0
+    out["client_cpu"] = cpu_seconds() - cpu0
+    out["server_cpu"] = cpu_seconds(server_pid) - server_cpu0
     return out
 
 
@@ -120,9 +133,9 @@ def main(argv=None) -> None:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise SystemExit("the server did not come up")
                 time.sleep(0.5)
-        run_clients(base, 1, 3, 8)  # warm up: compile the batch kernels
+        run_clients(base, 1, 3, 8, server.pid)  # warm up: compile the batch kernels
         rss_start = rss_mb(server.pid)
-        solo = run_clients(base, 1, args.solo_seconds, args.max_tokens)
+        solo = run_clients(base, 1, args.solo_seconds, args.max_tokens, server.pid)
         samples, sampling = [], threading.Event()
 
         def sample_rss():  # every 10 s under load: growth that levels off vs growth that does not
@@ -131,7 +144,7 @@ def main(argv=None) -> None:
 
         sampler = threading.Thread(target=sample_rss, daemon=True)
         sampler.start()
-        load = run_clients(base, args.clients, args.seconds, args.max_tokens)
+        load = run_clients(base, args.clients, args.seconds, args.max_tokens, server.pid)
         sampling.set()
         rss_end = rss_mb(server.pid)
     finally:
@@ -148,6 +161,9 @@ def main(argv=None) -> None:
     print(f"time to first token  p50 {statistics.median(load['ttft']):.2f} s, p95 {q[18]:.2f} s")
     print(f"generated            {rate:.1f} tok/s aggregate; one client alone {solo_rate:.1f} tok/s "
           f"({rate / solo_rate:.2f}x)")
+    for name, run in (("one client", solo), (f"{args.clients} clients", load)):
+        print(f"CPU, {name:11} server {run['server_cpu'] / run['wall']:.2f} cores, clients "
+              f"{run['client_cpu'] / run['wall']:.2f} cores (of {os.cpu_count()})")
     print(f"server RSS           {rss_start:.0f} MB at start, {rss_end:.0f} MB at end; every 10 s "
           f"under load: {', '.join(f'{mb:.0f}' for mb in samples)}")
 
