@@ -231,7 +231,8 @@ def test_a_micro_batch_of_decode_steps_and_prompt_chunks_matches_transformers(ca
     server's batch holds whenever a request arrives) runs as the compiled blocks while the chunk
     fits every ring of its cache: all its rows' keys are written, then each row attends up to
     its own position. Gemma 3's local rings hold 4 positions, so its chunk that ends past them
-    runs kernel by kernel, which must agree as well. Every row is held to transformers."""
+    runs kernel by kernel, which must agree as well, as does a prompt alone. Every row is held
+    to transformers."""
     from torchless.kernels import fused_layer
 
     params, ref = load(case_files, name, "gguf")
@@ -249,6 +250,9 @@ def test_a_micro_batch_of_decode_steps_and_prompt_chunks_matches_transformers(ca
         assert (fused_layer.batch_attention_block in blocks) == fused, (name, step)
         assert_close_rel(out[0], ref[9 + step])
         assert_close_rel(out[1:], ref[chunk[0]:chunk[1]])
+    blocks.clear()  # a prompt alone keeps the kernels (a one-sequence process loads no blocks)
+    model.forward_spans([Span(InferenceState(model.config), SEQ[:3], 0)], fast=True)
+    assert fused_layer.batch_attention_block not in blocks
 
 
 def test_a_multimodal_gemma3_folder_runs_its_text_model(case_files, tmp_path):

@@ -10,8 +10,8 @@ A decode step runs each layer as one compiled `nogil` call, and a micro-batch (d
 and prompt chunks of different sequences) each block of a layer (kernels/fused_layer.py), so the
 GIL is held only between them. The compiled blocks take Llama's, Qwen3's and Gemma 3's layers
 (q/k norms, output norms, GeGLU, per-layer windows and RoPE bases); Mixtral's experts run
-kernel by kernel, and in a decode step so does the rest of their layer, as does a prompt chunk
-that would wrap a ring of its cache (`_fusable`).
+kernel by kernel, and in a decode step so does the rest of their layer, as do a prompt chunk
+that would wrap a ring of its cache and a prompt alone in its micro-batch (`_fusable`).
 """
 
 from __future__ import annotations
@@ -274,10 +274,17 @@ class Mistral:
 
     def _fusable(self, spans: list["Span"], start: int, stop: int) -> bool:
         """Whether a micro-batch runs as compiled blocks: spans of distinct sequences, every block
-        fusable, and each span of several tokens (a prompt chunk) within every ring of its cache:
-        a block writes all rows' keys and then lets each row attend to the slots up to its own
-        position, so no row may overwrite a key that an earlier row of its span still attends."""
+        fusable, and each span of several tokens (a prompt chunk) beside others and within every
+        ring of its cache: a block writes all rows' keys and then lets each row attend to the
+        slots up to its own position, so no row may overwrite a key that an earlier row of its
+        span still attends."""
         if len({id(sp.state) for sp in spans}) < len(spans):
+            return False
+        if len(spans) == 1 and len(spans[0].tokens) > 1:
+            # A prompt alone runs kernel by kernel, as fast (a 256-token prefill of SmolLM2 at 1
+            # and 2 threads), without loading the blocks' compiled code into a process that
+            # decodes one sequence (layer_block): that cost it 22 MB of peak RSS (343 against
+            # 321 MB, `benchmarks/bench_pipeline.py --modes sequential`).
             return False
         if any(len(sp.tokens) > 1 and sp.start + len(sp.tokens) > sp.state.cache.ring_room() for sp in spans):
             return False
