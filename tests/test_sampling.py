@@ -367,3 +367,17 @@ def test_a_draw_over_the_whole_vocabulary_follows_the_softmax_across_its_blocks(
     assert np.all(np.abs(freq[heavy] - probs[heavy]) <= tolerance[heavy]), (freq[heavy], probs[heavy])
     light = np.setdiff1d(np.arange(vocab), heavy)
     assert abs(freq[light].sum() - probs[light].sum()) <= 4 * np.sqrt(probs[light].sum() / n) + 1e-3
+
+
+def test_a_draw_at_the_very_end_of_the_mass_never_takes_a_masked_token():
+    # Rounding may put a draw at or past its block's own sum; the draw then takes the block's
+    # last token with any weight, never one masked to -inf. An rng at exactly 1.0 (past what
+    # Generator.random returns) forces that end.
+    class AtTheEnd:
+        def random(self):
+            return 1.0
+
+    logits = np.random.default_rng(4).standard_normal(300).astype(np.float32)
+    logits[290:] = -np.inf
+    s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0), rng=AtTheEnd())
+    assert s(logits) == 289

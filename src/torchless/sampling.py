@@ -141,7 +141,10 @@ class Sampler:
         if block:
             draw -= cumulative[block - 1]
         inside = np.cumsum(weights[block * _BLOCK:(block + 1) * _BLOCK], dtype=np.float64)
-        return block * _BLOCK + min(int(np.searchsorted(inside, draw, side="right")), len(inside) - 1)
+        # past the block's sum only by rounding: then its last token with any weight (a token
+        # masked to -inf is never drawn)
+        last = int(np.searchsorted(inside, inside[-1], side="left"))
+        return block * _BLOCK + min(int(np.searchsorted(inside, draw, side="right")), last)
 
     def kept(self, logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         """The tokens top-k, top-p and min-p keep, best first, and their probabilities (not yet
