@@ -177,6 +177,8 @@ def cached_plan(key, make) -> "TaskPlan":
             _plans.clear()
         plan = _plans[key] = make()
     return plan
+
+
 _inline_bytes: int | None = None
 
 

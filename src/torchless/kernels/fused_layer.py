@@ -273,8 +273,9 @@ def attention_plan(units: int, seq_len: int, work_bytes: int, work, n_threads: i
     # keyed on what the default config depends on, so that a step builds no config (that cost
     # ~10 us a layer, per token)
     per_task = None if work else adaptive.WorkDistributionConfig.attention_units_per_task(units, seq_len)
-    plan = adaptive.cached_plan(("attention", units, per_task, work, n_threads), lambda: adaptive.TaskPlan(
-        units, work or adaptive.WorkDistributionConfig.for_attention(units, seq_len), n_threads, align=1))
+    config = lambda: work or adaptive.WorkDistributionConfig.for_attention(units, seq_len)  # noqa: E731
+    plan = adaptive.cached_plan(("attention", units, per_task, work, n_threads),
+                                lambda: adaptive.TaskPlan(units, config(), n_threads, align=1))
     return plan.bounds, plan.owners, plan.starts
 
 
