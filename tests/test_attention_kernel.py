@@ -54,6 +54,23 @@ def test_softmax_weights_exp_is_float32_accurate():
     assert scores[np.argmax(x)] == 1.0
 
 
+@pytest.mark.parametrize("gelu", [False, True])
+def test_glu_rows_match_float64_silu_and_tanh_gelu(gelu):
+    """fused.glu_rows (its exp vectorized, GELU written as g sigmoid(2z)) against float64 SiLU and
+    transformers' tanh GELU, over the whole float32 range that matters and past its clamps."""
+    x = np.concatenate([np.linspace(-120.0, 120.0, 200_001), [0.0, -1e-30, 87.0, -87.0, 88.5, -88.5],
+                        np.random.default_rng(0).standard_normal(50_000) * 6]).astype(np.float32)
+    up = np.random.default_rng(1).uniform(-2, 2, x.size).astype(np.float32)
+    out = np.full(x.size + 7, np.nan, np.float32)
+    fused.glu_rows(np.r_[np.zeros(3, np.float32), x], np.r_[np.zeros(3, np.float32), up], out, 3, 3 + x.size, gelu)
+    g = x.astype(np.float64)
+    act = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3))) if gelu else g / (1 + np.exp(-g))
+    exact = act * up
+    # (absolute: far left GELU is ~1e-12, where float32 tanh gives exactly 0)
+    np.testing.assert_allclose(out[3:3 + x.size], exact, rtol=2e-6, atol=1e-9)
+    assert np.isnan(out[:3]).all() and np.isnan(out[3 + x.size:]).all()  # only lo..hi written
+
+
 @pytest.mark.parametrize("n_before, T", [(0, 1), (0, 2), (0, 7), (0, 64), (5, 1), (13, 30), (290, 9)])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 1, 80)])
 def test_causal_rows_match_the_reference_attention(n_before, T, heads, kv_heads, head_dim):
