@@ -1,13 +1,18 @@
 """Load test of `torchless serve` with the official openai client.
 
-    python benchmarks/bench_server.py [-m smollm2] [--clients 16] [--seconds 60] [--max-tokens 64]
+    python benchmarks/bench_server.py [-m smollm2] [--clients 16] [--seconds 60] [--max-tokens 64] [--no-http]
                                       [--parallel pp=2,mb=2] [--threads N] [--prefix-cache-mb MB]
 
 Starts the server as a subprocess on a free port, then: one client alone for --solo-seconds
 (the baseline), and --clients concurrent streaming clients for --seconds, each sending request
 after request. Reports requests completed, errors, p50/p95 time to first token, aggregate
 generated tok/s against the one-client figure, and the server's RSS at start and end (psutil).
-Not part of CI.
+
+With --no-http the same traffic (the same chat prompts through the model's template, the same
+sampling and max_tokens, one client alone and then --clients) goes straight to the server's
+engine thread (`server.engine.EngineThread`) in this process, with no HTTP, no event loop and
+no client library: what the engine gives on this traffic, for the HTTP figures to be read
+against. Not part of CI.
 """
 
 from __future__ import annotations
@@ -74,6 +79,45 @@ def client_loop(base: str, until: float, max_tokens: int, seed: int, out: dict, 
                 out["error_examples"].append(repr(e)[:200])
 
 
+def engine_client_loop(llm, engine, until: float, max_tokens: int, seed: int, out: dict, lock) -> None:
+    """client_loop without HTTP: each request a Sequence handed to the engine thread, as
+    server.app builds it (chat template, sampler, max_tokens)."""
+    import queue
+
+    from torchless.engine import Sequence
+    from torchless.sampling import Sampler
+    from torchless.server.engine import Request
+
+    i = seed
+    while time.monotonic() < until:
+        prompt = f"Request {next(REQUEST_NUMBERS)}. {PROMPTS[i % len(PROMPTS)]}"
+        i += 1
+        # the prompt's ids as the server makes them (app.py), then its reading of what
+        # client_loop sends: OpenAI's defaults, temperature 0.7
+        ids = llm._prompt_ids(llm._render_chat([{"role": "user", "content": prompt}]), template=True)
+        params = llm.sampling_params(temperature=0.7, top_p=1.0, top_k=0, min_p=0.0)
+        seq = Sequence(ids, Sampler(params), max_tokens,
+                       llm.tokenizer.eos_ids, llm.tokenizer.stream_decoder())
+        events, t0, first = queue.Queue(), time.monotonic(), []
+
+        def emit(text, reason, entries=(), first=first, t0=t0, events=events):
+            if text and not first:
+                first.append(time.monotonic() - t0)
+            if reason is not None:
+                events.put(reason)
+
+        engine.submit(Request(seq, emit, prompt=ids))
+        reason = events.get()
+        with lock:
+            if reason.startswith("error"):
+                out["errors"] += 1
+                out["error_examples"].append(reason[:200])
+                continue
+            out["done"] += 1
+            out["tokens"] += seq.completion_tokens
+            out["ttft"].append(first[0] if first else time.monotonic() - t0)
+
+
 def cpu_seconds(pid: int | None = None) -> float:
     """User + system CPU seconds of a process so far (this one by default)."""
     import psutil
@@ -82,23 +126,26 @@ def cpu_seconds(pid: int | None = None) -> float:
     return t.user + t.system
 
 
-def run_clients(base: str, n: int, seconds: float, max_tokens: int, server_pid: int) -> dict:
+def run_clients(base, n: int, seconds: float, max_tokens: int, server_pid: int) -> dict:
     """n clients for `seconds`; also the CPU seconds the clients (this process) and the server
-    used meanwhile: on a small machine the load generator takes cores from the server."""
+    used meanwhile: on a small machine the load generator takes cores from the server. base:
+    the server's URL, or (llm, engine thread) to go to the engine without HTTP (--no-http)."""
     out = {"done": 0, "tokens": 0, "errors": 0, "ttft": [], "error_examples": []}
     cpu0, server_cpu0 = cpu_seconds(), cpu_seconds(server_pid)
     lock = threading.Lock()
     until = time.monotonic() + seconds
     t0 = time.monotonic()
-    threads = [threading.Thread(target=client_loop, args=(base, until, max_tokens, i, out, lock))
+    loop, to = (client_loop, (base,)) if isinstance(base, str) else (engine_client_loop, base)
+    threads = [threading.Thread(target=loop, args=(*to, until, max_tokens, i, out, lock))
                for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     out["wall"] = time.monotonic() - t0
-    out["client_cpu"] = cpu_seconds() - cpu0
     out["server_cpu"] = cpu_seconds(server_pid) - server_cpu0
+    # in-process (--no-http) the server's CPU is this process's: the clients' share is not apart
+    out["client_cpu"] = cpu_seconds() - cpu0 if server_pid != os.getpid() else float("nan")
     return out
 
 
@@ -114,7 +161,11 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="passed to torchless serve")
     p.add_argument("--prefix-cache-mb", type=float, default=None,
                    help="passed to torchless serve (0: the prefix cache off)")
+    p.add_argument("--no-http", action="store_true",
+                   help="the same traffic to the server's engine thread in this process (see above)")
     args = p.parse_args(argv)
+    if args.no_http:
+        return report(args, *engine_only(args))
 
     port = free_port()
     cmd = [sys.executable, "-m", "torchless", "serve", "-m", args.model, "--port", str(port),
@@ -150,22 +201,55 @@ def main(argv=None) -> None:
     finally:
         server.terminate()
         server.wait(30)
+    report(args, solo, load, rss_start, rss_end, samples)
 
+
+def engine_only(args) -> tuple:
+    """--no-http: one client alone, then --clients, against an EngineThread in this process."""
+    import numba
+
+    from torchless import LLM
+    from torchless.server.engine import EngineThread
+
+    if args.parallel:
+        raise SystemExit("--no-http runs one local engine: leave out --parallel")
+    if args.threads:
+        numba.set_num_threads(args.threads)
+    llm = LLM(args.model, **({} if args.prefix_cache_mb is None
+                             else {"prefix_cache_bytes": int(args.prefix_cache_mb * 2**20)}))
+    llm.engine.scheduler.max_batch = args.max_batch
+    engine = EngineThread(llm.engine)
+    me = os.getpid()
+    try:
+        run_clients((llm, engine), 1, 3, 8, me)  # warm up: compile the batch kernels
+        rss_start = rss_mb(me)
+        solo = run_clients((llm, engine), 1, args.solo_seconds, args.max_tokens, me)
+        load = run_clients((llm, engine), args.clients, args.seconds, args.max_tokens, me)
+        return solo, load, rss_start, rss_mb(me), []
+    finally:
+        engine.close()
+
+
+def report(args, solo, load, rss_start, rss_end, samples) -> None:
     solo_rate = solo["tokens"] / solo["wall"]
     rate = load["tokens"] / load["wall"]
     q = statistics.quantiles(load["ttft"], n=20) if len(load["ttft"]) >= 2 else [float("nan")] * 19
     print(f"model {args.model}; {args.clients} streaming clients for {args.seconds:.0f} s, "
-          f"max_tokens {args.max_tokens}, server --max-batch {args.max_batch}")
+          f"max_tokens {args.max_tokens}, server --max-batch {args.max_batch}"
+          + ("; no HTTP: the engine thread in process" if args.no_http else ""))
     print(f"requests completed   {load['done']}")
     print(f"errors               {load['errors']}" + (f"  e.g. {load['error_examples'][0]}" if load["errors"] else ""))
     print(f"time to first token  p50 {statistics.median(load['ttft']):.2f} s, p95 {q[18]:.2f} s")
     print(f"generated            {rate:.1f} tok/s aggregate; one client alone {solo_rate:.1f} tok/s "
           f"({rate / solo_rate:.2f}x)")
     for name, run in (("one client", solo), (f"{args.clients} clients", load)):
-        print(f"CPU, {name:11} server {run['server_cpu'] / run['wall']:.2f} cores, clients "
-              f"{run['client_cpu'] / run['wall']:.2f} cores (of {os.cpu_count()})")
-    print(f"server RSS           {rss_start:.0f} MB at start, {rss_end:.0f} MB at end; every 10 s "
-          f"under load: {', '.join(f'{mb:.0f}' for mb in samples)}")
+        cores = (f"server {run['server_cpu'] / run['wall']:.2f} cores, clients "
+                 f"{run['client_cpu'] / run['wall']:.2f}")
+        if args.no_http:
+            cores = f"engine and clients {run['server_cpu'] / run['wall']:.2f}"
+        print(f"CPU, {name:11} {cores} cores (of {os.cpu_count()})")
+    print(f"server RSS           {rss_start:.0f} MB at start, {rss_end:.0f} MB at end"
+          + (f"; every 10 s under load: {', '.join(f'{mb:.0f}' for mb in samples)}" if samples else ""))
 
 
 if __name__ == "__main__":
