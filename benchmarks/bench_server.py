@@ -80,24 +80,20 @@ def client_loop(base: str, until: float, max_tokens: int, seed: int, out: dict, 
 
 
 def engine_client_loop(llm, engine, until: float, max_tokens: int, seed: int, out: dict, lock) -> None:
-    """client_loop without HTTP: each request a Sequence handed to the engine thread, as
-    server.app builds it (chat template, sampler, max_tokens)."""
+    """client_loop without HTTP: each request a Sequence handed to the engine thread, its prompt
+    ids made as the server makes them (app.py) and its sampling the server's reading of what
+    client_loop sends (OpenAI's defaults, temperature 0.7)."""
     import queue
 
-    from torchless.engine import Sequence
-    from torchless.sampling import Sampler
     from torchless.server.engine import Request
 
+    sampling = dict(temperature=0.7, top_p=1.0, top_k=0, min_p=0.0)
     i = seed
     while time.monotonic() < until:
         prompt = f"Request {next(REQUEST_NUMBERS)}. {PROMPTS[i % len(PROMPTS)]}"
         i += 1
-        # the prompt's ids as the server makes them (app.py), then its reading of what
-        # client_loop sends: OpenAI's defaults, temperature 0.7
         ids = llm._prompt_ids(llm._render_chat([{"role": "user", "content": prompt}]), template=True)
-        params = llm.sampling_params(temperature=0.7, top_p=1.0, top_k=0, min_p=0.0)
-        seq = Sequence(ids, Sampler(params), max_tokens,
-                       llm.tokenizer.eos_ids, llm.tokenizer.stream_decoder())
+        seq = llm._sequence(ids, 0, sampling, max_tokens, None)
         events, t0, first = queue.Queue(), time.monotonic(), []
 
         def emit(text, reason, entries=(), first=first, t0=t0, events=events):
@@ -143,9 +139,8 @@ def run_clients(base, n: int, seconds: float, max_tokens: int, server_pid: int) 
     for t in threads:
         t.join()
     out["wall"] = time.monotonic() - t0
+    out["client_cpu"] = cpu_seconds() - cpu0
     out["server_cpu"] = cpu_seconds(server_pid) - server_cpu0
-    # in-process (--no-http) the server's CPU is this process's: the clients' share is not apart
-    out["client_cpu"] = cpu_seconds() - cpu0 if server_pid != os.getpid() else float("nan")
     return out
 
 
@@ -243,10 +238,10 @@ def report(args, solo, load, rss_start, rss_end, samples) -> None:
     print(f"generated            {rate:.1f} tok/s aggregate; one client alone {solo_rate:.1f} tok/s "
           f"({rate / solo_rate:.2f}x)")
     for name, run in (("one client", solo), (f"{args.clients} clients", load)):
-        cores = (f"server {run['server_cpu'] / run['wall']:.2f} cores, clients "
-                 f"{run['client_cpu'] / run['wall']:.2f}")
-        if args.no_http:
+        if args.no_http:  # one process: the engine's and the clients' CPU are not apart
             cores = f"engine and clients {run['server_cpu'] / run['wall']:.2f}"
+        else:
+            cores = f"server {run['server_cpu'] / run['wall']:.2f} cores, clients {run['client_cpu'] / run['wall']:.2f}"
         print(f"CPU, {name:11} {cores} cores (of {os.cpu_count()})")
     print(f"server RSS           {rss_start:.0f} MB at start, {rss_end:.0f} MB at end"
           + (f"; every 10 s under load: {', '.join(f'{mb:.0f}' for mb in samples)}" if samples else ""))
