@@ -32,7 +32,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 from .float_tiles import scale_row
 from .packing import TILE, prefetch_row
@@ -43,7 +43,7 @@ DIRECT_MAX_ROWS = 5  # from this many rows of X, the expanded float kernels (see
 
 
 def _make_code_sums(nibbles: bool, n_bytes: int, high_bits: int = 0):
-    """An intrinsic s[i, :] = sum over group g's columns of code[:, column] * X[m0 + i, column]
+    """The code of s[i, :] = sum over group g's columns of code[:, column] * X[m0 + i, column]
     for i < n (1 to 4: a switch over four unrolled bodies), the TILE codes of a column converted
     to float32 in registers. Nibbles: byte row j < 16 holds columns 32 g + j (low nibble) and 32 g + 16 + j (high), unsigned; with
     high_bits 1 their fifth bits are in byte 16 + j // 4 (bits j % 4 and 4 + j % 4), with 2
@@ -53,93 +53,117 @@ def _make_code_sums(nibbles: bool, n_bytes: int, high_bits: int = 0):
     signed. Two accumulators per row of X (even and odd byte rows, or the halves: one chain of
     4-cycle fused multiply-adds per row would leave a lone row waiting)."""
 
-    @intrinsic
-    def code_sums(typingctx, codes, t, g, X, m0, n, s):
-        if not (isinstance(codes, types.Array) and codes.ndim == 4 and codes.layout == "C"
-                and codes.dtype == (types.uint8 if nibbles else types.int8)
-                and all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2
-                        and a.layout == "C" for a in (X, s))):
-            return None  # code rows, rows of X and of s read and written as contiguous memory
+    def emit(context, builder, sig, args):
+        intp = lambda v: context.get_constant(types.intp, v)  # noqa: E731
+        codes_a = context.make_array(sig.args[0])(context, builder, args[0])
+        x_a = context.make_array(sig.args[3])(context, builder, args[3])
+        s_a = context.make_array(sig.args[6])(context, builder, args[6])
+        t_, g_, m_, n_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2, 4, 5))
+        v_bytes, v_floats = ir.VectorType(_I8, TILE), ir.VectorType(_F32, TILE)
+        splat = lambda v: ir.Constant(v_bytes, [v] * TILE)  # noqa: E731
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v_floats, [v_floats] * 3),
+                                             f"llvm.fma.v{TILE}f32")
+        base = builder.mul(g_, intp(32 if nibbles else n_bytes))
 
-        def codegen(context, builder, sig, args):
-            intp = lambda v: context.get_constant(types.intp, v)  # noqa: E731
-            codes_a = context.make_array(sig.args[0])(context, builder, args[0])
-            x_a = context.make_array(sig.args[3])(context, builder, args[3])
-            s_a = context.make_array(sig.args[6])(context, builder, args[6])
-            t_, g_, m_, n_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2, 4, 5))
-            v_bytes, v_floats = ir.VectorType(_I8, TILE), ir.VectorType(_F32, TILE)
-            splat = lambda v: ir.Constant(v_bytes, [v] * TILE)  # noqa: E731
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v_floats, [v_floats] * 3),
-                                                 f"llvm.fma.v{TILE}f32")
-            base = builder.mul(g_, intp(32 if nibbles else n_bytes))
+        def rows_body(n_rows):
+            x_rows = [cgutils.get_item_pointer(context, builder, sig.args[3], x_a, [builder.add(m_, intp(i)), base])
+                      for i in range(n_rows)]
 
-            def rows_body(n_rows):
-                x_rows = [cgutils.get_item_pointer(context, builder, sig.args[3], x_a, [builder.add(m_, intp(i)), base])
-                          for i in range(n_rows)]
+            def x_splat(i, column):
+                x = builder.load(builder.gep(x_rows[i], [intp(column)]))
+                return builder.shuffle_vector(
+                    builder.insert_element(ir.Constant(v_floats, ir.Undefined), x, ir.Constant(_I32, 0)),
+                    ir.Constant(v_floats, ir.Undefined), ir.Constant(ir.VectorType(_I32, TILE), [0] * TILE))
 
-                def x_splat(i, column):
-                    x = builder.load(builder.gep(x_rows[i], [intp(column)]))
-                    return builder.shuffle_vector(
-                        builder.insert_element(ir.Constant(v_floats, ir.Undefined), x, ir.Constant(_I32, 0)),
-                        ir.Constant(v_floats, ir.Undefined), ir.Constant(ir.VectorType(_I32, TILE), [0] * TILE))
+            def code_row(j):
+                p = cgutils.get_item_pointer(context, builder, sig.args[0], codes_a, [t_, g_, intp(j), intp(0)])
+                return builder.load(builder.bitcast(p, v_bytes.as_pointer()), align=1)
 
-                def code_row(j):
-                    p = cgutils.get_item_pointer(context, builder, sig.args[0], codes_a, [t_, g_, intp(j), intp(0)])
-                    return builder.load(builder.bitcast(p, v_bytes.as_pointer()), align=1)
+            acc = [[ir.Constant(v_floats, [0.0] * TILE)] * 2 for _ in range(n_rows)]
+            for j in range(n_bytes):
+                raw = code_row(j)
+                if nibbles:
+                    low, high = builder.and_(raw, splat(15)), builder.lshr(raw, splat(4))
+                    if high_bits == 1:
+                        bits = builder.lshr(code_row(16 + j // 4), splat(j % 4))
+                        low = builder.or_(low, builder.shl(builder.and_(bits, splat(1)), splat(4)))
+                        high = builder.or_(high, builder.and_(bits, splat(16)))
+                    elif high_bits == 2:
+                        tops = [builder.lshr(code_row(16 + 4 * k + j // 4), splat(2 * (j % 4))) for k in (0, 1)]
+                        low, high = (builder.or_(c, builder.shl(builder.and_(top, splat(3)), splat(4)))
+                                     for c, top in zip((low, high), tops))
+                    columns = [(j, builder.uitofp(low, v_floats)), (j + 16, builder.uitofp(high, v_floats))]
+                else:
+                    columns = [(j, builder.sitofp(raw, v_floats))]
+                for half, (column, values) in enumerate(columns):
+                    chain = half if high_bits == 2 else j % 2
+                    if high_bits == 2:  # code - 32 is exact in float32
+                        values = builder.fsub(values, ir.Constant(v_floats, [32.0] * TILE))
+                    for i in range(n_rows):
+                        acc[i][chain] = builder.call(fma, [values, x_splat(i, column), acc[i][chain]])
 
-                acc = [[ir.Constant(v_floats, [0.0] * TILE)] * 2 for _ in range(n_rows)]
-                for j in range(n_bytes):
-                    raw = code_row(j)
-                    if nibbles:
-                        low, high = builder.and_(raw, splat(15)), builder.lshr(raw, splat(4))
-                        if high_bits == 1:
-                            bits = builder.lshr(code_row(16 + j // 4), splat(j % 4))
-                            low = builder.or_(low, builder.shl(builder.and_(bits, splat(1)), splat(4)))
-                            high = builder.or_(high, builder.and_(bits, splat(16)))
-                        elif high_bits == 2:
-                            tops = [builder.lshr(code_row(16 + 4 * k + j // 4), splat(2 * (j % 4))) for k in (0, 1)]
-                            low, high = (builder.or_(c, builder.shl(builder.and_(top, splat(3)), splat(4)))
-                                         for c, top in zip((low, high), tops))
-                        columns = [(j, builder.uitofp(low, v_floats)), (j + 16, builder.uitofp(high, v_floats))]
-                    else:
-                        columns = [(j, builder.sitofp(raw, v_floats))]
-                    for half, (column, values) in enumerate(columns):
-                        chain = half if high_bits == 2 else j % 2
-                        if high_bits == 2:  # code - 32 is exact in float32
-                            values = builder.fsub(values, ir.Constant(v_floats, [32.0] * TILE))
-                        for i in range(n_rows):
-                            acc[i][chain] = builder.call(fma, [values, x_splat(i, column), acc[i][chain]])
+            def store(row, value):
+                q = cgutils.get_item_pointer(context, builder, sig.args[6], s_a, [intp(row), intp(0)])
+                builder.store(value, builder.bitcast(q, v_floats.as_pointer()), align=4)
 
-                def store(row, value):
-                    q = cgutils.get_item_pointer(context, builder, sig.args[6], s_a, [intp(row), intp(0)])
-                    builder.store(value, builder.bitcast(q, v_floats.as_pointer()), align=4)
+            for i in range(n_rows):
+                if high_bits == 2:
+                    store(i, acc[i][0])
+                    store(4 + i, acc[i][1])
+                else:
+                    store(i, builder.fadd(acc[i][0], acc[i][1]))
 
-                for i in range(n_rows):
-                    if high_bits == 2:
-                        store(i, acc[i][0])
-                        store(4 + i, acc[i][1])
-                    else:
-                        store(i, builder.fadd(acc[i][0], acc[i][1]))
+        done = builder.append_basic_block("code_sums.done")
+        switch = builder.switch(n_, done)
+        for n_rows in (1, 2, 3, 4):
+            block = builder.append_basic_block(f"code_sums.rows{n_rows}")
+            switch.add_case(intp(n_rows), block)
+            builder.position_at_end(block)
+            rows_body(n_rows)
+            builder.branch(done)
+        builder.position_at_end(done)
 
-            done = builder.append_basic_block("code_sums.done")
-            switch = builder.switch(n_, done)
-            for n_rows in (1, 2, 3, 4):
-                block = builder.append_basic_block(f"code_sums.rows{n_rows}")
-                switch.add_case(intp(n_rows), block)
-                builder.position_at_end(block)
-                rows_body(n_rows)
-                builder.branch(done)
-            builder.position_at_end(done)
-            return context.get_dummy_value()
-
-        return types.void(codes, t, g, X, m0, n, s), codegen
-
-    return code_sums
+    return emit
 
 
-# per layout (blocks of 1 to 4 rows of X: the engine runs 1 to 4 rows as one block)
-nibble_sums, q5_sums, q6_sums = (_make_code_sums(True, 16, bits) for bits in (0, 1, 2))
-byte32_sums, byte16_sums = _make_code_sums(False, 32), _make_code_sums(False, 16)
+# per layout, by the codes' dtype and byte rows per group
+_LAYOUTS = {types.uint8: {16: _make_code_sums(True, 16), 20: _make_code_sums(True, 16, 1),
+                          24: _make_code_sums(True, 16, 2)},
+            types.int8: {32: _make_code_sums(False, 32), 16: _make_code_sums(False, 16)}}
+
+
+@intrinsic
+def code_sums(typingctx, codes, t, g, X, m0, n, s):
+    """s[:n] = group g's code sums of rows m0.. of X (see _make_code_sums): the codes' dtype
+    picks nibbles or bytes when compiling, their byte rows per group the layout when running.
+
+    One intrinsic, called from direct_tiles' own body rather than through inlined helpers:
+    numba binds an inlined function's arguments as new variables, and where the helper
+    branches (by layout, by rows) it keeps the references it takes for them, a call of
+    NRT_incref / NRT_decref (an atomic add) each, six per group. That was a third of the
+    time of a one-row product (SmolLM2's 1536 x 576 Q4_1: 66.5 us, 44.5 without them)."""
+    if not (isinstance(codes, types.Array) and codes.ndim == 4 and codes.layout == "C"
+            and codes.dtype in _LAYOUTS
+            and all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2
+                    and a.layout == "C" for a in (X, s))):
+        return None  # code rows, rows of X and of s read and written as contiguous memory
+    layouts = _LAYOUTS[codes.dtype]
+
+    def codegen(context, builder, sig, args):
+        codes_a = context.make_array(sig.args[0])(context, builder, args[0])
+        byte_rows = cgutils.unpack_tuple(builder, codes_a.shape, 4)[2]
+        done = builder.append_basic_block("code_sums.layout_done")
+        switch = builder.switch(byte_rows, done)
+        for n_bytes, emit in layouts.items():
+            block = builder.append_basic_block(f"code_sums.bytes{n_bytes}")
+            switch.add_case(context.get_constant(types.intp, n_bytes), block)
+            builder.position_at_end(block)
+            emit(context, builder, sig, args)
+            builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return types.void(codes, t, g, X, m0, n, s), codegen
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -178,30 +202,6 @@ def x_group_sums(codes, mn, X):
     return xs
 
 
-@njit(nogil=True, cache=True, fastmath=_FM, inline="always")
-def _scale_into(acc, s, xs, m0, n, g, has_min):
-    """acc[i] += scale * s[i] (+ min * the group's sum of x) for i < n; scale in s[8], min in
-    s[9]. One multiply-add per statement (see qmatmul._tile_q4)."""
-    for i in range(n):
-        if has_min:
-            xg = xs[m0 + i, g]
-            for r in range(TILE):
-                a = acc[i, r] + s[8, r] * s[i, r]
-                acc[i, r] = a + s[9, r] * xg
-        else:
-            for r in range(TILE):
-                acc[i, r] += s[8, r] * s[i, r]
-
-
-@njit(nogil=True, cache=True, fastmath=_FM, inline="always")
-def _scale_halves_into(acc, s, n):
-    """acc[i] += scale of the low half * s[i] + scale of the high half * s[4 + i] (Q6_K)."""
-    for i in range(n):
-        for r in range(TILE):
-            a = acc[i, r] + s[8, r] * s[i, r]
-            acc[i, r] = a + s[9, r] * s[4 + i, r]
-
-
 @njit(nogil=True, cache=True)
 def _store(acc, out, t, m0, n):
     base = t * TILE
@@ -210,57 +210,12 @@ def _store(acc, out, t, m0, n):
             out[m0 + i, r] = acc[i, r - base]
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _block(rows_left):
-    return rows_left if rows_left < 4 else 4
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _nibble_sums(codes, t, g, X, m0, n, s):
-    if codes.shape[2] == 24:  # top two bits
-        q6_sums(codes, t, g, X, m0, n, s)
-    elif codes.shape[2] == 20:  # fifth bits
-        q5_sums(codes, t, g, X, m0, n, s)
-    else:
-        nibble_sums(codes, t, g, X, m0, n, s)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _byte_sums(codes, t, g, X, m0, n, s):
-    if codes.shape[2] == 32:
-        byte32_sums(codes, t, g, X, m0, n, s)
-    else:
-        byte16_sums(codes, t, g, X, m0, n, s)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _prefetch_group(codes, t, g):
-    """The cache lines of group g of tile t (its byte rows x TILE bytes; a literal per layout)."""
-    if codes.shape[2] == 16:
-        prefetch_row(codes, t, g, 512)
-    elif codes.shape[2] == 20:
-        prefetch_row(codes, t, g, 640)
-    elif codes.shape[2] == 24:
-        prefetch_row(codes, t, g, 768)
-    else:
-        prefetch_row(codes, t, g, 1024)
-
-
-def _code_sums(codes, t, g, X, m0, n, s):
-    """s[:n] = the group's code sums of rows m0.. of X, by the codes' kind (dtype)."""
-
-
-@overload(_code_sums, inline="always")
-def _code_sums_compiled(codes, t, g, X, m0, n, s):
-    if codes.dtype == types.uint8:
-        return lambda codes, t, g, X, m0, n, s: _nibble_sums(codes, t, g, X, m0, n, s)
-    return lambda codes, t, g, X, m0, n, s: _byte_sums(codes, t, g, X, m0, n, s)
-
-
 @njit(nogil=True, cache=True, fastmath=_FM)
 def direct_tiles(codes, scale, mn, X, xs, out, t0, t1):
     """out[:, rows of tiles t0..t1]: 4-, 5- and 6-bit nibbles (uint8 codes) or byte codes in
-    groups of 32 or 16 (int8); xs from direct_sums."""
+    groups of 32 or 16 (int8); xs from direct_sums. Every helper here is an intrinsic or a
+    single statement (see code_sums); the scale loops are one multiply-add per statement (see
+    qmatmul._tile_q4)."""
     s = np.empty((10, TILE), np.float32)  # sums of 4 rows of X (Q6_K: 2 x 4), the scales, the mins
     acc = np.empty((4, TILE), np.float32)
     six_bit = codes.shape[2] == 24
@@ -268,20 +223,40 @@ def direct_tiles(codes, scale, mn, X, xs, out, t0, t1):
     for t in range(t0, t1):
         m0 = 0
         while m0 < X.shape[0]:
-            n = _block(X.shape[0] - m0)
-            acc[:n] = 0.0
+            n = min(X.shape[0] - m0, 4)
+            for i in range(n):
+                for r in range(TILE):
+                    acc[i, r] = 0.0
             for g in range(codes.shape[1]):
                 if m0 == 0:  # the next tile's group, while this one computes (see qmatmul._tile_q4)
-                    _prefetch_group(codes, t + 1, g)
-                _code_sums(codes, t, g, X, m0, n, s)
+                    if codes.shape[2] == 16:
+                        prefetch_row(codes, t + 1, g, 512)
+                    elif codes.shape[2] == 20:
+                        prefetch_row(codes, t + 1, g, 640)
+                    elif codes.shape[2] == 24:
+                        prefetch_row(codes, t + 1, g, 768)
+                    else:
+                        prefetch_row(codes, t + 1, g, 1024)
+                code_sums(codes, t, g, X, m0, n, s)
                 if six_bit:  # the halves of 16 columns on scale groups 2 g and 2 g + 1
                     scale_row(scale, t, 2 * g, s, 8)
                     scale_row(scale, t, 2 * g + 1, s, 9)
-                    _scale_halves_into(acc, s, n)
+                    for i in range(n):
+                        for r in range(TILE):
+                            a = acc[i, r] + s[8, r] * s[i, r]
+                            acc[i, r] = a + s[9, r] * s[4 + i, r]
                     continue
                 scale_row(scale, t, g, s, 8)
                 if has_min:
                     scale_row(mn, t, g, s, 9)
-                _scale_into(acc, s, xs, m0, n, g, has_min)
+                    for i in range(n):
+                        xg = xs[m0 + i, g]
+                        for r in range(TILE):
+                            a = acc[i, r] + s[8, r] * s[i, r]
+                            acc[i, r] = a + s[9, r] * xg
+                else:
+                    for i in range(n):
+                        for r in range(TILE):
+                            acc[i, r] += s[8, r] * s[i, r]
             _store(acc, out, t, m0, n)
             m0 += n
