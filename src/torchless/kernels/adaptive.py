@@ -23,7 +23,7 @@ from numba.extending import intrinsic
 
 from . import qmatmul, qmatmul_batch
 from .direct_tiles import direct_sums
-from .qmatmul import TILE, PackedWeight, _group_sums, _tile_f32, _tile_q4, _tile_q8, reads_x_sums
+from .qmatmul import TILE, PackedWeight, _group_sums, _span_f32, _span_q4, _span_q8, reads_x_sums
 from .qmatmul_batch import _float_range_f32, _float_range_q4, _float_range_q8
 from .fused import attend_heads
 from .workdist import WorkDistributionConfig, WorkStealingStats
@@ -92,8 +92,7 @@ def _tasks_q4(codes, scale, mn, group, x, out, bounds, owners, starts):
         acc = np.empty(TILE, np.float32)
         i = _claim(counters, ends, w)
         while i >= 0:
-            for t in range(bounds[i] // TILE, (bounds[i + 1] + TILE - 1) // TILE):
-                _tile_q4(codes, scale, mn, x, xs, out, t, bounds[i], bounds[i + 1], s, acc)
+            _span_q4(codes, scale, mn, x, xs, out, bounds[i], bounds[i + 1], s, acc)
             runners[i] = w
             i = _claim(counters, ends, w)
     return _count_local(runners, owners), runners
@@ -111,8 +110,7 @@ def _tasks_q8(codes, scale, mn, group, x, out, bounds, owners, starts):
         acc = np.empty(TILE, np.float32)
         i = _claim(counters, ends, w)
         while i >= 0:
-            for t in range(bounds[i] // TILE, (bounds[i + 1] + TILE - 1) // TILE):
-                _tile_q8(codes, scale, mn, x, xs, out, t, bounds[i], bounds[i + 1], s, acc)
+            _span_q8(codes, scale, mn, x, xs, out, bounds[i], bounds[i + 1], s, acc)
             runners[i] = w
             i = _claim(counters, ends, w)
     return _count_local(runners, owners), runners
@@ -128,8 +126,7 @@ def _tasks_f32(codes, scale, mn, group, x, out, bounds, owners, starts):
         acc = np.empty(TILE, np.float32)
         i = _claim(counters, ends, w)
         while i >= 0:
-            for t in range(bounds[i] // TILE, (bounds[i + 1] + TILE - 1) // TILE):
-                _tile_f32(codes, scale, mn, x, xs, out, t, bounds[i], bounds[i + 1], s, acc)
+            _span_f32(codes, scale, mn, x, xs, out, bounds[i], bounds[i + 1], s, acc)
             runners[i] = w
             i = _claim(counters, ends, w)
     return _count_local(runners, owners), runners

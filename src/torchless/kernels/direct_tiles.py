@@ -66,8 +66,8 @@ def _make_code_sums(nibbles: bool, n_bytes: int, high_bits: int = 0):
         base = builder.mul(g_, intp(32 if nibbles else n_bytes))
 
         def rows_body(n_rows):
-            x_rows = [cgutils.get_item_pointer(context, builder, sig.args[3], x_a, [builder.add(m_, intp(i)), base])
-                      for i in range(n_rows)]
+            x_rows = [cgutils.get_item_pointer(context, builder, sig.args[3], x_a, [base] if sig.args[3].ndim == 1
+                                               else [builder.add(m_, intp(i)), base]) for i in range(n_rows)]
 
             def x_splat(i, column):
                 x = builder.load(builder.gep(x_rows[i], [intp(column)]))
@@ -115,7 +115,7 @@ def _make_code_sums(nibbles: bool, n_bytes: int, high_bits: int = 0):
 
         done = builder.append_basic_block("code_sums.done")
         switch = builder.switch(n_, done)
-        for n_rows in (1, 2, 3, 4):
+        for n_rows in (1,) if sig.args[3].ndim == 1 else (1, 2, 3, 4):  # a vector x: one row
             block = builder.append_basic_block(f"code_sums.rows{n_rows}")
             switch.add_case(intp(n_rows), block)
             builder.position_at_end(block)
@@ -134,18 +134,19 @@ _LAYOUTS = {types.uint8: {16: _make_code_sums(True, 16), 20: _make_code_sums(Tru
 
 @intrinsic
 def code_sums(typingctx, codes, t, g, X, m0, n, s):
-    """s[:n] = group g's code sums of rows m0.. of X (see _make_code_sums): the codes' dtype
-    picks nibbles or bytes when compiling, their byte rows per group the layout when running.
+    """s[:n] = group g's code sums of rows m0.. of X (see _make_code_sums); X may be a vector
+    (the matvec: m0 0, n 1). The codes' dtype picks nibbles or bytes when compiling, their byte
+    rows per group the layout when running.
 
     One intrinsic, called from direct_tiles' own body rather than through inlined helpers:
     numba binds an inlined function's arguments as new variables, and where the helper
     branches (by layout, by rows) it keeps the references it takes for them, a call of
     NRT_incref / NRT_decref (an atomic add) each, six per group. That was a third of the
     time of a one-row product (SmolLM2's 1536 x 576 Q4_1: 66.5 us, 44.5 without them)."""
+    floats = lambda a, dims: (isinstance(a, types.Array) and a.dtype == types.float32  # noqa: E731
+                              and a.ndim in dims and a.layout == "C")
     if not (isinstance(codes, types.Array) and codes.ndim == 4 and codes.layout == "C"
-            and codes.dtype in _LAYOUTS
-            and all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2
-                    and a.layout == "C" for a in (X, s))):
+            and codes.dtype in _LAYOUTS and floats(X, (1, 2)) and floats(s, (2,))):
         return None  # code rows, rows of X and of s read and written as contiguous memory
     layouts = _LAYOUTS[codes.dtype]
 
@@ -215,7 +216,7 @@ def direct_tiles(codes, scale, mn, X, xs, out, t0, t1):
     """out[:, rows of tiles t0..t1]: 4-, 5- and 6-bit nibbles (uint8 codes) or byte codes in
     groups of 32 or 16 (int8); xs from direct_sums. Every helper here is an intrinsic or a
     single statement (see code_sums); the scale loops are one multiply-add per statement (see
-    qmatmul._tile_q4)."""
+    qmatmul._span_nibbles)."""
     s = np.empty((10, TILE), np.float32)  # sums of 4 rows of X (Q6_K: 2 x 4), the scales, the mins
     acc = np.empty((4, TILE), np.float32)
     six_bit = codes.shape[2] == 24
@@ -228,7 +229,7 @@ def direct_tiles(codes, scale, mn, X, xs, out, t0, t1):
                 for r in range(TILE):
                     acc[i, r] = 0.0
             for g in range(codes.shape[1]):
-                if m0 == 0:  # the next tile's group, while this one computes (see qmatmul._tile_q4)
+                if m0 == 0:  # the next tile's group, while this one computes (see qmatmul._span_nibbles)
                     if codes.shape[2] == 16:
                         prefetch_row(codes, t + 1, g, 512)
                     elif codes.shape[2] == 20:

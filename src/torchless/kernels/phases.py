@@ -33,7 +33,7 @@ from numba.extending import intrinsic, overload
 
 from . import adaptive
 from .fused import add_into, attend_heads, glu_rows, post_norm, rmsnorm_into, rope_and_store
-from .qmatmul import TILE, _group_sums, _tile_f32, _tile_q4, _tile_q8, reads_x_sums
+from .qmatmul import TILE, _group_sums, _span_f32, _span_q4, _span_q8, reads_x_sums
 
 
 @intrinsic
@@ -83,7 +83,7 @@ def _run_task(weight, x, xs, out, i, s, acc):
     """Task i of out = W x (+ bias): the rows bounds[i]:bounds[i + 1], tile by tile."""
 
 
-_TILES = {"q4": _tile_q4, "q8": _tile_q8, "f32": _tile_f32}
+_SPANS = {"q4": _span_q4, "q8": _span_q8, "f32": _span_f32}
 
 
 def kind_of(codes_type) -> str:
@@ -110,13 +110,12 @@ def _x_sums_impl(weight, x):
 
 @overload(_run_task)
 def _run_task_impl(weight, x, xs, out, i, s, acc):
-    tile = _TILES[kind_of(weight.types[0])]
+    span = _SPANS[kind_of(weight.types[0])]
 
     def impl(weight, x, xs, out, i, s, acc):
         codes, scale, mn, bias, bounds = weight[0], weight[1], weight[2], weight[4], weight[6]
         lo, hi = bounds[i], bounds[i + 1]
-        for t in range(lo // TILE, (hi + TILE - 1) // TILE):
-            tile(codes, scale, mn, x, xs, out, t, lo, hi, s, acc)
+        span(codes, scale, mn, x, xs, out, lo, hi, s, acc)
         for r in range(lo, hi if bias.shape[0] else lo):
             out[r] += bias[r]
 

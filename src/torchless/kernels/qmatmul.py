@@ -16,7 +16,10 @@ the row loop is the outer one in the source, with the (constant-length) column l
 split over four partial sums: LLVM unrolls the columns and vectorizes across rows with the sums
 in registers. With the column loop outside, each group of 4 columns stored and reloaded the
 sums, and that latency bounded decode: Q8_0 at 16 G weights/s on one core, 27 now; Q4_1 at
-27, 40 now (benchmarks/bench_decode_kernels.py).
+27, 40 now (benchmarks/bench_decode_kernels.py). The 4-, 5- and 8-bit layouts now sum a
+group's codes with direct_tiles.code_sums (LLVM IR, the batched kernels' one-row body), so a
+row's matvec and its batched product are the same operations: 1.1-1.25x faster than the numba
+loops were (benchmarks/bench_batch_kernel.py's shapes, Emerald Rapids).
 
 The layouts and the repacking are in `packing` (`prepare()` turns every GGML type into "q4", "q8"
 or "f32" tiles; scales are float16 bits or float32, read with `widen_row` / `row_value`).
@@ -37,6 +40,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .direct_tiles import code_sums
 from .float_tiles import (expand_bytes, expand_iq4, expand_nibbles, expand_q2, expand_q3, expand_q5, expand_q6,
                           iq4_code_sums, low_code_sums_q2, low_code_sums_q3, scale_row)
 from .packing import (F16_SCALE_TYPES, LOOKUP_BYTES, LOW_BIT_BYTES, NIBBLE_SUBSCALE_TYPES, Q3_K, TILE,  # noqa: F401
@@ -73,60 +77,14 @@ def _group_sums(x, group, xs):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM, inline="always")
-def _q4_group_sums(codes, t, g, x, s):
-    """s[0, r] = the sum over group g's 32 columns of code x, for 4-bit codes: byte j holds
-    columns j (low nibble) and j + 16 (high). Vectorized across rows, four partial sums in
-    registers (see _q8_group_sums)."""
-    o = g * 32
-    for r in range(TILE):
-        a = np.float32(0.0); b = np.float32(0.0); c = np.float32(0.0); d = np.float32(0.0)
-        for j in range(0, 16, 2):
-            # uint8 arithmetic stays in bytes (numba would widen it to int64, which halves
-            # the vector width of the int->float conversion)
-            v, w = codes[t, g, j, r], codes[t, g, j + 1, r]
-            a += np.float32(np.uint8(v & np.uint8(15))) * x[o + j]
-            b += np.float32(np.uint8(v >> np.uint8(4))) * x[o + j + 16]
-            c += np.float32(np.uint8(w & np.uint8(15))) * x[o + j + 1]
-            d += np.float32(np.uint8(w >> np.uint8(4))) * x[o + j + 17]
-        s[0, r] = (a + b) + (c + d)
-
-
-@njit(nogil=True, cache=True, fastmath=_FM, inline="always")
-def _q5_group_sums(codes, t, g, x, s):
-    """As _q4_group_sums for 5-bit codes: byte 16 + j // 4 holds the fifth bits of columns
-    j..j+3 (bits 0-3) and j+16..j+19 (bits 4-7), merged into the codes as bytes. Here the row
-    loop inside the column loop measured faster (1.1x) than partial sums in registers."""
-    for r in range(TILE):
-        s[0, r] = 0.0
-    o = g * 32
-    m4, b = np.uint8(15), np.uint8(16)
-    for j in range(0, 16, 4):
-        x0 = x[o + j]; x1 = x[o + j + 1]; x2 = x[o + j + 2]; x3 = x[o + j + 3]
-        y0 = x[o + j + 16]; y1 = x[o + j + 17]; y2 = x[o + j + 18]; y3 = x[o + j + 19]
-        for r in range(TILE):
-            v0 = codes[t, g, j, r]; v1 = codes[t, g, j + 1, r]
-            v2 = codes[t, g, j + 2, r]; v3 = codes[t, g, j + 3, r]
-            h = codes[t, g, 16 + j // 4, r]
-            a = s[0, r]
-            a += np.float32(np.uint8((v0 & m4) | ((h << np.uint8(4)) & b))) * x0
-            a += np.float32(np.uint8((v0 >> np.uint8(4)) | (h & b))) * y0
-            a += np.float32(np.uint8((v1 & m4) | ((h << np.uint8(3)) & b))) * x1
-            a += np.float32(np.uint8((v1 >> np.uint8(4)) | ((h >> np.uint8(1)) & b))) * y1
-            a += np.float32(np.uint8((v2 & m4) | ((h << np.uint8(2)) & b))) * x2
-            a += np.float32(np.uint8((v2 >> np.uint8(4)) | ((h >> np.uint8(2)) & b))) * y2
-            a += np.float32(np.uint8((v3 & m4) | ((h << np.uint8(1)) & b))) * x3
-            a += np.float32(np.uint8((v3 >> np.uint8(4)) | ((h >> np.uint8(3)) & b))) * y3
-            s[0, r] = a
-
-
-@njit(nogil=True, cache=True, fastmath=_FM, inline="always")
 def _q6_group_sums(codes, t, g, x, s):
-    """As _q5_group_sums for 6-bit codes (Q6_K), whose scale changes every 16 columns, so the
+    """The code sums of 6-bit codes (Q6_K), whose scale changes every 16 columns, so the
     halves are summed apart: s[0, r] over the 16 low-nibble columns, s[3, r] over the 16
     high-nibble ones. Bits 2i, 2i+1 of byte 16 + k hold the top two bits of low-nibble column
     4k + i, of byte 20 + k those of high-nibble column 16 + 4k + i: a shift and a mask put
-    them in place (bits 4-5). The row loop outside with sums in registers, as in
-    _q4_group_sums, measured 1.15x faster here than _q5_group_sums's order."""
+    them in place (bits 4-5). The row loop outside with sums in registers measured 1.15x
+    faster than the column loop outside. (The 4-, 5- and 8-bit matvecs take their code sums
+    from direct_tiles.code_sums instead.)"""
     o = g * 32
     m4, top = np.uint8(15), np.uint8(48)
     for r in range(TILE):
@@ -157,111 +115,121 @@ def _add_halves(acc, scale, mn, xs, t, g, s):
         widen_row(mn, t, 2 * g + half, s, 2)
         xg = xs[2 * g + half]
         for r in range(TILE):
-            # one multiply-add per statement (see _tile_q4)
+            # one multiply-add per statement (see _span_nibbles)
             a = acc[r] + row_value(scale, t, 2 * g + half, r, s, 1) * s[3 * half, r]
             acc[r] = a + row_value(mn, t, 2 * g + half, r, s, 2) * xg
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _tile_q6(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
-    """_tile_q4 for 6-bit codes, a scale per 16 columns: the halves of each group apart. Its own
-    function, apart from _tile_q4's loop (as a branch there, with the accumulation shared in a
-    helper, Q4_K's and Q5_K's matvecs ran 1.1-1.3x slower)."""
-    acc[:] = 0.0
-    for g in range(codes.shape[1]):
-        prefetch_row(codes, t + 1, g, 768)  # the next tile's group (see _tile_q4)
-        _q6_group_sums(codes, t, g, x, s)
-        _add_halves(acc, scale, mn, xs, t, g, s)  # the min (-32 scale) is always kept
-    base = t * TILE
-    for r in range(max(r0, base), min(r1, base + TILE)):
-        out[r] = acc[r - base]
+def _span_q6(codes, scale, mn, x, xs, out, r0, r1, s, acc):
+    """_span_nibbles for 6-bit codes, a scale per 16 columns: the halves of each group apart. Its
+    own function, apart from _span_nibbles' loop (as a branch there, with the accumulation shared
+    in a helper, Q4_K's and Q5_K's matvecs ran 1.1-1.3x slower)."""
+    for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
+        acc[:] = 0.0
+        for g in range(codes.shape[1]):
+            prefetch_row(codes, t + 1, g, 768)  # the next tile's group (see _span_nibbles)
+            _q6_group_sums(codes, t, g, x, s)
+            _add_halves(acc, scale, mn, xs, t, g, s)  # the min (-32 scale) is always kept
+        base = t * TILE
+        for r in range(max(r0, base), min(r1, base + TILE)):
+            out[r] = acc[r - base]
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _tile_low(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
-    """_tile_q6 for 2- and 3-bit codes. Q2_K keeps a min per 16 columns; Q3_K's weight is
+def _span_low(codes, scale, mn, x, xs, out, r0, r1, s, acc):
+    """_span_q6 for 2- and 3-bit codes. Q2_K keeps a min per 16 columns; Q3_K's weight is
     scale * (code - 4), so each half adds scale * (sum of code x - 4 x the half's sum of x)."""
-    three_bit = codes.shape[2] > 8
-    acc[:] = 0.0
-    for g in range(codes.shape[1]):
-        prefetch_row(codes, t + 1, g, 384)  # the next tile's group (see _tile_q4)
-        # the column sums of the codes into s[0] and s[3] (float_tiles), then each half's share
-        if not three_bit:
-            low_code_sums_q2(codes, t, g, x, s)
-            _add_halves(acc, scale, mn, xs, t, g, s)
-            continue
-        low_code_sums_q3(codes, t, g, x, s)
-        for half in range(2):
-            widen_row(scale, t, 2 * g + half, s, 1)
-            xg = xs[2 * g + half]
-            for r in range(TILE):
-                acc[r] += row_value(scale, t, 2 * g + half, r, s, 1) * (s[3 * half, r] - np.float32(4.0) * xg)
-    base = t * TILE
-    for r in range(max(r0, base), min(r1, base + TILE)):
-        out[r] = acc[r - base]
+    for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
+        three_bit = codes.shape[2] > 8
+        acc[:] = 0.0
+        for g in range(codes.shape[1]):
+            prefetch_row(codes, t + 1, g, 384)  # the next tile's group (see _span_nibbles)
+            # the column sums of the codes into s[0] and s[3] (float_tiles), then each half's share
+            if not three_bit:
+                low_code_sums_q2(codes, t, g, x, s)
+                _add_halves(acc, scale, mn, xs, t, g, s)
+                continue
+            low_code_sums_q3(codes, t, g, x, s)
+            for half in range(2):
+                widen_row(scale, t, 2 * g + half, s, 1)
+                xg = xs[2 * g + half]
+                for r in range(TILE):
+                    acc[r] += row_value(scale, t, 2 * g + half, r, s, 1) * (s[3 * half, r] - np.float32(4.0) * xg)
+        base = t * TILE
+        for r in range(max(r0, base), min(r1, base + TILE)):
+            out[r] = acc[r - base]
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _tile_iq4(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
-    """_tile_q4 for nibbles that index IQ4NL_VALUES (IQ4_NL, IQ4_XS; no min)."""
-    acc[:] = 0.0
-    for g in range(codes.shape[1]):
-        prefetch_row(codes, t + 1, g, 544)  # the next tile's group (see _tile_q4)
-        prefetch_scales(scale, t + 1, g)
-        iq4_code_sums(codes, t, g, x, s)
-        widen_row(scale, t, g, s, 1)
-        for r in range(TILE):
-            acc[r] += row_value(scale, t, g, r, s, 1) * s[0, r]
-    base = t * TILE
-    for r in range(max(r0, base), min(r1, base + TILE)):
-        out[r] = acc[r - base]
-
-
-@njit(nogil=True, cache=True, fastmath=_FM)
-def _tile_q4(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
-    if codes.shape[2] < 16:
-        _tile_low(codes, scale, mn, x, xs, out, t, r0, r1, s, acc)
-        return
-    if codes.shape[2] == _IQ4_BYTES:
-        _tile_iq4(codes, scale, mn, x, xs, out, t, r0, r1, s, acc)
-        return
-    if codes.shape[2] > 20:
-        _tile_q6(codes, scale, mn, x, xs, out, t, r0, r1, s, acc)
-        return
-    n_groups = codes.shape[1]
-    has_min = mn.shape[1] > 0
-    five_bit = codes.shape[2] > 16
-    acc[:] = 0.0
-    for g in range(n_groups):
-        # the next tile's group, while this one computes: the hardware prefetcher alone left a
-        # cold decode sweep of Gemma 3's layers at ~8 GB/s (benchmarks/bench_qmatmul.py)
-        if five_bit:
-            prefetch_row(codes, t + 1, g, 640)
-        else:
-            prefetch_row(codes, t + 1, g, 512)
-        prefetch_scales(scale, t + 1, g)
-        if has_min:
-            prefetch_scales(mn, t + 1, g)
-        if five_bit:
-            _q5_group_sums(codes, t, g, x, s)
-        else:
-            _q4_group_sums(codes, t, g, x, s)
-        widen_row(scale, t, g, s, 1)
-        if has_min:
-            widen_row(mn, t, g, s, 2)
-            xg = xs[g]
-            for r in range(TILE):
-                # one multiply-add per statement: with two, LLVM may fuse either product, and
-                # chooses differently once a caller inlines this tile (prange vs row-range
-                # results would then differ in the last bit)
-                a = acc[r] + row_value(scale, t, g, r, s, 1) * s[0, r]
-                acc[r] = a + row_value(mn, t, g, r, s, 2) * xg
-        else:
+def _span_iq4(codes, scale, mn, x, xs, out, r0, r1, s, acc):
+    """_span_nibbles for nibbles that index IQ4NL_VALUES (IQ4_NL, IQ4_XS; no min)."""
+    for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
+        acc[:] = 0.0
+        for g in range(codes.shape[1]):
+            prefetch_row(codes, t + 1, g, 544)  # the next tile's group (see _span_nibbles)
+            prefetch_scales(scale, t + 1, g)
+            iq4_code_sums(codes, t, g, x, s)
+            widen_row(scale, t, g, s, 1)
             for r in range(TILE):
                 acc[r] += row_value(scale, t, g, r, s, 1) * s[0, r]
-    base = t * TILE
-    for r in range(max(r0, base), min(r1, base + TILE)):
-        out[r] = acc[r - base]
+        base = t * TILE
+        for r in range(max(r0, base), min(r1, base + TILE)):
+            out[r] = acc[r - base]
+
+
+@njit(nogil=True, cache=True)
+def _span_q4(codes, scale, mn, x, xs, out, r0, r1, s, acc):
+    """out[r0:r1] = W[r0:r1] x on uint8 codes, tile by tile (a tile cut by the range is computed
+    whole, only its rows in the range written), with the caller's scratch s (4, TILE) and acc
+    (TILE,). A call per range, not per tile: numba takes a reference to each array argument
+    where a function branches into calls as this one does (an NRT_incref and NRT_decref, an
+    atomic add each), 16 a call, which per tile were 10-20% of a one-row product."""
+    if codes.shape[2] < 16:
+        _span_low(codes, scale, mn, x, xs, out, r0, r1, s, acc)
+    elif codes.shape[2] == _IQ4_BYTES:
+        _span_iq4(codes, scale, mn, x, xs, out, r0, r1, s, acc)
+    elif codes.shape[2] > 20:
+        _span_q6(codes, scale, mn, x, xs, out, r0, r1, s, acc)
+    else:
+        _span_nibbles(codes, scale, mn, x, xs, out, r0, r1, s, acc)
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def _span_nibbles(codes, scale, mn, x, xs, out, r0, r1, s, acc):
+    """4- and 5-bit codes (Q4_0, Q4_1, Q4_K; Q5_0, Q5_1, Q5_K)."""
+    for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
+        n_groups = codes.shape[1]
+        has_min = mn.shape[1] > 0
+        five_bit = codes.shape[2] > 16
+        acc[:] = 0.0
+        for g in range(n_groups):
+            # the next tile's group, while this one computes: the hardware prefetcher alone left a
+            # cold decode sweep of Gemma 3's layers at ~8 GB/s (benchmarks/bench_qmatmul.py)
+            if five_bit:
+                prefetch_row(codes, t + 1, g, 640)
+            else:
+                prefetch_row(codes, t + 1, g, 512)
+            prefetch_scales(scale, t + 1, g)
+            if has_min:
+                prefetch_scales(mn, t + 1, g)
+            code_sums(codes, t, g, x, 0, 1, s)  # direct_tiles' one-row code sums, into s[0]
+            widen_row(scale, t, g, s, 1)
+            if has_min:
+                widen_row(mn, t, g, s, 2)
+                xg = xs[g]
+                for r in range(TILE):
+                    # one multiply-add per statement: with two, LLVM may fuse either product, and
+                    # chooses differently once a caller inlines this tile (prange vs row-range
+                    # results would then differ in the last bit)
+                    a = acc[r] + row_value(scale, t, g, r, s, 1) * s[0, r]
+                    acc[r] = a + row_value(mn, t, g, r, s, 2) * xg
+            else:
+                for r in range(TILE):
+                    acc[r] += row_value(scale, t, g, r, s, 1) * s[0, r]
+        base = t * TILE
+        for r in range(max(r0, base), min(r1, base + TILE)):
+            out[r] = acc[r - base]
 
 
 @njit(nogil=True, cache=True, fastmath=_FM, inline="always")
@@ -282,37 +250,36 @@ def _q8_group_sums(codes, t, g, x, s, group):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _tile_q8(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
-    n_groups, group = codes.shape[1], codes.shape[2]
-    has_min = mn.shape[1] > 0
-    acc[:] = 0.0
-    for g in range(n_groups):
-        prefetch_scales(scale, t + 1, g)  # the next tile's group (see _tile_q4)
-        if has_min:
-            prefetch_scales(mn, t + 1, g)
-        prefetch_row(codes, t + 1, g, 1024)
-        if group == 32:
-            _q8_group_sums(codes, t, g, x, s, 32)
-        elif group == 16:
-            _q8_group_sums(codes, t, g, x, s, 16)
-        else:
-            _q8_group_sums(codes, t, g, x, s, group)
-        widen_row(scale, t, g, s, 1)
-        if has_min:
-            widen_row(mn, t, g, s, 2)
-            xg = xs[g]
-            for r in range(TILE):
-                # one multiply-add per statement: with two, LLVM may fuse either product, and
-                # chooses differently once a caller inlines this tile (prange vs row-range
-                # results would then differ in the last bit)
-                a = acc[r] + row_value(scale, t, g, r, s, 1) * s[0, r]
-                acc[r] = a + row_value(mn, t, g, r, s, 2) * xg
-        else:
-            for r in range(TILE):
-                acc[r] += row_value(scale, t, g, r, s, 1) * s[0, r]
-    base = t * TILE
-    for r in range(max(r0, base), min(r1, base + TILE)):
-        out[r] = acc[r - base]
+def _span_q8(codes, scale, mn, x, xs, out, r0, r1, s, acc):
+    for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
+        n_groups, group = codes.shape[1], codes.shape[2]
+        has_min = mn.shape[1] > 0
+        acc[:] = 0.0
+        for g in range(n_groups):
+            prefetch_scales(scale, t + 1, g)  # the next tile's group (see _span_nibbles)
+            if has_min:
+                prefetch_scales(mn, t + 1, g)
+            prefetch_row(codes, t + 1, g, 1024)
+            if group == 32 or group == 16:
+                code_sums(codes, t, g, x, 0, 1, s)  # direct_tiles' one-row code sums, into s[0]
+            else:
+                _q8_group_sums(codes, t, g, x, s, group)
+            widen_row(scale, t, g, s, 1)
+            if has_min:
+                widen_row(mn, t, g, s, 2)
+                xg = xs[g]
+                for r in range(TILE):
+                    # one multiply-add per statement: with two, LLVM may fuse either product, and
+                    # chooses differently once a caller inlines this tile (prange vs row-range
+                    # results would then differ in the last bit)
+                    a = acc[r] + row_value(scale, t, g, r, s, 1) * s[0, r]
+                    acc[r] = a + row_value(mn, t, g, r, s, 2) * xg
+            else:
+                for r in range(TILE):
+                    acc[r] += row_value(scale, t, g, r, s, 1) * s[0, r]
+        base = t * TILE
+        for r in range(max(r0, base), min(r1, base + TILE)):
+            out[r] = acc[r - base]
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
@@ -339,8 +306,9 @@ def _dot_tile(wt, x, out, base, r0, r1, acc):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _tile_f32(codes, scale, mn, x, xs, out, t, r0, r1, s, acc):
-    _dot_tile(codes[t], x, out, t * TILE, r0, r1, acc)
+def _span_f32(codes, scale, mn, x, xs, out, r0, r1, s, acc):
+    for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
+        _dot_tile(codes[t], x, out, t * TILE, r0, r1, acc)
 
 
 # Dequantize one tile into wt: float32 (cols, TILE), rows side by side (for matmul and rows).
@@ -439,8 +407,7 @@ def _rows_q4(codes, scale, mn, group, x, out, r0, r1):
         _group_sums(x, group, xs)
     s = np.empty((4, TILE), np.float32)  # sums, widened scales, widened mins, 6-bit high halves' sums
     acc = np.empty(TILE, np.float32)
-    for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
-        _tile_q4(codes, scale, mn, x, xs, out, t, r0, r1, s, acc)
+    _span_q4(codes, scale, mn, x, xs, out, r0, r1, s, acc)
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -452,7 +419,8 @@ def _par_q4(codes, scale, mn, group, x, out, r0, r1):
     for i in prange((r1 + TILE - 1) // TILE - t0):
         s = np.empty((4, TILE), np.float32)  # per task: tasks run on different threads
         acc = np.empty(TILE, np.float32)
-        _tile_q4(codes, scale, mn, x, xs, out, t0 + i, r0, r1, s, acc)
+        t = t0 + i
+        _span_q4(codes, scale, mn, x, xs, out, max(r0, t * TILE), min(r1, t * TILE + TILE), s, acc)
 
 
 @njit(nogil=True, cache=True)
@@ -462,8 +430,7 @@ def _rows_q8(codes, scale, mn, group, x, out, r0, r1):
         _group_sums(x, group, xs)
     s = np.empty((3, TILE), np.float32)  # sums, widened scales, widened mins
     acc = np.empty(TILE, np.float32)
-    for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
-        _tile_q8(codes, scale, mn, x, xs, out, t, r0, r1, s, acc)
+    _span_q8(codes, scale, mn, x, xs, out, r0, r1, s, acc)
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -475,7 +442,8 @@ def _par_q8(codes, scale, mn, group, x, out, r0, r1):
     for i in prange((r1 + TILE - 1) // TILE - t0):
         s = np.empty((3, TILE), np.float32)  # per task: tasks run on different threads
         acc = np.empty(TILE, np.float32)
-        _tile_q8(codes, scale, mn, x, xs, out, t0 + i, r0, r1, s, acc)
+        t = t0 + i
+        _span_q8(codes, scale, mn, x, xs, out, max(r0, t * TILE), min(r1, t * TILE + TILE), s, acc)
 
 
 @njit(nogil=True, cache=True)
@@ -485,8 +453,7 @@ def _rows_f32(codes, scale, mn, group, x, out, r0, r1):
         _group_sums(x, group, xs)
     s = np.empty((3, TILE), np.float32)  # sums, widened scales, widened mins
     acc = np.empty(TILE, np.float32)
-    for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
-        _tile_f32(codes, scale, mn, x, xs, out, t, r0, r1, s, acc)
+    _span_f32(codes, scale, mn, x, xs, out, r0, r1, s, acc)
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -498,7 +465,8 @@ def _par_f32(codes, scale, mn, group, x, out, r0, r1):
     for i in prange((r1 + TILE - 1) // TILE - t0):
         s = np.empty((3, TILE), np.float32)  # per task: tasks run on different threads
         acc = np.empty(TILE, np.float32)
-        _tile_f32(codes, scale, mn, x, xs, out, t0 + i, r0, r1, s, acc)
+        t = t0 + i
+        _span_f32(codes, scale, mn, x, xs, out, max(r0, t * TILE), min(r1, t * TILE + TILE), s, acc)
 
 
 @njit(nogil=True, cache=True)
