@@ -144,6 +144,34 @@ def test_a_rows_product_does_not_depend_on_the_rows_beside_it(qtype):
             np.testing.assert_array_equal(part, whole[n - m:], err_msg=f"{m} of {n} rows")
 
 
+@pytest.mark.parametrize("qtype", [GT.Q4_0, GT.Q4_1, GT.Q8_0, GT.Q4_K, GT.Q5_0, GT.Q5_1, GT.Q5_K],
+                         ids=lambda t: t.name)
+def test_a_rows_matvec_equals_its_batched_product(qtype):
+    """On 4-, 5- and 8-bit codes a row's matvec (a sequence decoding alone: serial, prange and
+    task-scheduled) gets the bits that row gets in a batched product of 1 to 4 rows (the same
+    sequence in a micro-batch): the matvec sums a group's codes with the direct kernel's code."""
+    from torchless.kernels import adaptive
+
+    rows, cols = 70, 256
+    w = qm.prepare(make_weight(qtype, rows, cols, seed=8)[0])
+    X = np.random.default_rng(9).standard_normal((4, cols)).astype(np.float32)
+    X[:, 7] *= 30  # an outlier column
+    batched = np.empty((4, rows), np.float32)
+    qm.matmul_into(w, X, batched)
+    plan = adaptive._matmul_plan(rows, cols, None, 2)  # tasks of 32 rows and less
+
+    def tasks(x, out):
+        adaptive._TASK_KERNELS[w.kind](w.codes, w.scale, w.min, w.group, x, out, plan.bounds, plan.owners,
+                                       plan.starts)
+
+    for i in range(4):
+        for fn in (lambda x, out: qm.matvec_rows(w, x, out, 0, rows), lambda x, out: qm.matvec_into(w, x, out),
+                   tasks):
+            out = np.full(rows, np.nan, np.float32)
+            fn(X[i], out)
+            np.testing.assert_array_equal(out, batched[i], err_msg=f"row {i}")
+
+
 def test_dequantize_rows_exact():
     for qtype in ALL:
         qt, ref = make_weight(qtype, 40, 256, seed=6)
