@@ -217,7 +217,7 @@ def direct_tiles(codes, scale, mn, X, xs, out, t0, t1):
     """out[:, rows of tiles t0..t1]: 4-, 5- and 6-bit nibbles (uint8 codes) or byte codes in
     groups of 32 or 16 (int8); xs from direct_sums. Every helper here is an intrinsic or a
     single statement (see code_sums); the scale loops are one multiply-add per statement (see
-    qmatmul._span_nibbles)."""
+    qmatmul._span_codes)."""
     s = np.empty((10, TILE), np.float32)  # sums of 4 rows of X (Q6_K: 2 x 4), the scales, the mins
     acc = np.empty((4, TILE), np.float32)
     six_bit = codes.shape[2] == 24
@@ -230,7 +230,7 @@ def direct_tiles(codes, scale, mn, X, xs, out, t0, t1):
                 for r in range(TILE):
                     acc[i, r] = 0.0
             for g in range(codes.shape[1]):
-                if m0 == 0:  # the next tile's group, while this one computes (see qmatmul._span_nibbles)
+                if m0 == 0:  # the next tile's group, while this one computes (see qmatmul._span_codes)
                     if codes.shape[2] == 16:
                         prefetch_row(codes, t + 1, g, 512)
                     elif codes.shape[2] == 20:

@@ -115,20 +115,20 @@ def _add_halves(acc, scale, mn, xs, t, g, s):
         widen_row(mn, t, 2 * g + half, s, 2)
         xg = xs[2 * g + half]
         for r in range(TILE):
-            # one multiply-add per statement (see _span_nibbles)
+            # one multiply-add per statement (see _span_codes)
             a = acc[r] + row_value(scale, t, 2 * g + half, r, s, 1) * s[3 * half, r]
             acc[r] = a + row_value(mn, t, 2 * g + half, r, s, 2) * xg
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
 def _span_q6(codes, scale, mn, x, xs, out, r0, r1, s, acc):
-    """_span_nibbles for 6-bit codes, a scale per 16 columns: the halves of each group apart. Its
-    own function, apart from _span_nibbles' loop (as a branch there, with the accumulation shared
+    """_span_codes for 6-bit codes, a scale per 16 columns: the halves of each group apart. Its
+    own function, apart from _span_codes' loop (as a branch there, with the accumulation shared
     in a helper, Q4_K's and Q5_K's matvecs ran 1.1-1.3x slower)."""
     for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
         acc[:] = 0.0
         for g in range(codes.shape[1]):
-            prefetch_row(codes, t + 1, g, 768)  # the next tile's group (see _span_nibbles)
+            prefetch_row(codes, t + 1, g, 768)  # the next tile's group (see _span_codes)
             _q6_group_sums(codes, t, g, x, s)
             _add_halves(acc, scale, mn, xs, t, g, s)  # the min (-32 scale) is always kept
         base = t * TILE
@@ -144,7 +144,7 @@ def _span_low(codes, scale, mn, x, xs, out, r0, r1, s, acc):
         three_bit = codes.shape[2] > 8
         acc[:] = 0.0
         for g in range(codes.shape[1]):
-            prefetch_row(codes, t + 1, g, 384)  # the next tile's group (see _span_nibbles)
+            prefetch_row(codes, t + 1, g, 384)  # the next tile's group (see _span_codes)
             # the column sums of the codes into s[0] and s[3] (float_tiles), then each half's share
             if not three_bit:
                 low_code_sums_q2(codes, t, g, x, s)
@@ -163,11 +163,11 @@ def _span_low(codes, scale, mn, x, xs, out, r0, r1, s, acc):
 
 @njit(nogil=True, cache=True, fastmath=_FM)
 def _span_iq4(codes, scale, mn, x, xs, out, r0, r1, s, acc):
-    """_span_nibbles for nibbles that index IQ4NL_VALUES (IQ4_NL, IQ4_XS; no min)."""
+    """_span_codes for nibbles that index IQ4NL_VALUES (IQ4_NL, IQ4_XS; no min)."""
     for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
         acc[:] = 0.0
         for g in range(codes.shape[1]):
-            prefetch_row(codes, t + 1, g, 544)  # the next tile's group (see _span_nibbles)
+            prefetch_row(codes, t + 1, g, 544)  # the next tile's group (see _span_codes)
             prefetch_scales(scale, t + 1, g)
             iq4_code_sums(codes, t, g, x, s)
             widen_row(scale, t, g, s, 1)
@@ -192,24 +192,28 @@ def _span_q4(codes, scale, mn, x, xs, out, r0, r1, s, acc):
     elif codes.shape[2] > 20:
         _span_q6(codes, scale, mn, x, xs, out, r0, r1, s, acc)
     else:
-        _span_nibbles(codes, scale, mn, x, xs, out, r0, r1, s, acc)
+        _span_codes(codes, scale, mn, x, xs, out, r0, r1, s, acc)
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _span_nibbles(codes, scale, mn, x, xs, out, r0, r1, s, acc):
-    """4- and 5-bit codes (Q4_0, Q4_1, Q4_K; Q5_0, Q5_1, Q5_K)."""
+def _span_codes(codes, scale, mn, x, xs, out, r0, r1, s, acc):
+    """4- and 5-bit codes (uint8: Q4_0, Q4_1, Q4_K; Q5_0, Q5_1, Q5_K) and byte codes in groups of
+    32 or 16 (int8: Q8_0 and the types converted to it), their group sums from
+    direct_tiles.code_sums."""
+    n_groups = codes.shape[1]
+    has_min = mn.shape[1] > 0
     for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
-        n_groups = codes.shape[1]
-        has_min = mn.shape[1] > 0
-        five_bit = codes.shape[2] > 16
         acc[:] = 0.0
         for g in range(n_groups):
-            # the next tile's group, while this one computes: the hardware prefetcher alone left a
-            # cold decode sweep of Gemma 3's layers at ~8 GB/s (benchmarks/bench_qmatmul.py)
-            if five_bit:
+            # the next tile's group (its byte rows x TILE bytes), while this one computes: the
+            # hardware prefetcher alone left a cold decode sweep of Gemma 3's layers at ~8 GB/s
+            # (benchmarks/bench_qmatmul.py)
+            if codes.shape[2] == 16:
+                prefetch_row(codes, t + 1, g, 512)
+            elif codes.shape[2] == 20:
                 prefetch_row(codes, t + 1, g, 640)
             else:
-                prefetch_row(codes, t + 1, g, 512)
+                prefetch_row(codes, t + 1, g, 1024)
             prefetch_scales(scale, t + 1, g)
             if has_min:
                 prefetch_scales(mn, t + 1, g)
@@ -232,54 +236,7 @@ def _span_nibbles(codes, scale, mn, x, xs, out, r0, r1, s, acc):
             out[r] = acc[r - base]
 
 
-@njit(nogil=True, cache=True, fastmath=_FM, inline="always")
-def _q8_group_sums(codes, t, g, x, s, group):
-    """s[0, r] = sum_j code[t, g, j, r] x[g * group + j]. Inlined where `group` is a constant,
-    LLVM unrolls the column loop inside the row loop and vectorizes across rows with the four
-    partial sums in registers: 1.6x faster than a row loop inside the column loop, whose sums
-    went through memory (a store and a load per 4 columns, their latency in every chain)."""
-    o = g * group
-    for r in range(TILE):
-        a = np.float32(0.0); b = np.float32(0.0); c = np.float32(0.0); d = np.float32(0.0)
-        for j in range(0, group, 4):
-            a += np.float32(codes[t, g, j, r]) * x[o + j]
-            b += np.float32(codes[t, g, j + 1, r]) * x[o + j + 1]
-            c += np.float32(codes[t, g, j + 2, r]) * x[o + j + 2]
-            d += np.float32(codes[t, g, j + 3, r]) * x[o + j + 3]
-        s[0, r] = (a + b) + (c + d)
-
-
-@njit(nogil=True, cache=True, fastmath=_FM)
-def _span_q8(codes, scale, mn, x, xs, out, r0, r1, s, acc):
-    for t in range(r0 // TILE, (r1 + TILE - 1) // TILE):
-        n_groups, group = codes.shape[1], codes.shape[2]
-        has_min = mn.shape[1] > 0
-        acc[:] = 0.0
-        for g in range(n_groups):
-            prefetch_scales(scale, t + 1, g)  # the next tile's group (see _span_nibbles)
-            if has_min:
-                prefetch_scales(mn, t + 1, g)
-            prefetch_row(codes, t + 1, g, 1024)
-            if group == 32 or group == 16:
-                code_sums(codes, t, g, x, 0, 1, s)  # direct_tiles' one-row code sums, into s[0]
-            else:
-                _q8_group_sums(codes, t, g, x, s, group)
-            widen_row(scale, t, g, s, 1)
-            if has_min:
-                widen_row(mn, t, g, s, 2)
-                xg = xs[g]
-                for r in range(TILE):
-                    # one multiply-add per statement: with two, LLVM may fuse either product, and
-                    # chooses differently once a caller inlines this tile (prange vs row-range
-                    # results would then differ in the last bit)
-                    a = acc[r] + row_value(scale, t, g, r, s, 1) * s[0, r]
-                    acc[r] = a + row_value(mn, t, g, r, s, 2) * xg
-            else:
-                for r in range(TILE):
-                    acc[r] += row_value(scale, t, g, r, s, 1) * s[0, r]
-        base = t * TILE
-        for r in range(max(r0, base), min(r1, base + TILE)):
-            out[r] = acc[r - base]
+_span_q8 = _span_codes  # "q8" codes come in groups of 32 or 16 only (packing), all code_sums'
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
