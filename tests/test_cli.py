@@ -311,6 +311,33 @@ def test_first_run_says_the_kernels_compile_and_warms_them_before_any_timing(tin
     llm.close()
 
 
+def test_warm_up_runs_on_a_thread_that_ends_with_it_at_the_callers_thread_count(monkeypatch):
+    """The OpenMP team a warm-up's parallel loops start must not outlive it (libgomp throttles
+    every worker's spinning once a process has more workers than cores: see cli._warm_up)."""
+    import threading
+
+    import numba
+
+    seen = []
+    monkeypatch.setattr(cli, "_compile_and_fault_in",
+                        lambda llm: seen.append((threading.current_thread(), numba.get_num_threads())))
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)  # a new thread starts with all the cores: the warm-up must take ours
+    try:
+        cli._warm_up(object())
+    finally:
+        numba.set_num_threads(previous)
+    (thread, threads), = seen
+    assert thread is not threading.current_thread() and not thread.is_alive()
+    assert threads == 1
+
+    def fail(llm):
+        raise MemoryError("no room for the warm-up")
+    monkeypatch.setattr(cli, "_compile_and_fault_in", fail)
+    with pytest.raises(MemoryError, match="no room"):  # raised again on the caller's thread
+        cli._warm_up(object())
+
+
 def test_bench_in_llama_bench_shape(tiny_llama_gguf):
     """pp and tg rows (mean ± sd over runs) in llama-bench's columns, as a table, CSV or JSON."""
     import json

@@ -106,7 +106,40 @@ def _warm_up(llm) -> None:
     """The kernels compile on a machine's first run (tens of seconds, once) and load from
     numba's cache on later ones (a few seconds), both at first use: say so the first time, and
     in one process get it done now on throwaway sequences, so the speed printed later is the
-    engine's own."""
+    engine's own.
+
+    It runs on a thread of its own that ends with it. Each thread that starts a parallel loop
+    gets a team of OpenMP workers (libgomp's, numba's threading layer here) that lives as long
+    as the thread, and once a process has more such workers than cores, libgomp cuts every
+    worker's spinning between loops to next to nothing (its "throttled" spin count): workers
+    then sleep and are woken at each of a layer's loops. A warm-up on the main thread followed
+    by the server's engine thread did that: the engine's second worker slept and woke ~35
+    times a token. Warmed up here instead, in two alternating runs of `python
+    benchmarks/bench_server.py --seconds 20 --solo-seconds 8` (SmolLM2, 2 threads), the server
+    went from 1.45 to 1.70-1.72 cores under 16 clients, from 221 and 207 to 250 and 229 tok/s
+    aggregate, and one client alone from 76 and 68 to 87 and 90 tok/s."""
+    import threading
+
+    import numba
+
+    failure: list[BaseException] = []
+    threads = numba.get_num_threads()  # per thread: a new one would start with all the cores
+
+    def run() -> None:
+        numba.set_num_threads(threads)
+        try:
+            _compile_and_fault_in(llm)
+        except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread
+            failure.append(e)
+
+    worker = threading.Thread(target=run, name="torchless-warm-up")
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+
+
+def _compile_and_fault_in(llm) -> None:
     from .model.mistral import Span
     from .model.runner import LocalRunner
 
