@@ -7,6 +7,11 @@ sequences decode together, each weight read once per micro-batch for all of them
 micro-batch and emits its text. A request whose client goes away is cancelled at the next step
 and its KV cache released. If the engine itself fails, every request in it gets an error and the
 thread stops; `alive` then turns false and /health reports it.
+
+The engine thread should be the only thread of the process that has run the model at more than
+one numba thread: every such thread keeps a team of OpenMP workers, and once there are more
+workers than cores libgomp stops them spinning between parallel loops, which cost the engine a
+fifth of its speed (`torchless serve` warms the kernels up on a thread that ends: cli._warm_up).
 """
 
 from __future__ import annotations
