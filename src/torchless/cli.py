@@ -132,7 +132,8 @@ def _warm_up(llm) -> None:
         except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread
             failure.append(e)
 
-    worker = threading.Thread(target=run, name="torchless-warm-up")
+    # daemon: Ctrl-C during a first compile must not wait for it to finish
+    worker = threading.Thread(target=run, name="torchless-warm-up", daemon=True)
     worker.start()
     worker.join()
     if failure:
