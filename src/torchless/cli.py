@@ -141,6 +141,8 @@ def _warm_up(llm) -> None:
 
 
 def _compile_and_fault_in(llm) -> None:
+    """_warm_up's work: a prompt chunk, one sequence's step and a batch of three, each kind of
+    compiled call a generation makes, on sequences thrown away after."""
     from .model.mistral import Span
     from .model.runner import LocalRunner
 
