@@ -371,7 +371,6 @@ def test_iq4_lookup_with_and_without_avx2(monkeypatch, avx2):
     from the kernel cache, with the host's AVX2 as the test says)."""
     from llvmlite import ir
     from numba import njit, types
-    from numba.core import cgutils
     from numba.extending import intrinsic
 
     from torchless.kernels import float_tiles

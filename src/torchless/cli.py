@@ -528,7 +528,6 @@ def cmd_serve(args) -> int:
 def cmd_bench(args) -> int:
     import json
 
-    import numba
 
     from .bench import format_csv, format_markdown, gather_per_rank, model_info, run_bench
     from .engine import make_runner

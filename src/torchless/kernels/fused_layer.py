@@ -30,7 +30,7 @@ apart by type at compile time: "q4" codes are uint8, "q8" int8, "f32" a 3-D floa
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, prange
 from numba.extending import overload
 
 from . import adaptive, phases, qmatmul, qmatmul_batch

@@ -65,7 +65,7 @@ from numba.extending import intrinsic, overload
 
 # the bit-unpacking helpers and level tables of the newer block types (shared with quant.py's
 # dequantizers, so the repack and the oracle-tested dequantization read blocks the same way)
-from ..quant import (IQ4NL_VALUES, IQ_GROUP, MXFP4_VALUES, iq4_xs_scales, iq_codes, mxfp4_half_scale,
+from ..quant import (IQ_GROUP, MXFP4_VALUES, iq4_xs_scales, iq_codes, mxfp4_half_scale,
                      q3_k_codes, q3_k_scales, tq1_0_codes)
 
 TILE = 32  # rows per tile: the vector width of the inner loop (4 x 8 float32 lanes on AVX2)
