@@ -447,6 +447,37 @@ def test_refusals_are_one_line(tiny_llama_gguf):
         assert "\n" not in str(info.value)
 
 
+def test_n_threads_holds_on_whichever_thread_calls_and_leaves_the_callers_own(tiny_llama_gguf):
+    """numba's thread count is per thread: n_threads must reach the model from a thread that
+    did not make the Llama (a web server's workers, say), and must not stay set on the caller."""
+    import threading
+
+    import numba
+
+    most = numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(most)
+    llm = torchless.Llama(str(tiny_llama_gguf), n_ctx=N_CTX, n_threads=1, verbose=False)
+    assert llm.n_threads == 1 and numba.get_num_threads() == most  # the maker's count untouched
+    seen, submit, prefill = [], llm._llm.runner.submit, llm._llm.model.prefill
+    llm._llm.runner.submit = lambda tag, spans: seen.append(numba.get_num_threads()) or submit(tag, spans)
+    llm._llm.model.prefill = lambda *a, **k: seen.append(numba.get_num_threads()) or prefill(*a, **k)
+
+    def calls():  # a new thread starts at numba's whole pool
+        llm.create_completion(PROMPT, max_tokens=2, temperature=0)
+        for _ in llm.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=2, stream=True):
+            pass
+        llm.eval(llm.tokenize(b"Hello"))
+        seen.append(("after", numba.get_num_threads()))
+    worker = threading.Thread(target=calls)
+    worker.start()
+    worker.join()
+    assert seen[-1] == ("after", most) and set(seen[:-1]) == {1} and len(seen) >= 3, seen
+    llm.close()
+    for bad in (-1, 1.5, "2", True):
+        with pytest.raises(TorchlessError, match="n_threads must be a positive integer"):
+            torchless.Llama(str(tiny_llama_gguf), n_ctx=N_CTX, n_threads=bad, verbose=False)
+
+
 def test_gpu_offload_is_accepted_and_said(tiny_llama_gguf, capsys):
     llm = torchless.Llama(str(tiny_llama_gguf), n_ctx=N_CTX, n_gpu_layers=-1, verbose=True)
     err = capsys.readouterr().err

@@ -18,6 +18,7 @@ returns unit-length vectors, as OpenAI's and llama-server's embeddings are.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 from typing import Iterator
@@ -116,10 +117,7 @@ class Llama:
                                  "(-1 unspecified, 0 none, 1 mean, 2 cls, 3 last)")
         if isinstance(n_batch, bool) or not isinstance(n_batch, int) or n_batch < 1:
             raise TorchlessError(f"Llama: n_batch must be a positive integer, got {n_batch!r}")
-        if n_threads is not None:
-            import numba
-
-            numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
+        self.n_threads = _thread_count(n_threads, verbose)
         engine = _ChatMLEngine if chat_format == "chatml" else LLM
         random = seed in (LLAMA_DEFAULT_SEED, -1)
         self._llm = engine(model_path, n_ctx=n_ctx, seed=None if random else seed, verbose=verbose)
@@ -240,7 +238,8 @@ class Llama:
         if self._state is None:
             self._state = self._llm.model.new_state(self.n_ctx())
         self._state.cache.pos = self.n_tokens  # keys past n_tokens are overwritten
-        logits = self._llm.model.prefill(self._state, tokens, self.n_batch, all_logits=self._logits_all)
+        with _numba_threads(self.n_threads):
+            logits = self._llm.model.prefill(self._state, tokens, self.n_batch, all_logits=self._logits_all)
         start, self.n_tokens = self.n_tokens, self.n_tokens + len(tokens)
         self.input_ids[start:self.n_tokens] = tokens
         self._logits[:] = logits[-1] if self._logits_all else logits
@@ -332,15 +331,16 @@ class Llama:
                                _SAMPLING_DEFAULTS, "create_completion")
         if logprobs is not None and not self._logits_all:
             raise TorchlessError("logprobs is not supported for models created with logits_all=False")
-        out = self._llm.create_completion(
-            prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            min_p=min_p, repeat_penalty=repeat_penalty, stop=stop or None, seed=seed,
-            stream=stream, logprobs=logprobs, echo=echo, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, logit_bias=logit_bias, grammar=grammar)
+        with _numba_threads(self.n_threads):  # a stream only checks its arguments here
+            out = self._llm.create_completion(
+                prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                min_p=min_p, repeat_penalty=repeat_penalty, stop=stop or None, seed=seed,
+                stream=stream, logprobs=logprobs, echo=echo, presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty, logit_bias=logit_bias, grammar=grammar)
         name = model if model is not None else self.model_path
         if not stream:
             return dict(out, model=name)
-        return _completion_stream(out, name)
+        return _completion_stream(_steps_at(self.n_threads, out), name)
 
     __call__ = create_completion
 
@@ -370,16 +370,18 @@ class Llama:
                 raise TorchlessError(f"create_chat_completion: {name} is not supported by torchless yet")
         if logprobs and not self._logits_all:
             raise TorchlessError("logprobs is not supported for models created with logits_all=False")
-        out = self._llm.create_chat_completion(
-            messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            min_p=min_p, repeat_penalty=repeat_penalty, stop=stop or None, seed=seed, stream=stream,
-            logprobs=bool(logprobs), top_logprobs=top_logprobs if logprobs else None,
-            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-            logit_bias=logit_bias, **extra)
+        with _numba_threads(self.n_threads):
+            out = self._llm.create_chat_completion(
+                messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                min_p=min_p, repeat_penalty=repeat_penalty, stop=stop or None, seed=seed, stream=stream,
+                logprobs=bool(logprobs), top_logprobs=top_logprobs if logprobs else None,
+                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                logit_bias=logit_bias, **extra)
         name = model if model is not None else self.model_path
         if not stream:
             return dict(out, model=name)
-        return ({k: v for k, v in dict(chunk, model=name).items() if k != "usage"} for chunk in out)
+        return ({k: v for k, v in dict(chunk, model=name).items() if k != "usage"}
+                for chunk in _steps_at(self.n_threads, out))
 
     # -- embeddings --------------------------------------------------------------------------
 
@@ -399,7 +401,8 @@ class Llama:
                 raise TorchlessError("cannot embed a text of no tokens")
             total += len(ids)
             model = self._llm.model
-            hidden = model.hidden_states(model.new_state(len(ids)), ids, self.n_batch)  # (T, hidden)
+            with _numba_threads(self.n_threads):
+                hidden = model.hidden_states(model.new_state(len(ids)), ids, self.n_batch)  # (T, hidden)
             rows = {POOLING_NONE: hidden, POOLING_MEAN: hidden.mean(0, keepdims=True),
                     POOLING_CLS: hidden[:1], POOLING_LAST: hidden[-1:]}[self._pooling]
             if normalize:
@@ -428,6 +431,51 @@ class Llama:
     @staticmethod
     def longest_token_prefix(a, b) -> int:
         return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _thread_count(n_threads, verbose: bool) -> int:
+    """n_threads as numba can run it: None or 0 (llama-cpp-python's default either way) is the
+    calling thread's count (all the cores this process may use, unless set); more than numba's
+    pool is cut to the pool, and verbose mode says so."""
+    import numba
+
+    if isinstance(n_threads, bool) or not isinstance(n_threads, (int, type(None))) or (n_threads or 0) < 0:
+        raise TorchlessError(f"Llama: n_threads must be a positive integer (0 or None: all the "
+                             f"cores), got {n_threads!r}")
+    if not n_threads:
+        return numba.get_num_threads()
+    most = numba.config.NUMBA_NUM_THREADS
+    if n_threads > most and verbose:
+        print(f"torchless: n_threads={n_threads} is more than numba's {most} threads "
+              f"(NUMBA_NUM_THREADS): {most} used", file=sys.stderr)
+    return min(n_threads, most)
+
+
+@contextlib.contextmanager
+def _numba_threads(n: int):
+    """numba's thread count belongs to the calling thread: a Llama's n_threads is set on
+    whichever thread calls it, for the call, and that thread's own count put back after."""
+    import numba
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+def _steps_at(n_threads: int, chunks):
+    """A stream whose every step runs at n_threads on whichever thread takes it."""
+    try:
+        while True:
+            with _numba_threads(n_threads):
+                chunk = next(chunks, None)
+            if chunk is None:
+                return
+            yield chunk
+    finally:
+        chunks.close()
 
 
 def _completion_stream(chunks, model: str):
