@@ -24,18 +24,13 @@ def gather_per_rank(group, value: float) -> list[float]:
 
 def measure_bandwidth(threads: int, nbytes: int = 256 << 20, repeats: int = 5) -> float:
     """Read bandwidth in bytes/s: the best of `repeats` parallel sums over a buffer far larger than L3."""
-    import numba
-
     from .kernels.membw import parallel_sum
+    from .kernels.workdist import numba_threads
 
     buf = np.ones(nbytes // 4, np.float32)
-    previous = numba.get_num_threads()
-    numba.set_num_threads(threads)
-    try:
+    with numba_threads(threads):
         parallel_sum(buf, 8 * threads)  # compile and fault the pages in
         best = min(_timed(parallel_sum, buf, 8 * threads) for _ in range(repeats))
-    finally:
-        numba.set_num_threads(previous)
     return nbytes / best
 
 

@@ -18,7 +18,6 @@ returns unit-length vectors, as OpenAI's and llama-server's embeddings are.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import sys
 from typing import Iterator
@@ -30,6 +29,7 @@ from .chat_template import render_chat_template
 from .engine.engine import PREFIX_CACHE_BYTES
 from .errors import TorchlessError
 from .grammar import LlamaGrammar  # noqa: F401 - llama_cpp.LlamaGrammar's place here
+from .kernels.workdist import numba_threads
 from .sampling import Sampler, SamplingParams
 from .tools import chat_with_tools
 
@@ -238,7 +238,7 @@ class Llama:
         if self._state is None:
             self._state = self._llm.model.new_state(self.n_ctx())
         self._state.cache.pos = self.n_tokens  # keys past n_tokens are overwritten
-        with _numba_threads(self.n_threads):
+        with numba_threads(self.n_threads):
             logits = self._llm.model.prefill(self._state, tokens, self.n_batch, all_logits=self._logits_all)
         start, self.n_tokens = self.n_tokens, self.n_tokens + len(tokens)
         self.input_ids[start:self.n_tokens] = tokens
@@ -331,7 +331,7 @@ class Llama:
                                _SAMPLING_DEFAULTS, "create_completion")
         if logprobs is not None and not self._logits_all:
             raise TorchlessError("logprobs is not supported for models created with logits_all=False")
-        with _numba_threads(self.n_threads):  # a stream only checks its arguments here
+        with numba_threads(self.n_threads):  # a stream only checks its arguments here
             out = self._llm.create_completion(
                 prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                 min_p=min_p, repeat_penalty=repeat_penalty, stop=stop or None, seed=seed,
@@ -370,7 +370,7 @@ class Llama:
                 raise TorchlessError(f"create_chat_completion: {name} is not supported by torchless yet")
         if logprobs and not self._logits_all:
             raise TorchlessError("logprobs is not supported for models created with logits_all=False")
-        with _numba_threads(self.n_threads):
+        with numba_threads(self.n_threads):
             out = self._llm.create_chat_completion(
                 messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                 min_p=min_p, repeat_penalty=repeat_penalty, stop=stop or None, seed=seed, stream=stream,
@@ -401,7 +401,7 @@ class Llama:
                 raise TorchlessError("cannot embed a text of no tokens")
             total += len(ids)
             model = self._llm.model
-            with _numba_threads(self.n_threads):
+            with numba_threads(self.n_threads):
                 hidden = model.hidden_states(model.new_state(len(ids)), ids, self.n_batch)  # (T, hidden)
             rows = {POOLING_NONE: hidden, POOLING_MEAN: hidden.mean(0, keepdims=True),
                     POOLING_CLS: hidden[:1], POOLING_LAST: hidden[-1:]}[self._pooling]
@@ -451,25 +451,11 @@ def _thread_count(n_threads, verbose: bool) -> int:
     return min(n_threads, most)
 
 
-@contextlib.contextmanager
-def _numba_threads(n: int):
-    """numba's thread count belongs to the calling thread: a Llama's n_threads is set on
-    whichever thread calls it, for the call, and that thread's own count put back after."""
-    import numba
-
-    previous = numba.get_num_threads()
-    numba.set_num_threads(n)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(previous)
-
-
 def _steps_at(n_threads: int, chunks):
     """A stream whose every step runs at n_threads on whichever thread takes it."""
     try:
         while True:
-            with _numba_threads(n_threads):
+            with numba_threads(n_threads):
                 chunk = next(chunks, None)
             if chunk is None:
                 return

@@ -7,6 +7,7 @@ thread ran each task so `WorkStealingStats` counts what the scheduler really did
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -15,6 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+
+@contextlib.contextmanager
+def numba_threads(n: int):
+    """numba's thread count for the block, on the calling thread (numba keeps one per thread),
+    and that thread's own count put back after."""
+    import numba
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
 
 
 def num_cpus() -> int:
