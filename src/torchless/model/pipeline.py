@@ -2,10 +2,14 @@
 
 A micro-batch (spans of one or several sequences, see `Mistral.run_layers`) enters stage 0,
 which embeds it and runs its layers, then hands the hidden states to stage 1 through a queue,
-and so on; the last stage computes the logits. Each stage serves its queue in order, so while
-stage k works on micro-batch i, stage k+1 works on micro-batch i-1. The compiled kernels
+and so on; the last stage computes the logits. Each later stage serves its queue in order, so
+while stage k works on micro-batch i, stage k+1 works on micro-batch i-1. The compiled kernels
 release the GIL, so the stages really run at once. The model code is the one `Mistral`: a
 stage is a range of its layers.
+
+Free-running, stage 0 runs on the thread that submits (the engine's), as rank 0 runs it under
+MPI: the engine samples a micro-batch and runs it into stage 0 on the same thread, with no
+hand-off between them and no third thread on the cores beside the stages'.
 
 As a runner (runner.py) its depth is `n_micro_batches`: the engine keeps that many micro-batches
 in flight, samples each as it leaves the last stage and sends its next tokens back in.
@@ -23,6 +27,7 @@ import numpy as np
 
 from ..errors import TorchlessError
 from ..kernels.pipeline import PipelineConfig, PipelineState, predicted_bubble
+from ..kernels.workdist import numba_threads
 from .mistral import InferenceState, Mistral, Span, check_finite
 from .runner import Runner
 
@@ -182,9 +187,12 @@ class PipelineParallelMistral(PipelineBuffers, Runner):
         self._outbox: queue.Queue = queue.Queue()
         self._failed: str | None = None
         self.busy_seconds = [0.0] * n_stages
+        self.threads_per_stage = threads_per_stage
+        # free-running, stage 0 is the submitting thread's (see the module docstring)
+        first = 1 if self.pipeline_config.async_execution else 0
         self._workers = [threading.Thread(target=self._serve, args=(k, threads_per_stage),
                                           daemon=True, name=f"torchless-pp{k}")
-                         for k in range(n_stages)]
+                         for k in range(first, n_stages)]
         for w in self._workers:
             w.start()
 
@@ -200,29 +208,39 @@ class PipelineParallelMistral(PipelineBuffers, Runner):
 
     def _serve(self, k: int, n_threads: int):
         numba.set_num_threads(n_threads)  # per thread: each stage has its share of the cores
-        start, stop = self.stages[k]
-        last = k == len(self.stages) - 1
         while True:
             item = self._inbox[k].get()
             if item is None:
                 return
             mb, tag, spans, x, reply = item
-            t0 = time.perf_counter()
-            try:
-                if k == 0:
-                    x = self.model.embed([t for sp in spans for t in sp.tokens])
-                x = self.model.run_layers(spans, x, start, stop, fast=True)
-                result = self.model.finish(spans, x, fast=True) if last else x
-                error = None
-            except Exception as e:  # noqa: BLE001 - reported to the driver, with the stage
-                result, error = None, f"pipeline stage {k} (layers {start}-{stop - 1}) failed: {type(e).__name__}: {e}"
-            self.busy_seconds[k] += time.perf_counter() - t0
+            result, error = self._run_stage(k, spans, x)
             if reply is not None:  # lockstep: the clock hands it on
                 reply.put((mb, result, error))
-            elif error is not None or last:
-                self._outbox.put((mb, tag, result, error, self._buffer_bytes(spans)))
             else:
-                self._inbox[k + 1].put((mb, tag, spans, result, None))
+                self._hand_on(k, mb, tag, spans, result, error)
+
+    def _run_stage(self, k: int, spans: list[Span], x) -> tuple:
+        """Stage k's layers on a micro-batch (stage 0 embeds it, the last computes the logits):
+        (its output, None), or (None, what failed)."""
+        start, stop = self.stages[k]
+        t0 = time.perf_counter()
+        try:
+            if k == 0:
+                x = self.model.embed([t for sp in spans for t in sp.tokens])
+            x = self.model.run_layers(spans, x, start, stop, fast=True)
+            result = self.model.finish(spans, x, fast=True) if k == len(self.stages) - 1 else x
+            error = None
+        except Exception as e:  # noqa: BLE001 - reported to the driver, with the stage
+            result, error = None, f"pipeline stage {k} (layers {start}-{stop - 1}) failed: {type(e).__name__}: {e}"
+        self.busy_seconds[k] += time.perf_counter() - t0
+        return result, error
+
+    def _hand_on(self, k: int, mb: int, tag, spans: list[Span], result, error) -> None:
+        """Free-running: stage k's output to stage k + 1, or (logits or failure) to collect."""
+        if error is not None or k == len(self.stages) - 1:
+            self._outbox.put((mb, tag, result, error, self._buffer_bytes(spans)))
+        else:
+            self._inbox[k + 1].put((mb, tag, spans, result, None))
 
     # -- the runner interface ---------------------------------------------------------------
 
@@ -245,7 +263,10 @@ class PipelineParallelMistral(PipelineBuffers, Runner):
             raise TorchlessError(f"the pipeline is stopped: {self._failed}")
         self._reserve(spans)
         if self.pipeline_config.async_execution:
-            self._inbox[0].put((self._enter(), tag, spans, None, None))
+            mb = self._enter()
+            with numba_threads(self.threads_per_stage):  # stage 0's share of the cores, here
+                result, error = self._run_stage(0, spans, None)
+            self._hand_on(0, mb, tag, spans, result, error)
         else:
             self._count_in()
             self._pending.append((tag, spans))
