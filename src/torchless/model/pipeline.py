@@ -160,8 +160,9 @@ class PipelineBuffers:
 
 
 class PipelineParallelMistral(PipelineBuffers, Runner):
-    """Stages as threads. With `async_execution` they run free: each takes the next micro-batch
-    from its queue as soon as it is done with the last. Without it (the seed's default) they run
+    """Stages as threads. With `async_execution` they run free: stage 0 on the thread that
+    submits, each later stage on a thread of its own that takes the next micro-batch from its
+    queue as soon as it is done with the last. Without it (the seed's default) they run
     in lockstep, the seed's clock: each tick every stage works on the micro-batch in its slot of
     the `PipelineState`, then all advance together (stage k on micro-batch i while stage k+1 is
     on i-1, as in GPipe)."""
