@@ -35,7 +35,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .float_tiles import scale_row
-from .packing import TILE, prefetch_row
+from .packing import TILE, prefetch_group
 
 _FM = {"contract"}
 _F32, _I8, _I32 = ir.FloatType(), ir.IntType(8), ir.IntType(32)
@@ -231,14 +231,7 @@ def direct_tiles(codes, scale, mn, X, xs, out, t0, t1):
                     acc[i, r] = 0.0
             for g in range(codes.shape[1]):
                 if m0 == 0:  # the next tile's group, while this one computes (see qmatmul._span_codes)
-                    if codes.shape[2] == 16:
-                        prefetch_row(codes, t + 1, g, 512)
-                    elif codes.shape[2] == 20:
-                        prefetch_row(codes, t + 1, g, 640)
-                    elif codes.shape[2] == 24:
-                        prefetch_row(codes, t + 1, g, 768)
-                    else:
-                        prefetch_row(codes, t + 1, g, 1024)
+                    prefetch_group(codes, t + 1, g)
                 code_sums(codes, t, g, X, m0, n, s)
                 if six_bit:  # the halves of 16 columns on scale groups 2 g and 2 g + 1
                     scale_row(scale, t, 2 * g, s, 8)

@@ -200,6 +200,51 @@ def prefetch_row(typingctx, arr, t, g, nbytes):
     return types.none(arr, t, g, nbytes), codegen
 
 
+_GROUP_LINES = 16  # cache lines of the widest group: 32 byte rows x TILE bytes
+
+
+@intrinsic
+def prefetch_group(typingctx, codes, t, g):
+    """prefetch_row of all of codes[t, g] (byte rows x TILE bytes, up to 1 KiB), its size read
+    at run time: a jump into a chain of prefetches, so that one kernel serves every layout of
+    its codes' dtype without a branch over them (a kernel that branches into calls pays numba's
+    reference counting: see qmatmul._span_q4)."""
+    if not (isinstance(codes, types.Array) and codes.ndim == 4 and codes.layout == "C"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        t_, g_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2))
+        zero = context.get_constant(types.intp, 0)
+        p = cgutils.get_item_pointer(context, builder, sig.args[0], a, [t_, g_, zero, zero])
+        shape = cgutils.unpack_tuple(builder, a.shape, 4)
+        nbytes = builder.mul(builder.mul(shape[2], shape[3]),
+                             context.get_constant(types.intp, context.get_abi_sizeof(
+                                 context.get_data_type(sig.args[0].dtype))))
+        lines = builder.udiv(builder.add(nbytes, context.get_constant(types.intp, 63)),
+                             context.get_constant(types.intp, 64))
+        i8p = ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            ir.VoidType(), [i8p, ir.IntType(32), ir.IntType(32), ir.IntType(32)]), "llvm.prefetch.p0i8")
+        base = builder.bitcast(p, i8p)
+        # block k issues line k - 1, then falls to block k - 1: entering at block `lines` issues
+        # lines - 1 .. 0; more than _GROUP_LINES enters at the top
+        blocks = {k: builder.append_basic_block(f"prefetch_group.{k}") for k in range(_GROUP_LINES, 0, -1)}
+        done = builder.append_basic_block("prefetch_group.done")
+        switch = builder.switch(lines, blocks[_GROUP_LINES])
+        switch.add_case(context.get_constant(types.intp, 0), done)
+        for k, block in blocks.items():
+            switch.add_case(context.get_constant(types.intp, k), block)
+            builder.position_at_end(block)
+            builder.call(fn, [builder.gep(base, [ir.Constant(ir.IntType(64), 64 * (k - 1))]),
+                              ir.Constant(ir.IntType(32), 0), ir.Constant(ir.IntType(32), 3),
+                              ir.Constant(ir.IntType(32), 1)])
+            builder.branch(blocks[k - 1] if k > 1 else done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+    return types.none(codes, t, g), codegen
+
+
 def prefetch_scales(src, t, g):
     """prefetch_row of a scale or min row src[t, g, :] (float16 or float32); nothing for two-level
     scales (384 bytes per tile and 256 columns: the hardware prefetcher keeps up)."""

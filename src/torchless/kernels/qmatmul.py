@@ -44,7 +44,7 @@ from .direct_tiles import code_sums
 from .float_tiles import (expand_bytes, expand_iq4, expand_nibbles, expand_q2, expand_q3, expand_q5, expand_q6,
                           iq4_code_sums, low_code_sums_q2, low_code_sums_q3, scale_row)
 from .packing import (F16_SCALE_TYPES, LOOKUP_BYTES, LOW_BIT_BYTES, NIBBLE_SUBSCALE_TYPES, Q3_K, TILE,  # noqa: F401
-                      TWO_LEVEL_TYPES, PackedWeight, packed_layout, packed_nbytes, prefetch_row,
+                      TWO_LEVEL_TYPES, PackedWeight, packed_layout, packed_nbytes, prefetch_group, prefetch_row,
                       prefetch_scales, prepare, row_value, widen_row)
 
 # 'contract' only: lets LLVM fuse a*b+c into FMA. No reassociation is needed (the vectorized
@@ -208,12 +208,7 @@ def _span_codes(codes, scale, mn, x, xs, out, r0, r1, s, acc):
             # the next tile's group (its byte rows x TILE bytes), while this one computes: the
             # hardware prefetcher alone left a cold decode sweep of Gemma 3's layers at ~8 GB/s
             # (benchmarks/bench_qmatmul.py)
-            if codes.shape[2] == 16:
-                prefetch_row(codes, t + 1, g, 512)
-            elif codes.shape[2] == 20:
-                prefetch_row(codes, t + 1, g, 640)
-            else:
-                prefetch_row(codes, t + 1, g, 1024)
+            prefetch_group(codes, t + 1, g)
             prefetch_scales(scale, t + 1, g)
             if has_min:
                 prefetch_scales(mn, t + 1, g)
