@@ -5,7 +5,7 @@ Why written as LLVM IR: numba vectorizes a loop over a tile's 32 rows, but with 
 accumulators in an array it loads and stores them around every multiply-add, and with a
 branch or a 4-D index inside its loops it stops vectorizing the expansion of codes (Q8_0's
 tiles expanded at 2 G weights/s). Here the block of X rows (8, 4, 2 or 1) keeps 2 x R vectors of
-16 float32 in registers over the whole loop of columns, each column's 32 weights are loaded
+16 float32 in registers over a slice's loop of columns, each column's 32 weights are loaded
 once for all R rows, and a row of codes is widened with one load, and per 16 values one
 conversion and one multiply (and add of the min) (benchmarks/bench_batch_kernel.py).
 
@@ -31,11 +31,14 @@ _HALVES = TILE // 16
 
 
 def _make_rows_dot(n_rows: int):
-    """An intrinsic acc[i, 0:TILE] = sum_k X[m0 + i, k] * wt[k, 0:TILE] for i < n_rows: wt float32
-    (cols, TILE), the expanded tile, contiguous; X float32 (M, cols) C-contiguous."""
+    """An intrinsic acc[m0 + i, 0:TILE] += sum_k X[m0 + i, k0 + k] * wt[k, 0:TILE] for k < cols and
+    i < n_rows: wt float32 (>= cols, TILE), a slice of an expanded tile, contiguous; X float32
+    (M, >= k0 + cols) and acc float32 (M, TILE), C-contiguous. The sums start from acc's rows
+    and end there: a tile multiplied slice by slice gets the same fused multiply-adds in the
+    same order as in one pass."""
 
     @intrinsic
-    def rows_dot(typingctx, wt, X, m0, acc):
+    def rows_dot(typingctx, wt, X, m0, k0, cols, acc):
         if not all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2
                    and a.layout == "C" for a in (wt, X, acc)):
             return None  # the loop steps through wt and the rows of X as contiguous memory
@@ -44,26 +47,28 @@ def _make_rows_dot(n_rows: int):
             intp = lambda v: context.get_constant(types.intp, v)  # noqa: E731
             wt_a = context.make_array(sig.args[0])(context, builder, args[0])
             x_a = context.make_array(sig.args[1])(context, builder, args[1])
-            acc_a = context.make_array(sig.args[3])(context, builder, args[3])
-            m0_ = context.cast(builder, args[2], sig.args[2], types.intp)
-            cols = cgutils.unpack_tuple(builder, wt_a.shape, 2)[0]
+            acc_a = context.make_array(sig.args[5])(context, builder, args[5])
+            m0_, k0_, cols = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (2, 3, 4))
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16, [_V16] * 3),
                                                  "llvm.fma.v16f32")
             weights = builder.bitcast(wt_a.data, _F32.as_pointer())
-            xrows = [cgutils.get_item_pointer(context, builder, sig.args[1], x_a,
-                                              [builder.add(m0_, intp(i)), intp(0)]) for i in range(n_rows)]
+            rows = [builder.add(m0_, intp(i)) for i in range(n_rows)]
+            xrows = [cgutils.get_item_pointer(context, builder, sig.args[1], x_a, [r, k0_]) for r in rows]
+            sums = [builder.bitcast(cgutils.get_item_pointer(context, builder, sig.args[5], acc_a,
+                                                             [r, intp(16 * h)]), _V16.as_pointer())
+                    for r in rows for h in range(_HALVES)]
+            start = [builder.load(p, align=4) for p in sums]
             entry = builder.block
             loop = builder.append_basic_block("rows_dot.loop")
             done = builder.append_basic_block("rows_dot.done")
-            zero = ir.Constant(_V16, [0.0] * 16)
             splat = ir.Constant(ir.VectorType(_I32, 16), [0] * 16)
             builder.cbranch(builder.icmp_signed(">", cols, intp(0)), loop, done)
             builder.position_at_end(loop)
             k = builder.phi(cgutils.intp_t)
             k.add_incoming(intp(0), entry)
             acc = [builder.phi(_V16) for _ in range(n_rows * _HALVES)]
-            for a in acc:
-                a.add_incoming(zero, entry)
+            for a, s in zip(acc, start):
+                a.add_incoming(s, entry)
             row = builder.mul(k, intp(TILE))
             w = [builder.load(builder.bitcast(builder.gep(weights, [builder.add(row, intp(16 * h))]),
                                               _V16.as_pointer()), align=4) for h in range(_HALVES)]
@@ -80,16 +85,14 @@ def _make_rows_dot(n_rows: int):
             builder.cbranch(builder.icmp_signed("<", k_next, cols), loop, done)
             builder.position_at_end(done)
             results = [builder.phi(_V16) for _ in new]  # (all of a block's phis come first)
-            for result, n in zip(results, new):
-                result.add_incoming(zero, entry)
+            for result, s, n in zip(results, start, new):
+                result.add_incoming(s, entry)
                 result.add_incoming(n, loop)
-            for i in range(n_rows):
-                for h in range(_HALVES):
-                    p = cgutils.get_item_pointer(context, builder, sig.args[3], acc_a, [intp(i), intp(16 * h)])
-                    builder.store(results[_HALVES * i + h], builder.bitcast(p, _V16.as_pointer()), align=4)
+            for result, p in zip(results, sums):
+                builder.store(result, p, align=4)
             return context.get_dummy_value()
 
-        return types.void(wt, X, m0, acc), codegen
+        return types.void(wt, X, m0, k0, cols, acc), codegen
 
     return rows_dot
 
@@ -158,7 +161,16 @@ def _make_expand_codes(nibbles: bool, high_bits: int = 0, lookup: bool = False):
                 return builder.load(builder.bitcast(q, v_floats.as_pointer()), align=4)
 
             raw = code_row(j_)
-            if nibbles:
+            plain = nibbles and not high_bits and not lookup
+            if plain:
+                # widened to 32 bits before the nibbles are split: two byte-to-dword widenings
+                # per row instead of four and the shuffles between, which were what bounded
+                # the expansion (the same values, so the same weights)
+                v_words = ir.VectorType(_I32, TILE)
+                wide = builder.zext(raw, v_words)
+                codes = [builder.and_(wide, ir.Constant(v_words, [15] * TILE)),
+                         builder.lshr(wide, ir.Constant(v_words, [4] * TILE))]
+            elif nibbles:
                 codes = [builder.and_(raw, splat(15)), builder.lshr(raw, splat(4))]
             else:
                 codes = [raw]
@@ -179,6 +191,8 @@ def _make_expand_codes(nibbles: bool, high_bits: int = 0, lookup: bool = False):
                              for c, top in zip(codes, tops)]
             if lookup:
                 values = [builder.sitofp(_iq4_values(builder, c), v_floats) for c in codes]
+            elif plain:
+                values = [builder.sitofp(c, v_floats) for c in codes]  # 0..15: vcvtdq2ps
             elif nibbles:
                 values = [builder.uitofp(c, v_floats) for c in codes]
             else:

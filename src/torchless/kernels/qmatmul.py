@@ -263,84 +263,94 @@ def _span_f32(codes, scale, mn, x, xs, out, r0, r1, s, acc):
         _dot_tile(codes[t], x, out, t * TILE, r0, r1, acc)
 
 
-# Dequantize one tile into wt: float32 (cols, TILE), rows side by side (for matmul and rows).
+# Dequantize a tile's groups g0..g1 into wt[: their columns]: float32, rows side by side (for
+# the batched products, a slice at a time: see qmatmul_batch), or a whole tile (cols, TILE).
+# buf: (4, TILE) float32 zeros, the scratch rows of a group's scales and mins (row 1 stays
+# zero for layouts without mins: + 0.0, as the scalar dequantizers add).
 
 @njit(nogil=True, cache=True)
-def _dq_tile_q6(codes, scale, t, wt):
-    """_dq_tile_q4 for 6-bit codes (Q6_K): scale * (code - 32), as gguf-py computes it (scale +
+def _dq_groups_q6(codes, scale, t, g0, g1, wt, buf):
+    """_dq_groups_q4 for 6-bit codes (Q6_K): scale * (code - 32), as gguf-py computes it (scale +
     min would round differently), the low-nibble half of group g on scale group 2g, the high
     half on 2g + 1."""
-    buf = np.empty((2, TILE), np.float32)
-    for g in range(codes.shape[1]):
+    for g in range(g0, g1):
         scale_row(scale, t, 2 * g, buf, 0)
         scale_row(scale, t, 2 * g + 1, buf, 1)
         for j in range(16):
-            expand_q6(codes, t, g, j, buf, wt, g * 32 + j)
+            expand_q6(codes, t, g, j, buf, wt, (g - g0) * 32 + j)
 
 
 @njit(nogil=True, cache=True)
-def _dq_tile_low(codes, scale, mn, t, wt):
-    """_dq_tile_q4 for 2- and 3-bit codes (see float_tiles.expand_q2 / expand_q3): a group's
+def _dq_groups_low(codes, scale, mn, t, g0, g1, wt, buf):
+    """_dq_groups_q4 for 2- and 3-bit codes (see float_tiles.expand_q2 / expand_q3): a group's
     two scales in buf rows 0 and 1, Q2_K's two mins in rows 2 and 3."""
-    buf = np.empty((4, TILE), np.float32)
     three_bit = codes.shape[2] > 8
-    for g in range(codes.shape[1]):
+    for g in range(g0, g1):
         scale_row(scale, t, 2 * g, buf, 0)
         scale_row(scale, t, 2 * g + 1, buf, 1)
         if three_bit:
             for j in range(8):
-                expand_q3(codes, t, g, j, buf, wt, g * 32 + j)
+                expand_q3(codes, t, g, j, buf, wt, (g - g0) * 32 + j)
         else:
             scale_row(mn, t, 2 * g, buf, 2)
             scale_row(mn, t, 2 * g + 1, buf, 3)
             for j in range(8):
-                expand_q2(codes, t, g, j, buf, wt, g * 32 + j)
+                expand_q2(codes, t, g, j, buf, wt, (g - g0) * 32 + j)
 
 
 @njit(nogil=True, cache=True)
-def _dq_tile_iq4(codes, scale, t, wt):
-    """_dq_tile_q4 for nibbles that index IQ4NL_VALUES: scale * value."""
-    buf = np.empty((1, TILE), np.float32)
-    for g in range(codes.shape[1]):
+def _dq_groups_iq4(codes, scale, t, g0, g1, wt, buf):
+    """_dq_groups_q4 for nibbles that index IQ4NL_VALUES: scale * value."""
+    for g in range(g0, g1):
         scale_row(scale, t, g, buf, 0)
         for j in range(16):
-            expand_iq4(codes, t, g, j, buf, wt, g * 32 + j)
+            expand_iq4(codes, t, g, j, buf, wt, (g - g0) * 32 + j)
 
 
 @njit(nogil=True, cache=True)
-def _dq_tile_q4(codes, scale, mn, t, wt):
+def _dq_groups_q4(codes, scale, mn, t, g0, g1, wt, buf):
+    """Groups of 32 columns of "q4" codes, whatever their bits."""
     if codes.shape[2] < 16:
-        _dq_tile_low(codes, scale, mn, t, wt)
+        _dq_groups_low(codes, scale, mn, t, g0, g1, wt, buf)
         return
     if codes.shape[2] == _IQ4_BYTES:
-        _dq_tile_iq4(codes, scale, t, wt)
+        _dq_groups_iq4(codes, scale, t, g0, g1, wt, buf)
         return
     if codes.shape[2] > 20:
-        _dq_tile_q6(codes, scale, t, wt)
+        _dq_groups_q6(codes, scale, t, g0, g1, wt, buf)
         return
     five_bit = codes.shape[2] > 16  # the fifth bits of columns j and j + 16 in byte 16 + j // 4
-    buf = np.zeros((2, TILE), np.float32)  # row 1: the mins, zero where there are none
-    for g in range(codes.shape[1]):
+    for g in range(g0, g1):
         scale_row(scale, t, g, buf, 0)
         if mn.shape[1] > 0:
             scale_row(mn, t, g, buf, 1)
         for j in range(16):
             if five_bit:
-                expand_q5(codes, t, g, j, buf, wt, g * 32 + j)
+                expand_q5(codes, t, g, j, buf, wt, (g - g0) * 32 + j)
             else:
-                expand_nibbles(codes, t, g, j, buf, wt, g * 32 + j)
+                expand_nibbles(codes, t, g, j, buf, wt, (g - g0) * 32 + j)
 
 
 @njit(nogil=True, cache=True)
-def _dq_tile_q8(codes, scale, mn, t, wt):
+def _dq_groups_q8(codes, scale, mn, t, g0, g1, wt, buf):
+    """Groups of codes.shape[2] columns of "q8" codes."""
     group = codes.shape[2]
-    buf = np.zeros((2, TILE), np.float32)  # row 1: the mins, zero where there are none
-    for g in range(codes.shape[1]):
+    for g in range(g0, g1):
         scale_row(scale, t, g, buf, 0)
         if mn.shape[1] > 0:
             scale_row(mn, t, g, buf, 1)
         for j in range(group):
-            expand_bytes(codes, t, g, j, buf, wt, g * group + j)
+            expand_bytes(codes, t, g, j, buf, wt, (g - g0) * group + j)
+
+
+@njit(nogil=True, cache=True)
+def _dq_tile_q4(codes, scale, mn, t, wt):
+    _dq_groups_q4(codes, scale, mn, t, 0, codes.shape[1], wt, np.zeros((4, TILE), np.float32))
+
+
+@njit(nogil=True, cache=True)
+def _dq_tile_q8(codes, scale, mn, t, wt):
+    _dq_groups_q8(codes, scale, mn, t, 0, codes.shape[1], wt, np.zeros((4, TILE), np.float32))
 
 
 @njit(nogil=True, cache=True)

@@ -5,13 +5,14 @@ Which kernel, by rows of X
 Under DIRECT_MAX_ROWS (5) rows on 4-, 5-, 6-bit and byte codes, the direct kernels of
 `direct_tiles`: codes converted to float32 in registers, scales applied per group. From 5 rows,
 and at every size on the 2- and 3-bit and IQ4 layouts and on "f32" weights, each 32-row tile
-is expanded to float32 once per call (cols x 32, in L1/L2) and multiplied with blocks of 8, 4,
-2 and 1 rows of X whose sums stay in registers (kernels/float_tiles): one FMA of 16 lanes per
-weight per row and nothing else per weight, so the cost per row falls as the rows share the
-expansion. Measured on one core (AMD EPYC, Zen 4; `python benchmarks/bench_batch_kernel.py
---threads 1 --m 4,8,16,64`), us per row of X, medians of 5 rounds: SmolLM2's 1536 x 576 Q4_1
-at 4 rows 35, 8 rows 24, 16 rows 19, 64 rows 17; its 49152 x 576 Q8_0 head at 4 rows 1495, 8
-rows 1005, 16 rows 776 (direct_tiles has the numbers under 5 rows).
+is expanded to float32 once per call, a slice of SLICE_COLS columns at a time (16 KB, in L1),
+and each slice multiplied with blocks of 8, 4, 2 and 1 rows of X whose sums stay in registers
+(kernels/float_tiles): one FMA of 16 lanes per weight per row and nothing else per weight, so the
+cost per row falls as the rows share the expansion. Measured on one core (AMD EPYC, Zen 4;
+`python benchmarks/bench_batch_kernel.py --threads 1 --m 4,8,16,64`), us per row of X, medians
+of 5 rounds, when a whole tile was expanded at once: SmolLM2's 1536 x 576 Q4_1 at 4 rows 35, 8
+rows 24, 16 rows 19, 64 rows 17; its 49152 x 576 Q8_0 head at 4 rows 1495, 8 rows 1005, 16 rows
+776 (direct_tiles has the numbers under 5 rows). See SLICE_COLS for what slicing gained.
 
 A row's result does not depend on the other rows of its call within a kernel (each row of X
 gets the same sequence of operations in any block), but the direct and the expanded kernels
@@ -41,26 +42,33 @@ from .float_tiles import rows_dot_1, rows_dot_2, rows_dot_4, rows_dot_8
 from .qmatmul import TILE, PackedWeight
 
 
+# Columns of a tile expanded at a time: 128 x TILE float32 (16 KB) stay in L1 while every block
+# of rows passes over them. A whole tile of SmolLM2's projections (576 or 1536 columns, 72 or
+# 192 KB) did not, and the expansion's stores and the passes' loads went to L2. Slicing made
+# its Q4_1 products 1.3-1.8x faster at 8 to 32 rows (1.5x at 16; one Emerald Rapids core,
+# alternating whole-tile and sliced runs in one process), with the same sums.
+SLICE_COLS = 128
+
+
 @njit(nogil=True, cache=True)
-def _multiply_tile(wt, X, out, t, acc):
-    """out[:, rows of tile t] = X @ wt: blocks of 8, 4, 2 and 1 rows of X, each a pass over the
-    expanded tile with its sums in registers (float_tiles)."""
+def _multiply_slice(wt, X, k0, cols, acc):
+    """acc[m, :] += X[m, k0:k0 + cols] @ wt[:cols] for every row m of X: blocks of 8, 4, 2 and
+    1 rows, each a pass over the slice with its sums in registers (float_tiles)."""
     M = X.shape[0]
     m = 0
     while m < M:
         n = M - m
         if n >= 8:
-            rows_dot_8(wt, X, m, acc)
+            rows_dot_8(wt, X, m, k0, cols, acc)
             n = 8
         elif n >= 4:
-            rows_dot_4(wt, X, m, acc)
+            rows_dot_4(wt, X, m, k0, cols, acc)
             n = 4
         elif n >= 2:
-            rows_dot_2(wt, X, m, acc)
+            rows_dot_2(wt, X, m, k0, cols, acc)
             n = 2
         else:
-            rows_dot_1(wt, X, m, acc)
-        _store(acc, out, t, m, n)
+            rows_dot_1(wt, X, m, k0, cols, acc)
         m += n
 
 
@@ -78,11 +86,17 @@ def _float_range_q4(codes, scale, mn, X, xs, out, t0, t1):
 
 @njit(nogil=True, cache=True)
 def _expanded_tiles_q4(codes, scale, mn, X, out, t0, t1):
-    wt = np.empty((X.shape[1], TILE), np.float32)
-    acc = np.empty((8, TILE), np.float32)
+    per = SLICE_COLS // 32  # groups of 32 columns a slice
+    wt = np.empty((per * 32, TILE), np.float32)
+    acc = np.empty((X.shape[0], TILE), np.float32)
+    buf = np.zeros((4, TILE), np.float32)
     for t in range(t0, t1):
-        qmatmul._dq_tile_q4(codes, scale, mn, t, wt)
-        _multiply_tile(wt, X, out, t, acc)
+        acc[:] = 0.0
+        for g0 in range(0, codes.shape[1], per):
+            g1 = min(codes.shape[1], g0 + per)
+            qmatmul._dq_groups_q4(codes, scale, mn, t, g0, g1, wt, buf)
+            _multiply_slice(wt, X, g0 * 32, (g1 - g0) * 32, acc)
+        _store(acc, out, t, 0, X.shape[0])
 
 
 @njit(nogil=True, cache=True)
@@ -95,18 +109,27 @@ def _float_range_q8(codes, scale, mn, X, xs, out, t0, t1):
 
 @njit(nogil=True, cache=True)
 def _expanded_tiles_q8(codes, scale, mn, X, out, t0, t1):
-    wt = np.empty((X.shape[1], TILE), np.float32)
-    acc = np.empty((8, TILE), np.float32)
+    group = codes.shape[2]
+    per = max(1, SLICE_COLS // group)
+    wt = np.empty((per * group, TILE), np.float32)
+    acc = np.empty((X.shape[0], TILE), np.float32)
+    buf = np.zeros((4, TILE), np.float32)
     for t in range(t0, t1):
-        qmatmul._dq_tile_q8(codes, scale, mn, t, wt)
-        _multiply_tile(wt, X, out, t, acc)
+        acc[:] = 0.0
+        for g0 in range(0, codes.shape[1], per):
+            g1 = min(codes.shape[1], g0 + per)
+            qmatmul._dq_groups_q8(codes, scale, mn, t, g0, g1, wt, buf)
+            _multiply_slice(wt, X, g0 * group, (g1 - g0) * group, acc)
+        _store(acc, out, t, 0, X.shape[0])
 
 
 @njit(nogil=True, cache=True)
 def _float_range_f32(codes, scale, mn, X, xs, out, t0, t1):
-    acc = np.empty((8, TILE), np.float32)
+    acc = np.empty((X.shape[0], TILE), np.float32)
     for t in range(t0, t1):
-        _multiply_tile(codes[t], X, out, t, acc)
+        acc[:] = 0.0
+        _multiply_slice(codes[t], X, 0, X.shape[1], acc)
+        _store(acc, out, t, 0, X.shape[0])
 
 
 @njit(nogil=True, cache=True)
