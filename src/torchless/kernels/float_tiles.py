@@ -33,9 +33,10 @@ _HALVES = TILE // 16
 def _make_rows_dot(n_rows: int):
     """An intrinsic acc[m0 + i, 0:TILE] += sum_k X[m0 + i, k0 + k] * wt[k, 0:TILE] for k < cols and
     i < n_rows: wt float32 (>= cols, TILE), a slice of an expanded tile, contiguous; X float32
-    (M, >= k0 + cols) and acc float32 (M, TILE), C-contiguous. The sums start from acc's rows
-    and end there: a tile multiplied slice by slice gets the same fused multiply-adds in the
-    same order as in one pass."""
+    (M, >= k0 + cols) and acc float32 (>= m0 + n_rows, TILE), C-contiguous. The sums start
+    from acc's rows and end there: a tile multiplied slice by slice gets the same fused
+    multiply-adds in the same order as in one pass. Rows past X's last (m0 + i >= M) compute
+    copies of its last row into acc's spare rows: see qmatmul_batch._multiply_slice."""
 
     @intrinsic
     def rows_dot(typingctx, wt, X, m0, k0, cols, acc):
@@ -53,7 +54,11 @@ def _make_rows_dot(n_rows: int):
                                                  "llvm.fma.v16f32")
             weights = builder.bitcast(wt_a.data, _F32.as_pointer())
             rows = [builder.add(m0_, intp(i)) for i in range(n_rows)]
-            xrows = [cgutils.get_item_pointer(context, builder, sig.args[1], x_a, [r, k0_]) for r in rows]
+            # rows of X past its last are read as its last (a block padded with copies; their
+            # sums go to acc's spare rows)
+            last = builder.sub(cgutils.unpack_tuple(builder, x_a.shape, 2)[0], intp(1))
+            x_rows = [builder.select(builder.icmp_signed("<", r, last), r, last) for r in rows]
+            xrows = [cgutils.get_item_pointer(context, builder, sig.args[1], x_a, [r, k0_]) for r in x_rows]
             sums = [builder.bitcast(cgutils.get_item_pointer(context, builder, sig.args[5], acc_a,
                                                              [r, intp(16 * h)]), _V16.as_pointer())
                     for r in rows for h in range(_HALVES)]
