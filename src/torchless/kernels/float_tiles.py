@@ -169,8 +169,10 @@ def _make_expand_codes(nibbles: bool, high_bits: int = 0, lookup: bool = False):
             plain = nibbles and not high_bits and not lookup
             if plain:
                 # widened to 32 bits before the nibbles are split: two byte-to-dword widenings
-                # per row instead of four and the shuffles between, which were what bounded
-                # the expansion (the same values, so the same weights)
+                # per row instead of four and the shuffles between (the loop's assembly), with
+                # the same values, so the same weights. On a slice in L1 it is no faster: 1.02x
+                # (0.97-1.07) expanding a 576 x 32 tile, alternating both in one process on
+                # Emerald Rapids; a whole tile in L2 expanded 1.9x faster.
                 v_words = ir.VectorType(_I32, TILE)
                 wide = builder.zext(raw, v_words)
                 codes = [builder.and_(wide, ir.Constant(v_words, [15] * TILE)),
