@@ -249,7 +249,7 @@ class Mistral:
         product over all N rows, so a weight is read once per micro-batch; only attention is
         per sequence. Positions come from the spans, not from the caches, so pipeline stages
         can work on later tokens of a sequence before earlier ones have left the last stage."""
-        c, w = self.config, self.work
+        c = self.config
         if fast and self._fusable(spans, start, stop):
             return self._run_layers_fused(spans, x, start, stop)
         for li in range(start, stop):
