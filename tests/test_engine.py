@@ -106,6 +106,25 @@ def test_a_failing_micro_batch_fails_its_sequences_and_the_rest_go_on(model, pro
     assert runner.live == 0
 
 
+def test_a_sequence_whose_sampling_fails_ends_alone_with_its_error(model, prompts):
+    # Logits with nothing to draw (NaN, or all -inf) raise in the sampler; that sequence gets an
+    # error event and the others in its micro-batch go on.
+    class Spoiled(Sampler):
+        def __call__(self, logits, history=(), n_prompt=0):
+            return super().__call__(np.full_like(logits, np.nan), history, n_prompt)
+
+    runner = SpyRunner(model)
+    engine = Engine(runner)
+    spoiled = Spoiled(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0))
+    seqs = [Sequence(p, greedy(), 4) for p in prompts[:2]] + [Sequence(prompts[2], spoiled, 4)]
+    events = run(engine, seqs)
+    errors = [e for e in events if e.finish_reason == "error"]
+    assert [e.seq for e in errors] == [seqs[2]] and "NaN or all -inf" in errors[0].error
+    for s, p in zip(seqs[:2], prompts):
+        assert s.tokens[len(p):] == alone(model, p, 4)
+    assert runner.live == 0
+
+
 def test_a_cancelled_sequence_leaves_at_the_next_step(model, prompts):
     runner = SpyRunner(model)
     engine = Engine(runner)

@@ -381,3 +381,13 @@ def test_a_draw_at_the_very_end_of_the_mass_never_takes_a_masked_token():
     logits[290:] = -np.inf
     s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0), rng=AtTheEnd())
     assert s(logits) == 289
+
+
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+def test_a_draw_from_logits_with_nothing_to_draw_says_so(bad):
+    logits = np.full(300, bad, np.float32)
+    if np.isnan(bad):
+        logits[:10] = np.arange(10)  # one NaN among finite logits spoils the softmax too
+    s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0))
+    with pytest.raises(TorchlessError, match="NaN or all -inf"):
+        s(logits)

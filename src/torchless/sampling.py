@@ -192,8 +192,11 @@ class Sampler:
             self._weights = np.empty(logits.shape, np.float32)
             self._bits = np.empty(logits.shape, np.int32)
         logits = np.ascontiguousarray(logits, np.float32)
-        return int(draw_softmax(logits, logits.max(), 1.0 / self.params.temperature, self.rng.random(),
-                                self._weights, self._bits))
+        token = int(draw_softmax(logits, logits.max(), 1.0 / self.params.temperature, self.rng.random(),
+                                 self._weights, self._bits))
+        if token < 0:  # every weight 0 or NaN
+            raise TorchlessError("no token can be drawn: the logits are NaN or all -inf")
+        return token
 
     def kept(self, logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         """The tokens top-k, top-p and min-p keep, best first, and their probabilities (not yet

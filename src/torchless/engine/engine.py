@@ -113,7 +113,12 @@ class Engine:
             if seq.completion_tokens == 0:  # its whole prompt is in its cache now: for the
                 self._keep_prefix(seq, seq.prompt_ids)  # others sharing its start meanwhile
             before = seq.completion_tokens
-            text = seq.take(row)
+            try:
+                text = seq.take(row)
+            except TorchlessError as e:  # e.g. logits with nothing to draw: this sequence fails
+                events.append(self._error_event(seq, e))
+                self._release(seq)
+                continue
             self.tokens_generated += seq.completion_tokens - before
             events.append(Event(seq, text, seq.finish_reason))
             if seq.finished:
