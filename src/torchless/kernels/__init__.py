@@ -37,11 +37,30 @@ def source_hash(folder: Path = Path(__file__).parent) -> str:
 STALE_AFTER_DAYS = 30
 
 
+INT16_ENV = "TORCHLESS_INT16_ACTIVATIONS"
+
+
+def int16_activations_requested() -> bool:
+    """$TORCHLESS_INT16_ACTIVATIONS: 1/true/yes/on asks for the int16-activation kernels of
+    batched products (see int16_tiles); unset, empty, 0/false/no/off for float32. Another value
+    is reported in one line and taken as off."""
+    value = os.environ.get(INT16_ENV, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value not in ("", "0", "false", "no", "off"):
+        print(f"torchless: {INT16_ENV}={value} is not 1 or 0; using float32 activations", file=sys.stderr)
+    return False
+
+
+INT16_REQUESTED = int16_activations_requested()  # read once, when the kernels are first imported
+
+
 def _use_cache_keyed_by_all_sources() -> None:
     # Before any kernel module is imported: numba reads CACHE_DIR when a cached function is
-    # decorated. $NUMBA_CACHE_DIR, when set, still decides where; the hash goes under it.
+    # decorated. $NUMBA_CACHE_DIR, when set, still decides where; the hash goes under it. The
+    # int16 choice is compiled into the kernels (a global numba freezes), so it has its own folder.
     base = Path(numba.config.CACHE_DIR) if numba.config.CACHE_DIR else cache_dir() / "numba"
-    here = base / f"kernels-{source_hash()}"
+    here = base / f"kernels-{source_hash()}{'-int16' if INT16_REQUESTED else ''}"
     numba.config.CACHE_DIR = os.fspath(here)
     try:
         here.mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import qmatmul, qmatmul_batch
-from .direct_tiles import direct_sums
 from .qmatmul import TILE, PackedWeight, _group_sums, _span_f32, _span_q4, _span_q8, reads_x_sums
-from .qmatmul_batch import _float_range_f32, _float_range_q4, _float_range_q8
+from .qmatmul_batch import _float_range_f32, _float_range_q4, _float_range_q8, x_terms
 from .fused import attend_heads
 from .workdist import WorkDistributionConfig, WorkStealingStats
 
@@ -263,7 +262,7 @@ def _matvec(weights: PackedWeight, x, out, config=None, stats=GLOBAL_STATS):
 
 @njit(nogil=True, cache=True, parallel=True)
 def _batch_float_tasks_q4(codes, scale, mn, group, X, out, bounds, owners, starts):
-    xs = direct_sums(codes, mn, X)
+    xs = x_terms(codes, mn, X)
     runners = np.empty(owners.shape[0], np.int64)
     counters, ends = starts[:-1].copy(), starts[1:]
     for w in prange(counters.shape[0]):
@@ -277,7 +276,7 @@ def _batch_float_tasks_q4(codes, scale, mn, group, X, out, bounds, owners, start
 
 @njit(nogil=True, cache=True, parallel=True)
 def _batch_float_tasks_q8(codes, scale, mn, group, X, out, bounds, owners, starts):
-    xs = direct_sums(codes, mn, X)
+    xs = x_terms(codes, mn, X)
     runners = np.empty(owners.shape[0], np.int64)
     counters, ends = starts[:-1].copy(), starts[1:]
     for w in prange(counters.shape[0]):
