@@ -32,7 +32,7 @@ def _host_has_vnni() -> bool:
     return HOST_VNNI
 
 
-def test_products_of_2_to_16_rows_hold_the_float64_bound_on_each_int16_layout():
+def test_products_of_2_to_32_rows_hold_the_float64_bound_on_each_int16_layout():
     out = _check("products")
     assert ("int16 kernels on" in out) == _host_has_vnni(), out
 
@@ -88,21 +88,22 @@ def check_products():
         print("int16 kernels on")
     for name, (w, ref) in _weights().items():
         assert int16_tiles.ENABLED == (int16_tiles.HOST_VNNI and w.kind in ("q4", "q8")), name
-        X = np.random.default_rng(1).standard_normal((17, w.cols)).astype(np.float32)
+        top = int16_tiles.MAX_ROWS_NIBBLES if w.codes.dtype == np.uint8 else int16_tiles.MAX_ROWS_BYTES
+        X = np.random.default_rng(1).standard_normal((top + 1, w.cols)).astype(np.float32)
         X[:, 5] *= 40  # an outlier column, as real activations have: kept apart in float32
         X[3, 100:132] *= 1e-3  # a quiet group beside loud ones
-        whole = np.empty((16, w.rows), np.float32)
-        qm.matmul_into(w, X[:16], whole)
-        for m in range(1, 18):
+        whole = np.empty((top, w.rows), np.float32)
+        qm.matmul_into(w, X[:top], whole)
+        for m in sorted({*range(1, 18), top - 1, top, top + 1}):
             for fn in (qm.matmul_into, adaptive.matmul_adaptive_into):
                 out = np.full((m, w.rows), np.nan, np.float32)
                 fn(w, X[:m], out)
                 for i in range(m):
                     check(out[i], ref, X[i])
-            if 2 <= m <= 16:  # a row's result does not depend on the rows beside it
+            if 2 <= m <= top:  # a row's result does not depend on the rows beside it
                 part = np.empty((m, w.rows), np.float32)
-                qm.matmul_into(w, X[16 - m:16], part)
-                np.testing.assert_array_equal(part, whole[16 - m:], err_msg=f"{name}: {m} of 16 rows")
+                qm.matmul_into(w, X[top - m:top], part)
+                np.testing.assert_array_equal(part, whole[top - m:], err_msg=f"{name}: {m} of {top} rows")
 
 
 def check_non_finite():

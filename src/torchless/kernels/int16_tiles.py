@@ -1,4 +1,4 @@
-"""Batched products of 2 to 16 rows on 4-bit nibbles and byte codes with the activations in
+"""Batched products of 2 to 32 rows on 4-bit nibbles (to 16 on byte codes) with the activations in
 int16: integer dot products of the codes with X, scaled per group. Opt-in:
 $TORCHLESS_INT16_ACTIVATIONS=1, on hosts with AVX-512 VNNI.
 
@@ -29,7 +29,7 @@ Measured on an Emerald Rapids VM (2 vCPUs), SmolLM2 Q4_1, switch on against off:
 - products, one core, us per row of X (scratch script alternating the kernels): 1536 x 576 at
   4 rows 13.1-13.7 + 1-2 for the rounding of X against the direct kernels' 20-22, at 8 rows
   9.8-10.5 against the expanded tiles' 18-21, at 16 rows 9.8-10.6 against 14-15; the 49152 x 576
-  Q8_0 head at 16 rows and over no faster, at 32 slower (hence MAX_ROWS);
+  Q8_0 head at 16 rows and over no faster, at 32 slower (hence the MAX_ROWS);
 - a decode step of 16 rows (scratch `b16.py`): 52.4-52.8 -> 44.1-44.3 ms at 1 thread,
   30.3-31.0 -> 28.2-28.3 ms at 2;
 - benchmarks/bench_pipeline.py: see benchmarks/README.md.
@@ -64,7 +64,11 @@ ROWS = 8  # rows of X a pass: 2 int32 accumulators each (the tile's 32 rows), 16
 PEAK_RATIO = np.float32(2)
 _MAGNITUDE = np.int32(0x7FFFFFFF)  # the bits of |x|
 _ROUND = np.float32(12582912.0)  # adding and taking off 1.5 x 2^23 rounds a float32 under 2^22 to an integer
-MIN_ROWS, MAX_ROWS = 2, 16  # one row, and from 17, the float kernels (see the module docstring)
+# One row keeps the direct kernels (see the module docstring); past MAX_ROWS the expanded float
+# tiles are as fast: on one core, int16 / float time per row on SmolLM2's Q4_1 shapes was
+# 0.74-0.80 at 16 rows, 0.79-0.89 at 24, 0.84-0.95 at 32 and 0.90-0.99 at 48, on its Q8_0 head
+# 0.94 at 16, 1.02 at 24 and 1.14 at 32 (scratch `/tmp/p32/k16b.py`)
+MIN_ROWS, MAX_ROWS_NIBBLES, MAX_ROWS_BYTES = 2, 32, 16
 
 
 def _target_features() -> set:
@@ -274,14 +278,14 @@ def _is_nibbles(codes):
 
 @njit(nogil=True, cache=True, inline="always")
 def takes_int16(codes, X):
-    """Whether a product runs here: the switch on (ENABLED), MIN_ROWS to MAX_ROWS rows of X, and
-    codes that are plain nibbles (16 byte rows per group of 32 columns) or bytes in groups of 32
-    or 16."""
-    if not ENABLED or not MIN_ROWS <= X.shape[0] <= MAX_ROWS:
+    """Whether a product runs here: the switch on (ENABLED), and MIN_ROWS to MAX_ROWS_NIBBLES rows
+    of X on plain nibbles (16 byte rows per group of 32 columns) or to MAX_ROWS_BYTES on bytes in
+    groups of 32 or 16."""
+    if not ENABLED or X.shape[0] < MIN_ROWS:
         return False
     if is_nibbles(codes):
-        return codes.shape[2] == 16
-    return codes.shape[2] == 32 or codes.shape[2] == 16
+        return codes.shape[2] == 16 and X.shape[0] <= MAX_ROWS_NIBBLES
+    return (codes.shape[2] == 32 or codes.shape[2] == 16) and X.shape[0] <= MAX_ROWS_BYTES
 
 
 @njit(nogil=True, cache=True)

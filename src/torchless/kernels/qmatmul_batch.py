@@ -27,10 +27,10 @@ outliers 20-70 times their RMS: benchmarks/activation_levels.py); with three the
 three times as much, and the direct kernels were as fast or faster at every size the integer
 ones took, so those were deleted.
 
-With $TORCHLESS_INT16_ACTIVATIONS=1 on a host with AVX-512 VNNI, 2 to 16 rows of X on plain
-nibbles (Q4_0, Q4_1, Q4_K) and byte codes (Q8_0, and the types converted to it) go to the
-int16-activation kernels of `int16_tiles` instead: 1.4-1.8x faster products, at about 2e-5 of
-a product's size in accuracy (see there).
+With $TORCHLESS_INT16_ACTIVATIONS=1 on a host with AVX-512 VNNI, 2 to 32 rows of X on plain
+nibbles (Q4_0, Q4_1, Q4_K) and 2 to 16 on byte codes (Q8_0, and the types converted to it) go
+to the int16-activation kernels of `int16_tiles` instead: up to 1.4-1.8x faster products, at
+about 2e-5 of a product's size in accuracy (see there).
 
 Tile-range functions (`_float_range_*`) are what both the prange drivers here and the task
 scheduler of `adaptive` run.
