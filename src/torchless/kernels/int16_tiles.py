@@ -26,13 +26,15 @@ models of tests/test_fast_path 1.3e-4 against 1e-4: gates set for float32 arithm
 activations, one int8 per value, moved SmolLM2's logits by 0.45: qmatmul_batch's docstring.)
 
 Measured on an Emerald Rapids VM (2 vCPUs), SmolLM2 Q4_1, switch on against off:
-- products, one core, us per row of X (scratch script alternating the kernels): 1536 x 576 at
-  4 rows 13.1-13.7 + 1-2 for the rounding of X against the direct kernels' 20-22, at 8 rows
-  9.8-10.5 against the expanded tiles' 18-21, at 16 rows 9.8-10.6 against 14-15; the 49152 x 576
-  Q8_0 head at 16 rows and over no faster, at 32 slower (hence the MAX_ROWS);
-- a decode step of 16 rows (scratch `b16.py`): 52.4-52.8 -> 44.1-44.3 ms at 1 thread,
-  30.3-31.0 -> 28.2-28.3 ms at 2;
-- benchmarks/bench_pipeline.py: see benchmarks/README.md.
+- products, one core, us per row of X, this code (scratch `/tmp/p32/k16.py`, the kernels
+  alternating in one process, the rounding of X included): 1536 x 576 at 4 rows 16.4 against
+  the direct kernels' 21.4, at 8 rows 12.5 against the expanded tiles' 20.3, at 16 rows 14.0
+  against 14.6; the 49152 x 576 Q8_0 head at 8 rows 540 against 644, at 16 rows 537 against 509.
+  Before nibbles were summed less 8 again, 16 rows ran 11.3 against 14.5, and the limits
+  MAX_ROWS_* were set then (below); they want measuring again;
+- a decode step of 16 rows, before that change (scratch `/tmp/proto/b16.py 16`): 52.4-52.8 ->
+  44.1-44.3 ms at 1 thread, 30.3-31.0 -> 28.2-28.3 ms at 2;
+- benchmarks/bench_pipeline.py, before and after it: see benchmarks/README.md.
 
 A row's result does not depend on the other rows of its call: every row is quantized and
 summed alone, in the same order whatever block of rows it is in. One row alone keeps the direct
